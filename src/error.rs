@@ -1,0 +1,199 @@
+//! One error type for everything that can go wrong on the request path, and
+//! the one place that turns it into what the caller sees.
+//!
+//! Every failure is classified by where it came from (the caller, the
+//! gateway, or the upstream): that decides the status code, and later the
+//! metrics and audit outcome. Handlers never build error responses by hand.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::policy::Refusal;
+use crate::router::RouteError;
+use crate::upstream::UpstreamError;
+use crate::upstream::token::IdentityError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Caller,
+    Gateway,
+    Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("authentication required: {0}")]
+    Unauthenticated(#[from] AuthError),
+    #[error("{0}")]
+    Forbidden(#[from] Refusal),
+    #[error("project `{0}` is not configured in toastgate")]
+    UnknownProject(String),
+    #[error("{0}")]
+    NoRoute(#[from] RouteError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body exceeds {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("no cloud token for project `{project}`: {source}")]
+    TokenUnavailable {
+        project: String,
+        source: IdentityError,
+    },
+    #[error("the upstream refused a freshly obtained token for project `{0}`")]
+    UpstreamUnauthorized(String),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("request did not complete within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    pub fn origin(&self) -> Origin {
+        match self {
+            GatewayError::Unauthenticated(_)
+            | GatewayError::Forbidden(_)
+            | GatewayError::UnknownProject(_)
+            | GatewayError::NoRoute(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::BodyTooLarge(_) => Origin::Caller,
+            GatewayError::TokenUnavailable { .. }
+            | GatewayError::UpstreamUnauthorized(_)
+            | GatewayError::Upstream(_) => Origin::Upstream,
+            GatewayError::Timeout(_) | GatewayError::Internal(_) => Origin::Gateway,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::UnknownProject(_) => StatusCode::NOT_FOUND,
+            GatewayError::NoRoute(RouteError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            GatewayError::NoRoute(RouteError::MethodNotAllowed { .. }) => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::UpstreamUnauthorized(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Upstream(UpstreamError::Timeout(_)) | GatewayError::Timeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            GatewayError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The Nova fault name for the v2 error body (`{"<name>": {code, message}}`).
+    fn nova_fault(status: StatusCode) -> &'static str {
+        match status.as_u16() {
+            400 => "badRequest",
+            401 => "unauthorized",
+            403 => "forbidden",
+            404 => "itemNotFound",
+            405 => "badMethod",
+            409 => "conflictingRequest",
+            413 => "requestEntityTooLarge",
+            429 => "overLimit",
+            503 => "serviceUnavailable",
+            _ => "computeFault",
+        }
+    }
+
+    /// The v2 answer: real status, Nova-style body. The message is safe to
+    /// show: no error variant carries a secret.
+    pub fn v2_response(&self) -> Response {
+        let status = self.status();
+        let body = json!({
+            Self::nova_fault(status): {"code": status.as_u16(), "message": self.to_string()}
+        });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"toastgate\", error=\"invalid_token\""),
+            );
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_origins() {
+        let cases: Vec<(GatewayError, u16, Origin)> = vec![
+            (
+                GatewayError::Unauthenticated(AuthError::Expired),
+                401,
+                Origin::Caller,
+            ),
+            (
+                GatewayError::Forbidden(Refusal::UnknownTeam { team: "x".into() }),
+                403,
+                Origin::Caller,
+            ),
+            (
+                GatewayError::UnknownProject("p".into()),
+                404,
+                Origin::Caller,
+            ),
+            (GatewayError::BadRequest("b".into()), 400, Origin::Caller),
+            (GatewayError::BodyTooLarge(10), 413, Origin::Caller),
+            (
+                GatewayError::TokenUnavailable {
+                    project: "p".into(),
+                    source: IdentityError::Unavailable("down".into()),
+                },
+                503,
+                Origin::Upstream,
+            ),
+            (
+                GatewayError::Upstream(UpstreamError::Timeout(std::time::Duration::from_secs(1))),
+                504,
+                Origin::Upstream,
+            ),
+            (
+                GatewayError::Upstream(UpstreamError::Unreachable("refused".into())),
+                502,
+                Origin::Upstream,
+            ),
+            (
+                GatewayError::UpstreamUnauthorized("p".into()),
+                502,
+                Origin::Upstream,
+            ),
+            (GatewayError::Internal("x".into()), 500, Origin::Gateway),
+        ];
+        for (e, status, origin) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert_eq!(e.origin(), origin, "{e}");
+        }
+    }
+
+    #[test]
+    fn fault_names_follow_nova() {
+        assert_eq!(
+            GatewayError::nova_fault(StatusCode::NOT_FOUND),
+            "itemNotFound"
+        );
+        assert_eq!(
+            GatewayError::nova_fault(StatusCode::TOO_MANY_REQUESTS),
+            "overLimit"
+        );
+        assert_eq!(
+            GatewayError::nova_fault(StatusCode::BAD_GATEWAY),
+            "computeFault"
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! The request path of the public listener, phase by phase.
+//!
+//! ```text
+//! classify (surface, project, Action)  -> router
+//! authenticate (JWT -> team, subject)  -> auth
+//! authorize (team may use project)     -> policy
+//! read body, resolve server action     -> (here)
+//! forward with the project's token     -> upstream + proxy
+//! ```
+//! Each phase returns a `GatewayError` on refusal; `error.rs` alone decides
+//! what the caller sees.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::config::{Config, Project};
+use crate::error::GatewayError;
+use crate::policy::{self, Action};
+use crate::proxy;
+use crate::router::{self, V2Kind};
+use crate::upstream::token::{TokenBroker, UpstreamToken};
+use crate::upstream::{MAX_BUFFERED_BODY, UpstreamClient, read_body};
+
+/// What a reload swaps as one unit: the config and everything derived from it.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub auth: Authenticator,
+}
+
+/// Shared state of the public and admin listeners.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub broker: Arc<TokenBroker>,
+    client: UpstreamClient,
+    /// Scheme the public listener speaks, for links when no public_url is set.
+    scheme: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
+    #[error("{0}")]
+    Client(#[from] crate::upstream::ClientSetupError),
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Arc<Gateway>, StartError> {
+        let auth = Authenticator::new(&config.auth)?;
+        let client = UpstreamClient::new(&config.upstream)?;
+        let broker = Arc::new(TokenBroker::new(
+            client.clone(),
+            config.upstream.clone(),
+            config.token.clone(),
+        ));
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                config: Arc::new(config),
+                auth,
+            }),
+            broker,
+            client,
+            scheme: "http",
+        }))
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The base URL callers reach the gateway at.
+    fn public_base(&self, config: &Config, headers: &HeaderMap) -> String {
+        if let Some(url) = &config.server.public_url {
+            return url.clone();
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| is_plausible_host(h))
+            .unwrap_or("localhost");
+        format!("{}://{host}", self.scheme)
+    }
+
+    /// `GET /` and `GET /v2/`: version discovery, no credential needed.
+    pub fn versions(&self, headers: &HeaderMap, single: bool) -> Response {
+        let snap = self.snapshot();
+        let base = self.public_base(&snap.config, headers);
+        let doc = if single {
+            proxy::version_document(&base)
+        } else {
+            proxy::versions_document(&base)
+        };
+        axum::Json(doc).into_response()
+    }
+
+    /// Everything under `/v2/{project}/...`, bounded by the request timeout.
+    pub async fn handle_v2(self: Arc<Self>, req: Request<Body>) -> Response {
+        let snap = self.snapshot();
+        let limit = snap.config.server.request_timeout;
+        match tokio::time::timeout(limit, self.v2(snap, req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => log_refusal(e).v2_response(),
+            Err(_) => log_refusal(GatewayError::Timeout(limit)).v2_response(),
+        }
+    }
+
+    async fn v2(&self, snap: Arc<Snapshot>, req: Request<Body>) -> Result<Response, GatewayError> {
+        let config = &snap.config;
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path().strip_prefix("/v2/").unwrap_or("");
+        let route = router::classify_v2(&parts.method, path)?;
+
+        let identity = authenticate(&snap.auth, &parts.headers).await?;
+        let project = config
+            .project(route.project)
+            .ok_or_else(|| GatewayError::UnknownProject(route.project.to_string()))?
+            .clone();
+
+        let body = read_request_body(body, config.server.body_limit_bytes).await?;
+        let action = match route.kind {
+            V2Kind::Action(a) => a,
+            V2Kind::ServerAction => server_action(&body)?,
+        };
+        policy::authorize(config, &identity.team, &project.alias, action)?;
+        tracing::debug!(team = %identity.team, action = %action, project = %project.alias, "authorized");
+
+        let base = self.public_base(config, &parts.headers);
+        let gateway_project_base = format!("{base}/v2/{}", route.project);
+        let upstream_url = format!(
+            "{}/v2/{}/{}{}",
+            config.upstream.compute_url,
+            project.tenant_id,
+            route.rest,
+            parts
+                .uri
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default()
+        );
+        let forward = Forward {
+            method: parts.method.clone(),
+            url: upstream_url,
+            headers: proxy::upstream_request_headers(&parts.headers),
+            body,
+        };
+        let resp = self.forward_with_token(&project, &forward).await?;
+        self.respond(resp, &project, &gateway_project_base).await
+    }
+
+    /// Sends `forward` with the project's token; on a 401, drops that token
+    /// (if still current) and retries exactly once with a fresh one.
+    async fn forward_with_token(
+        &self,
+        project: &Project,
+        forward: &Forward,
+    ) -> Result<Response<hyper::body::Incoming>, GatewayError> {
+        let token = self.token(project).await?;
+        let resp = self.client.send(forward.request(&token)?).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        drop(resp);
+        self.broker.invalidate_if_current(project, &token).await;
+        let token = self.token(project).await?;
+        let resp = self.client.send(forward.request(&token)?).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            self.broker.invalidate_if_current(project, &token).await;
+            return Err(GatewayError::UpstreamUnauthorized(project.alias.clone()));
+        }
+        Ok(resp)
+    }
+
+    async fn token(&self, project: &Project) -> Result<Arc<UpstreamToken>, GatewayError> {
+        self.broker
+            .current_token(project)
+            .await
+            .map_err(|source| GatewayError::TokenUnavailable {
+                project: project.alias.clone(),
+                source,
+            })
+    }
+
+    /// Turns the upstream answer into the caller's: hop-by-hop headers out,
+    /// links pointed back at the gateway, other bodies streamed through.
+    async fn respond(
+        &self,
+        resp: Response<hyper::body::Incoming>,
+        project: &Project,
+        gateway_project_base: &str,
+    ) -> Result<Response, GatewayError> {
+        let (mut parts, body) = resp.into_parts();
+        proxy::strip_hop_by_hop(&mut parts.headers);
+        if let Some(loc) = parts
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            && let Some(new) =
+                proxy::rewrite_location(loc, &project.tenant_id, gateway_project_base)
+            && let Ok(v) = HeaderValue::from_str(&new)
+        {
+            parts.headers.insert(header::LOCATION, v);
+        }
+        if !is_json(&parts.headers) {
+            return Ok(Response::from_parts(parts, Body::new(body)));
+        }
+        let bytes = read_body(body, MAX_BUFFERED_BODY, self.client.request_timeout()).await?;
+        let bytes = match proxy::rewrite_links(&bytes, &project.tenant_id, gateway_project_base) {
+            Some(rewritten) => Bytes::from(rewritten),
+            None => bytes,
+        };
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, Body::from(bytes)))
+    }
+}
+
+/// A request ready to go upstream, replayable (its body is buffered).
+struct Forward {
+    method: Method,
+    url: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Forward {
+    fn request(&self, token: &UpstreamToken) -> Result<Request<Full<Bytes>>, GatewayError> {
+        let uri: Uri = self
+            .url
+            .parse()
+            .map_err(|_| GatewayError::BadRequest("the request path is not a valid URI".into()))?;
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(uri)
+            .body(Full::new(self.body.clone()))
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        *req.headers_mut() = self.headers.clone();
+        let mut value = HeaderValue::from_str(token.id.expose()).map_err(|_| {
+            GatewayError::Internal("upstream token is not a valid header value".into())
+        })?;
+        value.set_sensitive(true);
+        req.headers_mut().insert("x-auth-token", value);
+        Ok(req)
+    }
+}
+
+/// The caller's JWT: `Authorization: Bearer <jwt>`, or the bare JWT in
+/// `X-Auth-Token` as unmodified OpenStack/TOAST clients send it.
+pub fn caller_token(headers: &HeaderMap) -> Result<&str, AuthError> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().map_err(|_| AuthError::Malformed)?;
+        let (scheme, token) = v.split_once(' ').ok_or(AuthError::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Malformed);
+        }
+        return Ok(token.trim());
+    }
+    if let Some(v) = headers.get("x-auth-token") {
+        return v.to_str().map(str::trim).map_err(|_| AuthError::Malformed);
+    }
+    Err(AuthError::Missing)
+}
+
+pub async fn authenticate(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+) -> Result<Identity, GatewayError> {
+    let token = caller_token(headers)?;
+    Ok(auth.authenticate(token).await?)
+}
+
+async fn read_request_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(GatewayError::BodyTooLarge(limit))
+        }
+        Err(e) => Err(GatewayError::BadRequest(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// `POST servers/{id}/action`: the body's single key names the Action.
+fn server_action(body: &[u8]) -> Result<Action, GatewayError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| GatewayError::BadRequest(format!("the action body is not valid JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| GatewayError::BadRequest("the action body must be a JSON object".into()))?;
+    let mut keys = obj.keys();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) => Action::from_v2_server_action(key).ok_or_else(|| {
+            GatewayError::BadRequest(format!(
+                "toastgate does not support the server action `{key}`"
+            ))
+        }),
+        _ => Err(GatewayError::BadRequest(
+            "the action body must have exactly one key, the action name".into(),
+        )),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Host header values are echoed into links: accept only host[:port].
+fn is_plausible_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+fn log_refusal(e: GatewayError) -> GatewayError {
+    match e.origin() {
+        crate::error::Origin::Caller => tracing::info!(error = %e, "request refused"),
+        _ => tracing::warn!(error = %e, "request failed"),
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_token_from_either_header() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(caller_token(&h), Err(AuthError::Missing)));
+        h.insert("x-auth-token", HeaderValue::from_static("abc"));
+        assert_eq!(caller_token(&h).unwrap(), "abc");
+        h.insert("authorization", HeaderValue::from_static("Bearer xyz"));
+        assert_eq!(caller_token(&h).unwrap(), "xyz", "Authorization wins");
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Basic dXNlcjpwYXNz"),
+        );
+        assert!(matches!(caller_token(&h), Err(AuthError::Malformed)));
+    }
+
+    #[test]
+    fn server_action_body_selects_the_action() {
+        assert_eq!(
+            server_action(br#"{"os-stop": null}"#).unwrap(),
+            Action::InstanceStop
+        );
+        assert_eq!(
+            server_action(br#"{"reboot": {"type": "HARD"}}"#).unwrap(),
+            Action::InstanceReboot
+        );
+        for bad in [
+            &b"{}"[..],
+            b"[]",
+            b"not json",
+            br#"{"os-stop":null,"os-start":null}"#,
+            br#"{"lock":null}"#,
+        ] {
+            assert!(matches!(
+                server_action(bad),
+                Err(GatewayError::BadRequest(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn host_header_is_checked_before_it_goes_into_links() {
+        assert!(is_plausible_host("gw.example.com:8080"));
+        assert!(is_plausible_host("[::1]:8080"));
+        assert!(!is_plausible_host("evil.com/\"><script>"));
+        assert!(!is_plausible_host(""));
+    }
+}

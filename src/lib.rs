@@ -1,0 +1,31 @@
+//! toastgate: an authenticating API gateway for the NHN Cloud (TOAST) Compute API.
+//!
+//! # Layout
+//! - [`config`]: the typed YAML config, validated at load with key paths.
+//! - [`server`]: listeners and the layer stack; [`server::run`] is what
+//!   `main`, `demo` and every integration test start.
+//! - [`gateway`]: the request path, phase by phase (classify, authenticate,
+//!   authorize, forward).
+//! - [`router`]: method + path -> surface, project, [`policy::Action`].
+//! - [`auth`]: caller JWT verification.
+//! - [`policy`]: the Action catalog and team/project authorization.
+//! - [`upstream`]: the pooled HTTPS client and the token broker.
+//! - [`proxy`]: header filtering, link rewriting, version documents.
+//! - [`error`]: one error type, one mapping to each surface.
+//! - [`simulator`]: a stateful fake of the TOAST identity and compute APIs.
+//! - [`demo`]: the simulator and the gateway in one process.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod gateway;
+pub mod policy;
+pub mod proxy;
+pub mod router;
+pub mod secret;
+pub mod server;
+pub mod shutdown;
+pub mod simulator;
+pub mod upstream;

@@ -1,0 +1,240 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use toastgate::config::{Config, SecretSource};
+use toastgate::server::{self, Listeners};
+use toastgate::shutdown::{Stop, stop_pair};
+use toastgate::simulator::{SimConfig, Simulator};
+
+#[derive(Parser)]
+#[command(
+    name = "toastgate",
+    version,
+    about = "Authenticating API gateway for the NHN Cloud (TOAST) Compute API"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TOASTGATE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, env = "TOASTGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file: prints "ok" or every problem with its key path.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the built-in TOAST simulator alone.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:18774")]
+        listen: SocketAddr,
+        /// BUILD -> ACTIVE delay of new instances.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        build_delay: Duration,
+        /// Lifetime of issued tokens.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+    },
+    /// Run the simulator and the gateway together on config/demo.yaml.
+    Demo {
+        #[arg(long, default_value = "config/demo.yaml")]
+        config: PathBuf,
+        /// Public listener (default: listen.public of the config).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin listener (default: listen.admin of the config).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        #[arg(long, default_value = "127.0.0.1:18774")]
+        sim_listen: SocketAddr,
+    },
+    /// Print a JWT for TEAM signed with the config's HS secret (dev and tests).
+    MintToken {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        team: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "dev")]
+        subject: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config } => {
+            let config = load_or_explain(&config)?;
+            let listeners = Listeners::bind(config.listen.public, config.listen.admin).await?;
+            tracing::info!(public = %config.listen.public, admin = %config.listen.admin, "toastgate listening");
+            server::run(config, listeners, signal_stop()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            match Config::load(&config, &SecretSource::process_env()) {
+                Ok(_) => {
+                    println!("ok");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    for p in e.problems() {
+                        println!("{p}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Simulate {
+            listen,
+            build_delay,
+            token_lifetime,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let sim = Simulator::start(
+                listener,
+                SimConfig {
+                    build_delay,
+                    token_lifetime,
+                    ..SimConfig::demo()
+                },
+            )
+            .await?;
+            println!("simulator listening on {}", sim.base_url());
+            signal_stop().stopped().await;
+            sim.shutdown();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            config,
+            listen,
+            admin_listen,
+            sim_listen,
+        } => {
+            toastgate::demo::run(
+                toastgate::demo::DemoOptions {
+                    config,
+                    listen,
+                    admin_listen,
+                    sim_listen,
+                },
+                signal_stop(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MintToken {
+            config,
+            team,
+            ttl,
+            subject,
+        } => {
+            let config = load_or_explain(&config)?;
+            if !config.teams.contains_key(&team) {
+                anyhow::bail!(
+                    "team `{team}` is not in the config (teams: {})",
+                    config.teams.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            println!(
+                "{}",
+                toastgate::auth::mint_token(&config.auth, &team, &subject, ttl)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_or_explain(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path, &SecretSource::process_env())
+        .map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", path.display()))
+}
+
+/// A stop signal fired by SIGINT or SIGTERM.
+fn signal_stop() -> Stop {
+    let (handle, stop) = stop_pair();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop signal received; draining");
+        handle.stop();
+    });
+    stop
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

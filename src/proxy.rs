@@ -1,0 +1,258 @@
+//! v2 pass-through mechanics: which headers cross the gateway, how the
+//! upstream's links are pointed back at the gateway, and the version
+//! documents OpenStack clients use for discovery.
+
+use http::header::{self, HeaderMap, HeaderName};
+use serde_json::{Value, json};
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1),
+/// plus the ones toastgate owns on each side.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Caller headers that must never reach the upstream: the caller's own
+/// credential (toastgate puts the cloud token there instead), cookies, the
+/// caller's Host, and encodings toastgate could not rewrite.
+const CALLER_ONLY: &[&str] = &[
+    "authorization",
+    "x-auth-token",
+    "cookie",
+    "host",
+    "accept-encoding",
+    "content-length",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The caller's headers as they may go upstream (before the token is added).
+pub fn upstream_request_headers(caller: &HeaderMap) -> HeaderMap {
+    let mut out = caller.clone();
+    strip_hop_by_hop(&mut out);
+    for name in CALLER_ONLY {
+        out.remove(*name);
+    }
+    out
+}
+
+/// Points every upstream link that names `tenant_id` back at the gateway.
+///
+/// Upstream hrefs come in two shapes (both in the spec's examples), on any
+/// host, including internal ones such as `http://nova.iaas...:8774`:
+/// `scheme://host[/prefix]/v2/{tenant}/...` (self) and
+/// `scheme://host[/prefix]/{tenant}/...` (bookmark). Both become
+/// `{gateway_project_base}/...` where the base is `https://gateway/v2/{project}`.
+/// Returns `None` when nothing had to change (the common case for bodies with
+/// no links, which then go out without a copy).
+pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -> Option<Vec<u8>> {
+    if tenant_id.is_empty() {
+        return None;
+    }
+    let needle = format!("/{tenant_id}");
+    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied_up_to = 0;
+    for pos in finder.find_iter(body) {
+        let after = pos + needle.len();
+        // The tenant must be a whole path segment.
+        if !matches!(body.get(after), Some(b'/' | b'"' | b'?')) {
+            continue;
+        }
+        let Some(url_start) = url_start_before(body, pos) else {
+            continue;
+        };
+        if url_start < copied_up_to {
+            continue;
+        }
+        let buf = out.get_or_insert_with(|| Vec::with_capacity(body.len() + 256));
+        buf.extend_from_slice(&body[copied_up_to..url_start]);
+        buf.extend_from_slice(gateway_project_base.as_bytes());
+        copied_up_to = after;
+    }
+    out.map(|mut buf| {
+        buf.extend_from_slice(&body[copied_up_to..]);
+        buf
+    })
+}
+
+/// Finds where the URL that contains `pos` starts: just after the opening
+/// quote of the JSON string, if that string is `http(s)://host/...` with no
+/// whitespace up to `pos`.
+fn url_start_before(body: &[u8], pos: usize) -> Option<usize> {
+    let window_start = pos.saturating_sub(2048);
+    let quote = body[window_start..pos].iter().rposition(|&b| b == b'"')? + window_start;
+    let start = quote + 1;
+    let candidate = &body[start..pos];
+    let rest = candidate
+        .strip_prefix(b"https://")
+        .or_else(|| candidate.strip_prefix(b"http://"))?;
+    let host_ok = !rest.is_empty()
+        && rest
+            .iter()
+            .all(|&b| !b.is_ascii_whitespace() && b != b'"' && b != b'\\');
+    host_ok.then_some(start)
+}
+
+/// Same rewrite for a single header value such as `Location`.
+pub fn rewrite_location(
+    value: &str,
+    tenant_id: &str,
+    gateway_project_base: &str,
+) -> Option<String> {
+    let quoted = format!("\"{value}\"");
+    let rewritten = rewrite_links(quoted.as_bytes(), tenant_id, gateway_project_base)?;
+    let s = String::from_utf8(rewritten).ok()?;
+    Some(s.trim_matches('"').to_string())
+}
+
+fn version_object(base: &str) -> Value {
+    json!({
+        "id": "v2.0",
+        "status": "SUPPORTED",
+        "version": "",
+        "min_version": "",
+        "updated": "2011-01-21T11:33:21Z",
+        "links": [{"rel": "self", "href": format!("{base}/v2/")}],
+    })
+}
+
+/// `GET /`: the list of versions, as OpenStack SDK discovery expects.
+pub fn versions_document(base: &str) -> Value {
+    json!({"versions": [version_object(base)]})
+}
+
+/// `GET /v2/`: the one version toastgate serves.
+pub fn version_document(base: &str) -> Value {
+    let mut v = version_object(base);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(
+            "media-types".into(),
+            json!([{"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2"}]),
+        );
+        obj.insert(
+            "links".into(),
+            json!([
+                {"rel": "self", "href": format!("{base}/v2/")},
+                {"rel": "describedby", "type": "text/html", "href": "https://docs.openstack.org/"}
+            ]),
+        );
+    }
+    json!({"version": v})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const T: &str = "6cdebe3eb0094910bc41f1d42ebe4cb7";
+
+    #[test]
+    fn rewrites_self_and_bookmark_links_on_any_host() {
+        let body = format!(
+            r#"{{"links":[{{"href":"https://kr1-api-compute.cloud.toast.com/v2/{T}/servers/abc","rel":"self"}},{{"href":"http://nova.iaas.tcc1.cloud.toastoven.net:8774/{T}/servers/abc","rel":"bookmark"}}],"servers_links":[{{"href":"https://h/v2/{T}/servers?limit=1&marker=abc","rel":"next"}}],"tenant_id":"{T}"}}"#
+        );
+        let out = rewrite_links(body.as_bytes(), T, "http://gw:8080/v2/web").unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            r#"{"links":[{"href":"http://gw:8080/v2/web/servers/abc","rel":"self"},{"href":"http://gw:8080/v2/web/servers/abc","rel":"bookmark"}],"servers_links":[{"href":"http://gw:8080/v2/web/servers?limit=1&marker=abc","rel":"next"}],"tenant_id":"6cdebe3eb0094910bc41f1d42ebe4cb7"}"#
+        );
+    }
+
+    #[test]
+    fn leaves_bodies_without_links_alone() {
+        assert!(rewrite_links(br#"{"servers":[]}"#, T, "http://gw/v2/web").is_none());
+        // The tenant id as a plain value or inside a longer segment is data, not a link.
+        let b = format!(r#"{{"tenant_id":"{T}","x":"https://h/{T}x/y"}}"#);
+        assert!(rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none());
+        let b = format!(r#"{{"note":"see /{T}/servers"}}"#);
+        assert!(rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none());
+    }
+
+    #[test]
+    fn rewrites_location_header() {
+        let loc = format!("https://kr1/v2/{T}/images/img-1");
+        assert_eq!(
+            rewrite_location(&loc, T, "https://gw/v2/web").as_deref(),
+            Some("https://gw/v2/web/images/img-1")
+        );
+    }
+
+    #[test]
+    fn caller_credentials_and_hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer jwt"));
+        h.insert("x-auth-token", HeaderValue::from_static("jwt"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-custom-hop"),
+        );
+        h.insert("x-custom-hop", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert(
+            "openstack-api-version",
+            HeaderValue::from_static("compute 2.47"),
+        );
+        h.insert(
+            "x-openstack-nova-api-version",
+            HeaderValue::from_static("2.47"),
+        );
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let out = upstream_request_headers(&h);
+        for gone in [
+            "authorization",
+            "x-auth-token",
+            "connection",
+            "x-custom-hop",
+            "te",
+        ] {
+            assert!(!out.contains_key(gone), "{gone}");
+        }
+        for kept in [
+            "openstack-api-version",
+            "x-openstack-nova-api-version",
+            "content-type",
+        ] {
+            assert!(out.contains_key(kept), "{kept}");
+        }
+    }
+
+    #[test]
+    fn version_documents_point_at_the_gateway() {
+        let v = versions_document("https://gw");
+        assert_eq!(v["versions"][0]["links"][0]["href"], "https://gw/v2/");
+        assert_eq!(v["versions"][0]["links"][0]["rel"], "self");
+        let v = version_document("https://gw");
+        assert_eq!(v["version"]["id"], "v2.0");
+        assert!(v["version"]["min_version"].is_string());
+    }
+}

@@ -1,0 +1,184 @@
+//! Listeners and the layer stack, in one place: a reader learns the whole
+//! gateway from [`public_app`] and [`run`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http::{HeaderMap, HeaderName, Request, StatusCode, header};
+use tokio::net::TcpListener;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::gateway::{Gateway, StartError};
+use crate::shutdown::Stop;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The two bound sockets `run` serves on. Tests bind `127.0.0.1:0`.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(public: SocketAddr, admin: SocketAddr) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            public: TcpListener::bind(public).await?,
+            admin: TcpListener::bind(admin).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Start(#[from] StartError),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the gateway until `stop` fires, then drains in-flight requests.
+pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(), RunError> {
+    let gateway = Gateway::new(config)?;
+    let draining = Arc::new(AtomicBool::new(false));
+    spawn_token_refreshers(&gateway, &stop);
+
+    let public = axum::serve(listeners.public, public_app(gateway.clone()))
+        .with_graceful_shutdown(stopped(stop.clone(), draining.clone()));
+    let admin = axum::serve(listeners.admin, admin_app(AdminState { gateway, draining }))
+        .with_graceful_shutdown(stopped(stop.clone(), Arc::new(AtomicBool::new(false))));
+    let (p, a) = tokio::join!(public.into_future(), admin.into_future());
+    p?;
+    a?;
+    Ok(())
+}
+
+async fn stopped(stop: Stop, draining: Arc<AtomicBool>) {
+    stop.stopped().await;
+    draining.store(true, Ordering::SeqCst);
+}
+
+fn spawn_token_refreshers(gateway: &Arc<Gateway>, stop: &Stop) {
+    let snap = gateway.snapshot();
+    for project in snap.config.projects.values() {
+        tokio::spawn(
+            gateway
+                .broker
+                .clone()
+                .refresh_loop(project.clone(), stop.clone()),
+        );
+    }
+}
+
+/// The public listener: the outer layers every request passes, then routing.
+///
+/// Order (outermost first), and why:
+/// 1. request id: set before anything logs, echoed on the way out;
+/// 2. sensitive headers: marked before the trace layer can record them;
+/// 3. trace span;
+/// 4. panic catch: a bug answers 500 in the Nova shape, never a dropped connection.
+///
+/// Authentication, authorization and forwarding are phases of
+/// [`Gateway::handle_v2`], where they run in a fixed, readable order.
+pub fn public_app(gateway: Arc<Gateway>) -> Router {
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            HeaderName::from_static("x-auth-token"),
+            header::COOKIE,
+        ]))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_| {
+            GatewayError::Internal("unexpected failure; see the gateway log".into()).v2_response()
+        }));
+    Router::new()
+        .route("/", get(versions_list))
+        .route("/v2", get(version_single))
+        .route("/v2/", get(version_single))
+        .route("/v2/{*rest}", any(v2))
+        .fallback(not_found)
+        .with_state(gateway)
+        .layer(stack)
+}
+
+async fn versions_list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    gw.versions(&headers, false)
+}
+
+async fn version_single(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    gw.versions(&headers, true)
+}
+
+async fn v2(State(gw): State<Arc<Gateway>>, req: Request<Body>) -> Response {
+    gw.handle_v2(req).await
+}
+
+async fn not_found(req: Request<Body>) -> Response {
+    GatewayError::NoRoute(crate::router::RouteError::NotFound {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+    })
+    .v2_response()
+}
+
+#[derive(Clone)]
+struct AdminState {
+    gateway: Arc<Gateway>,
+    draining: Arc<AtomicBool>,
+}
+
+/// The admin listener: health and readiness (metrics join here). Nothing a
+/// team can reach; bind it to a private address.
+fn admin_app(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Ready when the config is loaded, the gateway is not draining, and a token
+/// can be had for every project (obtained now if none is cached).
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let snap = state.gateway.snapshot();
+    let broker = &state.gateway.broker;
+    let mut projects = Vec::new();
+    let mut ready = !state.draining.load(Ordering::SeqCst);
+    for project in snap.config.projects.values() {
+        let cached = match broker.cached(project).await {
+            Some(t) => Some(t),
+            None => tokio::time::timeout(Duration::from_secs(5), broker.current_token(project))
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let status = broker.status(project, cached.as_deref());
+        ready &= status.state == "valid";
+        projects.push(status);
+    }
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "draining": state.draining.load(Ordering::SeqCst),
+        "config": "loaded",
+        "tokens": projects,
+    });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}

@@ -1,0 +1,190 @@
+//! Shared test harness: the real simulator and the real gateway, each on an
+//! ephemeral port, talking HTTP.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use toastgate::config::{Config, SecretSource};
+use toastgate::server::{self, Listeners};
+use toastgate::shutdown::{StopHandle, stop_pair};
+use toastgate::simulator::{SimConfig, SimHandle, Simulator};
+
+pub const WEB_TENANT: &str = "6cdebe3eb0094910bc41f1d42ebe4cb7";
+pub const BATCH_TENANT: &str = "9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e";
+pub const JWT_SECRET: &str = "integration-test-hs256-secret-0123456789";
+pub const WEB_API_PASSWORD: &str = "demo-web-api-password";
+pub const BATCH_SECRET_KEY: &str = "demo-batch-secret-key";
+
+/// The gateway config used by the tests; `{SIM}` is the simulator's base URL.
+pub const CONFIG: &str = r#"
+listen: { public: "127.0.0.1:0", admin: "127.0.0.1:0" }
+upstream:
+  identity_url: "{SIM}"
+  compute_url: "{SIM}"
+  compute_v1_url: "{SIM}"
+  connect_timeout: 1s
+  request_timeout: 5s
+token:
+  retry_min_backoff: 50ms
+  retry_max_backoff: 500ms
+server:
+  request_timeout: 10s
+auth:
+  issuer: toastgate-test
+  audience: toastgate
+  algorithms: [HS256]
+  keys: { type: hs_secret, secret_env: TG_JWT_SECRET }
+projects:
+  web:
+    tenant_id: 6cdebe3eb0094910bc41f1d42ebe4cb7
+    appkey: WebAppKey0001
+    credentials: { type: keystone, username: web-admin@example.com, password_env: TG_WEB_PW }
+  batch:
+    tenant_id: 9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e
+    appkey: BatchAppKey002
+    credentials: { type: appkey, access_key_id: demo-batch-access-key, secret_access_key_env: TG_BATCH_SK }
+teams:
+  web-team: { projects: [web] }
+  batch-team: { projects: [batch] }
+  platform: { projects: [web, batch] }
+"#;
+
+pub fn secrets() -> SecretSource {
+    SecretSource::default()
+        .with_override("TG_JWT_SECRET", JWT_SECRET)
+        .with_override("TG_WEB_PW", WEB_API_PASSWORD)
+        .with_override("TG_BATCH_SK", BATCH_SECRET_KEY)
+}
+
+pub struct Env {
+    pub sim: SimHandle,
+    pub gw: String,
+    pub admin: String,
+    pub config: Config,
+    pub http: reqwest::Client,
+    stop: StopHandle,
+    server: tokio::task::JoinHandle<()>,
+}
+
+pub fn fast_sim() -> SimConfig {
+    SimConfig {
+        build_delay: Duration::ZERO,
+        action_delay: Duration::ZERO,
+        ..SimConfig::demo()
+    }
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Env::start_with(fast_sim(), |_| {}).await
+    }
+
+    /// Starts a simulator with `sim`, then the gateway on the test config
+    /// after `edit` has changed its YAML text.
+    pub async fn start_with(sim: SimConfig, edit: impl FnOnce(&mut String)) -> Env {
+        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = Simulator::start(sim_listener, sim).await.unwrap();
+        let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
+        edit(&mut yaml);
+        let config = Config::from_yaml(&yaml, &secrets(), None).expect("test config is valid");
+        let listeners = Listeners::bind(config.listen.public, config.listen.admin)
+            .await
+            .unwrap();
+        let gw = format!("http://{}", listeners.public.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+        let (stop, stopped) = stop_pair();
+        let run_config = config.clone();
+        let server = tokio::spawn(async move {
+            server::run(run_config, listeners, stopped)
+                .await
+                .expect("gateway runs");
+        });
+        Env {
+            sim,
+            gw,
+            admin,
+            config,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            stop,
+            server,
+        }
+    }
+
+    pub fn token(&self, team: &str) -> String {
+        toastgate::auth::mint_token(
+            &self.config.auth,
+            team,
+            &format!("{team}-user"),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.gw, path)
+    }
+
+    pub async fn call(
+        &self,
+        team: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(self.token(team));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("gateway answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    pub async fn get(&self, team: &str, path: &str) -> (u16, Value) {
+        self.call(team, reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, team: &str, path: &str, body: Value) -> (u16, Value) {
+        self.call(team, reqwest::Method::POST, path, Some(body))
+            .await
+    }
+
+    /// Requests the simulator saw on its compute API (identity calls excluded).
+    pub fn compute_requests(&self) -> Vec<toastgate::simulator::RecordedRequest> {
+        self.sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/v2/"))
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        self.stop.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
+        self.sim.shutdown();
+    }
+}
+
+/// Asserts `body` is a Nova-style error `{"<fault>": {"code": status, "message": ..}}`.
+pub fn assert_nova_error(body: &Value, fault: &str, status: u16) -> String {
+    let inner = &body[fault];
+    assert_eq!(inner["code"], status, "body: {body}");
+    let msg = inner["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {body}"));
+    assert!(!msg.is_empty());
+    msg.to_string()
+}

@@ -1,0 +1,249 @@
+//! The token broker under concurrency, expiry, revocation and outages,
+//! through the real gateway against the simulator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, assert_nova_error, fast_sim};
+use toastgate::simulator::{ErrorInjection, SimConfig};
+
+fn short_tokens(lifetime: Duration) -> SimConfig {
+    SimConfig {
+        token_lifetime: lifetime,
+        ..fast_sim()
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
+    let env = Env::start().await;
+    let mut calls = Vec::new();
+    for _ in 0..200 {
+        let http = env.http.clone();
+        let url = env.url("/v2/web/flavors");
+        let token = env.token("web-team");
+        calls.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    // The background refresher of each project also asked for its token at
+    // start-up; it shares the same single flight. `batch` adds its own one.
+    let web_calls = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v2.0/tokens")
+        .count();
+    assert_eq!(web_calls, 1, "one Keystone call for 200 cold requests");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_ahead_of_expiry_without_a_failed_request() {
+    let env = Env::start_with(short_tokens(Duration::from_secs(2)), |_| {}).await;
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        let (status, body) = env.get("web-team", "/v2/web/servers").await;
+        assert_eq!(status, 200, "request {requests} failed: {body}");
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let keystone_calls = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v2.0/tokens")
+        .count();
+    // 7 s of 2 s tokens refreshed at ~80%: at least three refreshes, and no
+    // storm (one call per refresh, not one per request).
+    assert!(
+        keystone_calls >= 4,
+        "only {keystone_calls} identity calls in 7s of 2s tokens"
+    );
+    assert!(
+        keystone_calls <= 8,
+        "{keystone_calls} identity calls: refresh storm"
+    );
+    assert!(requests > 50);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_401_refreshes_once_and_retries() {
+    let env = Env::start().await;
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    let before = env.sim.identity_calls();
+    env.sim.revoke_all_tokens();
+
+    // 50 requests all holding the revoked token: one refresh between them.
+    let mut calls = Vec::new();
+    for _ in 0..50 {
+        let http = env.http.clone();
+        let url = env.url("/v2/web/flavors");
+        let token = env.token("web-team");
+        calls.push(tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(
+        env.sim.identity_calls() - before,
+        1,
+        "exactly one identity call after the revocation"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_401_is_an_error_not_a_loop() {
+    let env = Env::start().await;
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    env.sim.clear_requests();
+    env.sim.inject_error(ErrorInjection {
+        method: None,
+        path_contains: "/flavors".into(),
+        status: 401,
+        body: r#"{"error":{"message":"The request you have made requires authentication.","code":401,"title":"Unauthorized"}}"#.into(),
+        times: 1000,
+    });
+    let (status, body) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(status, 502, "{body}");
+    let msg = assert_nova_error(&body, "computeFault", 502);
+    assert!(msg.contains("refused a freshly obtained token"), "{msg}");
+    let flavor_calls = env
+        .compute_requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/flavors"))
+        .count();
+    assert_eq!(flavor_calls, 2, "the original try and exactly one retry");
+    let identity = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v2.0/tokens")
+        .count();
+    assert_eq!(identity, 1, "one refresh between the two tries");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn identity_outage_is_invisible_while_the_token_is_valid_then_a_clear_503() {
+    let env = Env::start_with(short_tokens(Duration::from_secs(3)), |_| {}).await;
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    env.sim.set_identity_outage(true);
+    // Valid token: requests keep working although every refresh fails.
+    for _ in 0..5 {
+        assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(status, 503, "{body}");
+    let msg = assert_nova_error(&body, "serviceUnavailable", 503);
+    assert!(msg.contains("no cloud token for project `web`"), "{msg}");
+    assert!(!msg.contains(common::WEB_API_PASSWORD));
+
+    // The identity service comes back: so does the gateway, by itself.
+    env.sim.set_identity_outage(false);
+    let mut recovered = false;
+    for _ in 0..40 {
+        if env.get("web-team", "/v2/web/flavors").await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "gateway did not recover after the outage");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn appkey_token_api_credentials_work() {
+    let env = Env::start().await;
+    let (status, body) = env.get("batch-team", "/v2/batch/flavors").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        env.sim
+            .requests()
+            .iter()
+            .any(|r| r.path == "/v1.0/appkeys/BatchAppKey002/tokens" && r.method == "POST"),
+        "the batch project's token came from the v1.0 appkey token API"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_shows_token_state_per_project() {
+    let env = Env::start().await;
+    let resp = env
+        .http
+        .get(format!("{}/readyz", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "ready");
+    let tokens = body["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2);
+    for t in tokens {
+        assert_eq!(t["state"], "valid", "{t}");
+        assert!(t["expires_at"].is_string());
+    }
+    assert!(!body.to_string().contains(common::WEB_API_PASSWORD));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_is_unready_when_a_project_cannot_get_a_token() {
+    let env = Env::start_with(fast_sim(), |y| {
+        *y = y.replace(
+            "username: web-admin@example.com",
+            "username: nobody@example.com",
+        );
+    })
+    .await;
+    let resp = env
+        .http
+        .get(format!("{}/readyz", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let web = body["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["project"] == "web")
+        .unwrap()
+        .clone();
+    assert_eq!(web["state"], "absent");
+    assert!(
+        web["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("refused the project's credentials"),
+        "{web}"
+    );
+    env.stop().await;
+}
