@@ -517,7 +517,12 @@ async fn tokens_expire_and_can_be_revoked() {
 async fn compute_requires_a_valid_token_of_the_path_tenant() {
     let sim = start(fast()).await;
     let path = format!("/v2/{WEB}/servers");
-    assert_unauthorized(&sim.raw(Method::GET, &path, None, None, &[]).await);
+    let missing = sim.raw(Method::GET, &path, None, None, &[]).await;
+    assert_unauthorized(&missing);
+    assert_eq!(
+        missing.headers["www-authenticate"].to_str().unwrap(),
+        format!("Keystone uri=\"{}/v2.0\"", sim.base)
+    );
     assert_unauthorized(&sim.get(&path, "0123456789abcdef0123456789abcdef").await);
     let batch = sim.batch_token().await;
     assert_unauthorized(&sim.get(&path, &batch).await);
@@ -1671,7 +1676,10 @@ async fn create_image_makes_a_snapshot_that_can_boot_a_server() {
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "ACTIVE");
     let task = s["OS-EXT-STS:task_state"].as_str().unwrap();
-    assert!(task == "image_snapshot" || task == "image_uploading", "{task}");
+    assert!(
+        task == "image_snapshot" || task == "image_uploading",
+        "{task}"
+    );
     let image = sim.get(&format!("/v2/{WEB}/images/{image_id}"), &t).await;
     assert_eq!(image.body["image"]["status"], "SAVING");
     assert_eq!(image.body["image"]["name"], "foo-image");

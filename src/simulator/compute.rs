@@ -17,8 +17,8 @@ use super::reply::{
     self, Fault, Query, Reply, bad, conflict, empty_response, fmt_micro, fmt_z, next_link,
     not_found, ok, parse_body, parse_limit, query_get, required,
 };
-use super::servers;
 use super::state::{Image, KEYPAIR_QUOTA, Keypair, Tenant, World, lock};
+use super::{actions, attachments, servers};
 
 pub(crate) struct Request<'a> {
     pub method: &'a Method,
@@ -76,6 +76,15 @@ pub(crate) fn tenant_mut<'w>(world: &'w mut World, tenant: &str) -> Result<&'w m
 pub(crate) fn handle(shared: &Shared, req: &Request<'_>) -> Response {
     match handle_inner(shared, req) {
         Ok(resp) => resp,
+        Err(Fault::Unauthorized) => {
+            // keystonemiddleware tells the client where to authenticate.
+            let mut resp = Fault::Unauthorized.into_response();
+            let challenge = format!("Keystone uri=\"{}/v2.0\"", shared.base);
+            if let Ok(v) = http::HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            resp
+        }
         Err(fault) => fault.into_response(),
     }
 }
@@ -177,18 +186,18 @@ fn handle_inner(shared: &Shared, req: &Request<'_>) -> Reply {
             _ => not_allowed("GET, PUT, DELETE"),
         },
         ["servers", id, "action"] => match *m {
-            Method::POST => servers::action(&ctx, id),
+            Method::POST => actions::action(&ctx, id),
             _ => not_allowed("POST"),
         },
         ["servers", id, "os-volume_attachments"] => match *m {
-            Method::GET => servers::list_attachments(&ctx, id),
-            Method::POST => servers::attach(&ctx, id, None),
+            Method::GET => attachments::list_attachments(&ctx, id),
+            Method::POST => attachments::attach(&ctx, id, None),
             _ => not_allowed("GET, POST"),
         },
         ["servers", id, "os-volume_attachments", volume] => match *m {
-            Method::GET => servers::show_attachment(&ctx, id, volume),
-            Method::POST => servers::attach(&ctx, id, Some(volume)),
-            Method::DELETE => servers::detach(&ctx, id, volume),
+            Method::GET => attachments::show_attachment(&ctx, id, volume),
+            Method::POST => attachments::attach(&ctx, id, Some(volume)),
+            Method::DELETE => attachments::detach(&ctx, id, volume),
             _ => not_allowed("GET, POST, DELETE"),
         },
         _ => Err(not_found(reply::RESOURCE_NOT_FOUND)),

@@ -191,7 +191,7 @@ pub(crate) mod codes {
     pub const OUTAGE: i64 = 50503;
 }
 
-fn envelope_error(code: i64, message: &str) -> Response {
+pub(crate) fn envelope_error(code: i64, message: &str) -> Response {
     json_response(
         StatusCode::OK,
         &json!({"header": {"isSuccessful": false, "resultCode": code, "resultMessage": message}}),

@@ -7,15 +7,23 @@
 //! - `POST|GET /v1.0/appkeys/{appkey}/tokens`: the v1.0 token API (HTTP 200 envelope);
 //! - `/v2/{tenantId}/...`: every endpoint of the Compute v2 spec, with `X-Auth-Token`.
 //!
-//! Layout: `catalog` (fixed flavors, images, networks, volumes), `state` (the world and
-//! the lazy state machine of servers), `identity` (both token APIs), `compute` (routing,
-//! auth, flavors, zones, key pairs, images), `servers` (servers, actions, volume
-//! attachments), `keys` (key pair fingerprints and generation), `reply` (error bodies
-//! and shared helpers).
+//! Layout:
+//! - `catalog`: the fixed flavors, images, networks, ports, zones and seeded volumes;
+//! - `state`: the world, and the lazy state machine of servers;
+//! - `identity`: both token APIs and the version list;
+//! - `compute`: token check and routing of `/v2/{tenantId}`, flavors, zones, key pairs,
+//!   images;
+//! - `servers`: list/show/create/update/delete of servers;
+//! - `actions`: `POST servers/{id}/action`;
+//! - `attachments`: volume attachments;
+//! - `keys`: key pair fingerprints and generation;
+//! - `reply`: error bodies and the helpers every handler shares.
 //!
 //! Test hooks on [`SimHandle`]: identity outage, latency, error injection, token
 //! revocation, and a record of every request received.
 
+mod actions;
+mod attachments;
 mod catalog;
 mod compute;
 mod identity;
@@ -376,8 +384,10 @@ async fn dispatch(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     }
 
     let mut resp = if too_large {
-        if is_identity {
+        if path == "/v2.0/tokens" {
             keystone_error(StatusCode::PAYLOAD_TOO_LARGE, "Request is too large.")
+        } else if is_identity {
+            identity::envelope_error(identity::codes::MALFORMED, "Request body is too large.")
         } else {
             Fault::TooLarge.into_response()
         }

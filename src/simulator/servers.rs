@@ -1,5 +1,5 @@
-//! Servers: list/show/create/update/delete, the `action` endpoint with the spec's state
-//! rules, and volume attachments.
+//! Servers: list/show/create/update/delete. The `action` endpoint is in `actions`, volume
+//! attachments in `attachments`.
 //!
 //! Error statuses follow Nova: bad input 400, unknown server 404, wrong state 409
 //! (`Cannot '<action key>' instance <id> while it is in vm_state|task_state <state>`),
@@ -8,43 +8,39 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 
-use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http::{HeaderValue, StatusCode, header};
 use regex::RegexBuilder;
 use serde_json::{Map, Value, json};
 
+use super::attachments::next_device;
 use super::catalog::{self, Flavor, Network, OsType};
 use super::compute::{Ctx, tenant_mut};
 use super::reply::{
-    self, Fault, Reply, add, bad, bool_like, conflict, empty_response, fmt_micro, fmt_z, int_like,
-    invalid_field, json_response, next_link, not_found, ok, parse_body, parse_limit, parse_offset,
-    parse_time, query_all, query_get, required,
+    Fault, Reply, add, bad, bool_like, conflict, empty_response, fmt_micro, fmt_z, int_like,
+    invalid_field, json_response, next_link, not_found, ok, parse_body, parse_limit, parse_time,
+    query_all, query_get, required,
 };
 use super::state::{
-    Attachment, IMAGE_QUOTA, INSTANCE_QUOTA, VOLUME_QUOTA, Image, Nic, Op, Pending, Phase, Server, Tenant,
+    Attachment, INSTANCE_QUOTA, Image, Nic, Op, Pending, Phase, Server, Tenant, VOLUME_QUOTA,
     VmState, Volume, World, random_mac,
 };
 
-/// Longest VERIFY_RESIZE window: the spec says TOAST confirms a resize by itself after
-/// 1 s. A simulator with a shorter `action_delay` uses that instead, to keep tests fast.
-const RESIZE_AUTO_CONFIRM: std::time::Duration = std::time::Duration::from_secs(1);
-
-fn instance_not_found(id: &str) -> Fault {
+pub(crate) fn instance_not_found(id: &str) -> Fault {
     not_found(format!("Instance {id} could not be found."))
 }
 
-fn find<'t>(tenant: &'t Tenant, id: &str) -> Result<&'t Server, Fault> {
+pub(crate) fn find<'t>(tenant: &'t Tenant, id: &str) -> Result<&'t Server, Fault> {
     tenant.server(id).ok_or_else(|| instance_not_found(id))
 }
 
-fn find_mut<'t>(tenant: &'t mut Tenant, id: &str) -> Result<&'t mut Server, Fault> {
+pub(crate) fn find_mut<'t>(tenant: &'t mut Tenant, id: &str) -> Result<&'t mut Server, Fault> {
     tenant.server_mut(id).ok_or_else(|| instance_not_found(id))
 }
 
 /// The last path segment of an id-or-href reference (Nova accepts both).
-fn ref_id(r: &str) -> &str {
+pub(crate) fn ref_id(r: &str) -> &str {
     r.trim_end_matches('/').rsplit('/').next().unwrap_or(r)
 }
 
@@ -266,7 +262,10 @@ const CREATE_KEYS: &[&str] = &[
     "tags",
 ];
 
-fn get_string<'v>(obj: &'v Map<String, Value>, key: &str) -> Result<Option<&'v str>, Fault> {
+pub(crate) fn get_string<'v>(
+    obj: &'v Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'v str>, Fault> {
     match obj.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -274,11 +273,11 @@ fn get_string<'v>(obj: &'v Map<String, Value>, key: &str) -> Result<Option<&'v s
     }
 }
 
-fn req_string<'v>(obj: &'v Map<String, Value>, key: &str) -> Result<&'v str, Fault> {
+pub(crate) fn req_string<'v>(obj: &'v Map<String, Value>, key: &str) -> Result<&'v str, Fault> {
     get_string(obj, key)?.ok_or_else(|| required(key))
 }
 
-fn validate_name(field: &str, name: &str) -> Result<(), Fault> {
+pub(crate) fn validate_name(field: &str, name: &str) -> Result<(), Fault> {
     let len = name.chars().count();
     if len == 0 {
         return Err(invalid_field(field, &json!(name), "'' is too short"));
@@ -301,7 +300,10 @@ fn validate_name(field: &str, name: &str) -> Result<(), Fault> {
 }
 
 /// Metadata: string keys 1-255, string values <= 255, at most 128 items.
-fn parse_metadata(field: &str, v: Option<&Value>) -> Result<BTreeMap<String, String>, Fault> {
+pub(crate) fn parse_metadata(
+    field: &str,
+    v: Option<&Value>,
+) -> Result<BTreeMap<String, String>, Fault> {
     let obj = match v {
         None | Some(Value::Null) => return Ok(BTreeMap::new()),
         Some(Value::Object(o)) => o,
@@ -1113,681 +1115,4 @@ pub(crate) fn delete(ctx: &Ctx<'_>, id: &str) -> Reply {
     // With no delay the deletion is already complete.
     world.settle(ctx.now);
     Ok(empty_response(StatusCode::NO_CONTENT))
-}
-
-// ---- actions ------------------------------------------------------------------------
-
-enum Action {
-    Start,
-    Stop,
-    Reboot {
-        hard: bool,
-    },
-    Resize {
-        flavor: &'static Flavor,
-        disk_config: Option<String>,
-    },
-    ConfirmResize,
-    RevertResize,
-    CreateImage {
-        name: String,
-        metadata: BTreeMap<String, String>,
-    },
-    AddSecurityGroup(String),
-    RemoveSecurityGroup(String),
-    AddFloatingIp {
-        address: Ipv4Addr,
-        fixed: Option<Ipv4Addr>,
-    },
-    RemoveFloatingIp(Ipv4Addr),
-}
-
-fn action_object<'v>(key: &str, arg: &'v Value) -> Result<&'v Map<String, Value>, Fault> {
-    arg.as_object()
-        .ok_or_else(|| invalid_field(key, arg, "It is not of type 'object'"))
-}
-
-fn ipv4_field(obj: &Map<String, Value>, key: &str) -> Result<Option<Ipv4Addr>, Fault> {
-    match get_string(obj, key)? {
-        None => Ok(None),
-        Some(s) => s
-            .parse::<Ipv4Addr>()
-            .map(Some)
-            .map_err(|_| invalid_field(key, &json!(s), "It is not a valid IPv4 address")),
-    }
-}
-
-fn security_group_name(key: &str, arg: &Value) -> Result<String, Fault> {
-    let Some(obj) = arg.as_object() else {
-        return Err(bad("Missing parameter dict"));
-    };
-    match obj.get("name") {
-        None => Err(bad("Security group not specified")),
-        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-        Some(Value::String(_)) => Err(bad("Security group name cannot be empty")),
-        Some(other) => Err(invalid_field(
-            &format!("{key}.name"),
-            other,
-            "It is not of type 'string'",
-        )),
-    }
-}
-
-fn parse_action(key: &str, arg: &Value) -> Result<Action, Fault> {
-    Ok(match key {
-        "os-start" => Action::Start,
-        "os-stop" => Action::Stop,
-        "reboot" => {
-            let obj = action_object(key, arg)?;
-            let t = obj.get("type").ok_or_else(|| required("type"))?;
-            match t.as_str().map(str::to_ascii_uppercase).as_deref() {
-                Some("SOFT") => Action::Reboot { hard: false },
-                Some("HARD") => Action::Reboot { hard: true },
-                _ => {
-                    return Err(invalid_field(
-                        "type",
-                        t,
-                        "It is not one of ['SOFT', 'HARD']",
-                    ));
-                }
-            }
-        }
-        "resize" => {
-            let obj = action_object(key, arg)?;
-            let flavor_ref = match obj.get("flavorRef") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                Some(other) => {
-                    return Err(invalid_field(
-                        "flavorRef",
-                        other,
-                        "It is not of type 'string'",
-                    ));
-                }
-                None => return Err(required("flavorRef")),
-            };
-            let flavor = catalog::flavor(ref_id(&flavor_ref))
-                .ok_or_else(|| bad(format!("Flavor {flavor_ref} could not be found.")))?;
-            let disk_config = match get_string(obj, "OS-DCF:diskConfig")? {
-                None => None,
-                Some(d @ ("AUTO" | "MANUAL")) => Some(d.to_string()),
-                Some(_) => {
-                    return Err(bad("OS-DCF:diskConfig must be either 'MANUAL' or 'AUTO'."));
-                }
-            };
-            Action::Resize {
-                flavor,
-                disk_config,
-            }
-        }
-        "confirmResize" => Action::ConfirmResize,
-        "revertResize" => Action::RevertResize,
-        "createImage" => {
-            let obj = action_object(key, arg)?;
-            let name = req_string(obj, "name")?.to_string();
-            validate_name("name", &name)?;
-            let metadata = parse_metadata("metadata", obj.get("metadata"))?;
-            Action::CreateImage { name, metadata }
-        }
-        "addSecurityGroup" => Action::AddSecurityGroup(security_group_name(key, arg)?),
-        "removeSecurityGroup" => Action::RemoveSecurityGroup(security_group_name(key, arg)?),
-        "addFloatingIp" => {
-            let obj = action_object(key, arg)?;
-            let address = ipv4_field(obj, "address")?.ok_or_else(|| required("address"))?;
-            let fixed = ipv4_field(obj, "fixed_address")?;
-            Action::AddFloatingIp { address, fixed }
-        }
-        "removeFloatingIp" => {
-            let obj = action_object(key, arg)?;
-            let address = ipv4_field(obj, "address")?.ok_or_else(|| required("address"))?;
-            Action::RemoveFloatingIp(address)
-        }
-        other => return Err(bad(format!("There is no such action: {other}"))),
-    })
-}
-
-/// Nova's state check: the vm_state first, then the task_state.
-fn require_state(
-    s: &Server,
-    ph: &Phase,
-    action: &str,
-    vms: &[VmState],
-    tasks: &[Option<&str>],
-) -> Result<(), Fault> {
-    if !vms.contains(&ph.vm) {
-        return Err(conflict(format!(
-            "Cannot '{action}' instance {} while it is in vm_state {}",
-            s.id,
-            ph.vm.as_str()
-        )));
-    }
-    if !tasks.contains(&ph.task) {
-        return Err(conflict(format!(
-            "Cannot '{action}' instance {} while it is in task_state {}",
-            s.id,
-            ph.task.unwrap_or("None")
-        )));
-    }
-    Ok(())
-}
-
-/// Actions that do not depend on the power state are refused only while deleting.
-fn require_not_deleting(s: &Server, action: &str) -> Result<(), Fault> {
-    if s.is_deleting() {
-        return Err(conflict(format!(
-            "Cannot '{action}' instance {} while it is in task_state deleting",
-            s.id
-        )));
-    }
-    Ok(())
-}
-
-fn accepted() -> Reply {
-    Ok(empty_response(StatusCode::ACCEPTED))
-}
-
-/// `POST servers/{id}/action`: exactly one action key.
-pub(crate) fn action(ctx: &Ctx<'_>, id: &str) -> Reply {
-    let body = parse_body(ctx.body)?;
-    let Value::Object(obj) = &body else {
-        return Err(bad("Malformed request body"));
-    };
-    if obj.len() != 1 {
-        return Err(bad(format!(
-            "Malformed request body: an action body must have exactly one key, found {}",
-            obj.len()
-        )));
-    }
-    let Some((key, arg)) = obj.iter().next() else {
-        return Err(bad("Malformed request body"));
-    };
-    let parsed = parse_action(key, arg)?;
-
-    let mut guard = ctx.world();
-    let world: &mut World = &mut guard;
-    let action_delay = ctx.shared.action_delay;
-    let pending = |op: Op| Pending {
-        op,
-        start: ctx.now,
-        end: add(ctx.now, action_delay),
-    };
-    let tenant = tenant_mut(world, ctx.tenant)?;
-    let s = find_mut(tenant, id)?;
-    let ph = s.phase(ctx.now);
-    use VmState::{Active, Error, Resized, Stopped};
-
-    match parsed {
-        Action::Start => {
-            require_state(s, &ph, key, &[Stopped], &[None])?;
-            s.pending = Some(pending(Op::Start));
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::Stop => {
-            require_state(s, &ph, key, &[Active, Error], &[None])?;
-            s.pending = Some(pending(Op::Stop));
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::Reboot { hard: false } => {
-            require_state(s, &ph, key, &[Active], &[None])?;
-            s.pending = Some(pending(Op::Reboot { hard: false }));
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::Reboot { hard: true } => {
-            require_state(
-                s,
-                &ph,
-                key,
-                &[Active, Stopped, Error],
-                &[None, Some("rebooting"), Some("reboot_started_hard")],
-            )?;
-            s.pending = Some(pending(Op::Reboot { hard: true }));
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::Resize {
-            flavor,
-            disk_config,
-        } => {
-            require_state(s, &ph, key, &[Active, Stopped], &[None])?;
-            let current = catalog::flavor(&s.flavor_id);
-            if flavor.id == s.flavor_id {
-                return Err(bad("When resizing, instances must change flavor!"));
-            }
-            let volume_backed = s.attachments.iter().any(|a| a.root);
-            if !volume_backed {
-                if flavor.disk == 0 {
-                    return Err(bad("Resize to zero disk flavor is not allowed."));
-                }
-                if current.is_some_and(|c| flavor.disk < c.disk) {
-                    return Err(bad("Resizing to a smaller disk flavor is not allowed."));
-                }
-            }
-            let os = image_os(s);
-            if os == Some(OsType::Windows) && (flavor.is_local_disk() || flavor.ram < 2048) {
-                return Err(bad(format!(
-                    "Windows images cannot run on flavor {} (needs at least 2 GB of RAM and \
-                     a non-u2 flavor).",
-                    flavor.name
-                )));
-            }
-            let verify_from = add(ctx.now, action_delay);
-            let end = add(verify_from, action_delay.min(RESIZE_AUTO_CONFIRM));
-            if let Some(d) = disk_config {
-                s.disk_config = d;
-            }
-            s.pending = Some(Pending {
-                op: Op::Resize {
-                    new_flavor: flavor.id.to_string(),
-                    verify_from,
-                    back_to: ph.vm,
-                },
-                start: ctx.now,
-                end,
-            });
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::ConfirmResize => {
-            require_state(s, &ph, key, &[Resized], &[None])?;
-            if let Some(Pending {
-                op:
-                    Op::Resize {
-                        new_flavor,
-                        verify_from,
-                        back_to,
-                    },
-                ..
-            }) = s.pending.take()
-            {
-                s.flavor_id = new_flavor;
-                s.vm = back_to;
-                s.launched_at = Some(verify_from);
-            }
-            s.updated = ctx.now;
-            Ok(empty_response(StatusCode::NO_CONTENT))
-        }
-        Action::RevertResize => {
-            require_state(s, &ph, key, &[Resized], &[None])?;
-            if let Some(Pending {
-                op: Op::Resize { back_to, .. },
-                ..
-            }) = s.pending.take()
-            {
-                s.pending = Some(pending(Op::RevertResize {
-                    shown_flavor: ph.flavor_id.clone(),
-                    back_to,
-                }));
-            }
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::CreateImage { name, metadata } => {
-            require_state(s, &ph, key, &[Active, Stopped], &[None])?;
-            let flavor_name = catalog::flavor(&ph.flavor_id).map_or("unknown", |f| f.name);
-            if !flavor_name.starts_with("u2.") {
-                return Err(bad(format!(
-                    "Only u2 instances can create an image with this API; instance {id} uses \
-                     flavor {flavor_name}."
-                )));
-            }
-            create_image(ctx, world, id, name, metadata)
-        }
-        Action::AddSecurityGroup(name) => {
-            require_not_deleting(s, key)?;
-            if s.security_groups.contains(&name) {
-                return Err(bad(format!(
-                    "Security group {name} is already associated with the instance {id}"
-                )));
-            }
-            let known = tenant.security_groups.contains(&name);
-            let s = find_mut(tenant, id)?;
-            if !known {
-                return Err(not_found(format!("Security group {name} not found.")));
-            }
-            s.security_groups.push(name);
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::RemoveSecurityGroup(name) => {
-            require_not_deleting(s, key)?;
-            let has = s.security_groups.contains(&name);
-            let known = tenant.security_groups.contains(&name);
-            let s = find_mut(tenant, id)?;
-            if !known {
-                return Err(not_found(format!("Security group {name} not found.")));
-            }
-            if !has {
-                return Err(not_found(format!(
-                    "Security group {name} not associated with the instance {id}"
-                )));
-            }
-            s.security_groups.retain(|g| *g != name);
-            s.updated = ctx.now;
-            accepted()
-        }
-        Action::AddFloatingIp { address, fixed } => {
-            require_not_deleting(s, key)?;
-            add_floating_ip(ctx, world, id, address, fixed)
-        }
-        Action::RemoveFloatingIp(address) => {
-            require_not_deleting(s, key)?;
-            remove_floating_ip(ctx, world, id, address)
-        }
-    }
-}
-
-/// The OS family of a server's image, from the image properties copied into its
-/// metadata at creation.
-fn image_os(s: &Server) -> Option<OsType> {
-    s.metadata.get("os_type").map(|t| {
-        if t.eq_ignore_ascii_case("windows") {
-            OsType::Windows
-        } else {
-            OsType::Linux
-        }
-    })
-}
-
-fn create_image(
-    ctx: &Ctx<'_>,
-    world: &mut World,
-    server_id: &str,
-    name: String,
-    user_metadata: BTreeMap<String, String>,
-) -> Reply {
-    let owned = world
-        .images
-        .iter()
-        .filter(|i| i.owner.as_deref() == Some(ctx.tenant))
-        .count();
-    if owned >= IMAGE_QUOTA {
-        return Err(Fault::Forbidden("Quota exceeded for images.".into()));
-    }
-    let tenant = tenant_mut(world, ctx.tenant)?;
-    let s = find_mut(tenant, server_id)?;
-    let source_image = s.image_id.clone();
-    let ready_at = add(ctx.now, ctx.shared.action_delay);
-    s.pending = Some(Pending {
-        op: Op::Snapshot,
-        start: ctx.now,
-        end: ready_at,
-    });
-    s.updated = ctx.now;
-    let (os_type, min_disk, min_ram, size, mut metadata) =
-        match world.image(ctx.tenant, &source_image) {
-            Some(src) => (
-                src.os_type,
-                src.min_disk,
-                src.min_ram,
-                src.size,
-                src.metadata.clone(),
-            ),
-            None => (OsType::Linux, 0, 0, 0, BTreeMap::new()),
-        };
-    metadata.insert("image_type".into(), "snapshot".into());
-    metadata.insert("instance_uuid".into(), server_id.to_string());
-    metadata.insert("base_image_ref".into(), source_image);
-    metadata.insert("image_name".into(), name.clone());
-    metadata.extend(user_metadata);
-    let image_id = uuid::Uuid::new_v4().to_string();
-    world.images.push(Image {
-        id: image_id.clone(),
-        name,
-        os_type,
-        min_disk,
-        min_ram,
-        size,
-        metadata,
-        owner: Some(ctx.tenant.to_string()),
-        created: ctx.now,
-        ready_at,
-        server_id: Some(server_id.to_string()),
-    });
-    let location = format!("{}/{image_id}", ctx.collection_url("images"));
-    let mut resp: Response = json_response(StatusCode::ACCEPTED, &json!({"image_id": image_id}));
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(resp)
-}
-
-/// Legacy `addFloatingIp`: the address goes on the NIC of `fixed_address` (or the first
-/// NIC). An address already on another server of the tenant moves, as in Nova; one that
-/// belongs to another tenant is not found.
-fn add_floating_ip(
-    ctx: &Ctx<'_>,
-    world: &mut World,
-    id: &str,
-    address: Ipv4Addr,
-    fixed: Option<Ipv4Addr>,
-) -> Reply {
-    let previous = world.floating.get(&address).cloned();
-    if let Some((t, _)) = &previous
-        && t != ctx.tenant
-    {
-        return Err(not_found(format!(
-            "Floating IP not found for address {address}."
-        )));
-    }
-    let tenant = tenant_mut(world, ctx.tenant)?;
-    let s = find(tenant, id)?;
-    let nic_idx = match fixed {
-        Some(f) => s
-            .nics
-            .iter()
-            .position(|n| n.ip == f)
-            .ok_or_else(|| bad("Specified fixed address not assigned to instance"))?,
-        None => {
-            if s.nics.is_empty() {
-                return Err(bad("Instance has no fixed IP address to associate with"));
-            }
-            0
-        }
-    };
-    if let Some(existing) = s.nics[nic_idx].floating {
-        if existing == address {
-            return accepted();
-        }
-        return Err(bad(format!(
-            "Fixed IP {} already has floating IP {existing}.",
-            s.nics[nic_idx].ip
-        )));
-    }
-    if let Some((_, old_server)) = &previous
-        && let Some(old) = tenant.server_mut(old_server)
-    {
-        for nic in old.nics.iter_mut().filter(|n| n.floating == Some(address)) {
-            nic.floating = None;
-        }
-        old.updated = ctx.now;
-    }
-    let s = find_mut(tenant, id)?;
-    s.nics[nic_idx].floating = Some(address);
-    s.updated = ctx.now;
-    world
-        .floating
-        .insert(address, (ctx.tenant.to_string(), id.to_string()));
-    accepted()
-}
-
-/// Legacy `removeFloatingIp`: 400 when the address is not associated with this server
-/// (Nova answers 409 when it is associated with another one of the tenant's servers).
-fn remove_floating_ip(ctx: &Ctx<'_>, world: &mut World, id: &str, address: Ipv4Addr) -> Reply {
-    match world.floating.get(&address).cloned() {
-        Some((t, sid)) if t == ctx.tenant && sid == id => {
-            world.floating.remove(&address);
-            let tenant = tenant_mut(world, ctx.tenant)?;
-            let s = find_mut(tenant, id)?;
-            for nic in s.nics.iter_mut().filter(|n| n.floating == Some(address)) {
-                nic.floating = None;
-            }
-            s.updated = ctx.now;
-            accepted()
-        }
-        Some((t, _)) if t == ctx.tenant => Err(conflict(format!(
-            "Floating IP {address} is not associated with instance {id}."
-        ))),
-        _ => Err(bad(format!(
-            "Floating IP {address} is not associated with instance {id}."
-        ))),
-    }
-}
-
-// ---- volume attachments -------------------------------------------------------------
-
-fn attachment_json(server_id: &str, a: &Attachment) -> Value {
-    json!({
-        "device": a.device,
-        "id": a.volume_id,
-        "serverId": server_id,
-        "volumeId": a.volume_id
-    })
-}
-
-/// The first free `/dev/vdX` after the root `/dev/vda`.
-fn next_device(attachments: &[Attachment]) -> Option<String> {
-    (b'b'..=b'z')
-        .map(|c| format!("/dev/vd{}", c as char))
-        .find(|d| !attachments.iter().any(|a| &a.device == d))
-}
-
-pub(crate) fn list_attachments(ctx: &Ctx<'_>, id: &str) -> Reply {
-    let limit = parse_limit(&ctx.query)?;
-    let offset = parse_offset(&ctx.query)?;
-    let mut world = ctx.world();
-    let tenant = tenant_mut(&mut world, ctx.tenant)?;
-    let s = find(tenant, id)?;
-    let mut atts: Vec<&Attachment> = s.attachments.iter().collect();
-    atts.sort_by(|a, b| a.device.cmp(&b.device));
-    let list: Vec<Value> = atts
-        .into_iter()
-        .skip(offset)
-        .take(limit.unwrap_or(reply::MAX_LIMIT))
-        .map(|a| attachment_json(id, a))
-        .collect();
-    ok(json!({"volumeAttachments": list}))
-}
-
-fn not_attached(id: &str, volume: &str) -> Fault {
-    not_found(format!("Volume {volume} is not attached to instance {id}."))
-}
-
-pub(crate) fn show_attachment(ctx: &Ctx<'_>, id: &str, volume: &str) -> Reply {
-    let mut world = ctx.world();
-    let tenant = tenant_mut(&mut world, ctx.tenant)?;
-    let s = find(tenant, id)?;
-    match s.attachments.iter().find(|a| a.volume_id == volume) {
-        Some(a) => ok(json!({"volumeAttachment": attachment_json(id, a)})),
-        None => Err(not_attached(id, volume)),
-    }
-}
-
-/// `POST servers/{id}/os-volume_attachments[/{volumeId}]`. A volume that is already in
-/// use answers 400 ("Invalid volume"), as Nova does.
-pub(crate) fn attach(ctx: &Ctx<'_>, id: &str, path_volume: Option<&str>) -> Reply {
-    let body = parse_body(ctx.body)?;
-    let att = match body.get("volumeAttachment") {
-        Some(Value::Object(o)) => o,
-        Some(other) => {
-            return Err(invalid_field(
-                "volumeAttachment",
-                other,
-                "It is not of type 'object'",
-            ));
-        }
-        None => return Err(required("volumeAttachment")),
-    };
-    if let Some(extra) = att.keys().find(|k| {
-        !matches!(
-            k.as_str(),
-            "volumeId" | "device" | "tag" | "delete_on_termination"
-        )
-    }) {
-        return Err(bad(format!(
-            "Invalid input for field/attribute volumeAttachment. Additional properties are not \
-             allowed ('{extra}' was unexpected)"
-        )));
-    }
-    let volume = req_string(att, "volumeId")?.to_string();
-    if volume.is_empty() {
-        return Err(invalid_field("volumeId", &json!(volume), "'' is too short"));
-    }
-    match att.get("device") {
-        None | Some(Value::Null) | Some(Value::String(_)) => {}
-        Some(other) => return Err(invalid_field("device", other, "It is not of type 'string'")),
-    }
-    if let Some(p) = path_volume
-        && p != volume
-    {
-        return Err(bad(format!(
-            "The volume id in the path ({p}) does not match volumeAttachment.volumeId \
-             ({volume})."
-        )));
-    }
-
-    let mut world = ctx.world();
-    let tenant = tenant_mut(&mut world, ctx.tenant)?;
-    let s = find(tenant, id)?;
-    let ph = s.phase(ctx.now);
-    require_state(
-        s,
-        &ph,
-        "attach_volume",
-        &[VmState::Active, VmState::Stopped],
-        &[None],
-    )?;
-    let device = next_device(&s.attachments)
-        .ok_or_else(|| bad("No free disk device names for prefix 'vd'"))?;
-    let v = tenant
-        .volumes
-        .iter_mut()
-        .find(|v| v.id == volume)
-        .ok_or_else(|| not_found(format!("Volume {volume} could not be found.")))?;
-    if v.attached_to.is_some() {
-        return Err(bad(format!(
-            "Invalid volume: volume '{volume}' status must be 'available'. Currently in 'in-use'"
-        )));
-    }
-    v.attached_to = Some(id.to_string());
-    let s = find_mut(tenant, id)?;
-    let a = Attachment {
-        volume_id: volume,
-        device,
-        root: false,
-        delete_on_termination: false,
-    };
-    let out = attachment_json(id, &a);
-    s.attachments.push(a);
-    ok(json!({ "volumeAttachment": out }))
-}
-
-/// `DELETE servers/{id}/os-volume_attachments/{volumeId}`: 202; the root volume cannot
-/// be detached (400).
-pub(crate) fn detach(ctx: &Ctx<'_>, id: &str, volume: &str) -> Reply {
-    let mut world = ctx.world();
-    let tenant = tenant_mut(&mut world, ctx.tenant)?;
-    let s = find(tenant, id)?;
-    let ph = s.phase(ctx.now);
-    let Some(a) = s.attachments.iter().find(|a| a.volume_id == volume) else {
-        return Err(not_attached(id, volume));
-    };
-    if a.root {
-        return Err(bad("Cannot detach a root device volume"));
-    }
-    require_state(
-        s,
-        &ph,
-        "detach_volume",
-        &[VmState::Active, VmState::Stopped],
-        &[None],
-    )?;
-    let s = find_mut(tenant, id)?;
-    s.attachments.retain(|a| a.volume_id != volume);
-    if let Some(v) = tenant.volumes.iter_mut().find(|v| v.id == volume) {
-        v.attached_to = None;
-    }
-    accepted()
 }

@@ -1,0 +1,230 @@
+//! The command line as a user runs it: check-config, mint-token, demo.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_toastgate");
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("toastgate-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_accepts_the_demo_config() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "config/demo.yaml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn check_config_accepts_the_example_config_with_its_secrets_set() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "config/toastgate.example.yaml"])
+        .env("TOASTGATE_WEB_API_PASSWORD", "x")
+        .env("TOASTGATE_BATCH_SECRET_ACCESS_KEY", "y")
+        .env(
+            "TOASTGATE_JWT_HS_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn check_config_lists_every_problem_with_its_key_path() {
+    let demo = std::fs::read_to_string("config/demo.yaml").unwrap();
+    let broken = demo
+        .replace("algorithms: [HS256]", "algorithms: [HS256, none]")
+        .replace("projects: [batch]", "projects: [batch, nope]")
+        .replace(
+            "password_file: demo-secrets/web-api-password",
+            "password_env: TOASTGATE_TEST_UNSET_VAR",
+        )
+        .replace(
+            "secret_file: demo-secrets/jwt-hs256.key",
+            "secret_env: TOASTGATE_TEST_UNSET_JWT",
+        );
+    let path = temp_file("broken", &broken);
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "auth.algorithms[1]: `none` is not allowed",
+        "teams.batch-team.projects[1]: unknown project `nope`",
+        "projects.web.credentials.password_env: environment variable `TOASTGATE_TEST_UNSET_VAR` is not set",
+        "auth.keys.secret_env: environment variable `TOASTGATE_TEST_UNSET_JWT` is not set",
+        "projects.batch.credentials.secret_access_key_file: cannot read",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+}
+
+#[test]
+fn check_config_names_the_path_of_an_unknown_key_and_refuses_inline_secrets() {
+    let demo = std::fs::read_to_string("config/demo.yaml").unwrap();
+    let inline = demo.replace(
+        "password_file: demo-secrets/web-api-password",
+        "password: hunter2",
+    );
+    let path = temp_file("inline", &inline);
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("projects.web.credentials"), "{text}");
+    assert!(text.contains("unknown field `password`"), "{text}");
+    assert!(!text.contains("hunter2"), "the inline secret was echoed");
+}
+
+#[test]
+fn check_config_on_a_missing_file_says_so() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/toastgate.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cannot read /nonexistent/toastgate.yaml")
+    );
+}
+
+#[test]
+fn mint_token_prints_only_a_jwt_and_refuses_unknown_teams() {
+    let out = Command::new(BIN)
+        .args([
+            "mint-token",
+            "--config",
+            "config/demo.yaml",
+            "--team",
+            "web-team",
+            "--ttl",
+            "5m",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let token = stdout.trim();
+    assert_eq!(stdout.lines().count(), 1);
+    assert_eq!(token.split('.').count(), 3, "{token}");
+
+    let out = Command::new(BIN)
+        .args([
+            "mint-token",
+            "--config",
+            "config/demo.yaml",
+            "--team",
+            "ghosts",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("team `ghosts` is not in the config"));
+}
+
+#[test]
+fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
+    let child = Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let mut gateway = None;
+    let mut token = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.trim().strip_prefix("gateway") {
+            gateway = Some(rest.trim().to_string());
+        }
+        if let Some(rest) = line.trim().strip_prefix("TOKEN_WEB_TEAM=") {
+            token = Some(rest.to_string());
+        }
+        if line.contains("Ctrl-C stops") || Instant::now() > deadline {
+            break;
+        }
+    }
+    let gateway = gateway.expect("demo prints the gateway address");
+    let token = token.expect("demo prints a token for web-team");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let mut status = 0;
+        for _ in 0..50 {
+            match http
+                .get(format!("{gateway}/v2/web/flavors"))
+                .bearer_auth(&token)
+                .send()
+                .await
+            {
+                Ok(r) => {
+                    status = r.status().as_u16();
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert_eq!(status, 200);
+        let r = http
+            .post(format!("{gateway}/v2/web/os-keypairs"))
+            .header("X-Auth-Token", &token)
+            .json(&serde_json::json!({"keypair": {"name": "demo-key"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let r = http
+            .get(format!("{gateway}/v2/batch/flavors"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "web-team may not use batch");
+    });
+}
