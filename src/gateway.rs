@@ -10,7 +10,9 @@
 //! Each phase returns a `GatewayError` on refusal; `error.rs` alone decides
 //! what the caller sees.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::body::Body;
@@ -25,8 +27,14 @@ use crate::error::GatewayError;
 use crate::policy::{self, Action};
 use crate::proxy;
 use crate::router::{self, V2Kind};
+use crate::translate::exec::{self, V2Answer, V2Caller};
+use crate::translate::response::FlavorInfo;
+use crate::translate::{self, V1Error, V1Route};
 use crate::upstream::token::{TokenBroker, UpstreamToken};
 use crate::upstream::{MAX_BUFFERED_BODY, UpstreamClient, read_body};
+
+/// Flavors change rarely; instance details must not cost a flavor call each.
+const FLAVOR_CACHE_TTL: Duration = Duration::from_secs(600);
 
 /// What a reload swaps as one unit: the config and everything derived from it.
 pub struct Snapshot {
@@ -39,6 +47,8 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     pub broker: Arc<TokenBroker>,
     client: UpstreamClient,
+    /// Flavor details per tenant, for the v1.0 instance details (cpu, ram).
+    flavors: moka::future::Cache<String, Arc<HashMap<String, FlavorInfo>>>,
     /// Scheme the public listener speaks, for links when no public_url is set.
     scheme: &'static str,
 }
@@ -67,6 +77,10 @@ impl Gateway {
             }),
             broker,
             client,
+            flavors: moka::future::Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(FLAVOR_CACHE_TTL)
+                .build(),
             scheme: "http",
         }))
     }
@@ -152,6 +166,56 @@ impl Gateway {
         };
         let resp = self.forward_with_token(&project, &forward).await?;
         self.respond(resp, &project, &gateway_project_base).await
+    }
+
+    /// Everything under `/v1.0/appkeys/{appkey}/...`: always HTTP 200 with
+    /// the `header` envelope, bounded by the request timeout.
+    pub async fn handle_v1(self: Arc<Self>, req: Request<Body>) -> Response {
+        let snap = self.snapshot();
+        let limit = snap.config.server.request_timeout;
+        match tokio::time::timeout(limit, self.v1(snap, req)).await {
+            Ok(Ok(payload)) => translate::envelope_ok(payload),
+            Ok(Err(e)) => translate::envelope_error(&log_v1_refusal(e)),
+            Err(_) => {
+                translate::envelope_error(&log_v1_refusal(GatewayError::Timeout(limit).into()))
+            }
+        }
+    }
+
+    async fn v1(
+        &self,
+        snap: Arc<Snapshot>,
+        req: Request<Body>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, V1Error> {
+        let config = &snap.config;
+        let (parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path()
+            .strip_prefix("/v1.0/appkeys/")
+            .unwrap_or("");
+        let request = translate::classify_v1(&parts.method, path, parts.uri.query())?;
+        // The token API is refused outright: caller-supplied cloud keys are
+        // never read, let alone forwarded.
+        if request.route == V1Route::Token {
+            return Err(V1Error::TokenApi);
+        }
+        let identity = authenticate(&snap.auth, &parts.headers).await?;
+        let project = config
+            .project_by_appkey(&request.appkey)
+            .ok_or_else(|| GatewayError::UnknownProject(format!("appkey {}", request.appkey)))?
+            .clone();
+        let body = read_request_body(body, config.server.body_limit_bytes).await?;
+        let plan = exec::plan(&request.route, &body)?;
+        policy::authorize(config, &identity.team, &project.alias, plan.action)
+            .map_err(GatewayError::from)?;
+        tracing::debug!(team = %identity.team, action = %plan.action, project = %project.alias, "authorized");
+        let caller = ProjectCaller {
+            gateway: self,
+            project: &project,
+            compute_url: &config.upstream.compute_url,
+        };
+        exec::execute(&plan, &caller).await
     }
 
     /// Sends `forward` with the project's token; on a 401, drops that token
@@ -322,6 +386,112 @@ fn is_plausible_host(h: &str) -> bool {
         && h.len() <= 255
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+fn log_v1_refusal(e: V1Error) -> V1Error {
+    match &e {
+        V1Error::Gateway(g) if g.origin() != crate::error::Origin::Caller => {
+            tracing::warn!(error = %e, "v1.0 request failed")
+        }
+        V1Error::Upstream { status, .. } if *status >= 500 => {
+            tracing::warn!(error = %e, "v1.0 request failed")
+        }
+        _ => tracing::info!(error = %e, "v1.0 request refused"),
+    }
+    e
+}
+
+/// The v2 API of one project, as the v1.0 translation calls it.
+struct ProjectCaller<'a> {
+    gateway: &'a Gateway,
+    project: &'a Project,
+    compute_url: &'a str,
+}
+
+impl V2Caller for ProjectCaller<'_> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<V2Answer, V1Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let body = match body {
+            Some(v) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Bytes::from(
+                    serde_json::to_vec(&v).map_err(|e| GatewayError::Internal(e.to_string()))?,
+                )
+            }
+            None => Bytes::new(),
+        };
+        let forward = Forward {
+            method,
+            url: format!("{}/v2/{}/{path}", self.compute_url, self.project.tenant_id),
+            headers,
+            body,
+        };
+        let resp = self
+            .gateway
+            .forward_with_token(self.project, &forward)
+            .await?;
+        let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = read_body(
+            resp.into_body(),
+            MAX_BUFFERED_BODY,
+            self.gateway.client.request_timeout(),
+        )
+        .await?;
+        let body = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|_| V1Error::Upstream {
+                status: 502,
+                message: format!("the upstream answered {status} with a body that is not JSON"),
+            })?
+        };
+        Ok(V2Answer {
+            status,
+            body,
+            location,
+        })
+    }
+
+    async fn flavors(&self) -> Result<Arc<HashMap<String, FlavorInfo>>, V1Error> {
+        let load = async {
+            let a = self.call(Method::GET, "flavors/detail", None).await?;
+            if a.status != 200 {
+                return Err(V1Error::Upstream {
+                    status: a.status,
+                    message: "could not list flavors".into(),
+                });
+            }
+            let map: HashMap<String, FlavorInfo> = a.body["flavors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(translate::response::flavor_info)
+                .collect();
+            Ok(Arc::new(map))
+        };
+        self.gateway
+            .flavors
+            .try_get_with(self.project.tenant_id.clone(), load)
+            .await
+            .map_err(|e: Arc<V1Error>| V1Error::Upstream {
+                status: 502,
+                message: format!("flavor details unavailable: {e}"),
+            })
+    }
 }
 
 fn log_refusal(e: GatewayError) -> GatewayError {

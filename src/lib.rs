@@ -12,6 +12,7 @@
 //! - [`upstream`]: the pooled HTTPS client and the token broker.
 //! - [`proxy`]: header filtering, link rewriting, version documents.
 //! - [`error`]: one error type, one mapping to each surface.
+//! - [`translate`]: the v1.0 surface onto the v2 upstream.
 //! - [`simulator`]: a stateful fake of the TOAST identity and compute APIs.
 //! - [`demo`]: the simulator and the gateway in one process.
 #![forbid(unsafe_code)]
@@ -28,4 +29,5 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod simulator;
+pub mod translate;
 pub mod upstream;

@@ -110,6 +110,9 @@ pub fn public_app(gateway: Arc<Gateway>) -> Router {
         .route("/v2", get(version_single))
         .route("/v2/", get(version_single))
         .route("/v2/{*rest}", any(v2))
+        .route("/v1.0/appkeys/{*rest}", any(v1))
+        .route("/v1.0", any(v1_unknown))
+        .route("/v1.0/{*rest}", any(v1_unknown))
         .fallback(not_found)
         .with_state(gateway)
         .layer(stack)
@@ -125,6 +128,18 @@ async fn version_single(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> R
 
 async fn v2(State(gw): State<Arc<Gateway>>, req: Request<Body>) -> Response {
     gw.handle_v2(req).await
+}
+
+async fn v1(State(gw): State<Arc<Gateway>>, req: Request<Body>) -> Response {
+    gw.handle_v1(req).await
+}
+
+async fn v1_unknown(req: Request<Body>) -> Response {
+    crate::translate::envelope_error(&crate::translate::V1Error::NoRoute(format!(
+        "{} {}",
+        req.method(),
+        req.uri().path()
+    )))
 }
 
 async fn not_found(req: Request<Body>) -> Response {

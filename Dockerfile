@@ -1,0 +1,96 @@
+# syntax=docker/dockerfile:1
+#
+# toastgate container image: a static-ish Rust binary on distroless, non-root.
+#
+#   docker build -t toastgate:0.1.0 .
+#
+#   # The demo (gateway + built-in TOAST simulator, made-up credentials):
+#   docker run --rm -p 8080:8080 -p 9090:9090 toastgate:0.1.0 \
+#     demo --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090
+#
+#   # The gateway, with your config (secrets by *_file mounts or *_env variables):
+#   docker run --rm -p 8080:8080 -p 9090:9090 \
+#     -v "$PWD/toastgate.yaml:/etc/toastgate/config.yaml:ro" toastgate:0.1.0
+#
+# Inside a container the config's `listen.public` / `listen.admin` must bind
+# 0.0.0.0 (or [::]), not 127.0.0.1, to be reachable through published ports.
+#
+# Needs BuildKit (Docker's default builder since 23.0) for the cache mounts.
+# For reproducible production builds, pin both base images by digest
+# (`rust:1.95-bookworm@sha256:...`, `cc-debian12:nonroot@sha256:...`).
+
+# The toolchain: at least Cargo.toml's rust-version (1.88); CI's clippy runs 1.95.
+ARG RUST_VERSION=1.95
+
+# ---------------------------------------------------------------------------
+# Build stage: the official Rust image (Debian 12, gcc for aws-lc-sys; no cmake
+# or clang needed).
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+
+# The whole build context, minus .dockerignore (target/, .git/, helm/, ...).
+# Copying everything rather than a hand-picked list keeps any target that
+# Cargo.toml declares (benches, examples, tests) present, so the manifest
+# always resolves. Dependency caching comes from the cache mounts below, not
+# from a dummy-main layer.
+COPY . .
+
+# The cargo registry and target/ are BuildKit cache mounts: a source change
+# recompiles toastgate only, not its ~300 dependencies. The mounts are not
+# part of any layer, so the binary is copied out in the same step. Then two
+# smoke checks on the fresh binary: it runs, and it accepts the demo config
+# the image ships.
+RUN --mount=type=cache,id=toastgate-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=toastgate-target,target=/src/target,sharing=locked \
+    cargo build --release --locked --bin toastgate \
+ && install -D -m 0755 target/release/toastgate /out/toastgate \
+ && /out/toastgate --version \
+ && /out/toastgate check-config --config config/demo.yaml
+
+# ---------------------------------------------------------------------------
+# Runtime stage: glibc + libgcc (what the binary links: libc, libm, libgcc_s),
+# no shell, no package manager. TLS roots are compiled into the binary
+# (webpki-roots); the base's own CA bundle is unused but harmless.
+FROM gcr.io/distroless/cc-debian12:nonroot
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=""
+LABEL org.opencontainers.image.title="toastgate" \
+      org.opencontainers.image.description="Authenticating API gateway for the NHN Cloud (TOAST) Compute API" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
+
+COPY --from=build /out/toastgate /usr/local/bin/toastgate
+
+# The repository's config/ folder, as it is laid out there, under
+# /etc/toastgate/config/: `toastgate demo` defaults to `config/demo.yaml`
+# relative to the working directory, and demo.yaml names its secrets relative
+# to itself (demo-secrets/...). The demo secrets are made-up values that work
+# only against the built-in simulator. Root-owned, world-readable, read-only
+# for the runtime user.
+COPY config/demo.yaml config/toastgate.example.yaml /etc/toastgate/config/
+COPY config/demo-secrets/ /etc/toastgate/config/demo-secrets/
+
+# Your config goes to /etc/toastgate/config.yaml (a bind mount, or the Helm
+# chart's ConfigMap); Kubernetes Secrets go under /etc/toastgate/secrets/.
+WORKDIR /etc/toastgate
+
+# distroless "nonroot" (65532:65532), numeric so that Kubernetes'
+# runAsNonRoot can verify it without reading /etc/passwd.
+USER 65532:65532
+
+# 8080: public listener (what teams call). 9090: admin listener (/healthz,
+# /readyz, /metrics); keep it off the public network.
+EXPOSE 8080 9090
+
+# No HEALTHCHECK on purpose: the image has no shell or curl to run one, and
+# the orchestrator probes the admin port itself (Kubernetes: liveness on
+# /healthz, readiness on /readyz; see helm/toastgate). Docker's HEALTHCHECK is
+# ignored by Kubernetes anyway.
+
+ENTRYPOINT ["/usr/local/bin/toastgate"]
+CMD ["serve", "--config", "/etc/toastgate/config.yaml"]

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Open N idle keep-alive connections to a server and report its memory.
+
+Each connection sends one request (default `GET /v2/`, the gateway's version
+document: answered locally, no upstream call), reads the whole answer, then
+stays open and idle. Once all are open it waits a moment, then reads VmRSS of
+PID from /proc and prints one JSON line:
+
+  {"opened": 10000, "failed": 0, "open_fds": 10012, "rss_kib": 41234, ...}
+
+Bounded in time: the whole run gives up after --deadline seconds.
+Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+
+
+def vm_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def open_fds(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+async def open_one(host, port, path, sem, conns):
+    async with sem:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        length = 0
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        if length:
+            await reader.readexactly(length)
+        if status != b"200":
+            writer.close()
+            raise RuntimeError(f"status {status.decode()}")
+        conns.append(writer)
+
+
+async def run(args):
+    conns = []
+    sem = asyncio.Semaphore(args.parallel)
+    rss_before = vm_rss_kib(args.pid)
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(open_one(args.host, args.port, args.path, sem, conns) for _ in range(args.count)),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    open_secs = time.monotonic() - started
+    # Let the server settle (buffers released, timers armed) before reading.
+    await asyncio.sleep(args.hold)
+    out = {
+        "opened": len(conns),
+        "failed": len(errors),
+        "first_error": repr(errors[0]) if errors else None,
+        "open_seconds": round(open_secs, 2),
+        "open_fds": open_fds(args.pid),
+        "rss_before_kib": rss_before,
+        "rss_kib": vm_rss_kib(args.pid),
+    }
+    for w in conns:
+        w.close()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--pid", type=int, required=True, help="process whose VmRSS is read")
+    p.add_argument("--count", type=int, default=10000)
+    p.add_argument("--path", default="/v2/")
+    p.add_argument("--parallel", type=int, default=256, help="connections opened at once")
+    p.add_argument("--hold", type=float, default=3.0, help="seconds idle before reading RSS")
+    p.add_argument("--deadline", type=float, default=90.0)
+    args = p.parse_args()
+    if not args.host.startswith("127.") and args.host != "localhost":
+        sys.exit("only loopback targets")
+
+    # One descriptor per connection on this side too.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = args.count + 256
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+
+    try:
+        out = asyncio.run(asyncio.wait_for(run(args), args.deadline))
+    except asyncio.TimeoutError:
+        sys.exit(f"gave up after {args.deadline}s")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

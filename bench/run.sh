@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# bench/run.sh: toastgate against the floors, in one run, on one machine.
+#
+#   (a) nginx static upstream, direct         (what the load generator can do)
+#   (b) bare hyper reverse proxy               (one proxy hop, no extra work)
+#   (c) nginx proxy_pass, upstream keep-alive  (the usual reverse proxy)
+#   (d) toastgate serve, full stack            (JWT, policy, token, links)
+#
+# Every proxy gets one worker; the load generator gets one thread. Each target
+# is warmed up, then measured closed-loop (wrk: max req/s, p50, p99), then
+# open-loop at half of (b)'s max rate (oha --latency-correction: p99 without
+# coordinated omission). Last, toastgate's RSS with 10,000 idle keep-alive
+# connections. Ends with a markdown table for the README.
+#
+# Usage: bench/run.sh            (about 3 minutes once built and installed)
+# Knobs: DURATION=10 WARMUP=3 CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH="$ROOT/bench"
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-3}
+CONNS=${CONNS:-64}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+START=$(date +%s)
+
+log() { printf '[%3ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- tools ------------------------------------------------------------------
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+missing=()
+command -v nginx >/dev/null || missing+=(nginx)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# oha is the open-loop generator (-q RATE --latency-correction); wrk2 is not
+# packaged. The first install compiles it (several minutes, once).
+if ! command -v oha >/dev/null; then
+    log "installing oha (cargo install oha --locked; first time only)"
+    cargo install oha --locked
+fi
+
+log "building toastgate and bare_proxy (release)"
+(cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+TOASTGATE="$TARGET_DIR/release/toastgate"
+BARE_PROXY="$TARGET_DIR/release/examples/bare_proxy"
+
+# --- scratch space and cleanup ----------------------------------------------
+
+TMP=$(mktemp -d -t toastgate-bench.XXXXXX)
+# nginx workers drop to `nobody` when started as root: they must be able to
+# reach the static file. Secret files stay 0600 (umask below).
+chmod 755 "$TMP"
+umask 077
+PIDS=()
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        # Bounded: a process that ignores TERM for 5 s gets KILL.
+        timeout 5 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP_TMP:-0}" = 1 ]; then
+        log "temp files kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# 10,000 idle connections need a descriptor each, in toastgate and in the
+# client; every process started below inherits this limit.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+# Free loopback ports, chosen by the kernel.
+read -r P_UP P_BARE P_NGX P_TG P_ADMIN < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+
+# --- configs ----------------------------------------------------------------
+
+TENANT=6cdebe3eb0094910bc41f1d42ebe4cb7
+mkdir -p "$TMP/www"
+# Compact JSON, as an API server sends it.
+python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")), end="")' \
+    "$BENCH/servers-detail.json" >"$TMP/www/servers-detail.json"
+chmod 755 "$TMP/www"
+chmod 644 "$TMP/www/servers-detail.json"
+TOKEN_JSON='{"access":{"token":{"id":"bench-token-0001","expires":"2099-01-01T00:00:00Z","issued_at":"2026-01-01T00:00:00.000000","tenant":{"id":"'$TENANT'","name":"bench","enabled":true}},"serviceCatalog":[],"user":{"id":"u","username":"bench","roles":[]}}}'
+
+sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_UP|g" -e "s|@TOKEN_JSON@|$TOKEN_JSON|g" \
+    "$BENCH/nginx-upstream.conf.tmpl" >"$TMP/nginx-upstream.conf"
+sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_NGX|g" -e "s|@UPSTREAM@|127.0.0.1:$P_UP|g" \
+    "$BENCH/nginx-proxy.conf.tmpl" >"$TMP/nginx-proxy.conf"
+# The committed config uses 127.0.0.1:4700x; point it at this run's ports.
+sed -e "s|127.0.0.1:47001|127.0.0.1:$P_UP|g" \
+    -e "s|127.0.0.1:47004|127.0.0.1:$P_TG|g" \
+    -e "s|127.0.0.1:47005|127.0.0.1:$P_ADMIN|g" \
+    "$BENCH/toastgate.yaml" >"$TMP/toastgate.yaml"
+head -c 48 /dev/urandom | base64 >"$TMP/jwt-hs256.key"
+echo "bench-password" >"$TMP/keystone-password"
+
+# --- processes --------------------------------------------------------------
+
+# Polls URL until it answers 2xx, for at most 30 s.
+wait_ready() {
+    local url=$1 _
+    for _ in $(seq 1 300); do
+        curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$url not ready after 30 s"
+}
+
+log "starting nginx upstream :$P_UP, bare_proxy :$P_BARE, nginx proxy :$P_NGX, toastgate :$P_TG"
+nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
+PIDS+=($!)
+wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
+
+TOKIO_WORKER_THREADS=1 "$BARE_PROXY" "127.0.0.1:$P_BARE" "127.0.0.1:$P_UP" 2>"$TMP/bare_proxy.log" &
+PIDS+=($!)
+BARE_PID=$!
+nginx -p "$TMP" -e "$TMP/nginx-proxy.error.log" -c "$TMP/nginx-proxy.conf" &
+PIDS+=($!)
+RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/toastgate.log" &
+PIDS+=($!)
+TG_PID=$!
+
+wait_ready "http://127.0.0.1:$P_BARE/v2/$TENANT/servers/detail"
+wait_ready "http://127.0.0.1:$P_NGX/v2/$TENANT/servers/detail"
+# readyz answers 200 once toastgate holds the project's upstream token.
+wait_ready "http://127.0.0.1:$P_ADMIN/readyz"
+
+JWT=$(RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team bench --ttl 2h)
+AUTH="Authorization: Bearer $JWT"
+# Every target gets the same request, JWT included (ignored by a-c).
+REQ_PATH=/v2/bench/servers/detail
+declare -A URL=(
+    [a]="http://127.0.0.1:$P_UP$REQ_PATH"
+    [b]="http://127.0.0.1:$P_BARE$REQ_PATH"
+    [c]="http://127.0.0.1:$P_NGX$REQ_PATH"
+    [d]="http://127.0.0.1:$P_TG$REQ_PATH"
+)
+declare -A NAME=(
+    [a]="(a) nginx upstream, direct"
+    [b]="(b) bare hyper proxy"
+    [c]="(c) nginx proxy_pass, keepalive 64"
+    [d]="(d) toastgate, full stack"
+)
+
+# Check that each target answers what it should before timing anything.
+for t in a b c d; do
+    body=$(curl -fsS --max-time 5 -H "$AUTH" "${URL[$t]}") || die "${NAME[$t]} does not answer 200 (see $TMP/*.log)"
+    [ "${#body}" -gt 4000 ] || die "${NAME[$t]} answered a short body: $body"
+done
+body=$(curl -fsS -H "$AUTH" "${URL[d]}")
+links=$({ grep -o "http://127.0.0.1:$P_TG/v2/bench/[a-z]*/" <<<"$body" || true; } | wc -l)
+if grep -q 'kr1-api-compute' <<<"$body" || [ "$links" -ne 12 ]; then
+    die "toastgate did not rewrite the 12 links ($links rewritten)"
+fi
+log "all four targets answer; toastgate rewrites all 12 links"
+
+# --- measurements -----------------------------------------------------------
+
+# "850.00us" / "1.25ms" / "1.02s" -> microseconds.
+to_us() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0
+        if (v ~ /us$/) u = n; else if (v ~ /ms$/) u = n * 1000; else if (v ~ /s$/) u = n * 1000000; else u = n
+        printf "%.0f", u
+    }'
+}
+
+declare -A RPS P50 P99 OL_RPS OL_P50 OL_P99
+
+# Closed loop: wrk, 1 thread, CONNS connections, as fast as the target allows.
+measure_closed() {
+    local t=$1 out non2xx
+    wrk -t1 -c"$CONNS" -d"${WARMUP}s" -H "$AUTH" "${URL[$t]}" >/dev/null
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$AUTH" "${URL[$t]}")
+    echo "$out" >"$TMP/wrk-$t.txt"
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    [ -z "$non2xx" ] || die "${NAME[$t]}: $non2xx non-2xx answers under load"
+    RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+    P50[$t]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    P99[$t]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    log "closed-loop ${NAME[$t]}: ${RPS[$t]} req/s, p50 ${P50[$t]} us, p99 ${P99[$t]} us"
+}
+
+# Open loop: oha sends at a fixed RATE whatever the answers do; with
+# --latency-correction a stall counts against every request it delayed.
+measure_open() {
+    local t=$1 rate=$2 json
+    TOKIO_WORKER_THREADS=1 oha --no-tui -z 2s -q "$rate" -c "$CONNS" -H "$AUTH" "${URL[$t]}" >/dev/null
+    json=$(TOKIO_WORKER_THREADS=1 oha --no-tui --output-format json -z "${DURATION}s" -q "$rate" \
+        --latency-correction -c "$CONNS" -H "$AUTH" "${URL[$t]}")
+    echo "$json" >"$TMP/oha-$t.json"
+    read -r "OL_RPS[$t]" "OL_P50[$t]" "OL_P99[$t]" < <(python3 -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+codes = d.get("statusCodeDistribution", {})
+bad = {k: v for k, v in codes.items() if not k.startswith("2")}
+if bad or d.get("errorDistribution"):
+    sys.exit(f"non-2xx or errors: {bad} {d.get(\"errorDistribution\")}")
+p = d["latencyPercentiles"]
+print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99"] * 1e6))
+' <<<"$json") || die "${NAME[$t]}: open-loop run failed (see $TMP/oha-$t.json)"
+    log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$t]} req/s, p50 ${OL_P50[$t]} us, p99 ${OL_P99[$t]} us"
+}
+
+log "closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s per target"
+for t in a b c d; do measure_closed "$t"; done
+
+RATE=$((RPS[b] / 2))
+log "open loop: oha -q $RATE --latency-correction -c$CONNS (half of (b)'s max), ${DURATION}s per target"
+for t in a b c d; do measure_open "$t" "$RATE"; done
+
+log "idle connections: $IDLE_CONNS keep-alive connections to toastgate (and to bare_proxy for reference)"
+idle() {
+    python3 "$BENCH/idle_conns.py" --port "$1" --pid "$2" --count "$IDLE_CONNS" --hold 3 --deadline 90
+}
+TG_IDLE=$(idle "$P_TG" "$TG_PID") || die "idle connection test against toastgate failed"
+BARE_IDLE=$(idle "$P_BARE" "$BARE_PID") || die "idle connection test against bare_proxy failed"
+read -r TG_OPENED TG_RSS0 TG_RSS BARE_RSS < <(python3 -c '
+import json, sys
+tg, bare = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(tg["opened"], tg["rss_before_kib"], tg["rss_kib"], bare["rss_kib"])' "$TG_IDLE" "$BARE_IDLE")
+log "toastgate: $TG_IDLE"
+log "bare_proxy: $BARE_IDLE"
+
+# --- report -----------------------------------------------------------------
+
+# verdict MEASURED OP LIMIT -> "ok" / "MISS"
+verdict() { awk -v m="$1" -v op="$2" -v l="$3" 'BEGIN { ok = (op == ">=") ? m >= l : m <= l; print ok ? "ok" : "MISS" }'; }
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", x / y }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+R_DB=$(ratio "${RPS[d]}" "${RPS[b]}")
+R_DC=$(ratio "${RPS[d]}" "${RPS[c]}")
+ADDED=$((OL_P99[d] - OL_P99[b]))
+TG_MIB=$(mib "$TG_RSS")
+CPU=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+ELAPSED=$(($(date +%s) - START))
+
+cat <<EOF
+
+## toastgate benchmark
+
+GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, 12 links rewritten by (d)), same request and JWT for every target.
+Closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s. Open loop: oha -q $RATE --latency-correction -c$CONNS, ${DURATION}s.
+One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread;
+nothing pinned, so the load generator, the proxy and the upstream share the $(nproc) cores.
+
+| target | req/s | p50 | p99 | open-loop p50 @ $RATE/s | open-loop p99 @ $RATE/s |
+|---|---:|---:|---:|---:|---:|
+EOF
+for t in a b c d; do
+    printf '| %s | %s | %s us | %s us | %s us | %s us |\n' \
+        "${NAME[$t]}" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${OL_P50[$t]}" "${OL_P99[$t]}"
+done
+cat <<EOF
+
+| check | measured | target | |
+|---|---:|---:|---|
+| throughput (d)/(b) | $R_DB | >= 0.90 | $(verdict "$R_DB" ">=" 0.9) |
+| throughput (d)/(c) | $R_DC | >= 0.80 | $(verdict "$R_DC" ">=" 0.8) |
+| open-loop p99 added by (d) over (b) @ $RATE/s | $ADDED us | <= 200 us | $(verdict "$ADDED" "<=" 200) |
+| toastgate RSS, $TG_OPENED idle keep-alive conns | $TG_MIB MiB | <= 64 MiB | $(verdict "$TG_MIB" "<=" 64) |
+
+toastgate RSS before the idle connections (after the load runs): $(mib "$TG_RSS0") MiB; bare_proxy with the same $IDLE_CONNS connections: $(mib "$BARE_RSS") MiB.
+
+Machine: $(nproc) cores, $CPU, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC'); run took ${ELAPSED}s.
+EOF

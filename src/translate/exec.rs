@@ -1,0 +1,452 @@
+//! The v2 call(s) behind each v1.0 endpoint.
+//!
+//! [`plan`] validates the whole request first (nothing is sent for a request
+//! that would be refused); [`execute`] then makes the calls through a
+//! [`V2Caller`], which the gateway implements with the project's token.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use http::Method;
+use serde_json::{Map, Value, json};
+
+use super::request::{self, ServerAction};
+use super::response::{self, FlavorInfo, ServerVolumes};
+use super::{V1Error, V1Route};
+use crate::policy::Action;
+
+/// An upstream v2 answer, body parsed.
+#[derive(Debug, Clone)]
+pub struct V2Answer {
+    pub status: u16,
+    pub body: Value,
+    pub location: Option<String>,
+}
+
+/// Calls the project's v2 API; `path` is relative to `/v2/{tenant}/`.
+pub trait V2Caller: Sync {
+    fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> impl Future<Output = Result<V2Answer, V1Error>> + Send;
+
+    /// Flavor id -> details, cached per project.
+    fn flavors(
+        &self,
+    ) -> impl Future<Output = Result<Arc<HashMap<String, FlavorInfo>>, V1Error>> + Send;
+}
+
+/// A validated v1.0 request, ready to execute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub action: Action,
+    step: Step,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Zones,
+    Instances {
+        id: Option<String>,
+        detail: bool,
+    },
+    Create {
+        v2: Value,
+        name: String,
+    },
+    Delete {
+        id: String,
+    },
+    Attach {
+        instance: String,
+        v2: Value,
+    },
+    Detach {
+        instance: String,
+        volume: String,
+    },
+    ServerAction {
+        instance: String,
+        action: ServerAction,
+    },
+    Flavors,
+    Keypairs {
+        name: Option<String>,
+    },
+    CreateKeypair {
+        v2: Value,
+    },
+    DeleteKeypair {
+        name: String,
+    },
+}
+
+/// Validates `route` with its `body` into a plan, or refuses it.
+pub fn plan(route: &V1Route, body: &[u8]) -> Result<Plan, V1Error> {
+    let id = |s: &str, what: &str| checked_id(s, what);
+    let (action, step) = match route {
+        V1Route::Token => return Err(V1Error::TokenApi),
+        V1Route::Zones => (Action::ZoneList, Step::Zones),
+        V1Route::Instances { id: i } | V1Route::InstancesDetail { id: i } => {
+            let detail = matches!(route, V1Route::InstancesDetail { .. });
+            let i = i.as_deref().map(|s| id(s, "id")).transpose()?;
+            let action = match (&i, detail) {
+                (Some(_), _) => Action::InstanceGet,
+                (None, false) => Action::InstanceList,
+                (None, true) => Action::InstanceListDetail,
+            };
+            (action, Step::Instances { id: i, detail })
+        }
+        V1Route::CreateInstance => {
+            let (v2, name) = request::create_instance(&request::parse_object(body)?)?;
+            (Action::InstanceCreate, Step::Create { v2, name })
+        }
+        V1Route::DeleteInstance { id: i } => {
+            (Action::InstanceDelete, Step::Delete { id: id(i, "id")? })
+        }
+        V1Route::Attach { instance } => {
+            let (v2, _) = request::attach(&request::parse_object(body)?)?;
+            (
+                Action::VolumeAttach,
+                Step::Attach {
+                    instance: id(instance, "instanceId")?,
+                    v2,
+                },
+            )
+        }
+        V1Route::Detach { instance, volume } => (
+            Action::VolumeDetach,
+            Step::Detach {
+                instance: id(instance, "instanceId")?,
+                volume: id(volume, "volumeId")?,
+            },
+        ),
+        V1Route::InstanceAction { instance } => {
+            let action = request::server_action(&request::parse_object(body)?)?;
+            (
+                action.action,
+                Step::ServerAction {
+                    instance: id(instance, "instanceId")?,
+                    action,
+                },
+            )
+        }
+        V1Route::Flavors => (Action::FlavorListDetail, Step::Flavors),
+        V1Route::Keypairs { name } => (
+            if name.is_some() {
+                Action::KeypairGet
+            } else {
+                Action::KeypairList
+            },
+            Step::Keypairs { name: name.clone() },
+        ),
+        V1Route::CreateKeypair => (
+            Action::KeypairCreate,
+            Step::CreateKeypair {
+                v2: request::create_keypair(&request::parse_object(body)?)?,
+            },
+        ),
+        V1Route::DeleteKeypair { name } => (
+            Action::KeypairDelete,
+            Step::DeleteKeypair { name: name.clone() },
+        ),
+    };
+    Ok(Plan { action, step })
+}
+
+/// An id that goes into an upstream path segment.
+fn checked_id(s: &str, what: &str) -> Result<String, V1Error> {
+    let ok = !s.is_empty()
+        && s.len() <= 255
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(V1Error::Invalid(format!("`{what}` is not a valid id")))
+    }
+}
+
+/// Percent-encodes a path segment (keypair names may hold spaces).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Runs the plan; returns the payload fields next to `header`.
+pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Value>, V1Error> {
+    let mut out = Map::new();
+    match &plan.step {
+        Step::Zones => {
+            let a = expect_ok(v2.call(Method::GET, "os-availability-zone", None).await?)?;
+            out.insert("zones".into(), Value::Array(response::zones(&a.body)));
+        }
+        Step::Instances { id, detail } => {
+            let servers = match id {
+                Some(id) => {
+                    let a = expect_ok(v2.call(Method::GET, &format!("servers/{id}"), None).await?)?;
+                    vec![a.body["server"].clone()]
+                }
+                None => list_all_servers(v2).await?,
+            };
+            let instances = if *detail {
+                detail_instances(v2, servers).await?
+            } else {
+                servers.iter().map(response::instance_brief).collect()
+            };
+            out.insert("instances".into(), Value::Array(instances));
+        }
+        Step::Create { v2: body, name } => {
+            let a = expect_ok(v2.call(Method::POST, "servers", Some(body.clone())).await?)?;
+            out.insert(
+                "instance".into(),
+                json!({"id": a.body["server"]["id"], "name": name, "status": "BUILD"}),
+            );
+        }
+        Step::Delete { id } => {
+            expect_ok(
+                v2.call(Method::DELETE, &format!("servers/{id}"), None)
+                    .await?,
+            )?;
+        }
+        Step::Attach { instance, v2: body } => {
+            let path = format!("servers/{instance}/os-volume_attachments");
+            let a = expect_ok(v2.call(Method::POST, &path, Some(body.clone())).await?)?;
+            out.insert("attachment".into(), response::attachment(&a.body));
+        }
+        Step::Detach { instance, volume } => {
+            let path = format!("servers/{instance}/os-volume_attachments/{volume}");
+            expect_ok(v2.call(Method::DELETE, &path, None).await?)?;
+        }
+        Step::ServerAction { instance, action } => {
+            let path = format!("servers/{instance}/action");
+            let a = expect_ok(
+                v2.call(Method::POST, &path, Some(action.v2_body.clone()))
+                    .await?,
+            )?;
+            if let Some(name) = &action.image_name {
+                out.insert(
+                    "createdImage".into(),
+                    json!({"id": created_image_id(&a), "name": name}),
+                );
+            }
+        }
+        Step::Flavors => {
+            let a = expect_ok(v2.call(Method::GET, "flavors/detail", None).await?)?;
+            let flavors: Vec<Value> = a.body["flavors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(response::flavor)
+                .collect();
+            out.insert("flavors".into(), Value::Array(flavors));
+        }
+        Step::Keypairs { name: None } => {
+            let a = expect_ok(v2.call(Method::GET, "os-keypairs", None).await?)?;
+            let list: Vec<Value> = a.body["keypairs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|k| response::keypair(&k["keypair"], false))
+                .collect();
+            out.insert("keypairs".into(), Value::Array(list));
+        }
+        Step::Keypairs { name: Some(name) } => {
+            let path = format!("os-keypairs/{}", segment(name));
+            let a = expect_ok(v2.call(Method::GET, &path, None).await?)?;
+            out.insert(
+                "keypairs".into(),
+                json!([response::keypair(&a.body["keypair"], true)]),
+            );
+        }
+        Step::CreateKeypair { v2: body } => {
+            let a = expect_ok(
+                v2.call(Method::POST, "os-keypairs", Some(body.clone()))
+                    .await?,
+            )?;
+            out.insert(
+                "keypair".into(),
+                response::created_keypair(&a.body["keypair"]),
+            );
+        }
+        Step::DeleteKeypair { name } => {
+            let path = format!("os-keypairs/{}", segment(name));
+            expect_ok(v2.call(Method::DELETE, &path, None).await?)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Every server, following `servers_links` (bounded, so a misbehaving
+/// upstream cannot keep us paging forever).
+async fn list_all_servers(v2: &impl V2Caller) -> Result<Vec<Value>, V1Error> {
+    let mut servers = Vec::new();
+    let mut path = "servers/detail".to_string();
+    for _ in 0..100 {
+        let a = expect_ok(v2.call(Method::GET, &path, None).await?)?;
+        let page = a.body["servers"].as_array().cloned().unwrap_or_default();
+        let empty = page.is_empty();
+        servers.extend(page);
+        let next = a.body["servers_links"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["rel"] == "next")
+            .and_then(|l| l["href"].as_str())
+            .and_then(|href| href.split_once('?').map(|(_, q)| q.to_string()));
+        match next {
+            Some(q) if !empty => path = format!("servers/detail?{q}"),
+            _ => return Ok(servers),
+        }
+    }
+    Err(V1Error::Upstream {
+        status: 502,
+        message: "the upstream server list did not end after 100 pages".into(),
+    })
+}
+
+/// v1.0 details: flavors from the cache, root/other volumes from each
+/// server's attachments (fetched concurrently, a few at a time).
+async fn detail_instances(v2: &impl V2Caller, servers: Vec<Value>) -> Result<Vec<Value>, V1Error> {
+    let flavors = v2.flavors().await?;
+    let with_volumes: Vec<Option<String>> = servers.iter().map(volume_backed_id).collect();
+    let volumes: Vec<Result<ServerVolumes, V1Error>> = futures_util::stream::iter(with_volumes)
+        .map(|id| server_volumes(v2, id))
+        .buffered(8)
+        .collect()
+        .await;
+    servers
+        .iter()
+        .zip(volumes)
+        .map(|(s, v)| Ok(response::instance_detail(s, &flavors, &v?)))
+        .collect()
+}
+
+/// The id of a server that has volumes attached (only those need a lookup).
+fn volume_backed_id(server: &Value) -> Option<String> {
+    let attached = server["os-extended-volumes:volumes_attached"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty());
+    server["id"].as_str().filter(|_| attached).map(str::to_string)
+}
+
+async fn server_volumes(v2: &impl V2Caller, id: Option<String>) -> Result<ServerVolumes, V1Error> {
+    let Some(id) = id else {
+        return Ok(ServerVolumes::default());
+    };
+    let a = v2
+        .call(Method::GET, &format!("servers/{id}/os-volume_attachments"), None)
+        .await?;
+    Ok(ServerVolumes::from_attachments(&expect_ok(a)?.body))
+}
+
+/// The created image's id: the body's `image_id` (microversion 2.45+), else
+/// the last segment of `Location`.
+fn created_image_id(a: &V2Answer) -> Value {
+    if let Some(id) = a.body["image_id"].as_str() {
+        return json!(id);
+    }
+    a.location
+        .as_deref()
+        .and_then(|l| l.rsplit('/').next())
+        .map(Value::from)
+        .unwrap_or(Value::Null)
+}
+
+/// A 2xx answer, or the upstream's error with its Nova message.
+fn expect_ok(a: V2Answer) -> Result<V2Answer, V1Error> {
+    if (200..300).contains(&a.status) {
+        return Ok(a);
+    }
+    let message = a
+        .body
+        .as_object()
+        .and_then(|o| o.values().next())
+        .and_then(|fault| fault["message"].as_str())
+        .unwrap_or("no error message")
+        .to_string();
+    Err(V1Error::Upstream {
+        status: a.status,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_validate_before_anything_is_sent() {
+        let p = plan(&V1Route::CreateInstance, br#"{"instance":{"name":"x"}}"#);
+        assert!(matches!(p, Err(V1Error::Invalid(_))));
+        assert!(matches!(
+            plan(&V1Route::CreateInstance, b"{oops"),
+            Err(V1Error::Json(_))
+        ));
+        assert!(matches!(plan(&V1Route::Token, b""), Err(V1Error::TokenApi)));
+        assert!(matches!(
+            plan(&V1Route::DeleteInstance { id: "..".into() }, b""),
+            Err(V1Error::Invalid(_))
+        ));
+        let p = plan(
+            &V1Route::InstanceAction {
+                instance: "abc".into(),
+            },
+            br#"{"action":"reboot","parameters":{"type":"SOFT"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.action, Action::InstanceReboot);
+    }
+
+    #[test]
+    fn keypair_names_are_encoded_in_paths() {
+        assert_eq!(segment("my key/x"), "my%20key%2Fx");
+        assert_eq!(segment("k-1_a"), "k-1_a");
+    }
+
+    #[test]
+    fn upstream_errors_carry_the_nova_message() {
+        let e = expect_ok(V2Answer {
+            status: 409,
+            body: json!({"conflictingRequest": {"code": 409, "message": "Cannot 'os-start' instance x"}}),
+            location: None,
+        })
+        .unwrap_err();
+        match e {
+            V1Error::Upstream { status, message } => {
+                assert_eq!(status, 409);
+                assert_eq!(message, "Cannot 'os-start' instance x");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn image_id_from_body_or_location() {
+        let a = V2Answer {
+            status: 202,
+            body: json!({"image_id": "img-1"}),
+            location: None,
+        };
+        assert_eq!(created_image_id(&a), json!("img-1"));
+        let a = V2Answer {
+            status: 202,
+            body: Value::Null,
+            location: Some("https://x/v2/t/images/img-2".into()),
+        };
+        assert_eq!(created_image_id(&a), json!("img-2"));
+    }
+}
