@@ -56,6 +56,19 @@ async fn no_secret_appears_in_trace_logs() {
         .await;
     assert_eq!(s, 200);
     let private_key = b["keypair"]["private_key"].as_str().unwrap().to_string();
+    // And on the v1.0 surface, as `privateKey`.
+    let v1: serde_json::Value = env
+        .http
+        .post(env.url("/v1.0/appkeys/WebAppKey0001/keypairs"))
+        .header("X-Auth-Token", &jwt)
+        .json(&json!({"keypair": {"name": "k2"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let v1_private_key = v1["keypair"]["privateKey"].as_str().unwrap().to_string();
     // A revoked token: 401, refresh, retry.
     env.sim.revoke_all_tokens();
     assert_eq!(env.get("platform", "/v2/web/flavors").await.0, 200);
@@ -107,6 +120,14 @@ async fn no_secret_appears_in_trace_logs() {
         ("batch secret access key", BATCH_SECRET_KEY.to_string()),
         ("JWT HS secret", JWT_SECRET.to_string()),
         ("private key", private_key_body),
+        (
+            "v1.0 private key",
+            v1_private_key
+                .lines()
+                .nth(1)
+                .unwrap_or_default()
+                .to_string(),
+        ),
     ];
     for t in &upstream_tokens {
         secrets.push(("upstream token", t.clone()));

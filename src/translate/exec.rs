@@ -340,7 +340,10 @@ fn volume_backed_id(server: &Value) -> Option<String> {
     let attached = server["os-extended-volumes:volumes_attached"]
         .as_array()
         .is_some_and(|a| !a.is_empty());
-    server["id"].as_str().filter(|_| attached).map(str::to_string)
+    server["id"]
+        .as_str()
+        .filter(|_| attached)
+        .map(str::to_string)
 }
 
 async fn server_volumes(v2: &impl V2Caller, id: Option<String>) -> Result<ServerVolumes, V1Error> {
@@ -348,7 +351,11 @@ async fn server_volumes(v2: &impl V2Caller, id: Option<String>) -> Result<Server
         return Ok(ServerVolumes::default());
     };
     let a = v2
-        .call(Method::GET, &format!("servers/{id}/os-volume_attachments"), None)
+        .call(
+            Method::GET,
+            &format!("servers/{id}/os-volume_attachments"),
+            None,
+        )
         .await?;
     Ok(ServerVolumes::from_attachments(&expect_ok(a)?.body))
 }
