@@ -12,7 +12,7 @@
 //! Secrets are never inline: only `*_env` (an environment variable name) or
 //! `*_file` (a file path) references exist in the schema.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::policy::Action;
 use crate::secret::Secret;
 
 /// Where `*_env` references are resolved. The process environment in
@@ -109,6 +110,8 @@ pub struct ConfigFile {
     pub auth: AuthFile,
     pub projects: BTreeMap<String, ProjectFile>,
     pub teams: BTreeMap<String, TeamFile>,
+    #[serde(default)]
+    pub rate_limit: RateLimitFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +282,113 @@ pub enum CredentialsFile {
 #[serde(deny_unknown_fields)]
 pub struct TeamFile {
     pub projects: Vec<String>,
+    /// Deny by default: a team may do only what a rule here allows.
+    #[serde(default)]
+    pub allow: Vec<AllowRuleFile>,
+    #[serde(default)]
+    pub constraints: Option<ConstraintsFile>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateRuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRuleFile {
+    /// Action names, groups (`instance.read`), prefixes (`keypair.*`) or `*`.
+    pub actions: Vec<String>,
+    /// A subset of the team's projects; all of them when absent.
+    pub projects: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintsFile {
+    /// Flavor ids allowed for instance.create and instance.resize.
+    pub flavors: Option<Vec<String>>,
+    /// Largest `count` / `max_count` of one instance.create.
+    pub max_count: Option<u32>,
+    /// Instance names (create, rename) must start with this.
+    pub name_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRuleFile {
+    pub name: String,
+    pub actions: Vec<String>,
+    /// `N/s`, `N/m` or `N/h` (also `second`, `minute`, `hour`).
+    pub rate: String,
+    /// Requests allowed at once on top of the steady rate; default: N.
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    #[serde(default)]
+    pub backend: BackendKind,
+    pub redis: Option<RedisFile>,
+    /// The upstream budget of all teams together.
+    pub global: Option<GlobalRateFile>,
+    /// Actions (patterns as in `allow`) that fall back to a local limiter
+    /// when Redis cannot answer; every other Action is refused then.
+    #[serde(default = "default_fail_open")]
+    pub fail_open: Vec<String>,
+}
+
+impl Default for RateLimitFile {
+    fn default() -> Self {
+        RateLimitFile {
+            backend: BackendKind::Local,
+            redis: None,
+            global: None,
+            fail_open: default_fail_open(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    /// `redis://[:password@]host:port/db` (may hold a password: by reference).
+    pub url_env: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// Longest wait for one decision before the failure mode applies.
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Replicas sharing the limits; a fail-open fallback allows limit/replicas locally.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalRateFile {
+    pub rate: String,
+    pub burst: Option<u32>,
+}
+
+fn default_fail_open() -> Vec<String> {
+    vec!["read".to_string()]
+}
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_replicas() -> u32 {
+    1
+}
+fn default_key_prefix() -> String {
+    "toastgate".to_string()
 }
 
 fn default_connect_timeout() -> Duration {
@@ -342,6 +452,7 @@ pub struct Config {
     pub auth: Auth,
     pub projects: BTreeMap<String, Arc<Project>>,
     pub teams: BTreeMap<String, Team>,
+    pub rate_limit: RateLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -426,6 +537,57 @@ pub enum Credentials {
 pub struct Team {
     pub name: String,
     pub projects: Vec<String>,
+    pub allow: Vec<AllowRule>,
+    pub constraints: Constraints,
+    pub rate_limits: Vec<RateRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AllowRule {
+    /// Position under `teams.<team>.allow`, to name the rule in explanations.
+    pub index: usize,
+    pub patterns: Vec<String>,
+    pub actions: BTreeSet<Action>,
+    pub projects: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Constraints {
+    pub flavors: Option<Vec<String>>,
+    pub max_count: Option<u32>,
+    pub name_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateRule {
+    pub name: String,
+    pub actions: BTreeSet<Action>,
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimits {
+    pub backend: Backend,
+    pub global: Option<RateRule>,
+    pub fail_open: BTreeSet<Action>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Local,
+    Redis {
+        url: Secret,
+        timeout: Duration,
+        replicas: u32,
+        key_prefix: String,
+    },
 }
 
 impl Config {
@@ -514,6 +676,7 @@ impl ConfigFile {
         let auth = v.auth(self.auth);
         let projects = v.projects(self.projects, &upstream);
         let teams = v.teams(self.teams, &projects);
+        let rate_limit = v.rate_limit(self.rate_limit);
         if v.problems.is_empty() {
             Ok(Config {
                 listen,
@@ -523,6 +686,7 @@ impl ConfigFile {
                 auth,
                 projects,
                 teams,
+                rate_limit,
             })
         } else {
             Err(ConfigError::Invalid(v.problems))
@@ -973,16 +1137,218 @@ impl Validator<'_> {
                     );
                 }
             }
+            let allow = self.allow_rules(&at, t.allow, &t.projects);
+            let constraints = t
+                .constraints
+                .map(|c| self.constraints(&format!("{at}.constraints"), c))
+                .unwrap_or_default();
+            let mut names = BTreeSet::new();
+            let mut rate_limits = Vec::new();
+            for (i, r) in t.rate_limits.into_iter().enumerate() {
+                let path = format!("{at}.rate_limits[{i}]");
+                if !names.insert(r.name.clone()) {
+                    self.problem(
+                        format!("{path}.name"),
+                        format!("rule `{}` is defined twice", r.name),
+                    );
+                }
+                if !valid_name(&r.name) || r.name == "global" {
+                    self.problem(
+                        format!("{path}.name"),
+                        "use letters, digits, `-` and `_` (and not `global`, the upstream budget)",
+                    );
+                }
+                let actions = self.action_patterns(&format!("{path}.actions"), &r.actions);
+                let rate = self.rate(&format!("{path}.rate"), &r.rate);
+                let burst = self.burst(&format!("{path}.burst"), r.burst, &rate);
+                rate_limits.push(RateRule {
+                    name: r.name,
+                    actions,
+                    rate,
+                    burst,
+                });
+            }
             out.insert(
                 name.clone(),
                 Team {
                     name,
                     projects: t.projects,
+                    allow,
+                    constraints,
+                    rate_limits,
                 },
             );
         }
         out
     }
+}
+
+impl Validator<'_> {
+    fn allow_rules(
+        &mut self,
+        at: &str,
+        rules: Vec<AllowRuleFile>,
+        team_projects: &[String],
+    ) -> Vec<AllowRule> {
+        let mut out = Vec::new();
+        for (i, r) in rules.into_iter().enumerate() {
+            let path = format!("{at}.allow[{i}]");
+            let actions = self.action_patterns(&format!("{path}.actions"), &r.actions);
+            if let Some(projects) = &r.projects {
+                for (j, p) in projects.iter().enumerate() {
+                    if !team_projects.contains(p) {
+                        self.problem(
+                            format!("{path}.projects[{j}]"),
+                            format!("`{p}` is not one of this team's projects"),
+                        );
+                    }
+                }
+            }
+            out.push(AllowRule {
+                index: i,
+                patterns: r.actions,
+                actions,
+                projects: r.projects,
+            });
+        }
+        out
+    }
+
+    /// Resolves Action patterns; an unknown name or group is an error.
+    fn action_patterns(&mut self, path: &str, patterns: &[String]) -> BTreeSet<Action> {
+        if patterns.is_empty() {
+            self.problem(path, "list at least one Action, group or `*`");
+        }
+        let mut out = BTreeSet::new();
+        for (i, p) in patterns.iter().enumerate() {
+            match crate::policy::resolve_pattern(p) {
+                Some(set) => out.extend(set),
+                None => self.problem(
+                    format!("{path}[{i}]"),
+                    format!("unknown Action or group `{p}` (see `toastgate explain --list`)"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn constraints(&mut self, at: &str, c: ConstraintsFile) -> Constraints {
+        if let Some(f) = &c.flavors
+            && f.is_empty()
+        {
+            self.problem(
+                format!("{at}.flavors"),
+                "list at least one flavor id, or remove the key",
+            );
+        }
+        if c.max_count == Some(0) {
+            self.problem(format!("{at}.max_count"), "must be at least 1");
+        }
+        if let Some(p) = &c.name_prefix
+            && p.is_empty()
+        {
+            self.problem(format!("{at}.name_prefix"), "must not be empty");
+        }
+        Constraints {
+            flavors: c.flavors,
+            max_count: c.max_count,
+            name_prefix: c.name_prefix,
+        }
+    }
+
+    fn rate(&mut self, path: &str, text: &str) -> Rate {
+        match parse_rate(text) {
+            Some(r) => r,
+            None => {
+                self.problem(
+                    path,
+                    format!("`{text}` is not a rate like 20/s, 100/m or 30/h"),
+                );
+                Rate {
+                    count: 1,
+                    per: Duration::from_secs(1),
+                }
+            }
+        }
+    }
+
+    fn burst(&mut self, path: &str, burst: Option<u32>, rate: &Rate) -> u32 {
+        match burst {
+            Some(0) => {
+                self.problem(path, "must be at least 1");
+                1
+            }
+            Some(b) => b,
+            None => rate.count.max(1),
+        }
+    }
+
+    fn rate_limit(&mut self, r: RateLimitFile) -> RateLimits {
+        let fail_open = self.action_patterns("rate_limit.fail_open", &r.fail_open);
+        let global = r.global.map(|g| {
+            let rate = self.rate("rate_limit.global.rate", &g.rate);
+            let burst = self.burst("rate_limit.global.burst", g.burst, &rate);
+            RateRule {
+                name: "global".to_string(),
+                actions: Action::ALL.iter().copied().collect(),
+                rate,
+                burst,
+            }
+        });
+        let backend = match (r.backend, r.redis) {
+            (BackendKind::Local, None) => Backend::Local,
+            (BackendKind::Local, Some(_)) => {
+                self.problem("rate_limit.redis", "is only used with `backend: redis`");
+                Backend::Local
+            }
+            (BackendKind::Redis, None) => {
+                self.problem("rate_limit.redis", "is required with `backend: redis`");
+                Backend::Local
+            }
+            (BackendKind::Redis, Some(redis)) => {
+                let url = self.secret("rate_limit.redis", "url", redis.url_env, redis.url_file);
+                let scheme_ok =
+                    url.expose().starts_with("redis://") || url.expose().starts_with("rediss://");
+                if !url.is_empty() && !scheme_ok {
+                    // Never echo the value: it may hold a password.
+                    self.problem(
+                        "rate_limit.redis",
+                        "the Redis URL must start with redis:// or rediss://",
+                    );
+                }
+                if redis.replicas == 0 {
+                    self.problem("rate_limit.redis.replicas", "must be at least 1");
+                }
+                if redis.timeout.is_zero() || redis.timeout > Duration::from_secs(2) {
+                    self.problem("rate_limit.redis.timeout", "must be between 1ms and 2s");
+                }
+                Backend::Redis {
+                    url,
+                    timeout: redis.timeout,
+                    replicas: redis.replicas.max(1),
+                    key_prefix: redis.key_prefix,
+                }
+            }
+        };
+        RateLimits {
+            backend,
+            global,
+            fail_open,
+        }
+    }
+}
+
+/// `N/s`, `N/m`, `N/h` (or `second`, `sec`, `minute`, `min`, `hour`).
+pub fn parse_rate(text: &str) -> Option<Rate> {
+    let (count, unit) = text.trim().split_once('/')?;
+    let count: u32 = count.trim().parse().ok().filter(|c| *c > 0)?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return None,
+    };
+    Some(Rate { count, per })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -1033,7 +1399,9 @@ projects:
     appkey: BatchAppKey002
     credentials: { type: appkey, access_key_id: AK, secret_access_key_env: BATCH_SK }
 teams:
-  web-team: { projects: [web] }
+  web-team:
+    projects: [web]
+    allow: [{ actions: [instance.read, "keypair.*"] }]
 "#;
 
     fn secrets() -> SecretSource {
@@ -1086,6 +1454,10 @@ teams:
     #[test]
     fn wrong_type_names_its_path() {
         let yaml = GOOD.replace("projects: [web]", "projects: web");
+        let yaml = yaml.replace(
+            "    allow: [{ actions: [instance.read, \"keypair.*\"] }]\n",
+            "",
+        );
         let p = problems(&yaml, &secrets());
         assert!(p[0].starts_with("teams.web-team.projects"), "{p:?}");
     }

@@ -142,7 +142,8 @@ impl Gateway {
             V2Kind::Action(a) => a,
             V2Kind::ServerAction => server_action(&body)?,
         };
-        policy::authorize(config, &identity.team, &project.alias, action)?;
+        let facts = request_facts(action, &body);
+        policy::authorize(config, &identity.team, &project.alias, action, &facts)?;
         tracing::debug!(team = %identity.team, action = %action, project = %project.alias, "authorized");
 
         let base = self.public_base(config, &parts.headers);
@@ -207,7 +208,11 @@ impl Gateway {
             .clone();
         let body = read_request_body(body, config.server.body_limit_bytes).await?;
         let plan = exec::plan(&request.route, &body)?;
-        policy::authorize(config, &identity.team, &project.alias, plan.action)
+        let facts = plan
+            .v2_body()
+            .map(|b| policy::RequestFacts::from_v2_body(plan.action, b))
+            .unwrap_or_default();
+        policy::authorize(config, &identity.team, &project.alias, plan.action, &facts)
             .map_err(GatewayError::from)?;
         tracing::debug!(team = %identity.team, action = %plan.action, project = %project.alias, "authorized");
         let caller = ProjectCaller {
@@ -370,6 +375,19 @@ fn server_action(body: &[u8]) -> Result<Action, GatewayError> {
         _ => Err(GatewayError::BadRequest(
             "the action body must have exactly one key, the action name".into(),
         )),
+    }
+}
+
+/// Constraint facts of a v2 request; only the Actions constraints concern
+/// need their body parsed.
+fn request_facts(action: Action, body: &[u8]) -> policy::RequestFacts {
+    match action {
+        Action::InstanceCreate | Action::InstanceResize | Action::InstanceUpdate => {
+            serde_json::from_slice(body)
+                .map(|v| policy::RequestFacts::from_v2_body(action, &v))
+                .unwrap_or_default()
+        }
+        _ => policy::RequestFacts::default(),
     }
 }
 

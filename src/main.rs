@@ -72,6 +72,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:18774")]
         sim_listen: SocketAddr,
     },
+    /// Say whether TEAM may do ACTION on PROJECT, and by which rule.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, required_unless_present = "list")]
+        team: Option<String>,
+        #[arg(long, required_unless_present = "list")]
+        action: Option<String>,
+        /// Project alias or tenant id.
+        #[arg(long, required_unless_present = "list")]
+        project: Option<String>,
+        /// List every Action and group instead.
+        #[arg(long)]
+        list: bool,
+    },
     /// Print a JWT for TEAM signed with the config's HS secret (dev and tests).
     MintToken {
         #[arg(long)]
@@ -167,6 +182,31 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             )
             .await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain {
+            config,
+            team,
+            action,
+            project,
+            list,
+        } => {
+            if list {
+                print!("{}", toastgate::policy::catalog_listing());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let config = load_or_explain(&config)?;
+            let text = toastgate::policy::explain(
+                &config,
+                team.as_deref().unwrap_or_default(),
+                action.as_deref().unwrap_or_default(),
+                project.as_deref().unwrap_or_default(),
+            );
+            println!("{text}");
+            Ok(if text.starts_with("ALLOWED") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::MintToken {
             config,

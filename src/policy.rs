@@ -90,6 +90,91 @@ impl fmt::Display for Action {
     }
 }
 
+/// Named groups of Actions, usable in allow rules, rate-limit rules and
+/// `rate_limit.fail_open`.
+pub const GROUPS: &[(&str, &[Action])] = &[
+    (
+        "instance.read",
+        &[
+            Action::InstanceList,
+            Action::InstanceListDetail,
+            Action::InstanceGet,
+        ],
+    ),
+    (
+        "instance.power",
+        &[
+            Action::InstanceStart,
+            Action::InstanceStop,
+            Action::InstanceReboot,
+        ],
+    ),
+    (
+        "instance.write",
+        &[
+            Action::InstanceCreate,
+            Action::InstanceUpdate,
+            Action::InstanceDelete,
+            Action::InstanceResize,
+            Action::InstanceCreateImage,
+        ],
+    ),
+    (
+        "instance.network",
+        &[
+            Action::InstanceAddSecurityGroup,
+            Action::InstanceRemoveSecurityGroup,
+            Action::InstanceAddFloatingIp,
+            Action::InstanceRemoveFloatingIp,
+        ],
+    ),
+    (
+        "catalog.read",
+        &[
+            Action::FlavorList,
+            Action::FlavorListDetail,
+            Action::ZoneList,
+        ],
+    ),
+    ("keypair.read", &[Action::KeypairList, Action::KeypairGet]),
+    (
+        "keypair.write",
+        &[Action::KeypairCreate, Action::KeypairDelete],
+    ),
+    (
+        "volume.read",
+        &[Action::VolumeAttachmentList, Action::VolumeAttachmentGet],
+    ),
+    (
+        "volume.write",
+        &[Action::VolumeAttach, Action::VolumeDetach],
+    ),
+];
+
+/// Resolves an Action name, a group (`instance.read`, plus `read` and
+/// `write` for every non-mutating / mutating Action), a prefix
+/// (`keypair.*`) or `*`. `None` for anything unknown.
+pub fn resolve_pattern(pattern: &str) -> Option<Vec<Action>> {
+    let all = Action::ALL.iter().copied();
+    let found: Vec<Action> = match pattern {
+        "*" => all.collect(),
+        "read" => all.filter(|a| !a.is_mutating()).collect(),
+        "write" => all.filter(|a| a.is_mutating()).collect(),
+        p if p.ends_with(".*") => {
+            let prefix = &p[..p.len() - 1];
+            all.filter(|a| a.name().starts_with(prefix)).collect()
+        }
+        p => {
+            if let Some((_, actions)) = GROUPS.iter().find(|(g, _)| *g == p) {
+                actions.to_vec()
+            } else {
+                Action::from_name(p).into_iter().collect()
+            }
+        }
+    };
+    (!found.is_empty()).then_some(found)
+}
+
 /// Why a caller may not do what it asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -97,27 +182,245 @@ pub enum Refusal {
     UnknownTeam { team: String },
     #[error("team `{team}` may not use project `{project}`")]
     ProjectNotAllowed { team: String, project: String },
+    #[error("team `{team}` may not do `{action}` on project `{project}`: no allow rule covers it")]
+    ActionNotAllowed {
+        team: String,
+        action: Action,
+        project: String,
+    },
+    #[error("team `{team}` may not do `{action}`: {reason}")]
+    Constraint {
+        team: String,
+        action: Action,
+        reason: String,
+    },
 }
 
-/// Project scoping: a team may only use the projects listed for it.
+impl Refusal {
+    /// Bounded label for metrics and audit.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::UnknownTeam { .. } => "unknown_team",
+            Refusal::ProjectNotAllowed { .. } => "project",
+            Refusal::ActionNotAllowed { .. } => "action",
+            Refusal::Constraint { .. } => "constraint",
+        }
+    }
+}
+
+/// What constraints look at, taken from the v2 body (the v1.0 surface
+/// translates first, so both surfaces are judged on the same facts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub flavor: Option<String>,
+    pub count: Option<i64>,
+    pub name: Option<String>,
+}
+
+impl RequestFacts {
+    pub fn from_v2_body(action: Action, body: &serde_json::Value) -> RequestFacts {
+        let last_segment = |v: &serde_json::Value| {
+            v.as_str().map(|s| {
+                s.trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(s)
+                    .to_string()
+            })
+        };
+        match action {
+            Action::InstanceCreate => {
+                let s = &body["server"];
+                let count = ["max_count", "min_count"]
+                    .iter()
+                    .filter_map(|k| {
+                        s[*k]
+                            .as_i64()
+                            .or_else(|| s[*k].as_str().and_then(|v| v.parse().ok()))
+                    })
+                    .max();
+                RequestFacts {
+                    flavor: last_segment(&s["flavorRef"]),
+                    count: Some(count.unwrap_or(1)),
+                    name: s["name"].as_str().map(str::to_string),
+                }
+            }
+            Action::InstanceResize => RequestFacts {
+                flavor: last_segment(&body["resize"]["flavorRef"]),
+                ..Default::default()
+            },
+            Action::InstanceUpdate => RequestFacts {
+                name: body["server"]["name"].as_str().map(str::to_string),
+                ..Default::default()
+            },
+            _ => RequestFacts::default(),
+        }
+    }
+}
+
+/// Why an action is allowed: the rule that allows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub rule: String,
+}
+
+/// Deny by default: the team must exist, the project must be the team's,
+/// an allow rule must cover the Action on that project, and the request must
+/// meet the team's constraints.
 pub fn authorize(
     config: &Config,
     team: &str,
-    project_alias: &str,
-    _action: Action,
-) -> Result<(), Refusal> {
+    project: &str,
+    action: Action,
+    facts: &RequestFacts,
+) -> Result<Allowed, Refusal> {
     let Some(t) = config.teams.get(team) else {
         return Err(Refusal::UnknownTeam {
             team: team.to_string(),
         });
     };
-    if !t.projects.iter().any(|p| p == project_alias) {
+    if !t.projects.iter().any(|p| p == project) {
         return Err(Refusal::ProjectNotAllowed {
             team: team.to_string(),
-            project: project_alias.to_string(),
+            project: project.to_string(),
         });
     }
+    let rule = t
+        .allow
+        .iter()
+        .find(|r| {
+            r.actions.contains(&action)
+                && r.projects
+                    .as_ref()
+                    .is_none_or(|ps| ps.iter().any(|p| p == project))
+        })
+        .ok_or_else(|| Refusal::ActionNotAllowed {
+            team: team.to_string(),
+            action,
+            project: project.to_string(),
+        })?;
+    check_constraints(t, action, facts)?;
+    Ok(Allowed {
+        rule: format!(
+            "teams.{team}.allow[{}] (actions: {})",
+            rule.index,
+            rule.patterns.join(", ")
+        ),
+    })
+}
+
+fn check_constraints(
+    team: &crate::config::Team,
+    action: Action,
+    facts: &RequestFacts,
+) -> Result<(), Refusal> {
+    let c = &team.constraints;
+    let refuse = |reason: String| {
+        Err(Refusal::Constraint {
+            team: team.name.clone(),
+            action,
+            reason,
+        })
+    };
+    if let (Some(allowed), Some(flavor)) = (&c.flavors, &facts.flavor)
+        && !allowed.iter().any(|f| f == flavor)
+    {
+        return refuse(format!(
+            "flavor `{flavor}` is not among the team's allowed flavors ({})",
+            allowed.join(", ")
+        ));
+    }
+    if let (Some(max), Some(count)) = (c.max_count, facts.count)
+        && count > i64::from(max)
+    {
+        return refuse(format!("count {count} exceeds the team's maximum of {max}"));
+    }
+    if let (Some(prefix), Some(name)) = (&c.name_prefix, &facts.name)
+        && !name.starts_with(prefix.as_str())
+    {
+        return refuse(format!("instance name `{name}` must start with `{prefix}`"));
+    }
     Ok(())
+}
+
+/// `toastgate explain`: the decision and the rule behind it, in words.
+pub fn explain(config: &Config, team: &str, action: &str, project: &str) -> String {
+    let Some(action) = Action::from_name(action) else {
+        return format!(
+            "unknown Action `{action}`; known Actions: {}",
+            catalog_listing()
+        );
+    };
+    let project = config
+        .project(project)
+        .map(|p| p.alias.clone())
+        .unwrap_or_else(|| project.to_string());
+    match authorize(config, team, &project, action, &RequestFacts::default()) {
+        Ok(allowed) => {
+            let mut text = format!(
+                "ALLOWED: team `{team}` may do `{action}` on project `{project}`, by {}",
+                allowed.rule
+            );
+            if let Some(t) = config.teams.get(team) {
+                let c = &t.constraints;
+                let mut notes = Vec::new();
+                if let Some(f) = &c.flavors {
+                    notes.push(format!("flavors limited to {}", f.join(", ")));
+                }
+                if let Some(m) = c.max_count {
+                    notes.push(format!("count at most {m}"));
+                }
+                if let Some(p) = &c.name_prefix {
+                    notes.push(format!("names must start with `{p}`"));
+                }
+                if !notes.is_empty()
+                    && matches!(
+                        action,
+                        Action::InstanceCreate | Action::InstanceResize | Action::InstanceUpdate
+                    )
+                {
+                    text.push_str(&format!("\n  constraints: {}", notes.join("; ")));
+                }
+                let limits: Vec<String> = t
+                    .rate_limits
+                    .iter()
+                    .filter(|r| r.actions.contains(&action))
+                    .map(|r| {
+                        format!(
+                            "`{}` {}/{}s burst {}",
+                            r.name,
+                            r.rate.count,
+                            r.rate.per.as_secs(),
+                            r.burst
+                        )
+                    })
+                    .collect();
+                if !limits.is_empty() {
+                    text.push_str(&format!("\n  rate limits: {}", limits.join(", ")));
+                }
+            }
+            text
+        }
+        Err(refusal) => format!("DENIED: {refusal}"),
+    }
+}
+
+/// Every Action and group, for `toastgate explain --list`.
+pub fn catalog_listing() -> String {
+    let mut out = String::from("Actions:\n");
+    for a in Action::ALL {
+        out.push_str(&format!(
+            "  {}{}\n",
+            a.name(),
+            if a.is_mutating() { "  (mutating)" } else { "" }
+        ));
+    }
+    out.push_str("Groups:\n  *  read  write  <prefix>.*\n");
+    for (g, actions) in GROUPS {
+        let names: Vec<&str> = actions.iter().map(|a| a.name()).collect();
+        out.push_str(&format!("  {g}: {}\n", names.join(", ")));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -154,5 +457,271 @@ mod tests {
         }
         assert_eq!(Action::from_v2_server_action("lock"), None);
         assert!(!Action::InstanceList.is_mutating());
+    }
+
+    fn config(teams: &str) -> Config {
+        let yaml = format!(
+            r#"
+listen: {{ public: "127.0.0.1:0", admin: "127.0.0.1:0" }}
+upstream: {{ identity_url: "http://127.0.0.1:1", compute_url: "http://127.0.0.1:1" }}
+auth:
+  issuer: i
+  audience: a
+  algorithms: [HS256]
+  keys: {{ type: hs_secret, secret_env: S }}
+projects:
+  web: {{ tenant_id: t1, credentials: {{ type: keystone, username: u, password_env: P }} }}
+  db: {{ tenant_id: t2, credentials: {{ type: keystone, username: u, password_env: P }} }}
+teams:
+{teams}
+"#
+        );
+        let secrets = crate::config::SecretSource::default()
+            .with_override("S", "0123456789abcdef0123456789abcdef")
+            .with_override("P", "p");
+        Config::from_yaml(&yaml, &secrets, None).expect("valid test config")
+    }
+
+    fn decide(c: &Config, team: &str, project: &str, action: Action) -> Result<Allowed, Refusal> {
+        authorize(c, team, project, action, &RequestFacts::default())
+    }
+
+    #[test]
+    fn allow_deny_table_per_group() {
+        let c = config(
+            r#"
+  readers: { projects: [web, db], allow: [{ actions: [read] }] }
+  operators:
+    projects: [web, db]
+    allow:
+      - { actions: [instance.read, instance.power], projects: [web] }
+      - { actions: ["keypair.*"] }
+  nobody: { projects: [web] }
+  admins: { projects: [web], allow: [{ actions: ["*"] }] }
+"#,
+        );
+        let table: &[(&str, &str, Action, bool)] = &[
+            ("readers", "web", Action::InstanceList, true),
+            ("readers", "db", Action::FlavorListDetail, true),
+            ("readers", "web", Action::KeypairGet, true),
+            ("readers", "web", Action::InstanceReboot, false),
+            ("readers", "web", Action::KeypairCreate, false),
+            ("operators", "web", Action::InstanceReboot, true),
+            ("operators", "web", Action::InstanceStop, true),
+            ("operators", "web", Action::InstanceGet, true),
+            ("operators", "db", Action::InstanceReboot, false),
+            ("operators", "web", Action::InstanceDelete, false),
+            ("operators", "web", Action::InstanceCreate, false),
+            ("operators", "db", Action::KeypairDelete, true),
+            ("operators", "web", Action::VolumeAttach, false),
+            ("nobody", "web", Action::InstanceList, false),
+            ("admins", "web", Action::InstanceDelete, true),
+            ("admins", "web", Action::VolumeDetach, true),
+            ("admins", "db", Action::InstanceList, false),
+            ("ghosts", "web", Action::InstanceList, false),
+        ];
+        for (team, project, action, allowed) in table {
+            let got = decide(&c, team, project, *action);
+            assert_eq!(got.is_ok(), *allowed, "{team} {project} {action}: {got:?}");
+        }
+        assert_eq!(
+            decide(&c, "operators", "web", Action::InstanceReboot)
+                .unwrap()
+                .rule,
+            "teams.operators.allow[0] (actions: instance.read, instance.power)"
+        );
+        assert_eq!(
+            decide(&c, "ghosts", "web", Action::InstanceList)
+                .unwrap_err()
+                .reason(),
+            "unknown_team"
+        );
+        assert_eq!(
+            decide(&c, "admins", "db", Action::InstanceList)
+                .unwrap_err()
+                .reason(),
+            "project"
+        );
+        let e = decide(&c, "readers", "web", Action::InstanceReboot).unwrap_err();
+        assert_eq!(e.reason(), "action");
+        assert_eq!(
+            e.to_string(),
+            "team `readers` may not do `instance.reboot` on project `web`: no allow rule covers it"
+        );
+    }
+
+    #[test]
+    fn constraints_on_flavor_count_and_name() {
+        let c = config(
+            r#"
+  batch:
+    projects: [web]
+    allow: [{ actions: ["*"] }]
+    constraints: { flavors: [f-small], max_count: 2, name_prefix: batch- }
+"#,
+        );
+        let create = |flavor: &str, count: i64, name: &str| {
+            let body = serde_json::json!({"server": {"flavorRef": flavor, "max_count": count, "min_count": 1, "name": name}});
+            authorize(
+                &c,
+                "batch",
+                "web",
+                Action::InstanceCreate,
+                &RequestFacts::from_v2_body(Action::InstanceCreate, &body),
+            )
+        };
+        assert!(create("f-small", 2, "batch-1").is_ok());
+        assert!(
+            create("https://x/flavors/f-small", 1, "batch-1").is_ok(),
+            "flavorRef as a link"
+        );
+        let e = create("f-big", 1, "batch-1").unwrap_err();
+        assert!(e.to_string().contains("flavor `f-big` is not among"), "{e}");
+        assert!(
+            create("f-small", 3, "batch-1")
+                .unwrap_err()
+                .to_string()
+                .contains("count 3 exceeds the team's maximum of 2")
+        );
+        assert!(
+            create("f-small", 1, "web-1")
+                .unwrap_err()
+                .to_string()
+                .contains("must start with `batch-`")
+        );
+        let resize = serde_json::json!({"resize": {"flavorRef": "f-big"}});
+        assert!(
+            authorize(
+                &c,
+                "batch",
+                "web",
+                Action::InstanceResize,
+                &RequestFacts::from_v2_body(Action::InstanceResize, &resize)
+            )
+            .is_err()
+        );
+        let rename = serde_json::json!({"server": {"name": "other"}});
+        assert!(
+            authorize(
+                &c,
+                "batch",
+                "web",
+                Action::InstanceUpdate,
+                &RequestFacts::from_v2_body(Action::InstanceUpdate, &rename)
+            )
+            .is_err()
+        );
+        assert!(
+            decide(&c, "batch", "web", Action::InstanceReboot).is_ok(),
+            "constraints concern create/resize/rename only"
+        );
+    }
+
+    #[test]
+    fn patterns_resolve_and_unknown_names_are_refused() {
+        assert_eq!(resolve_pattern("*").unwrap().len(), Action::ALL.len());
+        assert_eq!(resolve_pattern("keypair.*").unwrap().len(), 4);
+        assert_eq!(
+            resolve_pattern("instance.power").unwrap(),
+            vec![
+                Action::InstanceStart,
+                Action::InstanceStop,
+                Action::InstanceReboot
+            ]
+        );
+        assert!(
+            resolve_pattern("read")
+                .unwrap()
+                .iter()
+                .all(|a| !a.is_mutating())
+        );
+        assert!(
+            resolve_pattern("write")
+                .unwrap()
+                .iter()
+                .all(|a| a.is_mutating())
+        );
+        assert_eq!(
+            resolve_pattern("instance.reboot").unwrap(),
+            vec![Action::InstanceReboot]
+        );
+        assert!(resolve_pattern("instance.explode").is_none());
+        assert!(resolve_pattern("nothing.*").is_none());
+        for (g, actions) in GROUPS {
+            assert!(!actions.is_empty(), "{g}");
+        }
+    }
+
+    #[test]
+    fn config_refuses_unknown_actions_with_the_key_path() {
+        let secrets = crate::config::SecretSource::default()
+            .with_override("S", "0123456789abcdef0123456789abcdef")
+            .with_override("P", "p");
+        let yaml = r#"
+listen: { public: "127.0.0.1:0", admin: "127.0.0.1:0" }
+upstream: { identity_url: "http://127.0.0.1:1", compute_url: "http://127.0.0.1:1" }
+auth: { issuer: i, audience: a, algorithms: [HS256], keys: { type: hs_secret, secret_env: S } }
+projects:
+  web: { tenant_id: t1, credentials: { type: keystone, username: u, password_env: P } }
+teams:
+  t:
+    projects: [web]
+    allow: [{ actions: [instance.read, instance.explode], projects: [db] }]
+    rate_limits: [{ name: r, actions: [bogus.*], rate: 5/fortnight }]
+rate_limit: { fail_open: [nope] }
+"#;
+        let problems: Vec<String> = Config::from_yaml(yaml, &secrets, None)
+            .unwrap_err()
+            .problems()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let all = problems.join("\n");
+        assert!(
+            all.contains("teams.t.allow[0].actions[1]: unknown Action or group `instance.explode`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("teams.t.allow[0].projects[0]: `db` is not one of this team's projects"),
+            "{all}"
+        );
+        assert!(
+            all.contains("teams.t.rate_limits[0].actions[0]: unknown Action or group `bogus.*`"),
+            "{all}"
+        );
+        assert!(
+            all.contains("teams.t.rate_limits[0].rate: `5/fortnight` is not a rate"),
+            "{all}"
+        );
+        assert!(
+            all.contains("rate_limit.fail_open[0]: unknown Action or group `nope`"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn explain_names_the_rule_or_the_reason() {
+        let c = config(
+            r#"
+  ops:
+    projects: [web]
+    allow: [{ actions: [instance.power] }]
+    rate_limits: [{ name: power, actions: [instance.power], rate: 10/m, burst: 2 }]
+"#,
+        );
+        let yes = explain(&c, "ops", "instance.reboot", "web");
+        assert!(yes.starts_with("ALLOWED"), "{yes}");
+        assert!(yes.contains("teams.ops.allow[0]"), "{yes}");
+        assert!(yes.contains("`power` 10/60s burst 2"), "{yes}");
+        let no = explain(&c, "ops", "instance.delete", "web");
+        assert!(
+            no.starts_with("DENIED") && no.contains("no allow rule covers it"),
+            "{no}"
+        );
+        assert!(
+            explain(&c, "ops", "instance.reboot", "t1").starts_with("ALLOWED"),
+            "tenant id works too"
+        );
+        assert!(explain(&c, "ops", "instance.zap", "web").contains("unknown Action"));
     }
 }

@@ -228,3 +228,58 @@ fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
         assert_eq!(r.status().as_u16(), 403, "web-team may not use batch");
     });
 }
+
+#[test]
+fn explain_says_which_rule_allows_or_why_not() {
+    let out = Command::new(BIN)
+        .args([
+            "explain",
+            "--config",
+            "config/demo.yaml",
+            "--team",
+            "batch-team",
+            "--action",
+            "instance.reboot",
+            "--project",
+            "batch",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("ALLOWED") && text.contains("teams.batch-team.allow[0]"),
+        "{text}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "explain",
+            "--config",
+            "config/demo.yaml",
+            "--team",
+            "batch-team",
+            "--action",
+            "instance.delete",
+            "--project",
+            "batch",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("DENIED: team `batch-team` may not do `instance.delete` on project `batch`"),
+        "{text}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["explain", "--config", "config/demo.yaml", "--list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("instance.power: instance.start, instance.stop, instance.reboot"),
+        "{text}"
+    );
+}

@@ -85,6 +85,19 @@ enum Step {
     },
 }
 
+impl Plan {
+    /// The v2 body this plan sends, for policy constraints.
+    pub fn v2_body(&self) -> Option<&Value> {
+        match &self.step {
+            Step::Create { v2, .. } | Step::Attach { v2, .. } | Step::CreateKeypair { v2 } => {
+                Some(v2)
+            }
+            Step::ServerAction { action, .. } => Some(&action.v2_body),
+            _ => None,
+        }
+    }
+}
+
 /// Validates `route` with its `body` into a plan, or refuses it.
 pub fn plan(route: &V1Route, body: &[u8]) -> Result<Plan, V1Error> {
     let id = |s: &str, what: &str| checked_id(s, what);

@@ -45,9 +45,15 @@ projects:
     appkey: BatchAppKey002
     credentials: { type: appkey, access_key_id: demo-batch-access-key, secret_access_key_env: TG_BATCH_SK }
 teams:
-  web-team: { projects: [web] }
-  batch-team: { projects: [batch] }
-  platform: { projects: [web, batch] }
+  web-team:
+    projects: [web]
+    allow: [{ actions: ["*"] }]
+  batch-team:
+    projects: [batch]
+    allow: [{ actions: ["*"] }]
+  platform:
+    projects: [web, batch]
+    allow: [{ actions: ["*"] }]
 "#;
 
 pub fn secrets() -> SecretSource {

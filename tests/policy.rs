@@ -1,0 +1,245 @@
+//! Allowlists and constraints through both surfaces: the same Action gets
+//! the same decision on v1.0 and v2, refusals name team, Action and reason,
+//! and nothing refused reaches the upstream.
+
+mod common;
+
+use common::{Env, assert_nova_error, fast_sim};
+use serde_json::{Value, json};
+use toastgate::simulator::{FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
+
+const EXTRA_TEAMS: &str = r#"  readers:
+    projects: [web]
+    allow: [{ actions: [read] }]
+  builders:
+    projects: [web]
+    allow: [{ actions: ["*"] }]
+    constraints: { flavors: ["7c5f1a0e-8a7d-4e57-9d4b-0f6d3b1e2a21"], max_count: 2, name_prefix: "bld-" }
+  platform:
+"#;
+
+async fn env() -> Env {
+    Env::start_with(fast_sim(), |y| *y = y.replace("  platform:\n", EXTRA_TEAMS)).await
+}
+
+async fn v1(
+    env: &Env,
+    team: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let mut req = env
+        .http
+        .request(
+            method,
+            env.url(&format!("/v1.0/appkeys/WebAppKey0001{path}")),
+        )
+        .header("X-Auth-Token", env.token(team));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().await.unwrap()
+}
+
+async fn make_server(env: &Env) -> String {
+    let (s, _) = env
+        .post(
+            "platform",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "k"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, b) = env
+        .post(
+            "platform",
+            "/v2/web/servers",
+            json!({"server": {"name": "bld-0", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1,
+                               "networks": [{"uuid": NETWORK_VPC1}], "key_name": "k"}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    b["server"]["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_read_only_team_reads_but_cannot_act_on_either_surface() {
+    let env = env().await;
+    let id = make_server(&env).await;
+    env.sim.clear_requests();
+
+    assert_eq!(env.get("readers", "/v2/web/servers/detail").await.0, 200);
+    let b = v1(
+        &env,
+        "readers",
+        reqwest::Method::GET,
+        "/instances-detail",
+        None,
+    )
+    .await;
+    assert_eq!(b["header"]["isSuccessful"], true);
+
+    let (s, b) = env
+        .post(
+            "readers",
+            &format!("/v2/web/servers/{id}/action"),
+            json!({"reboot": {"type": "SOFT"}}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let v2_msg = assert_nova_error(&b, "forbidden", 403);
+    assert_eq!(
+        v2_msg,
+        "team `readers` may not do `instance.reboot` on project `web`: no allow rule covers it"
+    );
+
+    let b = v1(
+        &env,
+        "readers",
+        reqwest::Method::POST,
+        &format!("/instances/{id}/action"),
+        Some(json!({"action": "reboot", "parameters": {"type": "SOFT"}})),
+    )
+    .await;
+    assert_eq!(b["header"]["isSuccessful"], false);
+    assert_eq!(b["header"]["resultCode"], -3);
+    assert_eq!(
+        b["header"]["resultMessage"],
+        v2_msg.as_str(),
+        "same decision, same words"
+    );
+
+    let b = v1(
+        &env,
+        "readers",
+        reqwest::Method::DELETE,
+        &format!("/instances?id={id}"),
+        None,
+    )
+    .await;
+    assert_eq!(b["header"]["resultCode"], -3);
+    let (s, _) = env
+        .call(
+            "readers",
+            reqwest::Method::DELETE,
+            &format!("/v2/web/servers/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+
+    let mutating: Vec<_> = env
+        .compute_requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .collect();
+    assert!(
+        mutating.is_empty(),
+        "a refused action reached the upstream: {mutating:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn constraints_hold_on_both_surfaces() {
+    let env = env().await;
+    let (s, _) = env
+        .post(
+            "builders",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "bk"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    env.sim.clear_requests();
+    let v2_create = |flavor: &str, count: i64, name: &str| {
+        json!({"server": {"name": name, "imageRef": IMAGE_CENTOS_7_8, "flavorRef": flavor,
+                          "networks": [{"uuid": NETWORK_VPC1}], "key_name": "bk", "min_count": count, "max_count": count}})
+    };
+    let v1_create = |flavor: &str, count: i64, name: &str| {
+        json!({"instance": {"name": name, "image": IMAGE_CENTOS_7_8, "flavor": flavor,
+                            "networks": [{"id": NETWORK_VPC1}], "keyName": "bk", "count": count}})
+    };
+    let refused: &[(&str, i64, &str, &str)] = &[
+        (
+            FLAVOR_R2_C2M4,
+            1,
+            "bld-1",
+            "is not among the team's allowed flavors",
+        ),
+        (
+            FLAVOR_U2_C1M1,
+            3,
+            "bld-1",
+            "count 3 exceeds the team's maximum of 2",
+        ),
+        (FLAVOR_U2_C1M1, 1, "web-1", "must start with `bld-`"),
+    ];
+    for (flavor, count, name, why) in refused {
+        let (s, b) = env
+            .post(
+                "builders",
+                "/v2/web/servers",
+                v2_create(flavor, *count, name),
+            )
+            .await;
+        assert_eq!(s, 403, "{b}");
+        assert!(assert_nova_error(&b, "forbidden", 403).contains(why));
+        let b = v1(
+            &env,
+            "builders",
+            reqwest::Method::POST,
+            "/instances",
+            Some(v1_create(flavor, *count, name)),
+        )
+        .await;
+        assert_eq!(b["header"]["resultCode"], -3, "{b}");
+        assert!(
+            b["header"]["resultMessage"].as_str().unwrap().contains(why),
+            "{b}"
+        );
+    }
+    assert!(
+        env.compute_requests().is_empty(),
+        "a refused create reached the upstream"
+    );
+
+    let (s, b) = env
+        .post(
+            "builders",
+            "/v2/web/servers",
+            v2_create(FLAVOR_U2_C1M1, 2, "bld-ok"),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let b = v1(
+        &env,
+        "builders",
+        reqwest::Method::POST,
+        "/instances",
+        Some(v1_create(FLAVOR_U2_C1M1, 1, "bld-ok1")),
+    )
+    .await;
+    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_team_without_allow_rules_may_do_nothing() {
+    let env = Env::start_with(fast_sim(), |y| {
+        *y = y.replace(
+            "  platform:\n",
+            "  idle:\n    projects: [web]\n  platform:\n",
+        )
+    })
+    .await;
+    let (s, b) = env.get("idle", "/v2/web/flavors").await;
+    assert_eq!(s, 403);
+    assert!(
+        assert_nova_error(&b, "forbidden", 403).contains("team `idle` may not do `flavor.list`")
+    );
+    env.stop().await;
+}
