@@ -112,6 +112,8 @@ pub struct ConfigFile {
     pub teams: BTreeMap<String, TeamFile>,
     #[serde(default)]
     pub rate_limit: RateLimitFile,
+    #[serde(default)]
+    pub audit: AuditFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,6 +380,89 @@ pub struct GlobalRateFile {
     pub burst: Option<u32>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// JSON Lines file sink (hash-chained, rotated by size).
+    pub file: Option<AuditFileSink>,
+    /// Also write every record to standard output.
+    #[serde(default)]
+    pub stdout: bool,
+    /// Refuse mutating requests when no sink can write (recommended).
+    #[serde(default = "default_true")]
+    pub fail_closed: bool,
+    /// Audit level per Action pattern, first match wins. Default: mutating
+    /// Actions at `request`, reads not recorded.
+    #[serde(default)]
+    pub rules: Vec<AuditRuleFile>,
+}
+
+impl Default for AuditFile {
+    fn default() -> Self {
+        AuditFile {
+            file: None,
+            stdout: false,
+            fail_closed: true,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFileSink {
+    pub path: PathBuf,
+    #[serde(default = "default_audit_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept besides the current one.
+    #[serde(default = "default_audit_keep")]
+    pub keep: u32,
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+}
+
+/// When written records are forced to disk.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Before the request that wrote it is answered (group commit).
+    #[default]
+    Always,
+    /// At most once a second.
+    Interval,
+    /// Left to the operating system.
+    Never,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRuleFile {
+    pub actions: Vec<String>,
+    pub level: AuditLevel,
+}
+
+/// How much of a request is recorded (after Kubernetes' audit levels).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditLevel {
+    /// Not recorded (refusals are recorded all the same).
+    None,
+    /// Who, what, on what, outcome.
+    Metadata,
+    /// Metadata plus a redacted summary of the request body.
+    Request,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_audit_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_audit_keep() -> u32 {
+    10
+}
+
 fn default_fail_open() -> Vec<String> {
     vec!["read".to_string()]
 }
@@ -453,6 +538,7 @@ pub struct Config {
     pub projects: BTreeMap<String, Arc<Project>>,
     pub teams: BTreeMap<String, Team>,
     pub rate_limit: RateLimits,
+    pub audit: Audit,
 }
 
 #[derive(Debug, Clone)]
@@ -580,6 +666,42 @@ pub struct RateLimits {
 }
 
 #[derive(Debug, Clone)]
+pub struct Audit {
+    pub file: Option<AuditFileConfig>,
+    pub stdout: bool,
+    pub fail_closed: bool,
+    pub rules: Vec<(BTreeSet<Action>, AuditLevel)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditFileConfig {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub keep: u32,
+    pub fsync: FsyncPolicy,
+}
+
+impl Audit {
+    /// The level an Action is recorded at: the first matching rule, else
+    /// `request` for mutating Actions and `none` for reads.
+    pub fn level_for(&self, action: Action) -> AuditLevel {
+        self.rules
+            .iter()
+            .find(|(actions, _)| actions.contains(&action))
+            .map(|(_, level)| *level)
+            .unwrap_or(if action.is_mutating() {
+                AuditLevel::Request
+            } else {
+                AuditLevel::None
+            })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.file.is_some() || self.stdout
+    }
+}
+
+#[derive(Debug, Clone)]
 pub enum Backend {
     Local,
     Redis {
@@ -677,6 +799,7 @@ impl ConfigFile {
         let projects = v.projects(self.projects, &upstream);
         let teams = v.teams(self.teams, &projects);
         let rate_limit = v.rate_limit(self.rate_limit);
+        let audit = v.audit(self.audit);
         if v.problems.is_empty() {
             Ok(Config {
                 listen,
@@ -687,6 +810,7 @@ impl ConfigFile {
                 projects,
                 teams,
                 rate_limit,
+                audit,
             })
         } else {
             Err(ConfigError::Invalid(v.problems))
@@ -1280,6 +1404,39 @@ impl Validator<'_> {
             }
             Some(b) => b,
             None => rate.count.max(1),
+        }
+    }
+
+    fn audit(&mut self, a: AuditFile) -> Audit {
+        let file = a.file.map(|f| {
+            if f.max_bytes < 4096 {
+                self.problem("audit.file.max_bytes", "must be at least 4096");
+            }
+            let path = self.resolve_path(&f.path);
+            match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => self.problem(
+                    "audit.file.path",
+                    format!("folder `{}` does not exist", dir.display()),
+                ),
+                _ => {}
+            }
+            AuditFileConfig {
+                path,
+                max_bytes: f.max_bytes,
+                keep: f.keep,
+                fsync: f.fsync,
+            }
+        });
+        let mut rules = Vec::new();
+        for (i, r) in a.rules.into_iter().enumerate() {
+            let actions = self.action_patterns(&format!("audit.rules[{i}].actions"), &r.actions);
+            rules.push((actions, r.level));
+        }
+        Audit {
+            file,
+            stdout: a.stdout,
+            fail_closed: a.fail_closed,
+            rules,
         }
     }
 
