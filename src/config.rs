@@ -179,6 +179,10 @@ pub struct ServerFile {
     pub body_limit_bytes: usize,
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long /readyz reports unready while the listener
+    /// still accepts, so load balancers stop routing here first.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Duration,
     /// Public base URL callers use (for `links[].href` and version documents).
     /// When absent, derived from the request's `Host` header.
     pub public_url: Option<String>,
@@ -190,6 +194,7 @@ impl Default for ServerFile {
             request_timeout: default_request_timeout(),
             body_limit_bytes: default_body_limit(),
             shutdown_grace: default_shutdown_grace(),
+            drain_delay: Duration::ZERO,
             public_url: None,
         }
     }
@@ -572,6 +577,7 @@ pub struct Server {
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
     pub shutdown_grace: Duration,
+    pub drain_delay: Duration,
     pub public_url: Option<String>,
 }
 
@@ -1005,6 +1011,7 @@ impl Validator<'_> {
             request_timeout: self.positive("server.request_timeout", s.request_timeout),
             body_limit_bytes: s.body_limit_bytes,
             shutdown_grace: s.shutdown_grace,
+            drain_delay: s.drain_delay,
             public_url,
         }
     }

@@ -45,6 +45,15 @@ pub enum GatewayError {
     UpstreamUnauthorized(String),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    #[error("rate limit `{rule}` exceeded; retry in {} s", retry_after.as_secs_f64().ceil().max(1.0))]
+    RateLimited {
+        rule: String,
+        retry_after: std::time::Duration,
+    },
+    #[error("rate limit `{rule}` cannot be checked right now (shared limit store unavailable); retry shortly")]
+    RateLimitUnavailable { rule: String },
+    #[error("the audit log cannot record this action right now, so it was not performed: {0}")]
+    AuditUnavailable(String),
     #[error("request did not complete within {0:?}")]
     Timeout(std::time::Duration),
     #[error("internal error: {0}")]
@@ -59,11 +68,15 @@ impl GatewayError {
             | GatewayError::UnknownProject(_)
             | GatewayError::NoRoute(_)
             | GatewayError::BadRequest(_)
-            | GatewayError::BodyTooLarge(_) => Origin::Caller,
+            | GatewayError::BodyTooLarge(_)
+            | GatewayError::RateLimited { .. } => Origin::Caller,
             GatewayError::TokenUnavailable { .. }
             | GatewayError::UpstreamUnauthorized(_)
             | GatewayError::Upstream(_) => Origin::Upstream,
-            GatewayError::Timeout(_) | GatewayError::Internal(_) => Origin::Gateway,
+            GatewayError::Timeout(_)
+            | GatewayError::Internal(_)
+            | GatewayError::RateLimitUnavailable { .. }
+            | GatewayError::AuditUnavailable(_) => Origin::Gateway,
         }
     }
 
@@ -78,6 +91,10 @@ impl GatewayError {
             }
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimitUnavailable { .. } | GatewayError::AuditUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnauthorized(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Upstream(UpstreamError::Timeout(_)) | GatewayError::Timeout(_) => {
@@ -85,6 +102,17 @@ impl GatewayError {
             }
             GatewayError::Upstream(_) => StatusCode::BAD_GATEWAY,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds for `Retry-After`, on the answers that invite a retry.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            GatewayError::RateLimited { retry_after, .. } => Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            GatewayError::TokenUnavailable { .. }
+            | GatewayError::RateLimitUnavailable { .. }
+            | GatewayError::AuditUnavailable(_) => Some(5),
+            _ => None,
         }
     }
 
@@ -118,9 +146,8 @@ impl GatewayError {
                 HeaderValue::from_static("Bearer realm=\"toastgate\", error=\"invalid_token\""),
             );
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        if let Some(secs) = self.retry_after_secs() {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

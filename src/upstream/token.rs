@@ -36,6 +36,7 @@ use serde_json::json;
 
 use super::{UpstreamClient, UpstreamError, json_request};
 use crate::config::{Credentials, Project, TokenPolicy, Upstream};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::shutdown::Stop;
 
@@ -141,6 +142,7 @@ pub struct TokenBroker {
     policy: TokenPolicy,
     identity_calls: AtomicU64,
     records: Mutex<BTreeMap<String, ProjectRecord>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for TokenBroker {
@@ -152,7 +154,7 @@ impl std::fmt::Debug for TokenBroker {
 }
 
 impl TokenBroker {
-    pub fn new(client: UpstreamClient, upstream: Upstream, policy: TokenPolicy) -> Self {
+    pub fn new(client: UpstreamClient, upstream: Upstream, policy: TokenPolicy, metrics: Arc<Metrics>) -> Self {
         TokenBroker {
             cache: Cache::builder()
                 .max_capacity(10_000)
@@ -163,6 +165,7 @@ impl TokenBroker {
             policy,
             identity_calls: AtomicU64::new(0),
             records: Mutex::new(BTreeMap::new()),
+            metrics,
         }
     }
 
@@ -327,6 +330,20 @@ impl TokenBroker {
     }
 
     fn record(&self, project: &Project, result: &Result<UpstreamToken, IdentityError>) {
+        let alias = project.alias.as_str();
+        match result {
+            Ok(t) => {
+                self.metrics.token_refreshes.with_label_values(&[alias, "success"]).inc();
+                self.metrics
+                    .token_expiry
+                    .with_label_values(&[alias])
+                    .set(t.expires_at.timestamp());
+            }
+            Err(e) => {
+                self.metrics.token_refreshes.with_label_values(&[alias, "failure"]).inc();
+                self.metrics.identity_errors.with_label_values(&[alias, e.kind()]).inc();
+            }
+        }
         if let Ok(mut records) = self.records.lock() {
             let rec = records.entry(project.alias.clone()).or_default();
             match result {

@@ -1,0 +1,281 @@
+//! Prometheus metrics: one registry, served on the admin listener at
+//! `/metrics` in the text exposition format.
+//!
+//! Every label has a bounded set of values: teams come from the config (a
+//! JWT naming any other team is counted as `unknown`), Actions from the
+//! catalog, projects from the config, reasons and outcomes from fixed lists,
+//! statuses from HTTP. Never ids, paths or raw client input.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// How a request ended, for `toastgate_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered by the upstream with 2xx/3xx.
+    Ok,
+    /// The upstream refused it (4xx).
+    UpstreamRejected,
+    /// The upstream failed (5xx, unreachable, timeout).
+    UpstreamError,
+    /// Refused by the gateway: authentication.
+    AuthRefused,
+    /// Refused by the gateway: policy.
+    PolicyRefused,
+    /// Refused by the gateway: rate limit.
+    RateLimited,
+    /// The caller's request was malformed or unknown.
+    BadRequest,
+    /// The gateway itself failed (timeout, audit sink, internal).
+    GatewayError,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::UpstreamRejected => "upstream_rejected",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::AuthRefused => "auth_refused",
+            Outcome::PolicyRefused => "policy_refused",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::BadRequest => "bad_request",
+            Outcome::GatewayError => "gateway_error",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub upstream_responses: IntCounterVec,
+    pub token_refreshes: IntCounterVec,
+    pub token_expiry: IntGaugeVec,
+    pub identity_errors: IntCounterVec,
+    pub ratelimit_refusals: IntCounterVec,
+    pub ratelimit_degraded: IntCounterVec,
+    pub policy_refusals: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub audit_records: IntCounterVec,
+    pub in_flight: IntGaugeVec,
+    pub config_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+    pub up_since: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )
+            .expect("valid metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let up_since = IntGauge::new(
+            "toastgate_start_time_seconds",
+            "Unix time at which this toastgate process started.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(up_since.clone()))
+            .expect("metric registered once");
+        up_since.set(chrono::Utc::now().timestamp());
+
+        let m = Metrics {
+            requests: counter(
+                "toastgate_requests_total",
+                "Requests by team, surface, Action and outcome.",
+                &["team", "surface", "action", "outcome"],
+            ),
+            request_duration: histogram(
+                "toastgate_request_duration_seconds",
+                "Time from request received to response ready, by surface and Action.",
+                &["surface", "action"],
+            ),
+            upstream_duration: histogram(
+                "toastgate_upstream_request_duration_seconds",
+                "Time waiting for the upstream compute API, by Action.",
+                &["action"],
+            ),
+            upstream_responses: counter(
+                "toastgate_upstream_responses_total",
+                "Upstream compute API answers by Action and HTTP status.",
+                &["action", "status"],
+            ),
+            token_refreshes: counter(
+                "toastgate_token_refreshes_total",
+                "Identity calls for project tokens, by project and result.",
+                &["project", "result"],
+            ),
+            token_expiry: gauge(
+                "toastgate_token_expiry_timestamp_seconds",
+                "Unix time at which each project's current cloud token expires.",
+                &["project"],
+            ),
+            identity_errors: counter(
+                "toastgate_identity_errors_total",
+                "Failed identity calls by project and kind (rejected, unavailable, bad_response).",
+                &["project", "kind"],
+            ),
+            ratelimit_refusals: counter(
+                "toastgate_ratelimit_refusals_total",
+                "Requests refused by a rate limit, by team and rule (`global` = the upstream budget).",
+                &["team", "rule"],
+            ),
+            ratelimit_degraded: counter(
+                "toastgate_ratelimit_degraded_total",
+                "Rate-limit decisions made without Redis, by mode (fail_open = local fallback, fail_closed = refused).",
+                &["mode"],
+            ),
+            policy_refusals: counter(
+                "toastgate_policy_refusals_total",
+                "Requests refused by policy, by team and reason (unknown_team, project, action, constraint).",
+                &["team", "reason"],
+            ),
+            auth_failures: counter(
+                "toastgate_auth_failures_total",
+                "Caller authentication failures by reason.",
+                &["reason"],
+            ),
+            audit_records: counter(
+                "toastgate_audit_records_total",
+                "Audit records by result (written, failed).",
+                &["result"],
+            ),
+            in_flight: gauge(
+                "toastgate_in_flight_requests",
+                "Requests being processed, by surface.",
+                &["surface"],
+            ),
+            config_reloads: counter(
+                "toastgate_config_reloads_total",
+                "Configuration reloads by result (success, failure).",
+                &["result"],
+            ),
+            build_info: gauge(
+                "toastgate_build_info",
+                "Build information; the value is always 1.",
+                &["version"],
+            ),
+            up_since,
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for result in ["written", "failed"] {
+            m.audit_records.with_label_values(&[result]).inc_by(0);
+        }
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]).inc_by(0);
+        }
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    pub fn observe_request(
+        &self,
+        team: &str,
+        surface: &str,
+        action: &str,
+        outcome: Outcome,
+        took: Duration,
+    ) {
+        self.requests
+            .with_label_values(&[team, surface, action, outcome.label()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[surface, action])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_upstream(&self, action: &str, status: u16, took: Duration) {
+        self.upstream_duration
+            .with_label_values(&[action])
+            .observe(took.as_secs_f64());
+        self.upstream_responses
+            .with_label_values(&[action, &status.to_string()])
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_families_with_help_and_type() {
+        let m = Metrics::new();
+        m.observe_request(
+            "web-team",
+            "v2",
+            "instance.list",
+            Outcome::Ok,
+            Duration::from_millis(3),
+        );
+        m.observe_upstream("instance.list", 200, Duration::from_millis(2));
+        let text = m.render();
+        assert!(text.contains("# TYPE toastgate_requests_total counter"));
+        assert!(text.contains(
+            r#"toastgate_requests_total{action="instance.list",outcome="ok",surface="v2",team="web-team"} 1"#
+        ));
+        assert!(text.contains(
+            r#"toastgate_upstream_responses_total{action="instance.list",status="200"} 1"#
+        ));
+        assert!(text.contains("# TYPE toastgate_request_duration_seconds histogram"));
+        assert!(text.contains("toastgate_build_info{version="));
+    }
+}
