@@ -50,7 +50,9 @@ pub enum GatewayError {
         rule: String,
         retry_after: std::time::Duration,
     },
-    #[error("rate limit `{rule}` cannot be checked right now (shared limit store unavailable); retry shortly")]
+    #[error(
+        "rate limit `{rule}` cannot be checked right now (shared limit store unavailable); retry shortly"
+    )]
     RateLimitUnavailable { rule: String },
     #[error("the audit log cannot record this action right now, so it was not performed: {0}")]
     AuditUnavailable(String),
@@ -108,7 +110,9 @@ impl GatewayError {
     /// Seconds for `Retry-After`, on the answers that invite a retry.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            GatewayError::RateLimited { retry_after, .. } => Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            GatewayError::RateLimited { retry_after, .. } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
             GatewayError::TokenUnavailable { .. }
             | GatewayError::RateLimitUnavailable { .. }
             | GatewayError::AuditUnavailable(_) => Some(5),
@@ -147,7 +151,8 @@ impl GatewayError {
             );
         }
         if let Some(secs) = self.retry_after_secs() {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

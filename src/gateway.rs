@@ -1,11 +1,14 @@
 //! The request path of the public listener, phase by phase.
 //!
 //! ```text
-//! classify (surface, project, Action)  -> router
-//! authenticate (JWT -> team, subject)  -> auth
-//! authorize (team may use project)     -> policy
-//! read body, resolve server action     -> (here)
-//! forward with the project's token     -> upstream + proxy
+//! classify (surface, project, Action)     -> router / translate
+//! authenticate (JWT -> team, subject)     -> auth
+//! read body, resolve the Action           -> (here) / translate::exec::plan
+//! authorize (allow rules, constraints)    -> policy        } admit()
+//! rate limit (team rules, global budget)  -> ratelimit     }
+//! audit "received" (mutating Actions)     -> audit         }
+//! forward with the project's token        -> upstream + proxy / translate::exec
+//! audit "completed", metrics, log line    -> finish()
 //! ```
 //! Each phase returns a `GatewayError` on refusal; `error.rs` alone decides
 //! what the caller sees.
@@ -21,11 +24,17 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 
+use crate::audit::{AuditLog, Stage};
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::config::{Config, Project};
+use crate::config::{AuditLevel, Config, Project};
 use crate::error::GatewayError;
+use crate::exchange::{
+    Ending, Exchange, Surface, gateway_ending, result_ids, upstream_ending, v1_ending,
+};
+use crate::metrics::Metrics;
 use crate::policy::{self, Action};
 use crate::proxy;
+use crate::ratelimit::{Outcome as RateOutcome, RateLimiter};
 use crate::router::{self, V2Kind};
 use crate::translate::exec::{self, V2Answer, V2Caller};
 use crate::translate::response::FlavorInfo;
@@ -40,12 +49,25 @@ const FLAVOR_CACHE_TTL: Duration = Duration::from_secs(600);
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub auth: Authenticator,
+    pub limiter: Arc<RateLimiter>,
+}
+
+impl Snapshot {
+    pub fn build(config: Config) -> Result<Snapshot, StartError> {
+        Ok(Snapshot {
+            auth: Authenticator::new(&config.auth)?,
+            limiter: RateLimiter::new(&config)?,
+            config: Arc::new(config),
+        })
+    }
 }
 
 /// Shared state of the public and admin listeners.
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     pub broker: Arc<TokenBroker>,
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditLog,
     client: UpstreamClient,
     /// Flavor details per tenant, for the v1.0 instance details (cpu, ram).
     flavors: moka::future::Cache<String, Arc<HashMap<String, FlavorInfo>>>,
@@ -59,23 +81,32 @@ pub enum StartError {
     Auth(#[from] crate::auth::AuthSetupError),
     #[error("{0}")]
     Client(#[from] crate::upstream::ClientSetupError),
+    #[error("{0}")]
+    RateLimit(#[from] crate::ratelimit::RateLimitSetupError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, StartError> {
-        let auth = Authenticator::new(&config.auth)?;
+        let metrics = Arc::new(Metrics::new());
         let client = UpstreamClient::new(&config.upstream)?;
         let broker = Arc::new(TokenBroker::new(
             client.clone(),
             config.upstream.clone(),
             config.token.clone(),
+            metrics.clone(),
         ));
+        let audit = if config.audit.enabled() {
+            AuditLog::open(&config.audit)?
+        } else {
+            AuditLog::disabled()
+        };
         Ok(Arc::new(Gateway {
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                config: Arc::new(config),
-                auth,
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config)?),
             broker,
+            metrics,
+            audit,
             client,
             flavors: moka::future::Cache::builder()
                 .max_capacity(1_000)
@@ -87,6 +118,12 @@ impl Gateway {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// Replaces the running config; requests already in flight finish on the
+    /// snapshot they started with.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
     }
 
     /// The base URL callers reach the gateway at.
@@ -117,34 +154,69 @@ impl Gateway {
     /// Everything under `/v2/{project}/...`, bounded by the request timeout.
     pub async fn handle_v2(self: Arc<Self>, req: Request<Body>) -> Response {
         let snap = self.snapshot();
+        let (parts, body) = req.into_parts();
+        let mut x = Exchange::start(Surface::V2, &parts);
+        let _in_flight = InFlight::new(&self.metrics, Surface::V2);
         let limit = snap.config.server.request_timeout;
-        match tokio::time::timeout(limit, self.v2(snap, req)).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => log_refusal(e).v2_response(),
-            Err(_) => log_refusal(GatewayError::Timeout(limit)).v2_response(),
+        let result = match tokio::time::timeout(limit, self.v2(&snap, &mut x, parts, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::Timeout(limit)),
+        };
+        let (mut resp, ending) = match result {
+            Ok(resp) => {
+                let ending = upstream_ending(resp.status().as_u16());
+                (resp, ending)
+            }
+            Err(e) => {
+                let ending = gateway_ending(&e);
+                (e.v2_response(), ending)
+            }
+        };
+        self.finish(&snap, &x, &ending).await;
+        if let Some(rate) = &x.rate {
+            rate.apply_headers(resp.headers_mut());
         }
+        resp
     }
 
-    async fn v2(&self, snap: Arc<Snapshot>, req: Request<Body>) -> Result<Response, GatewayError> {
+    async fn v2(
+        &self,
+        snap: &Snapshot,
+        x: &mut Exchange,
+        parts: http::request::Parts,
+        body: Body,
+    ) -> Result<Response, GatewayError> {
         let config = &snap.config;
-        let (parts, body) = req.into_parts();
         let path = parts.uri.path().strip_prefix("/v2/").unwrap_or("");
         let route = router::classify_v2(&parts.method, path)?;
+        if let V2Kind::Action(a) = route.kind {
+            x.action = Some(a);
+        }
+        x.target = route.target.map(str::to_string);
 
-        let identity = authenticate(&snap.auth, &parts.headers).await?;
+        let identity = self.authenticate(snap, x, &parts.headers).await?;
         let project = config
             .project(route.project)
             .ok_or_else(|| GatewayError::UnknownProject(route.project.to_string()))?
             .clone();
+        x.project = Some(project.alias.clone());
 
         let body = read_request_body(body, config.server.body_limit_bytes).await?;
         let action = match route.kind {
             V2Kind::Action(a) => a,
             V2Kind::ServerAction => server_action(&body)?,
         };
-        let facts = request_facts(action, &body);
-        policy::authorize(config, &identity.team, &project.alias, action, &facts)?;
-        tracing::debug!(team = %identity.team, action = %action, project = %project.alias, "authorized");
+        x.action = Some(action);
+        if action.is_mutating() && !body.is_empty() {
+            x.v2_body = serde_json::from_slice(&body).ok();
+        }
+        let facts = x
+            .v2_body
+            .as_ref()
+            .map(|b| policy::RequestFacts::from_v2_body(action, b))
+            .unwrap_or_default();
+        self.admit(snap, x, &identity, &project, action, &facts)
+            .await?;
 
         let base = self.public_base(config, &parts.headers);
         let gateway_project_base = format!("{base}/v2/{}", route.project);
@@ -165,31 +237,48 @@ impl Gateway {
             headers: proxy::upstream_request_headers(&parts.headers),
             body,
         };
-        let resp = self.forward_with_token(&project, &forward).await?;
-        self.respond(resp, &project, &gateway_project_base).await
+        let resp = self.forward_with_token(&project, &forward, action).await?;
+        x.upstream_status = Some(resp.status().as_u16());
+        self.respond(resp, &project, &gateway_project_base, x).await
     }
 
     /// Everything under `/v1.0/appkeys/{appkey}/...`: always HTTP 200 with
     /// the `header` envelope, bounded by the request timeout.
     pub async fn handle_v1(self: Arc<Self>, req: Request<Body>) -> Response {
         let snap = self.snapshot();
+        let (parts, body) = req.into_parts();
+        let mut x = Exchange::start(Surface::V1, &parts);
+        let _in_flight = InFlight::new(&self.metrics, Surface::V1);
         let limit = snap.config.server.request_timeout;
-        match tokio::time::timeout(limit, self.v1(snap, req)).await {
-            Ok(Ok(payload)) => translate::envelope_ok(payload),
-            Ok(Err(e)) => translate::envelope_error(&log_v1_refusal(e)),
-            Err(_) => {
-                translate::envelope_error(&log_v1_refusal(GatewayError::Timeout(limit).into()))
+        let result = match tokio::time::timeout(limit, self.v1(&snap, &mut x, parts, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::Timeout(limit).into()),
+        };
+        let (mut resp, ending) = match result {
+            Ok(payload) => (
+                translate::envelope_ok(payload),
+                upstream_ending(x.upstream_status.unwrap_or(200)),
+            ),
+            Err(e) => {
+                let ending = v1_ending(&e);
+                (translate::envelope_error(&e), ending)
             }
+        };
+        self.finish(&snap, &x, &ending).await;
+        if let Some(rate) = &x.rate {
+            rate.apply_headers(resp.headers_mut());
         }
+        resp
     }
 
     async fn v1(
         &self,
-        snap: Arc<Snapshot>,
-        req: Request<Body>,
+        snap: &Snapshot,
+        x: &mut Exchange,
+        parts: http::request::Parts,
+        body: Body,
     ) -> Result<serde_json::Map<String, serde_json::Value>, V1Error> {
         let config = &snap.config;
-        let (parts, body) = req.into_parts();
         let path = parts
             .uri
             .path()
@@ -201,26 +290,175 @@ impl Gateway {
         if request.route == V1Route::Token {
             return Err(V1Error::TokenApi);
         }
-        let identity = authenticate(&snap.auth, &parts.headers).await?;
+        x.action = request.route.action();
+        x.target = request.route.target().map(str::to_string);
+        let identity = self.authenticate(snap, x, &parts.headers).await?;
         let project = config
             .project_by_appkey(&request.appkey)
             .ok_or_else(|| GatewayError::UnknownProject(format!("appkey {}", request.appkey)))?
             .clone();
+        x.project = Some(project.alias.clone());
         let body = read_request_body(body, config.server.body_limit_bytes).await?;
         let plan = exec::plan(&request.route, &body)?;
-        let facts = plan
-            .v2_body()
+        x.action = Some(plan.action);
+        x.v2_body = plan.v2_body().cloned();
+        let facts = x
+            .v2_body
+            .as_ref()
             .map(|b| policy::RequestFacts::from_v2_body(plan.action, b))
             .unwrap_or_default();
-        policy::authorize(config, &identity.team, &project.alias, plan.action, &facts)
-            .map_err(GatewayError::from)?;
-        tracing::debug!(team = %identity.team, action = %plan.action, project = %project.alias, "authorized");
+        self.admit(snap, x, &identity, &project, plan.action, &facts)
+            .await?;
         let caller = ProjectCaller {
             gateway: self,
             project: &project,
             compute_url: &config.upstream.compute_url,
+            action: plan.action,
+            last_status: std::sync::Mutex::new(None),
         };
-        exec::execute(&plan, &caller).await
+        let payload = exec::execute(&plan, &caller).await;
+        x.upstream_status = caller.last_status.lock().ok().and_then(|s| *s);
+        let payload = payload?;
+        x.result = v1_result_ids(plan.action, &payload);
+        Ok(payload)
+    }
+
+    async fn authenticate(
+        &self,
+        snap: &Snapshot,
+        x: &mut Exchange,
+        headers: &HeaderMap,
+    ) -> Result<Identity, GatewayError> {
+        match authenticate(&snap.auth, headers).await {
+            Ok(identity) => {
+                x.team = Some(identity.team.clone());
+                x.subject = identity.subject.clone();
+                Ok(identity)
+            }
+            Err(e) => {
+                if let GatewayError::Unauthenticated(a) = &e {
+                    self.metrics
+                        .auth_failures
+                        .with_label_values(&[a.reason()])
+                        .inc();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything between knowing the Action and calling the upstream, in
+    /// order: policy, rate limits, then the "received" audit record of a
+    /// mutating Action (an action must never happen unrecorded, so when that
+    /// record cannot be written the request stops here, fail-closed).
+    async fn admit(
+        &self,
+        snap: &Snapshot,
+        x: &mut Exchange,
+        identity: &Identity,
+        project: &Project,
+        action: Action,
+        facts: &policy::RequestFacts,
+    ) -> Result<(), GatewayError> {
+        let config = &snap.config;
+        if let Err(refusal) =
+            policy::authorize(config, &identity.team, &project.alias, action, facts)
+        {
+            self.metrics
+                .policy_refusals
+                .with_label_values(&[x.team_label(config), refusal.reason()])
+                .inc();
+            return Err(refusal.into());
+        }
+
+        let decision = snap.limiter.check(&identity.team, action).await;
+        if decision.degraded {
+            self.metrics
+                .ratelimit_degraded
+                .with_label_values(&["fail_open"])
+                .inc();
+        }
+        let outcome = decision.outcome.clone();
+        x.rate = Some(decision);
+        match outcome {
+            RateOutcome::Allowed => {}
+            RateOutcome::Limited { rule, retry_after } => {
+                self.metrics
+                    .ratelimit_refusals
+                    .with_label_values(&[x.team_label(config), &rule])
+                    .inc();
+                return Err(GatewayError::RateLimited { rule, retry_after });
+            }
+            RateOutcome::Unavailable { rule, .. } => {
+                self.metrics
+                    .ratelimit_degraded
+                    .with_label_values(&["fail_closed"])
+                    .inc();
+                return Err(GatewayError::RateLimitUnavailable { rule });
+            }
+        }
+
+        let level = config.audit.level_for(action);
+        if action.is_mutating() && level != AuditLevel::None && self.audit.is_enabled() {
+            let record = x.audit_record(Stage::Received, level, None);
+            if let Err(e) = self.write_audit(record).await
+                && config.audit.fail_closed
+            {
+                return Err(GatewayError::AuditUnavailable(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// After the answer is known and before it leaves: the "completed" audit
+    /// record, the metrics, one log line.
+    async fn finish(&self, snap: &Snapshot, x: &Exchange, ending: &Ending) {
+        let config = &snap.config;
+        let level = x.audit_level(config);
+        // Refusals are always recorded, at least at metadata level.
+        let level = if ending.refused {
+            level.max(AuditLevel::Metadata)
+        } else {
+            level
+        };
+        if level != AuditLevel::None && self.audit.is_enabled() {
+            let _ = self
+                .write_audit(x.audit_record(Stage::Completed, level, Some(ending)))
+                .await;
+        }
+        let took = x.started.elapsed();
+        self.metrics.observe_request(
+            x.team_label(config),
+            x.surface.label(),
+            x.action_label(),
+            ending.outcome,
+            took,
+        );
+        tracing::info!(
+            request_id = %x.request_id,
+            surface = x.surface.label(),
+            team = x.team.as_deref().unwrap_or("-"),
+            action = x.action_label(),
+            project = x.project.as_deref().unwrap_or("-"),
+            upstream_status = x.upstream_status.unwrap_or(0),
+            outcome = ending.outcome.label(),
+            reason = ending.reason.as_deref().unwrap_or("-"),
+            latency_ms = took.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+
+    async fn write_audit(
+        &self,
+        record: crate::audit::AuditRecord,
+    ) -> Result<(), crate::audit::AuditError> {
+        let result = self.audit.write(record).await;
+        let label = if result.is_ok() { "written" } else { "failed" };
+        self.metrics.audit_records.with_label_values(&[label]).inc();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "audit record could not be written");
+        }
+        result
     }
 
     /// Sends `forward` with the project's token; on a 401, drops that token
@@ -229,20 +467,33 @@ impl Gateway {
         &self,
         project: &Project,
         forward: &Forward,
+        action: Action,
     ) -> Result<Response<hyper::body::Incoming>, GatewayError> {
         let token = self.token(project).await?;
-        let resp = self.client.send(forward.request(&token)?).await?;
+        let resp = self.send_timed(forward.request(&token)?, action).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
         drop(resp);
         self.broker.invalidate_if_current(project, &token).await;
         let token = self.token(project).await?;
-        let resp = self.client.send(forward.request(&token)?).await?;
+        let resp = self.send_timed(forward.request(&token)?, action).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             self.broker.invalidate_if_current(project, &token).await;
             return Err(GatewayError::UpstreamUnauthorized(project.alias.clone()));
         }
+        Ok(resp)
+    }
+
+    async fn send_timed(
+        &self,
+        req: Request<Full<Bytes>>,
+        action: Action,
+    ) -> Result<Response<hyper::body::Incoming>, GatewayError> {
+        let started = std::time::Instant::now();
+        let resp = self.client.send(req).await?;
+        self.metrics
+            .observe_upstream(action.name(), resp.status().as_u16(), started.elapsed());
         Ok(resp)
     }
 
@@ -263,8 +514,14 @@ impl Gateway {
         resp: Response<hyper::body::Incoming>,
         project: &Project,
         gateway_project_base: &str,
+        x: &mut Exchange,
     ) -> Result<Response, GatewayError> {
         let (mut parts, body) = resp.into_parts();
+        let location = parts
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         proxy::strip_hop_by_hop(&mut parts.headers);
         if let Some(loc) = parts
             .headers
@@ -277,9 +534,16 @@ impl Gateway {
             parts.headers.insert(header::LOCATION, v);
         }
         if !is_json(&parts.headers) {
+            if let Some(action) = x.action.filter(|a| a.is_mutating()) {
+                x.result = result_ids(action, &serde_json::Value::Null, location.as_deref());
+            }
             return Ok(Response::from_parts(parts, Body::new(body)));
         }
         let bytes = read_body(body, MAX_BUFFERED_BODY, self.client.request_timeout()).await?;
+        if let Some(action) = x.action.filter(|a| a.is_mutating()) {
+            let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            x.result = result_ids(action, &value, location.as_deref());
+        }
         let bytes = match proxy::rewrite_links(&bytes, &project.tenant_id, gateway_project_base) {
             Some(rewritten) => Bytes::from(rewritten),
             None => bytes,
@@ -378,19 +642,6 @@ fn server_action(body: &[u8]) -> Result<Action, GatewayError> {
     }
 }
 
-/// Constraint facts of a v2 request; only the Actions constraints concern
-/// need their body parsed.
-fn request_facts(action: Action, body: &[u8]) -> policy::RequestFacts {
-    match action {
-        Action::InstanceCreate | Action::InstanceResize | Action::InstanceUpdate => {
-            serde_json::from_slice(body)
-                .map(|v| policy::RequestFacts::from_v2_body(action, &v))
-                .unwrap_or_default()
-        }
-        _ => policy::RequestFacts::default(),
-    }
-}
-
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -406,17 +657,44 @@ fn is_plausible_host(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
-fn log_v1_refusal(e: V1Error) -> V1Error {
-    match &e {
-        V1Error::Gateway(g) if g.origin() != crate::error::Origin::Caller => {
-            tracing::warn!(error = %e, "v1.0 request failed")
-        }
-        V1Error::Upstream { status, .. } if *status >= 500 => {
-            tracing::warn!(error = %e, "v1.0 request failed")
-        }
-        _ => tracing::info!(error = %e, "v1.0 request refused"),
+/// Ids of what a v1.0 mutating call produced, from its v1.0 answer.
+fn v1_result_ids(
+    action: Action,
+    payload: &serde_json::Map<String, serde_json::Value>,
+) -> Option<serde_json::Value> {
+    let pick = |v: &serde_json::Value, key: &str| v.as_str().map(|s| serde_json::json!({ key: s }));
+    match action {
+        Action::InstanceCreate => pick(&payload.get("instance")?["id"], "instance_id"),
+        Action::InstanceCreateImage => pick(&payload.get("createdImage")?["id"], "image_id"),
+        Action::KeypairCreate => pick(&payload.get("keypair")?["name"], "keypair"),
+        Action::VolumeAttach => pick(&payload.get("attachment")?["id"], "attachment_id"),
+        _ => None,
     }
-    e
+}
+
+/// Keeps the in-flight gauge right however the request ends.
+struct InFlight<'a> {
+    metrics: &'a Metrics,
+    surface: Surface,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(metrics: &'a Metrics, surface: Surface) -> Self {
+        metrics
+            .in_flight
+            .with_label_values(&[surface.label()])
+            .inc();
+        InFlight { metrics, surface }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight
+            .with_label_values(&[self.surface.label()])
+            .dec();
+    }
 }
 
 /// The v2 API of one project, as the v1.0 translation calls it.
@@ -424,6 +702,9 @@ struct ProjectCaller<'a> {
     gateway: &'a Gateway,
     project: &'a Project,
     compute_url: &'a str,
+    action: Action,
+    /// The status of the last upstream answer, for audit and metrics.
+    last_status: std::sync::Mutex<Option<u16>>,
 }
 
 impl V2Caller for ProjectCaller<'_> {
@@ -455,9 +736,12 @@ impl V2Caller for ProjectCaller<'_> {
         };
         let resp = self
             .gateway
-            .forward_with_token(self.project, &forward)
+            .forward_with_token(self.project, &forward, self.action)
             .await?;
         let status = resp.status().as_u16();
+        if let Ok(mut last) = self.last_status.lock() {
+            *last = Some(status);
+        }
         let location = resp
             .headers()
             .get(header::LOCATION)
@@ -510,14 +794,6 @@ impl V2Caller for ProjectCaller<'_> {
                 message: format!("flavor details unavailable: {e}"),
             })
     }
-}
-
-fn log_refusal(e: GatewayError) -> GatewayError {
-    match e.origin() {
-        crate::error::Origin::Caller => tracing::info!(error = %e, "request refused"),
-        _ => tracing::warn!(error = %e, "request failed"),
-    }
-    e
 }
 
 #[cfg(test)]

@@ -9,21 +9,29 @@
 //! - [`router`]: method + path -> surface, project, [`policy::Action`].
 //! - [`auth`]: caller JWT verification.
 //! - [`policy`]: the Action catalog and team/project authorization.
+//! - [`ratelimit`]: per-team GCRA rate limits, in process or shared through Redis.
 //! - [`upstream`]: the pooled HTTPS client and the token broker.
 //! - [`proxy`]: header filtering, link rewriting, version documents.
+//! - [`metrics`]: the Prometheus registry, bounded labels.
+//! - [`exchange`]: one request as learned: feeds audit, metrics and the log line.
 //! - [`error`]: one error type, one mapping to each surface.
 //! - [`translate`]: the v1.0 surface onto the v2 upstream.
 //! - [`simulator`]: a stateful fake of the TOAST identity and compute APIs.
 //! - [`demo`]: the simulator and the gateway in one process.
+//! - [`audit`]: the hash-chained audit log of instance actions and `toastgate audit`.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod exchange;
 pub mod gateway;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod router;
 pub mod secret;
 pub mod server;

@@ -47,27 +47,88 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the {0} listener stopped unexpectedly")]
+    Stopped(&'static str),
 }
 
-/// Runs the gateway until `stop` fires, then drains in-flight requests.
+/// Runs the gateway until `stop` fires, then shuts down gracefully:
+/// `/readyz` turns unready at once (so load balancers stop sending), after
+/// `server.drain_delay` the listeners stop accepting, in-flight requests get
+/// until `server.shutdown_grace` to finish, and the audit log is flushed
+/// before returning.
 pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(), RunError> {
+    let drain_delay = config.server.drain_delay;
+    let grace = config.server.shutdown_grace;
     let gateway = Gateway::new(config)?;
     let draining = Arc::new(AtomicBool::new(false));
     spawn_token_refreshers(&gateway, &stop);
+    gateway.snapshot().limiter.spawn_maintenance(stop.clone());
 
-    let public = axum::serve(listeners.public, public_app(gateway.clone()))
-        .with_graceful_shutdown(stopped(stop.clone(), draining.clone()));
-    let admin = axum::serve(listeners.admin, admin_app(AdminState { gateway, draining }))
-        .with_graceful_shutdown(stopped(stop.clone(), Arc::new(AtomicBool::new(false))));
-    let (p, a) = tokio::join!(public.into_future(), admin.into_future());
-    p?;
-    a?;
+    // Listeners stop accepting only after the drain delay.
+    let (accepting, stop_accepting) = crate::shutdown::stop_pair();
+    let public = axum::serve(
+        listeners.public,
+        public_app(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop_accepting.stopped().await });
+    let admin = axum::serve(
+        listeners.admin,
+        admin_app(AdminState {
+            gateway: gateway.clone(),
+            draining: draining.clone(),
+        }),
+    )
+    .with_graceful_shutdown({
+        let stop = stop.clone();
+        async move { stop.stopped().await }
+    });
+    let mut public = tokio::spawn(public.into_future());
+    let mut admin = tokio::spawn(admin.into_future());
+
+    tokio::select! {
+        _ = stop.stopped() => {}
+        r = &mut public => return finished("public", r).and(Err(RunError::Stopped("public"))),
+    }
+    draining.store(true, Ordering::SeqCst);
+    tracing::info!(
+        ?drain_delay,
+        ?grace,
+        "draining: readiness off, finishing in-flight requests"
+    );
+    tokio::time::sleep(drain_delay).await;
+    accepting.stop();
+    match tokio::time::timeout(grace, &mut public).await {
+        Ok(r) => finished("public", r)?,
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "in-flight requests did not finish within the shutdown grace; closing them"
+            );
+            public.abort();
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(5), &mut admin)
+        .await
+        .is_err()
+    {
+        admin.abort();
+    }
+    if let Err(e) = gateway.audit.flush().await {
+        tracing::error!(error = %e, "audit log flush failed at shutdown");
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
-async fn stopped(stop: Stop, draining: Arc<AtomicBool>) {
-    stop.stopped().await;
-    draining.store(true, Ordering::SeqCst);
+fn finished(
+    which: &'static str,
+    r: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), RunError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Io(e)),
+        Err(_) => Err(RunError::Stopped(which)),
+    }
 }
 
 fn spawn_token_refreshers(gateway: &Arc<Gateway>, stop: &Stop) {
@@ -162,7 +223,19 @@ fn admin_app(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.gateway.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Ready when the config is loaded, the gateway is not draining, and a token

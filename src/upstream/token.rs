@@ -154,7 +154,12 @@ impl std::fmt::Debug for TokenBroker {
 }
 
 impl TokenBroker {
-    pub fn new(client: UpstreamClient, upstream: Upstream, policy: TokenPolicy, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: UpstreamClient,
+        upstream: Upstream,
+        policy: TokenPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         TokenBroker {
             cache: Cache::builder()
                 .max_capacity(10_000)
@@ -333,15 +338,24 @@ impl TokenBroker {
         let alias = project.alias.as_str();
         match result {
             Ok(t) => {
-                self.metrics.token_refreshes.with_label_values(&[alias, "success"]).inc();
+                self.metrics
+                    .token_refreshes
+                    .with_label_values(&[alias, "success"])
+                    .inc();
                 self.metrics
                     .token_expiry
                     .with_label_values(&[alias])
                     .set(t.expires_at.timestamp());
             }
             Err(e) => {
-                self.metrics.token_refreshes.with_label_values(&[alias, "failure"]).inc();
-                self.metrics.identity_errors.with_label_values(&[alias, e.kind()]).inc();
+                self.metrics
+                    .token_refreshes
+                    .with_label_values(&[alias, "failure"])
+                    .inc();
+                self.metrics
+                    .identity_errors
+                    .with_label_values(&[alias, e.kind()])
+                    .inc();
             }
         }
         if let Ok(mut records) = self.records.lock() {

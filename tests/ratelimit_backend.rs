@@ -1,0 +1,394 @@
+//! The Redis rate-limit backend against a real `redis-server` (started here
+//! on a free 127.0.0.1 port, killed on drop): exact limits, one limit shared
+//! by two replicas, fail-open / fail-closed while Redis is gone or hung, and
+//! recovery by itself when it is back.
+//!
+//! Needs `redis-server` on PATH (`apt-get install redis-server`): without it
+//! these tests fail, they never skip.
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use toastgate::config::{Config, SecretSource};
+use toastgate::policy::Action;
+use toastgate::ratelimit::{Decision, Outcome, RateLimiter};
+
+const PASSWORD: &str = "rl-test-password";
+
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                PASSWORD,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start `redis-server` ({e}): the Redis rate-limit tests need it on PATH \
+                     (e.g. `apt-get install -y redis-server`)"
+                )
+            });
+        let server = RedisServer {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.ping().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://:{PASSWORD}@127.0.0.1:{}/0", self.port)
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
+    }
+
+    fn ping(&self) -> redis::RedisResult<String> {
+        TcpStream::connect(("127.0.0.1", self.port))?;
+        redis::cmd("PING").query(&mut self.connection()?)
+    }
+
+    fn pttl(&self, key: &str) -> i64 {
+        redis::cmd("PTTL")
+            .arg(key)
+            .query(&mut self.connection().expect("redis connection"))
+            .expect("PTTL")
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A stopped process must be continued to die cleanly.
+            let _ = Command::new("kill")
+                .args([
+                    "-CONT",
+                    &self.child.as_ref().map_or(0, |c| c.id()).to_string(),
+                ])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// reads: 5/s burst 4; writes: 2/s burst 2; fail_open: read.
+fn config(redis: &RedisServer, prefix: &str, replicas: u32, global: bool) -> Config {
+    let global = if global {
+        "  global: { rate: 50/s, burst: 6 }\n"
+    } else {
+        ""
+    };
+    let yaml = format!(
+        r#"
+listen: {{ public: "127.0.0.1:0", admin: "127.0.0.1:0" }}
+upstream:
+  identity_url: https://api-identity.cloud.toast.com
+  compute_url: https://kr1-api-instance.infrastructure.cloud.toast.com
+auth:
+  issuer: toastgate-test
+  audience: toastgate
+  algorithms: [HS256]
+  keys: {{ type: hs_secret, secret_env: TG_JWT_SECRET }}
+projects:
+  web:
+    tenant_id: 6cdebe3eb0094910bc41f1d42ebe4cb7
+    credentials: {{ type: keystone, username: web-admin@example.com, password_env: TG_WEB_PW }}
+teams:
+  web-team:
+    projects: [web]
+    allow: [{{ actions: ["*"] }}]
+    rate_limits:
+      - {{ name: reads, actions: [read], rate: 5/s, burst: 4 }}
+      - {{ name: writes, actions: [write], rate: 2/s, burst: 2 }}
+  batch-team:
+    projects: [web]
+    allow: [{{ actions: ["*"] }}]
+rate_limit:
+  backend: redis
+  redis: {{ url_env: TG_REDIS_URL, timeout: 100ms, replicas: {replicas}, key_prefix: {prefix} }}
+  fail_open: [read]
+{global}"#
+    );
+    let secrets = SecretSource::default()
+        .with_override("TG_JWT_SECRET", "integration-test-hs256-secret-0123456789")
+        .with_override("TG_WEB_PW", "pw")
+        .with_override("TG_REDIS_URL", &redis.url());
+    Config::from_yaml(&yaml, &secrets, None).expect("test config is valid")
+}
+
+/// A decision, with a bound on how long it may take (a hang, not a perf check).
+async fn timed(rl: &RateLimiter, team: &str, action: Action) -> Decision {
+    let start = Instant::now();
+    let d = rl.check(team, action).await;
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(900),
+        "a decision took {took:?}: {d:?}"
+    );
+    d
+}
+
+fn remaining(d: &Decision) -> Vec<u32> {
+    d.policies.iter().map(|p| p.remaining).collect()
+}
+
+fn limited_by(d: &Decision, rule: &str) -> Duration {
+    match &d.outcome {
+        Outcome::Limited {
+            rule: r,
+            retry_after,
+        } if r == rule => *retry_after,
+        _ => panic!("expected Limited by {rule}: {d:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_limits_through_redis() {
+    let redis = RedisServer::start();
+    let rl = RateLimiter::new(&config(&redis, "exact", 1, true)).expect("builds");
+    assert!(!format!("{rl:?}").contains(PASSWORD));
+
+    // reads: T = 200 ms, burst 4; global: T = 20 ms, burst 6.
+    let start = Instant::now();
+    for expected in [[3, 5], [2, 4], [1, 3], [0, 2]] {
+        let d = timed(&rl, "web-team", Action::InstanceList).await;
+        assert!(d.allowed() && !d.degraded, "{d:?}");
+        assert_eq!(remaining(&d), expected);
+    }
+    let d = timed(&rl, "web-team", Action::InstanceGet).await;
+    let elapsed = start.elapsed();
+    let retry_after = limited_by(&d, "reads");
+    // tat = first + 800 ms; retry at tat - 600 ms = first + 200 ms, where
+    // `first` (the server's time of the first decision) is after `start`.
+    assert!(
+        retry_after <= Duration::from_millis(200)
+            && retry_after + Duration::from_millis(1)
+                >= Duration::from_millis(200).saturating_sub(elapsed),
+        "retry_after {retry_after:?} after {elapsed:?}"
+    );
+    assert_eq!(
+        d.policies.len(),
+        1,
+        "the refusal stops before the global budget"
+    );
+
+    // The key lives until its quota is whole again: tat - now <= 800 ms.
+    let ttl = redis.pttl("exact:rl:web-team:reads");
+    assert!(ttl > 0 && ttl <= 800, "PTTL {ttl}");
+    assert!(redis.pttl("exact:rl:global") > 0);
+
+    tokio::time::sleep(retry_after + Duration::from_millis(30)).await;
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    assert!(d.allowed(), "one cell back: {d:?}");
+    assert_eq!(remaining(&d)[0], 0);
+    limited_by(&timed(&rl, "web-team", Action::InstanceList).await, "reads");
+
+    // Writes have their own budget; a team without rules meets only the global one.
+    let d = timed(&rl, "web-team", Action::InstanceReboot).await;
+    assert_eq!(
+        d.policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["writes", "global"]
+    );
+    let d = timed(&rl, "batch-team", Action::InstanceCreate).await;
+    assert_eq!(
+        d.policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["global"]
+    );
+
+    // Idle keys vanish by themselves.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(redis.pttl("exact:rl:web-team:reads"), -2, "expired");
+
+    let stats = rl.stats();
+    assert_eq!(
+        (stats.degraded, stats.unavailable, stats.redis_errors),
+        (0, 0, 0)
+    );
+    assert_eq!(stats.refused, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_hold_one_combined_limit() {
+    let redis = RedisServer::start();
+    let a = RateLimiter::new(&config(&redis, "shared", 2, false)).expect("builds");
+    let b = RateLimiter::new(&config(&redis, "shared", 2, false)).expect("builds");
+    // burst 4 in all, whichever replica serves.
+    for (i, rl) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let d = timed(rl, "web-team", Action::InstanceList).await;
+        assert!(d.allowed() && !d.degraded, "{d:?}");
+        assert_eq!(remaining(&d), [3 - i as u32]);
+    }
+    limited_by(&timed(&b, "web-team", Action::InstanceList).await, "reads");
+    limited_by(&timed(&a, "web-team", Action::InstanceList).await, "reads");
+    // Another prefix is another limit.
+    let c = RateLimiter::new(&config(&redis, "other", 2, false)).expect("builds");
+    assert!(timed(&c, "web-team", Action::InstanceList).await.allowed());
+    assert_eq!(a.stats().refused + b.stats().refused, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_restarted() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let rl: Arc<RateLimiter> =
+        RateLimiter::new(&config(&redis, "outage", 2, false)).expect("builds");
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    assert!(d.allowed() && !d.degraded, "{d:?}");
+
+    redis.kill();
+    // reads are fail-open: decided locally at 5/2 -> 2/s, burst 4/2 = 2.
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    assert!(d.allowed() && d.degraded, "{d:?}");
+    assert_eq!(remaining(&d), [1]);
+    let d = timed(&rl, "web-team", Action::InstanceGet).await;
+    assert!(d.allowed() && d.degraded, "{d:?}");
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    limited_by(&d, "reads");
+    assert!(d.degraded);
+    // writes are fail-closed.
+    let d = timed(&rl, "web-team", Action::InstanceCreate).await;
+    assert!(
+        matches!(&d.outcome, Outcome::Unavailable { rule, retry_after } if rule == "writes" && *retry_after >= Duration::from_secs(1)),
+        "{d:?}"
+    );
+    let stats = rl.stats();
+    assert!(stats.redis_errors >= 1, "{stats:?}");
+    assert_eq!((stats.degraded, stats.unavailable), (3, 1), "{stats:?}");
+
+    // Back on the same port: decisions go through Redis again by themselves.
+    let redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = timed(&rl, "web-team", Action::InstanceCreate).await;
+        if d.allowed() {
+            assert!(!d.degraded);
+            break;
+        }
+        assert!(matches!(d.outcome, Outcome::Unavailable { .. }), "{d:?}");
+        assert!(
+            Instant::now() < deadline,
+            "Redis did not come back into use: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        redis.pttl("outage:rl:web-team:writes") > 0,
+        "decided by the new Redis"
+    );
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    assert!(d.allowed() && !d.degraded, "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_costs_one_timeout_then_recovers() {
+    let redis = RedisServer::start();
+    let rl = RateLimiter::new(&config(&redis, "hung", 1, false)).expect("builds");
+    assert!(!timed(&rl, "web-team", Action::InstanceList).await.degraded);
+
+    redis.signal("-STOP");
+    let start = Instant::now();
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    let took = start.elapsed();
+    assert!(d.allowed() && d.degraded, "{d:?}");
+    assert!(
+        took >= Duration::from_millis(90),
+        "waited for the 100 ms timeout: {took:?}"
+    );
+    // The circuit is open: the next decisions do not wait at all.
+    let start = Instant::now();
+    let d = timed(&rl, "web-team", Action::InstanceDelete).await;
+    assert!(matches!(d.outcome, Outcome::Unavailable { .. }), "{d:?}");
+    assert!(
+        start.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        start.elapsed()
+    );
+
+    redis.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while timed(&rl, "web-team", Action::InstanceDelete).await.outcome != Outcome::Allowed {
+        assert!(
+            Instant::now() < deadline,
+            "Redis did not come back into use"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rl.stats().redis_errors >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_warms_up_and_notices_a_missing_redis() {
+    let mut redis = RedisServer::start();
+    let rl = RateLimiter::new(&config(&redis, "warm", 1, false)).expect("builds");
+    redis.kill();
+    let (handle, stop) = toastgate::shutdown::stop_pair();
+    rl.spawn_maintenance(stop);
+    // The startup probe finds no Redis: the first request does not wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rl.stats().redis_errors == 0 {
+        assert!(Instant::now() < deadline, "startup probe did not run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = Instant::now();
+    let d = timed(&rl, "web-team", Action::InstanceList).await;
+    assert!(d.degraded, "{d:?}");
+    assert!(
+        start.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        start.elapsed()
+    );
+    handle.stop();
+}
