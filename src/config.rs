@@ -1475,10 +1475,7 @@ impl Validator<'_> {
                     url.expose().starts_with("redis://") || url.expose().starts_with("rediss://");
                 if !url.is_empty() && !scheme_ok {
                     // Never echo the value: it may hold a password.
-                    self.problem(
-                        "rate_limit.redis",
-                        "the Redis URL must start with redis:// or rediss://",
-                    );
+                    self.problem("rate_limit.redis", "the Redis URL must start with redis://");
                 }
                 if redis.replicas == 0 {
                     self.problem("rate_limit.redis.replicas", "must be at least 1");

@@ -230,7 +230,7 @@ pub fn v1_ending(e: &V1Error) -> Ending {
 
 /// Ids of what a mutating Action produced, from the upstream v2 answer.
 pub fn result_ids(action: Action, v2_answer: &Value, location: Option<&str>) -> Option<Value> {
-    let found = match action {
+    match action {
         Action::InstanceCreate => v2_answer["server"]["id"]
             .as_str()
             .map(|id| json!({"instance_id": id})),
@@ -245,8 +245,7 @@ pub fn result_ids(action: Action, v2_answer: &Value, location: Option<&str>) -> 
             .as_str()
             .map(|id| json!({"attachment_id": id})),
         _ => None,
-    };
-    found
+    }
 }
 
 #[cfg(test)]

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -75,6 +76,30 @@ fn rec(i: usize) -> AuditRecord {
 async fn write_n(log: &AuditLog, range: std::ops::Range<usize>) {
     for i in range {
         log.write(rec(i)).await.unwrap();
+    }
+}
+
+fn text_lines(text: &str) -> Vec<String> {
+    text.lines().map(str::to_string).collect()
+}
+
+/// A writer another thread can read while it is being written.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -927,11 +952,12 @@ async fn tail_follow_sees_every_record_across_rotations() {
     log.flush().await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let printed = SharedBuf::default();
     let follower = {
-        let (path, stop) = (path.clone(), stop.clone());
+        let (path, stop, mut out) = (path.clone(), stop.clone(), printed.clone());
         std::thread::spawn(move || {
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            let code = audit::run_cli_with(
+            let mut err = Vec::new();
+            audit::run_cli_with(
                 AuditCommand::Tail {
                     file: path,
                     lines: 2,
@@ -941,11 +967,17 @@ async fn tail_follow_sees_every_record_across_rotations() {
                 &mut err,
                 &|| stop.load(Ordering::SeqCst),
             )
-            .unwrap();
-            (code, String::from_utf8(out).unwrap())
+            .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The initial tail is out before anything new is written.
+    for _ in 0..500 {
+        if printed.text().contains("req=req-2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(req_ids(&text_lines(&printed.text())), ["req-1", "req-2"]);
     // Many rotations between two polls, then a few slower ones.
     write_n(&log, 3..40).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -955,9 +987,9 @@ async fn tail_follow_sees_every_record_across_rotations() {
     }
     log.flush().await.unwrap();
     stop.store(true, Ordering::SeqCst);
-    let (code, out) = follower.join().unwrap();
+    let code = follower.join().unwrap();
     assert_eq!(code, ExitCode::SUCCESS);
-    let ls: Vec<String> = out.lines().map(str::to_string).collect();
+    let ls = text_lines(&printed.text());
     let expected: Vec<String> = (1..46).map(|i| format!("req-{i}")).collect();
     assert_eq!(req_ids(&ls), expected);
 }

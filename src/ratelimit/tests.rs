@@ -352,7 +352,7 @@ async fn redis_down_fails_open_locally_or_closed_within_the_timeout() {
     // The circuit is open now: no more waiting on Redis.
     let t = Instant::now();
     let d = rl.check("web-team", Action::InstanceGet).await;
-    assert!(t.elapsed() < Duration::from_millis(20), "{:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
     assert!(
         matches!(&d.outcome, Outcome::Limited { rule, .. } if rule == "reads"),
         "{d:?}"

@@ -2,6 +2,8 @@
 //! ephemeral port, talking HTTP.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::time::Duration;
 
 use serde_json::Value;
@@ -93,7 +95,12 @@ impl Env {
         let sim = Simulator::start(sim_listener, sim).await.unwrap();
         let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
         edit(&mut yaml);
-        let config = Config::from_yaml(&yaml, &secrets(), None).expect("test config is valid");
+        Env::start_on(sim, &yaml, &secrets()).await
+    }
+
+    /// Starts another gateway (a replica) in front of an existing simulator.
+    pub async fn start_on(sim: SimHandle, yaml: &str, secrets: &SecretSource) -> Env {
+        let config = Config::from_yaml(yaml, secrets, None).expect("test config is valid");
         let listeners = Listeners::bind(config.listen.public, config.listen.admin)
             .await
             .unwrap();
@@ -178,9 +185,27 @@ impl Env {
     }
 
     pub async fn stop(self) {
+        let sim = self.sim.clone();
+        self.stop_gateway().await;
+        sim.shutdown();
+    }
+
+    /// Stops this gateway only (replicas share one simulator).
+    pub async fn stop_gateway(self) {
         self.stop.stop();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
-        self.sim.shutdown();
+    }
+
+    /// The admin listener's /metrics text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 

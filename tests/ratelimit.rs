@@ -1,0 +1,313 @@
+//! Rate limits through the gateway: exact GCRA limits with the IETF headers
+//! on both surfaces, the global upstream budget, three replicas sharing one
+//! real redis-server, and Redis dying and coming back mid-traffic.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::{CONFIG, Env, assert_nova_error, fast_sim, secrets};
+use serde_json::Value;
+use toastgate::simulator::{SimConfig, Simulator};
+
+fn with_rules(rules: &str, rate_limit: &str) -> impl FnOnce(&mut String) {
+    let rules = rules.to_string();
+    let rate_limit = rate_limit.to_string();
+    move |y: &mut String| {
+        *y = y.replacen(
+            "  web-team:\n    projects: [web]\n    allow: [{ actions: [\"*\"] }]\n",
+            &format!("  web-team:\n    projects: [web]\n    allow: [{{ actions: [\"*\"] }}]\n    rate_limits:\n{rules}"),
+            1,
+        );
+        y.push_str(&rate_limit);
+    }
+}
+
+async fn get_with_headers(
+    env: &Env,
+    team: &str,
+    path: &str,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp = env
+        .http
+        .get(env.url(path))
+        .bearer_auth(env.token(team))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn n_allowed_then_refused_with_headers_then_recovered() {
+    let env = Env::start_with(
+        fast_sim(),
+        with_rules(
+            "      - { name: reads, actions: [read], rate: 5/s, burst: 5 }\n",
+            "",
+        ),
+    )
+    .await;
+    for i in 0..5 {
+        let (s, h, _) = get_with_headers(&env, "web-team", "/v2/web/flavors").await;
+        assert_eq!(s, 200, "request {i}");
+        assert_eq!(h["ratelimit-policy"], r#""reads";q=5;w=1"#);
+        let rl = h["ratelimit"].to_str().unwrap();
+        assert!(rl.starts_with(r#""reads";r="#), "{rl}");
+        assert!(!h.contains_key("retry-after"));
+    }
+    let (s, h, b) = get_with_headers(&env, "web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 429, "{b}");
+    let msg = assert_nova_error(&b, "overLimit", 429);
+    assert!(msg.contains("rate limit `reads` exceeded"), "{msg}");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert!(
+        h["ratelimit"].to_str().unwrap().contains("r=0"),
+        "{:?}",
+        h["ratelimit"]
+    );
+
+    // The same Action on the v1.0 surface shares the quota and says so in its envelope.
+    let resp = env
+        .http
+        .get(env.url("/v1.0/appkeys/WebAppKey0001/flavors"))
+        .header("X-Auth-Token", env.token("web-team"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert!(resp.headers().contains_key("ratelimit-policy"));
+    let b: Value = resp.json().await.unwrap();
+    assert_eq!(b["header"]["resultCode"], 10429, "{b}");
+
+    // Writes are not in the `reads` rule: unaffected.
+    let (s, _) = env
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            serde_json::json!({"keypair": {"name": "k"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    // A second later the quota is back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, _, _) = get_with_headers(&env, "web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 200);
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(r#"toastgate_ratelimit_refusals_total{rule="reads",team="web-team"} 2"#),
+        "{metrics}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_global_budget_covers_all_teams_together() {
+    let env = Env::start_with(
+        fast_sim(),
+        with_rules(
+            "      - { name: reads, actions: [read], rate: 100/s }\n",
+            "rate_limit:\n  global: { rate: 3/m, burst: 3 }\n",
+        ),
+    )
+    .await;
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    assert_eq!(env.get("batch-team", "/v2/batch/flavors").await.0, 200);
+    assert_eq!(env.get("platform", "/v2/web/flavors").await.0, 200);
+    let (s, h, b) = get_with_headers(&env, "batch-team", "/v2/batch/flavors").await;
+    assert_eq!(s, 429, "{b}");
+    assert!(assert_nova_error(&b, "overLimit", 429).contains("`global`"));
+    assert!(
+        h["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .contains(r#""global";q=3;w=60"#)
+    );
+    env.stop().await;
+}
+
+/// Starts `n` gateways on 127.0.0.2.. sharing one simulator and one Redis.
+async fn replicas(n: usize, redis: &RedisServer, rules: &str, fail_open: &str) -> Vec<Env> {
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = Simulator::start(
+        sim_listener,
+        SimConfig {
+            build_delay: Duration::ZERO,
+            action_delay: Duration::ZERO,
+            ..SimConfig::demo()
+        },
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
+        let host = format!("127.0.0.{}", i + 2);
+        yaml = yaml.replace(
+            "public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"",
+            &format!("public: \"{host}:0\", admin: \"{host}:0\""),
+        );
+        with_rules(
+            rules,
+            &format!(
+                "rate_limit:\n  backend: redis\n  redis: {{ url_env: TG_REDIS_URL, timeout: 100ms, replicas: {n} }}\n  fail_open: [{fail_open}]\n"
+            ),
+        )(&mut yaml);
+        let s = secrets().with_override("TG_REDIS_URL", &redis.url());
+        out.push(Env::start_on(sim.clone(), &yaml, &s).await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn three_replicas_on_one_redis_hold_one_limit_within_two_percent() {
+    let redis = RedisServer::start();
+    let rate = 100.0;
+    let burst = 10.0;
+    let envs = replicas(
+        3,
+        &redis,
+        "      - { name: reads, actions: [read], rate: 100/s, burst: 10 }\n",
+        "read",
+    )
+    .await;
+    for e in &envs {
+        assert!(e.gw.starts_with("http://127.0.0."), "{}", e.gw);
+    }
+    let token = envs[0].token("web-team");
+    let started = Instant::now();
+    let run_for = Duration::from_secs(4);
+    let mut workers = Vec::new();
+    for w in 0..9 {
+        let http = envs[w % 3].http.clone();
+        let url = envs[w % 3].url("/v2/web/flavors");
+        let token = token.clone();
+        workers.push(tokio::spawn(async move {
+            let (mut allowed, mut refused) = (0u64, 0u64);
+            while started.elapsed() < run_for {
+                match http
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                {
+                    Ok(200) => allowed += 1,
+                    Ok(429) => refused += 1,
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+            (allowed, refused)
+        }));
+    }
+    let (mut allowed, mut refused) = (0u64, 0u64);
+    for w in workers {
+        let (a, r) = w.await.unwrap();
+        allowed += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = burst + rate * elapsed;
+    let error = (allowed as f64 - expected).abs() / expected;
+    assert!(
+        refused > allowed,
+        "the load must exceed the limit to test it (allowed {allowed}, refused {refused})"
+    );
+    assert!(
+        error <= 0.02,
+        "allowed {allowed} in {elapsed:.2}s across 3 replicas; expected {expected:.0} (error {:.2}%)",
+        error * 100.0
+    );
+    for e in envs {
+        e.stop_gateway().await;
+    }
+}
+
+#[tokio::test]
+async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let envs = replicas(
+        1,
+        &redis,
+        "      - { name: all, actions: [\"*\"], rate: 50/s, burst: 50 }\n",
+        "read",
+    )
+    .await;
+    let env = &envs[0];
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    let (s, _) = env
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            serde_json::json!({"keypair": {"name": "before"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    redis.kill();
+    // Reads fail open (local limiter), writes fail closed; each answer comes quickly.
+    let t = Instant::now();
+    let (s, b) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = env
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            serde_json::json!({"keypair": {"name": "during"}}),
+        )
+        .await;
+    assert_eq!(s, 503, "{b}");
+    assert!(
+        assert_nova_error(&b, "serviceUnavailable", 503).contains("cannot be checked right now")
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a dead Redis added {:?}",
+        t.elapsed()
+    );
+    let m = env.metrics().await;
+    assert!(
+        m.contains(r#"toastgate_ratelimit_degraded_total{mode="fail_open"}"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"toastgate_ratelimit_degraded_total{mode="fail_closed"}"#),
+        "{m}"
+    );
+
+    // Redis comes back on the same port: writes work again by themselves.
+    let _redis = RedisServer::start_on(port);
+    let mut recovered = false;
+    for _ in 0..50 {
+        let (s, _) = env
+            .post(
+                "web-team",
+                "/v2/web/os-keypairs",
+                serde_json::json!({"keypair": {"name": format!("after-{}", rand_suffix())}}),
+            )
+            .await;
+        if s == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "writes did not recover after Redis came back");
+    for e in envs {
+        e.stop().await;
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
