@@ -72,6 +72,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:18774")]
         sim_listen: SocketAddr,
     },
+    /// Read and check the audit log: verify, query, tail.
+    Audit {
+        #[command(subcommand)]
+        cmd: toastgate::audit::AuditCommand,
+    },
     /// Say whether TEAM may do ACTION on PROJECT, and by which rule.
     Explain {
         #[arg(long)]
@@ -183,6 +188,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit { cmd } => toastgate::audit::run_cli(cmd),
         Command::Explain {
             config,
             team,

@@ -286,15 +286,20 @@ impl Writer {
             Some(fs) => fs.append(&self.pending),
             None => Ok(()),
         };
-        if result.is_ok()
-            && self.stdout
-            && let Err(e) = write_stdout(&self.pending)
-        {
-            if self.file.is_none() {
-                result = Err(AuditError::Io(format!("writing to standard output: {e}")));
-            } else if !self.stdout_failing {
-                self.stdout_failing = true;
-                tracing::warn!(error = %e, "audit: the stdout copy cannot be written");
+        if result.is_ok() && self.stdout {
+            match write_stdout(&self.pending) {
+                Ok(()) => self.stdout_failing = false,
+                // The only sink: the records are not written.
+                Err(e) if self.file.is_none() => {
+                    result = Err(AuditError::Io(format!("writing to standard output: {e}")));
+                }
+                // A copy of the file: warn, the records are in the file.
+                Err(e) => {
+                    if !self.stdout_failing {
+                        self.stdout_failing = true;
+                        tracing::warn!(error = %e, "audit: the stdout copy cannot be written");
+                    }
+                }
             }
         }
         let acks = std::mem::take(&mut self.pending_acks);

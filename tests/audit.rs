@@ -1,0 +1,575 @@
+//! The audit log through the gateway: one completed record per mutating
+//! Action on both surfaces, refusals recorded, fail-closed when the sink
+//! cannot write, nothing lost across rotation, secrets redacted.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::{Env, fast_sim};
+use reqwest::Method;
+use serde_json::{Value, json};
+use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, WEB_VOLUMES};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("toastgate-audit-{name}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn audit_config(path: &Path, extra: &str) -> impl FnOnce(&mut String) {
+    let text = format!(
+        "audit:\n  file: {{ path: \"{}\"{extra} }}\n",
+        path.display()
+    );
+    move |y: &mut String| y.push_str(&text)
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn completed<'a>(recs: &'a [Value], action: &str) -> Vec<&'a Value> {
+    recs.iter()
+        .filter(|r| r["stage"] == "completed" && r["action"] == action)
+        .collect()
+}
+
+async fn v1(env: &Env, method: Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = env
+        .http
+        .request(
+            method,
+            env.url(&format!("/v1.0/appkeys/WebAppKey0001{path}")),
+        )
+        .header("X-Auth-Token", env.token("web-team"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test]
+async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record() {
+    let dir = temp_dir("all");
+    let file = dir.join("audit.jsonl");
+    let env = Env::start_with(fast_sim(), audit_config(&file, "")).await;
+    let team = "web-team";
+
+    // v2: keypair, create, update, every server action, attach/detach, delete.
+    assert_eq!(
+        env.post(
+            team,
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "k2"}})
+        )
+        .await
+        .0,
+        200
+    );
+    let (s, b) = env
+        .post(team, "/v2/web/servers", json!({"server": {"name": "a-1", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1, "networks": [{"uuid": NETWORK_VPC1}], "key_name": "k2"}}))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["server"]["id"].as_str().unwrap().to_string();
+    let act = |body: Value| {
+        let env = &env;
+        let id = id.clone();
+        async move {
+            env.post(team, &format!("/v2/web/servers/{id}/action"), body)
+                .await
+                .0
+        }
+    };
+    assert_eq!(
+        env.call(
+            team,
+            Method::PUT,
+            &format!("/v2/web/servers/{id}"),
+            Some(json!({"server": {"name": "a-2"}}))
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(act(json!({"os-stop": null})).await, 202);
+    assert_eq!(act(json!({"os-start": null})).await, 202);
+    assert_eq!(act(json!({"reboot": {"type": "HARD"}})).await, 202);
+    assert_eq!(
+        act(json!({"resize": {"flavorRef": "1b8e6c44-52a5-4f0e-8c2d-6a7e9f0b3c31"}})).await,
+        202
+    );
+    assert_eq!(act(json!({"createImage": {"name": "img"}})).await, 202);
+    assert_eq!(act(json!({"addSecurityGroup": {"name": "web"}})).await, 202);
+    assert_eq!(
+        act(json!({"removeSecurityGroup": {"name": "web"}})).await,
+        202
+    );
+    let (_, detail) = env.get(team, &format!("/v2/web/servers/{id}")).await;
+    let fixed = detail["server"]["addresses"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()[0]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        act(json!({"addFloatingIp": {"address": "133.186.9.9", "fixed_address": fixed}})).await,
+        202
+    );
+    assert_eq!(
+        act(json!({"removeFloatingIp": {"address": "133.186.9.9"}})).await,
+        202
+    );
+    let vol = WEB_VOLUMES[2];
+    assert_eq!(
+        env.post(
+            team,
+            &format!("/v2/web/servers/{id}/os-volume_attachments"),
+            json!({"volumeAttachment": {"volumeId": vol}})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        env.call(
+            team,
+            Method::DELETE,
+            &format!("/v2/web/servers/{id}/os-volume_attachments/{vol}"),
+            None
+        )
+        .await
+        .0,
+        202
+    );
+    assert_eq!(
+        env.call(team, Method::DELETE, &format!("/v2/web/servers/{id}"), None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        env.call(team, Method::DELETE, "/v2/web/os-keypairs/k2", None)
+            .await
+            .0,
+        202
+    );
+
+    // v1.0: keypair, create, actions, delete.
+    assert_eq!(
+        v1(
+            &env,
+            Method::POST,
+            "/keypairs",
+            Some(json!({"keypair": {"name": "k1"}}))
+        )
+        .await["header"]["isSuccessful"],
+        true
+    );
+    let b = v1(&env, Method::POST, "/instances", Some(json!({"instance": {"name": "b-1", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_U2_C1M1, "networks": [{"id": NETWORK_VPC1}], "keyName": "k1"}}))).await;
+    let v1_id = b["instance"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        v1(
+            &env,
+            Method::POST,
+            &format!("/instances/{v1_id}/action"),
+            Some(json!({"action": "stop"}))
+        )
+        .await["header"]["isSuccessful"],
+        true
+    );
+    assert_eq!(
+        v1(
+            &env,
+            Method::POST,
+            &format!("/instances/{v1_id}/action"),
+            Some(json!({"action": "uploadImage", "parameters": {"name": "v1img"}}))
+        )
+        .await["header"]["isSuccessful"],
+        true
+    );
+    assert_eq!(
+        v1(
+            &env,
+            Method::DELETE,
+            &format!("/instances?id={v1_id}"),
+            None
+        )
+        .await["header"]["isSuccessful"],
+        true
+    );
+    assert_eq!(
+        v1(&env, Method::DELETE, "/keypairs?name=k1", None).await["header"]["isSuccessful"],
+        true
+    );
+    // Reads are not recorded by default.
+    assert_eq!(env.get(team, "/v2/web/servers/detail").await.0, 200);
+    env.stop().await;
+
+    let recs = records(&file);
+    let expected_v2 = [
+        "keypair.create",
+        "instance.create",
+        "instance.update",
+        "instance.stop",
+        "instance.start",
+        "instance.reboot",
+        "instance.resize",
+        "instance.create_image",
+        "instance.add_security_group",
+        "instance.remove_security_group",
+        "instance.add_floating_ip",
+        "instance.remove_floating_ip",
+        "volume.attach",
+        "volume.detach",
+        "instance.delete",
+        "keypair.delete",
+    ];
+    let mut per_action: HashMap<(String, String), usize> = HashMap::new();
+    for r in recs.iter().filter(|r| r["stage"] == "completed") {
+        *per_action
+            .entry((
+                r["surface"].as_str().unwrap().to_string(),
+                r["action"].as_str().unwrap().to_string(),
+            ))
+            .or_default() += 1;
+    }
+    for a in expected_v2 {
+        assert_eq!(
+            per_action.get(&("v2".to_string(), a.to_string())),
+            Some(&1),
+            "v2 {a}: {per_action:?}"
+        );
+    }
+    for a in [
+        "keypair.create",
+        "instance.create",
+        "instance.stop",
+        "instance.create_image",
+        "instance.delete",
+        "keypair.delete",
+    ] {
+        assert_eq!(
+            per_action.get(&("v1.0".to_string(), a.to_string())),
+            Some(&1),
+            "v1.0 {a}: {per_action:?}"
+        );
+    }
+    assert!(
+        completed(&recs, "instance.list_detail").is_empty(),
+        "reads are not audited by default"
+    );
+
+    // Each completed record has its received twin and the fields of the schema.
+    for r in recs.iter().filter(|r| r["stage"] == "completed") {
+        let twin = recs
+            .iter()
+            .filter(|o| o["stage"] == "received" && o["request_id"] == r["request_id"])
+            .count();
+        assert_eq!(twin, 1, "received record for {r}");
+        for key in [
+            "time",
+            "event_id",
+            "request_id",
+            "team",
+            "subject",
+            "client",
+            "surface",
+            "action",
+            "project",
+            "decision",
+            "latency_ms",
+            "hash",
+            "prev_hash",
+        ] {
+            assert!(
+                r.get(key).is_some_and(|v| !v.is_null()),
+                "{key} missing in {r}"
+            );
+        }
+        assert_eq!(r["team"], "web-team");
+        assert_eq!(r["subject"], "web-team-user");
+        assert_eq!(r["project"], "web");
+        assert_eq!(r["decision"], "allowed");
+        assert!(r["time"].as_str().unwrap().ends_with('Z'));
+        assert!(r["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+    let create = completed(&recs, "instance.create");
+    let v2_create = create.iter().find(|r| r["surface"] == "v2").unwrap();
+    assert_eq!(v2_create["result"]["instance_id"], id.as_str());
+    assert_eq!(v2_create["upstream_status"], 202);
+    assert_eq!(v2_create["request"]["name"], "a-1");
+    let image = completed(&recs, "instance.create_image");
+    assert!(
+        image.iter().all(|r| r["result"]["image_id"].is_string()),
+        "{image:?}"
+    );
+    let reboot = completed(&recs, "instance.reboot")[0];
+    assert_eq!(reboot["target"], id.as_str());
+
+    // The chain verifies.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toastgate"))
+        .args(["audit", "verify", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_recorded() {
+    let dir = temp_dir("refusals");
+    let file = dir.join("audit.jsonl");
+    let env = Env::start_with(fast_sim(), |y| {
+        audit_config(&file, "")(y);
+        *y = y.replace(
+            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [\"*\"] }]\n",
+            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [read] }]\n    rate_limits: [{ name: reads, actions: [read], rate: 1/m, burst: 1 }]\n",
+        );
+    })
+    .await;
+    // auth
+    let resp = env
+        .http
+        .post(env.url("/v2/web/servers/x/action"))
+        .header("X-Auth-Token", "garbage")
+        .json(&json!({"os-stop": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    // policy (project, then action)
+    assert_eq!(
+        env.post(
+            "batch-team",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "x"}})
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        env.post(
+            "batch-team",
+            "/v2/batch/os-keypairs",
+            json!({"keypair": {"name": "x"}})
+        )
+        .await
+        .0,
+        403
+    );
+    // rate limit
+    assert_eq!(env.get("batch-team", "/v2/batch/flavors").await.0, 200);
+    assert_eq!(env.get("batch-team", "/v2/batch/flavors").await.0, 429);
+    env.stop().await;
+
+    let recs = records(&file);
+    let refused: Vec<&Value> = recs.iter().filter(|r| r["decision"] == "refused").collect();
+    let reasons: Vec<&str> = refused
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "auth:malformed",
+            "policy:project",
+            "policy:action",
+            "rate_limit:reads"
+        ],
+        "{refused:?}"
+    );
+    assert!(refused.iter().all(|r| r["stage"] == "completed"));
+    assert_eq!(refused[3]["action"], "flavor.list");
+    assert_eq!(refused[1]["team"], "batch-team");
+    assert!(refused[0]["team"].is_null(), "unauthenticated: no team");
+}
+
+#[tokio::test]
+async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
+    let dir = temp_dir("failclosed");
+    let file = dir.join("sub").join("audit.jsonl");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let env = Env::start_with(fast_sim(), audit_config(&file, ", fsync: always")).await;
+    assert_eq!(
+        env.post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "ok"}})
+        )
+        .await
+        .0,
+        200
+    );
+
+    // The sink's folder disappears: mutating requests are refused and never reach the upstream.
+    std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
+    env.sim.clear_requests();
+    let (s, b) = env
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "lost"}}),
+        )
+        .await;
+    assert_eq!(s, 503, "{b}");
+    assert!(
+        common::assert_nova_error(&b, "serviceUnavailable", 503)
+            .contains("audit log cannot record")
+    );
+    let b = v1(
+        &env,
+        Method::POST,
+        "/keypairs",
+        Some(json!({"keypair": {"name": "lost-v1"}})),
+    )
+    .await;
+    assert_eq!(b["header"]["resultCode"], 10503, "{b}");
+    assert!(
+        env.compute_requests().iter().all(|r| r.method == "GET"),
+        "an unaudited action reached the upstream"
+    );
+    // Reads still work.
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    let m = env.metrics().await;
+    assert!(
+        !m.contains(r#"toastgate_audit_records_total{result="failed"} 0"#),
+        "{m}"
+    );
+
+    // The folder comes back: so does the audit log, by itself.
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let (s, _) = env
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "back"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    env.stop().await;
+    let recs = records(&file);
+    assert!(
+        completed(&recs, "keypair.create")
+            .iter()
+            .any(|r| r["request"]["name"] == "back")
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_lost_across_rotation() {
+    let dir = temp_dir("rotation");
+    let file = dir.join("audit.jsonl");
+    let env = Env::start_with(
+        fast_sim(),
+        audit_config(&file, ", max_bytes: 4096, keep: 50"),
+    )
+    .await;
+    let n = 40;
+    for i in 0..n {
+        let (s, _) = env
+            .post(
+                "web-team",
+                "/v2/web/os-keypairs",
+                json!({"keypair": {"name": format!("rot-{i}")}}),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    env.stop().await;
+    let mut all = Vec::new();
+    let mut files = 1;
+    all.extend(records(&file));
+    for i in 1..=50 {
+        let rotated = PathBuf::from(format!("{}.{i}", file.display()));
+        if rotated.exists() {
+            files += 1;
+            all.extend(records(&rotated));
+        }
+    }
+    assert!(files > 3, "the log rotated ({files} files)");
+    let mut names: Vec<String> = completed(&all, "keypair.create")
+        .iter()
+        .map(|r| r["request"]["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        n,
+        "every completed record is present exactly once"
+    );
+    assert_eq!(all.iter().filter(|r| r["stage"] == "completed").count(), n);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toastgate"))
+        .args(["audit", "verify", "--with-rotated", "--file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chain across rotation: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn secrets_are_redacted_from_audit_records() {
+    let dir = temp_dir("redaction");
+    let file = dir.join("audit.jsonl");
+    let env = Env::start_with(fast_sim(), audit_config(&file, "")).await;
+    let (s, b) = env
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "gen"}}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let private_key = b["keypair"]["private_key"].as_str().unwrap().to_string();
+    let v1b = v1(
+        &env,
+        Method::POST,
+        "/keypairs",
+        Some(json!({"keypair": {"name": "gen1"}})),
+    )
+    .await;
+    let v1_private = v1b["keypair"]["privateKey"].as_str().unwrap().to_string();
+    let user_data = base64_of("#!/bin/sh\necho TOP-SECRET-USER-DATA-PAYLOAD\n");
+    let (s, b) = env
+        .post("web-team", "/v2/web/servers", json!({"server": {"name": "r-1", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1, "networks": [{"uuid": NETWORK_VPC1}], "key_name": "gen", "user_data": user_data, "metadata": {"db_password": "metadata-secret-value"}}}))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    env.stop().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    for secret in [
+        private_key.lines().nth(1).unwrap(),
+        v1_private.lines().nth(1).unwrap(),
+        user_data.as_str(),
+        "TOP-SECRET-USER-DATA-PAYLOAD",
+        "metadata-secret-value",
+        common::WEB_API_PASSWORD,
+    ] {
+        assert!(
+            !text.contains(secret),
+            "`{secret}` leaked into the audit log"
+        );
+    }
+    assert!(text.contains("\"r-1\""), "safe fields are kept");
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
