@@ -1,0 +1,161 @@
+//! /metrics on the admin listener: valid for promtool, the documented
+//! families present, labels bounded under many distinct ids.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::Env;
+use serde_json::json;
+
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `promtool` ({e}): install the Debian package `prometheus`; .ci/run does"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every series (name + labels) in an exposition, values dropped.
+fn series(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            l.rsplit_once(' ')
+                .map(|(s, _)| s.to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_cover_the_documented_families() {
+    let env = Env::start().await;
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    assert_eq!(env.get("batch-team", "/v2/web/flavors").await.0, 403);
+    let resp = env
+        .http
+        .get(env.url("/v2/web/flavors"))
+        .header("X-Auth-Token", "nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(
+        env.post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": "m"}})
+        )
+        .await
+        .0,
+        200
+    );
+
+    let resp = env
+        .http
+        .get(format!("{}/metrics", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let text = resp.text().await.unwrap();
+    promtool_check(&text);
+    for expected in [
+        r#"toastgate_requests_total{action="flavor.list",outcome="ok",surface="v2",team="web-team"} 1"#,
+        r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",surface="v2",team="batch-team"} 1"#,
+        r#"toastgate_requests_total{action="flavor.list",outcome="auth_refused",surface="v2",team="none"} 1"#,
+        r#"toastgate_policy_refusals_total{reason="project",team="batch-team"} 1"#,
+        r#"toastgate_auth_failures_total{reason="malformed"} 1"#,
+        r#"toastgate_upstream_responses_total{action="keypair.create",status="200"} 1"#,
+        r#"toastgate_token_refreshes_total{project="web",result="success"}"#,
+        r#"toastgate_token_expiry_timestamp_seconds{project="web"}"#,
+        r#"toastgate_in_flight_requests{surface="v2"} 0"#,
+        r#"toastgate_audit_records_total{result="written"}"#,
+        r#"toastgate_config_reloads_total{result="success"}"#,
+        "toastgate_build_info{version=",
+        "toastgate_request_duration_seconds_bucket",
+        "toastgate_upstream_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in\n{text}");
+    }
+    assert!(!text.contains(common::WEB_API_PASSWORD));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids() {
+    let env = Env::start().await;
+    let token = env.token("web-team");
+    // Warm up every series these requests can create.
+    for _ in 0..3 {
+        let (s, _) = env
+            .get(
+                "web-team",
+                &format!("/v2/web/servers/{}", uuid::Uuid::new_v4()),
+            )
+            .await;
+        assert_eq!(s, 404);
+    }
+    let before = series(&env.metrics().await);
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let http = env.http.clone();
+        let base = env.url("/v2/web/servers/");
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..625 {
+                let id = format!("{worker:02}{i:04}-{}", uuid::Uuid::new_v4());
+                let s = http
+                    .get(format!("{base}{id}"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(s.as_u16(), 404);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let text = env.metrics().await;
+    let after = series(&text);
+    assert_eq!(
+        before,
+        after,
+        "new series appeared: {:?}",
+        after.difference(&before).collect::<Vec<_>>()
+    );
+    assert!(text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",surface="v2",team="web-team"} 10003"#));
+    promtool_check(&text);
+    env.stop().await;
+}
