@@ -24,7 +24,8 @@ ARG RUST_VERSION=1.95
 
 # ---------------------------------------------------------------------------
 # Build stage: the official Rust image (Debian 12, gcc for aws-lc-sys; no cmake
-# or clang needed).
+# or clang needed). Its Debian release must match the runtime's (glibc): to
+# move to Debian 13, change both (`rust:X-trixie` and `cc-debian13`).
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 
@@ -37,15 +38,25 @@ COPY . .
 
 # The cargo registry and target/ are BuildKit cache mounts: a source change
 # recompiles toastgate only, not its ~300 dependencies. The mounts are not
-# part of any layer, so the binary is copied out in the same step. Then two
-# smoke checks on the fresh binary: it runs, and it accepts the demo config
-# the image ships.
+# part of any layer, so the binary is copied out in the same step.
 RUN --mount=type=cache,id=toastgate-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=toastgate-target,target=/src/target,sharing=locked \
     cargo build --release --locked --bin toastgate \
  && install -D -m 0755 target/release/toastgate /out/toastgate \
- && /out/toastgate --version \
- && /out/toastgate check-config --config config/demo.yaml
+ && /out/toastgate --version
+
+# The files of /etc/toastgate, staged with explicit modes (folders 0755,
+# files 0444): COPY from the context would keep the checkout's permission
+# bits (a umask-077 clone gives 0600 files the runtime user cannot read), and
+# COPY --chmod also sets the mode of the folders it creates, on recent
+# BuildKit only. Then the smoke check: the binary accepts the demo config
+# where the image will have it. (.ci/deploy-checks runs this step, with /out
+# elsewhere, to rehearse the image layout.)
+RUN install -d -m 0755 /out/etc/toastgate /out/etc/toastgate/config \
+                       /out/etc/toastgate/config/demo-secrets \
+ && install -m 0444 config/demo.yaml config/toastgate.example.yaml /out/etc/toastgate/config/ \
+ && install -m 0444 config/demo-secrets/* /out/etc/toastgate/config/demo-secrets/ \
+ && /out/toastgate check-config --config /out/etc/toastgate/config/demo.yaml
 
 # ---------------------------------------------------------------------------
 # Runtime stage: glibc + libgcc (what the binary links: libc, libm, libgcc_s),
@@ -66,14 +77,12 @@ LABEL org.opencontainers.image.title="toastgate" \
 
 COPY --from=build /out/toastgate /usr/local/bin/toastgate
 
-# The repository's config/ folder, as it is laid out there, under
+# The repository's config/ files, laid out as there, under
 # /etc/toastgate/config/: `toastgate demo` defaults to `config/demo.yaml`
 # relative to the working directory, and demo.yaml names its secrets relative
 # to itself (demo-secrets/...). The demo secrets are made-up values that work
-# only against the built-in simulator. Root-owned, world-readable, read-only
-# for the runtime user.
-COPY config/demo.yaml config/toastgate.example.yaml /etc/toastgate/config/
-COPY config/demo-secrets/ /etc/toastgate/config/demo-secrets/
+# only against the built-in simulator. Root-owned, world-readable, read-only.
+COPY --from=build /out/etc/toastgate/ /etc/toastgate/
 
 # Your config goes to /etc/toastgate/config.yaml (a bind mount, or the Helm
 # chart's ConfigMap); Kubernetes Secrets go under /etc/toastgate/secrets/.
@@ -92,5 +101,7 @@ EXPOSE 8080 9090
 # /healthz, readiness on /readyz; see helm/toastgate). Docker's HEALTHCHECK is
 # ignored by Kubernetes anyway.
 
+# toastgate runs as PID 1: it handles SIGTERM/SIGINT itself (drain, then exit)
+# and starts no child processes, so no init process (tini) is needed.
 ENTRYPOINT ["/usr/local/bin/toastgate"]
 CMD ["serve", "--config", "/etc/toastgate/config.yaml"]

@@ -78,20 +78,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Config -------------------------------------------------------------- */}}
 
-{{/* .Values.config as a map (it may be given as a YAML string or a map). */}}
-{{- define "toastgate.configMap" -}}
+{{/* The config as YAML text: .Values.config given as a string (verbatim) or
+a map, or, while it is empty, the chart's files/example-config.yaml. */}}
+{{- define "toastgate.configText" -}}
 {{- $cfg := .Values.config }}
-{{- if kindIs "string" $cfg }}
-{{- $parsed := fromYaml $cfg }}
-{{- if hasKey $parsed "Error" }}
-{{- fail (printf "config is not valid YAML: %s" (get $parsed "Error")) }}
-{{- end }}
-{{- toYaml $parsed }}
-{{- else if kindIs "map" $cfg }}
+{{- if and (kindIs "string" $cfg) (ne (trim $cfg) "") }}
+{{- $cfg }}
+{{- else if and (kindIs "map" $cfg) (gt (len $cfg) 0) }}
 {{- toYaml $cfg }}
+{{- else if or (empty $cfg) (and (kindIs "string" $cfg) (eq (trim $cfg) "")) }}
+{{- .Files.Get "files/example-config.yaml" }}
 {{- else }}
 {{- fail "config must be the toastgate config, as a YAML string or a map" }}
 {{- end }}
+{{- end }}
+
+{{/* The config parsed into a map (for the chart's own checks). */}}
+{{- define "toastgate.configMap" -}}
+{{- $parsed := include "toastgate.configText" . | fromYaml }}
+{{- if hasKey $parsed "Error" }}
+{{- fail (printf "config is not valid YAML (or not a mapping): %s" (get $parsed "Error")) }}
+{{- end }}
+{{- toYaml $parsed }}
 {{- end }}
 
 {{/* The `listen` block the chart owns, from listenAddress and ports. */}}
@@ -118,11 +126,7 @@ listen block. A string config is kept verbatim (with its comments). */}}
 {{- if eq (int .Values.ports.public) (int .Values.ports.admin) }}
 {{- fail "ports.public and ports.admin must differ" }}
 {{- end }}
-{{- if kindIs "string" .Values.config }}
-{{- .Values.config | trimSuffix "\n" }}
-{{- else }}
-{{- toYaml .Values.config }}
-{{- end }}
+{{- include "toastgate.configText" . | trimSuffix "\n" }}
 
 # Written by the Helm chart from listenAddress and ports.public / ports.admin:
 {{ include "toastgate.listen" . }}
@@ -160,7 +164,7 @@ listen block. A string config is kept verbatim (with its comments). */}}
 {{- $sleep := int (.Values.lifecycle.preStopSleepSeconds | default 0) }}
 {{- $need := add (int $grace) $sleep }}
 {{- if le (int .Values.terminationGracePeriodSeconds) $need }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed config server.shutdown_grace (%s = %ss) + lifecycle.preStopSleepSeconds (%d), or SIGKILL cuts the drain short" (int .Values.terminationGracePeriodSeconds) $graceText $grace $sleep) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed config server.shutdown_grace (%s: %ss) + lifecycle.preStopSleepSeconds (%d), or SIGKILL cuts the drain short" (int .Values.terminationGracePeriodSeconds) $graceText $grace $sleep) }}
 {{- end }}
 {{- end }}
 {{- end }}
