@@ -129,11 +129,16 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config } => {
-            let config = load_or_explain(&config)?;
+        Command::Serve { config: path } => {
+            let config = load_or_explain(&path)?;
             let listeners = Listeners::bind(config.listen.public, config.listen.admin).await?;
             tracing::info!(public = %config.listen.public, admin = %config.listen.admin, "toastgate listening");
-            server::run(config, listeners, signal_stop()).await?;
+            let reload = server::ReloadSource {
+                path,
+                secrets: SecretSource::process_env(),
+                poll: Duration::from_secs(2),
+            };
+            server::run_with_reload(config, listeners, signal_stop(), Some(reload)).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {

@@ -19,10 +19,12 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::config::Config;
+use std::path::PathBuf;
+
+use crate::config::{Config, SecretSource};
 use crate::error::GatewayError;
-use crate::gateway::{Gateway, StartError};
-use crate::shutdown::Stop;
+use crate::gateway::{Gateway, Snapshot, StartError};
+use crate::shutdown::{Stop, StopHandle, stop_pair};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -57,12 +59,41 @@ pub enum RunError {
 /// until `server.shutdown_grace` to finish, and the audit log is flushed
 /// before returning.
 pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(), RunError> {
+    run_with_reload(config, listeners, stop, None).await
+}
+
+/// Where a running gateway re-reads its config from, and how often it
+/// checks the file for changes (SIGHUP reloads at once).
+#[derive(Clone)]
+pub struct ReloadSource {
+    pub path: PathBuf,
+    pub secrets: SecretSource,
+    pub poll: Duration,
+}
+
+/// [`run`], plus config reload on SIGHUP and when the file changes.
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    stop: Stop,
+    reload: Option<ReloadSource>,
+) -> Result<(), RunError> {
     let drain_delay = config.server.drain_delay;
     let grace = config.server.shutdown_grace;
     let gateway = Gateway::new(config)?;
     let draining = Arc::new(AtomicBool::new(false));
-    spawn_token_refreshers(&gateway, &stop);
+    let refreshers = Arc::new(std::sync::Mutex::new(spawn_token_refreshers(
+        &gateway, &stop,
+    )));
     gateway.snapshot().limiter.spawn_maintenance(stop.clone());
+    if let Some(source) = reload {
+        tokio::spawn(reload_loop(
+            gateway.clone(),
+            source,
+            stop.clone(),
+            refreshers,
+        ));
+    }
 
     // Listeners stop accepting only after the drain delay.
     let (accepting, stop_accepting) = crate::shutdown::stop_pair();
@@ -131,16 +162,140 @@ fn finished(
     }
 }
 
-fn spawn_token_refreshers(gateway: &Arc<Gateway>, stop: &Stop) {
+/// One refresher per project of the current config; the returned handle
+/// stops them (on reload), and so does `stop` (on shutdown).
+fn spawn_token_refreshers(gateway: &Arc<Gateway>, stop: &Stop) -> StopHandle {
+    let (handle, generation) = stop_pair();
     let snap = gateway.snapshot();
     for project in snap.config.projects.values() {
-        tokio::spawn(
-            gateway
-                .broker
-                .clone()
-                .refresh_loop(project.clone(), stop.clone()),
-        );
+        let broker = gateway.broker.clone();
+        let project = project.clone();
+        let generation = generation.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = broker.refresh_loop(project, generation) => {}
+                _ = stop.stopped() => {}
+            }
+        });
     }
+    handle
+}
+
+/// Reloads the config on SIGHUP and whenever the file's content changes.
+async fn reload_loop(
+    gateway: Arc<Gateway>,
+    source: ReloadSource,
+    stop: Stop,
+    refreshers: Arc<std::sync::Mutex<StopHandle>>,
+) {
+    let mut hangup = hangup_signal();
+    let mut seen = file_fingerprint(&source.path);
+    loop {
+        let trigger = tokio::select! {
+            _ = stop.stopped() => return,
+            _ = next_hangup(&mut hangup) => "SIGHUP",
+            _ = tokio::time::sleep(source.poll) => {
+                let now = file_fingerprint(&source.path);
+                if now == seen {
+                    continue;
+                }
+                "file change"
+            }
+        };
+        seen = file_fingerprint(&source.path);
+        reload_once(&gateway, &source, trigger, &stop, &refreshers);
+    }
+}
+
+/// Validates the new file completely, then swaps it in atomically; an
+/// invalid file leaves the running config untouched.
+fn reload_once(
+    gateway: &Arc<Gateway>,
+    source: &ReloadSource,
+    trigger: &str,
+    stop: &Stop,
+    refreshers: &std::sync::Mutex<StopHandle>,
+) {
+    let current = gateway.snapshot();
+    let built = Config::load(&source.path, &source.secrets)
+        .map_err(|e| {
+            e.problems()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        })
+        .and_then(|config| {
+            if config.listen.public != current.config.listen.public
+                || config.listen.admin != current.config.listen.admin
+            {
+                tracing::warn!(
+                    "listen addresses changed in the config: they take effect at the next restart"
+                );
+            }
+            Snapshot::build(config).map_err(|e| vec![e.to_string()])
+        });
+    match built {
+        Ok(snapshot) => {
+            snapshot.limiter.spawn_maintenance(stop.clone());
+            gateway.swap(snapshot);
+            if let Ok(mut handle) = refreshers.lock() {
+                handle.stop();
+                *handle = spawn_token_refreshers(gateway, stop);
+            }
+            gateway
+                .metrics
+                .config_reloads
+                .with_label_values(&["success"])
+                .inc();
+            tracing::info!(trigger, path = %source.path.display(), "config reloaded");
+        }
+        Err(problems) => {
+            gateway
+                .metrics
+                .config_reloads
+                .with_label_values(&["failure"])
+                .inc();
+            for p in &problems {
+                tracing::error!(trigger, problem = %p, "config reload refused; the running config stays");
+            }
+        }
+    }
+}
+
+/// What identifies a version of the config file (content, not just mtime,
+/// which Kubernetes ConfigMap symlink swaps do not always move).
+fn file_fingerprint(path: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+#[cfg(unix)]
+fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+#[cfg(unix)]
+async fn next_hangup(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Option<()> {
+    None
+}
+
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Option<()>) {
+    std::future::pending().await
 }
 
 /// The public listener: the outer layers every request passes, then routing.

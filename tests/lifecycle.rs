@@ -1,0 +1,331 @@
+//! Running it for real: config reload (file change, SIGHUP) with no failed
+//! request, a broken reload refused, SIGTERM draining slow in-flight
+//! requests without losing an audit record.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BATCH_SECRET_KEY, CONFIG, JWT_SECRET, WEB_API_PASSWORD, fast_sim, secrets};
+use serde_json::json;
+use toastgate::config::Config;
+use toastgate::server::{Listeners, ReloadSource, run_with_reload};
+use toastgate::shutdown::stop_pair;
+use toastgate::simulator::{SimHandle, Simulator};
+
+const BIN: &str = env!("CARGO_BIN_EXE_toastgate");
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("toastgate-life-{name}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn sim() -> SimHandle {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(l, fast_sim()).await.unwrap()
+}
+
+/// The test config with batch-team limited to reads (or everything).
+fn config_text(sim: &SimHandle, batch_may_write: bool) -> String {
+    let mut y = CONFIG.replace("{SIM}", &sim.base_url());
+    if !batch_may_write {
+        y = y.replace(
+            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [\"*\"] }]\n",
+            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [read] }]\n",
+        );
+    }
+    y
+}
+
+async fn keypair(http: &reqwest::Client, gw: &str, token: &str, project: &str, name: &str) -> u16 {
+    http.post(format!("{gw}/v2/{project}/os-keypairs"))
+        .bearer_auth(token)
+        .json(&json!({"keypair": {"name": name}}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refuses_a_broken_file()
+{
+    let sim = sim().await;
+    let dir = temp_dir("reload");
+    let path = dir.join("toastgate.yaml");
+    std::fs::write(&path, config_text(&sim, false)).unwrap();
+    let config = Config::load(&path, &secrets()).unwrap();
+    let listeners = Listeners::bind(config.listen.public, config.listen.admin)
+        .await
+        .unwrap();
+    let gw = format!("http://{}", listeners.public.local_addr().unwrap());
+    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+    let mint = |team: &str| {
+        toastgate::auth::mint_token(&config.auth, team, "t", Duration::from_secs(600)).unwrap()
+    };
+    let (web, batch) = (mint("web-team"), mint("batch-team"));
+    let (stop, stopped) = stop_pair();
+    let source = ReloadSource {
+        path: path.clone(),
+        secrets: secrets(),
+        poll: Duration::from_millis(100),
+    };
+    let server = tokio::spawn(run_with_reload(
+        config.clone(),
+        listeners,
+        stopped,
+        Some(source),
+    ));
+    let http = reqwest::Client::new();
+
+    assert_eq!(keypair(&http, &gw, &batch, "batch", "before").await, 403);
+
+    // Steady traffic from another team throughout the reload.
+    let traffic = {
+        let (http, gw, web) = (http.clone(), gw.clone(), web.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut n = 0;
+            while started.elapsed() < Duration::from_secs(2) {
+                let s = http
+                    .get(format!("{gw}/v2/web/servers"))
+                    .bearer_auth(&web)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(s.as_u16(), 200, "request {n} failed during the reload");
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&path, config_text(&sim, true)).unwrap();
+    let mut allowed = false;
+    for i in 0..40 {
+        if keypair(&http, &gw, &batch, "batch", &format!("after-{i}")).await == 200 {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(allowed, "the new allowlist did not take effect");
+    assert!(traffic.await.unwrap() > 20);
+
+    // A broken file is refused; the running config keeps serving.
+    std::fs::write(
+        &path,
+        config_text(&sim, false).replace(
+            "  issuer: toastgate-test\n",
+            "  issuer: toastgate-test\n  isuer: typo\n",
+        ),
+    )
+    .unwrap();
+    let mut refused = false;
+    for _ in 0..40 {
+        let m = http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains(r#"toastgate_config_reloads_total{result="failure"} 1"#) {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the broken config was not noticed");
+    assert_eq!(
+        keypair(&http, &gw, &batch, "batch", "still-allowed").await,
+        200,
+        "the old config keeps serving"
+    );
+    let m = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(r#"toastgate_config_reloads_total{result="success"} 1"#),
+        "{m}"
+    );
+
+    stop.stop();
+    server.await.unwrap().unwrap();
+    sim.shutdown();
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Writes a config with file-referenced secrets and starts `toastgate serve`.
+fn serve(dir: &Path, yaml: &str) -> (Process, String, String) {
+    std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
+    std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
+    std::fs::write(dir.join("batch.sk"), BATCH_SECRET_KEY).unwrap();
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let yaml = yaml
+        .replace(
+            "public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"",
+            &format!(
+                "public: \"127.0.0.1:{}\", admin: \"127.0.0.1:{}\"",
+                ports[0], ports[1]
+            ),
+        )
+        .replace("secret_env: TG_JWT_SECRET", "secret_file: jwt.key")
+        .replace("password_env: TG_WEB_PW", "password_file: web.pw")
+        .replace(
+            "secret_access_key_env: TG_BATCH_SK",
+            "secret_access_key_file: batch.sk",
+        );
+    std::fs::write(dir.join("toastgate.yaml"), yaml).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.join("toastgate.yaml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (
+        Process(child),
+        format!("http://127.0.0.1:{}", ports[0]),
+        format!("http://127.0.0.1:{}", ports[1]),
+    )
+}
+
+async fn wait_ready(http: &reqwest::Client, admin: &str) {
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
+            && r.status().as_u16() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the gateway did not become ready");
+}
+
+fn signal(p: &Process, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config() {
+    let sim = sim().await;
+    let dir = temp_dir("hup");
+    let (p, gw, admin) = serve(&dir, &config_text(&sim, false));
+    let http = reqwest::Client::new();
+    wait_ready(&http, &admin).await;
+    let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
+    let batch =
+        toastgate::auth::mint_token(&config.auth, "batch-team", "t", Duration::from_secs(600))
+            .unwrap();
+    assert_eq!(keypair(&http, &gw, &batch, "batch", "a").await, 403);
+    signal(&p, "-HUP");
+    let mut reloaded = false;
+    for _ in 0..30 {
+        let m = http
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains(r#"toastgate_config_reloads_total{result="success"} 1"#) {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reloaded,
+        "SIGHUP did not reload (file unchanged, so only the signal can have done it)"
+    );
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record() {
+    let sim = sim().await;
+    let dir = temp_dir("term");
+    let audit = dir.join("audit.jsonl");
+    let yaml = format!(
+        "{}audit:\n  file: {{ path: \"{}\" }}\n",
+        config_text(&sim, true),
+        audit.display()
+    );
+    let (mut p, gw, admin) = serve(&dir, &yaml);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &admin).await;
+    let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
+    let web = toastgate::auth::mint_token(&config.auth, "web-team", "t", Duration::from_secs(600))
+        .unwrap();
+
+    sim.set_latency(Duration::from_millis(1500));
+    let mut inflight = Vec::new();
+    for i in 0..5 {
+        let (http, gw, web) = (http.clone(), gw.clone(), web.clone());
+        inflight.push(tokio::spawn(async move {
+            keypair(&http, &gw, &web, "web", &format!("slow-{i}")).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    signal(&p, "-TERM");
+    for r in inflight {
+        assert_eq!(r.await.unwrap(), 200, "an in-flight request was cut off");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "toastgate did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let completed = text
+        .lines()
+        .filter(|l| l.contains("\"stage\":\"completed\"") && l.contains("keypair.create"))
+        .count();
+    assert_eq!(
+        completed, 5,
+        "every in-flight action has its completed record"
+    );
+    sim.shutdown();
+}
