@@ -121,6 +121,18 @@ pub struct ConfigFile {
 pub struct ListenFile {
     pub public: String,
     pub admin: String,
+    /// TLS on the public listener (the admin listener stays plain HTTP on
+    /// its private address).
+    pub tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain (leaf first); re-read when it changes.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); re-read when it changes.
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -550,6 +562,13 @@ pub struct Config {
 pub struct Listen {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -791,9 +810,11 @@ impl ConfigFile {
             secrets,
             base_dir,
         };
+        let tls = self.listen.tls.map(|t| v.tls(t));
         let listen = Listen {
             public: v.socket_addr("listen.public", &self.listen.public),
             admin: v.socket_addr("listen.admin", &self.listen.admin),
+            tls,
         };
         if listen.public == listen.admin && listen.public.port() != 0 {
             v.problem("listen.admin", "must differ from listen.public");
@@ -939,6 +960,21 @@ impl Validator<'_> {
             self.problem(path, "must be greater than zero");
         }
         d
+    }
+
+    fn tls(&mut self, t: TlsFile) -> TlsFiles {
+        let files = TlsFiles {
+            cert_file: self.resolve_path(&t.cert_file),
+            key_file: self.resolve_path(&t.key_file),
+        };
+        if let Err(e) = crate::tls::load_certified_key(&files.cert_file, &files.key_file) {
+            let key = match e {
+                crate::tls::TlsError::Key(..) => "listen.tls.key_file",
+                _ => "listen.tls.cert_file",
+            };
+            self.problem(key, e.to_string());
+        }
+        files
     }
 
     fn require_public_key_algorithms(&mut self, hmac_algorithms: usize) {

@@ -89,6 +89,7 @@ pub enum StartError {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, StartError> {
+        let tls = config.listen.tls.is_some();
         let metrics = Arc::new(Metrics::new());
         let client = UpstreamClient::new(&config.upstream)?;
         let broker = Arc::new(TokenBroker::new(
@@ -112,7 +113,7 @@ impl Gateway {
                 .max_capacity(1_000)
                 .time_to_live(FLAVOR_CACHE_TTL)
                 .build(),
-            scheme: "http",
+            scheme: if tls { "https" } else { "http" },
         }))
     }
 

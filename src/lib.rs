@@ -16,6 +16,7 @@
 //! - [`exchange`]: one request as learned: feeds audit, metrics and the log line.
 //! - [`error`]: one error type, one mapping to each surface.
 //! - [`translate`]: the v1.0 surface onto the v2 upstream.
+//! - [`tls`]: TLS on the public listener, certificate reload.
 //! - [`simulator`]: a stateful fake of the TOAST identity and compute APIs.
 //! - [`demo`]: the simulator and the gateway in one process.
 //! - [`audit`]: the hash-chained audit log of instance actions and `toastgate audit`.
@@ -37,5 +38,6 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod simulator;
+pub mod tls;
 pub mod translate;
 pub mod upstream;

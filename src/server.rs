@@ -49,6 +49,8 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("the {0} listener stopped unexpectedly")]
     Stopped(&'static str),
 }
@@ -80,6 +82,7 @@ pub async fn run_with_reload(
 ) -> Result<(), RunError> {
     let drain_delay = config.server.drain_delay;
     let grace = config.server.shutdown_grace;
+    let tls = config.listen.tls.clone();
     let gateway = Gateway::new(config)?;
     let draining = Arc::new(AtomicBool::new(false));
     let refreshers = Arc::new(std::sync::Mutex::new(spawn_token_refreshers(
@@ -97,11 +100,28 @@ pub async fn run_with_reload(
 
     // Listeners stop accepting only after the drain delay.
     let (accepting, stop_accepting) = crate::shutdown::stop_pair();
-    let public = axum::serve(
-        listeners.public,
-        public_app(gateway.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop_accepting.stopped().await });
+    let app = public_app(gateway.clone());
+    let public: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+        match &tls {
+            Some(files) => {
+                let cert = crate::tls::ReloadingCert::load(&files.cert_file, &files.key_file)?;
+                tokio::spawn(cert.clone().watch(Duration::from_secs(2), stop.clone()));
+                Box::pin(crate::tls::serve(
+                    listeners.public,
+                    app,
+                    cert.server_config()?,
+                    stop_accepting,
+                ))
+            }
+            None => Box::pin(
+                axum::serve(
+                    listeners.public,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { stop_accepting.stopped().await })
+                .into_future(),
+            ),
+        };
     let admin = axum::serve(
         listeners.admin,
         admin_app(AdminState {
@@ -113,7 +133,7 @@ pub async fn run_with_reload(
         let stop = stop.clone();
         async move { stop.stopped().await }
     });
-    let mut public = tokio::spawn(public.into_future());
+    let mut public = tokio::spawn(public);
     let mut admin = tokio::spawn(admin.into_future());
 
     tokio::select! {

@@ -1,0 +1,172 @@
+//! TLS on the public listener: rustls with the certificate and key read from
+//! PEM files, re-read when either file changes (certificate rotation without
+//! a restart), and an accept loop that drains like the plain one.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::shutdown::Stop;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate file {0}: {1}")]
+    Cert(String, String),
+    #[error("cannot read key file {0}: {1}")]
+    Key(String, String),
+    #[error("TLS setup failed: {0}")]
+    Setup(String),
+}
+
+/// Loads a certificate chain and its private key into a signing identity.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| TlsError::Cert(cert.display().to_string(), e.to_string()))?;
+    if chain.is_empty() {
+        return Err(TlsError::Cert(
+            cert.display().to_string(),
+            "no certificate in the file".into(),
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Key(key.display().to_string(), e.to_string()))?;
+    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
+        .map_err(|e| TlsError::Key(key.display().to_string(), e.to_string()))?;
+    Ok(CertifiedKey::new(chain, signing))
+}
+
+/// Serves whatever certificate was loaded last.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl ReloadingCert {
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<ReloadingCert>, TlsError> {
+        let key = load_certified_key(cert_file, key_file)?;
+        Ok(Arc::new(ReloadingCert {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            current: ArcSwap::from_pointee(key),
+        }))
+    }
+
+    /// Re-reads both files when either changes; a broken pair is logged and
+    /// the current certificate keeps serving.
+    pub async fn watch(self: Arc<Self>, poll: Duration, stop: Stop) {
+        let fingerprint = |this: &ReloadingCert| {
+            (
+                std::fs::read(&this.cert_file).ok(),
+                std::fs::read(&this.key_file).ok(),
+            )
+        };
+        let mut seen = fingerprint(&self);
+        while !stop.sleep(poll).await {
+            let now = fingerprint(&self);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match load_certified_key(&self.cert_file, &self.key_file) {
+                Ok(key) => {
+                    self.current.store(Arc::new(key));
+                    tracing::info!(cert = %self.cert_file.display(), "TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload refused; the current one stays")
+                }
+            }
+        }
+    }
+
+    pub fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// Accepts TLS connections until `stop_accepting`, then lets open
+/// connections finish their in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    config: rustls::ServerConfig,
+    stop_accepting: Stop,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let graceful = GracefulShutdown::new();
+    let builder = Builder::new(TokioExecutor::new());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop_accepting.stopped() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // A client that never finishes its handshake must not hold a task forever.
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req
+            });
+            let conn = builder.serve_connection_with_upgrades(
+                TokioIo::new(tls),
+                TowerToHyperService::new(service),
+            );
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
