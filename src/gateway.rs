@@ -173,7 +173,8 @@ impl Gateway {
                 (e.v2_response(), ending)
             }
         };
-        self.finish(&snap, &x, &ending).await;
+        self.finish(&snap, &x, &ending, resp.status().as_u16())
+            .await;
         if let Some(rate) = &x.rate {
             rate.apply_headers(resp.headers_mut());
         }
@@ -265,7 +266,8 @@ impl Gateway {
                 (translate::envelope_error(&e), ending)
             }
         };
-        self.finish(&snap, &x, &ending).await;
+        self.finish(&snap, &x, &ending, resp.status().as_u16())
+            .await;
         if let Some(rate) = &x.rate {
             rate.apply_headers(resp.headers_mut());
         }
@@ -413,7 +415,7 @@ impl Gateway {
 
     /// After the answer is known and before it leaves: the "completed" audit
     /// record, the metrics, one log line.
-    async fn finish(&self, snap: &Snapshot, x: &Exchange, ending: &Ending) {
+    async fn finish(&self, snap: &Snapshot, x: &Exchange, ending: &Ending, status: u16) {
         let config = &snap.config;
         let level = x.audit_level(config);
         // Refusals are always recorded, at least at metadata level.
@@ -441,6 +443,7 @@ impl Gateway {
             team = x.team.as_deref().unwrap_or("-"),
             action = x.action_label(),
             project = x.project.as_deref().unwrap_or("-"),
+            status,
             upstream_status = x.upstream_status.unwrap_or(0),
             outcome = ending.outcome.label(),
             reason = ending.reason.as_deref().unwrap_or("-"),

@@ -420,15 +420,20 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let broker = &state.gateway.broker;
     let mut projects = Vec::new();
     let mut ready = !state.draining.load(Ordering::SeqCst);
-    for project in snap.config.projects.values() {
-        let cached = match broker.cached(project).await {
-            Some(t) => Some(t),
-            None => tokio::time::timeout(Duration::from_secs(5), broker.current_token(project))
-                .await
-                .ok()
-                .and_then(Result::ok),
-        };
-        let status = broker.status(project, cached.as_deref());
+    // All projects at once: one slow identity answer must not add up.
+    let statuses =
+        futures_util::future::join_all(snap.config.projects.values().map(|project| async move {
+            let cached = match broker.cached(project).await {
+                Some(t) => Some(t),
+                None => tokio::time::timeout(Duration::from_secs(5), broker.current_token(project))
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+            };
+            broker.status(project, cached.as_deref())
+        }))
+        .await;
+    for status in statuses {
         ready &= status.state == "valid";
         projects.push(status);
     }
