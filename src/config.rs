@@ -1473,6 +1473,20 @@ impl Validator<'_> {
         let mut rules = Vec::new();
         for (i, r) in a.rules.into_iter().enumerate() {
             let actions = self.action_patterns(&format!("audit.rules[{i}].actions"), &r.actions);
+            let mutating: Vec<&str> = actions
+                .iter()
+                .filter(|a| a.is_mutating())
+                .map(|a| a.name())
+                .collect();
+            if r.level == AuditLevel::None && !mutating.is_empty() {
+                self.problem(
+                    format!("audit.rules[{i}].level"),
+                    format!(
+                        "`none` is not allowed for mutating Actions ({})",
+                        mutating.join(", ")
+                    ),
+                );
+            }
             rules.push((actions, r.level));
         }
         Audit {

@@ -84,6 +84,10 @@ impl GatewayError {
 
     pub fn status(&self) -> StatusCode {
         match self {
+            // The caller's token may be fine: we cannot check it right now.
+            GatewayError::Unauthenticated(AuthError::KeysUnavailable) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::UnknownProject(_) => StatusCode::NOT_FOUND,
@@ -114,6 +118,7 @@ impl GatewayError {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
             GatewayError::TokenUnavailable { .. }
+            | GatewayError::Unauthenticated(AuthError::KeysUnavailable)
             | GatewayError::RateLimitUnavailable { .. }
             | GatewayError::AuditUnavailable(_) => Some(5),
             _ => None,

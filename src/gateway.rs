@@ -101,6 +101,9 @@ impl Gateway {
         let audit = if config.audit.enabled() {
             AuditLog::open(&config.audit)?
         } else {
+            tracing::warn!(
+                "no audit sink configured (audit.file / audit.stdout): instance actions are not recorded"
+            );
             AuditLog::disabled()
         };
         Ok(Arc::new(Gateway {
@@ -152,8 +155,21 @@ impl Gateway {
         axum::Json(doc).into_response()
     }
 
-    /// Everything under `/v2/{project}/...`, bounded by the request timeout.
+    /// Everything under `/v2/{project}/...`.
+    ///
+    /// Runs in its own task: once a request is admitted it is seen through
+    /// to its "completed" audit record and metrics even if the caller hangs
+    /// up half way (the upstream call may already have been made).
     pub async fn handle_v2(self: Arc<Self>, req: Request<Body>) -> Response {
+        match tokio::spawn(self.serve_v2(req)).await {
+            Ok(resp) => resp,
+            Err(_) => GatewayError::Internal("the request task failed; see the gateway log".into())
+                .v2_response(),
+        }
+    }
+
+    /// `/v2/...` bounded by the request timeout.
+    async fn serve_v2(self: Arc<Self>, req: Request<Body>) -> Response {
         let snap = self.snapshot();
         let (parts, body) = req.into_parts();
         let mut x = Exchange::start(Surface::V2, &parts);
@@ -245,8 +261,18 @@ impl Gateway {
     }
 
     /// Everything under `/v1.0/appkeys/{appkey}/...`: always HTTP 200 with
-    /// the `header` envelope, bounded by the request timeout.
+    /// the `header` envelope. Its own task, like [`Gateway::handle_v2`].
     pub async fn handle_v1(self: Arc<Self>, req: Request<Body>) -> Response {
+        match tokio::spawn(self.serve_v1(req)).await {
+            Ok(resp) => resp,
+            Err(_) => translate::envelope_error(&V1Error::Gateway(GatewayError::Internal(
+                "the request task failed; see the gateway log".into(),
+            ))),
+        }
+    }
+
+    /// `/v1.0/...` bounded by the request timeout.
+    async fn serve_v1(self: Arc<Self>, req: Request<Body>) -> Response {
         let snap = self.snapshot();
         let (parts, body) = req.into_parts();
         let mut x = Exchange::start(Surface::V1, &parts);
@@ -407,7 +433,11 @@ impl Gateway {
             if let Err(e) = self.write_audit(record).await
                 && config.audit.fail_closed
             {
-                return Err(GatewayError::AuditUnavailable(e.to_string()));
+                // The detail (a file path) is logged by write_audit, not shown.
+                let _ = e;
+                return Err(GatewayError::AuditUnavailable(
+                    "the audit sink is not writable".into(),
+                ));
             }
         }
         Ok(())

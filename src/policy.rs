@@ -208,53 +208,103 @@ impl Refusal {
     }
 }
 
+/// One fact a constraint looks at: absent from the body, read, or present
+/// but not readable the way the upstream would read it (then a constrained
+/// team is refused rather than the constraint skipped).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Fact<T> {
+    #[default]
+    Absent,
+    Value(T),
+    Unreadable(String),
+}
+
 /// What constraints look at, taken from the v2 body (the v1.0 surface
 /// translates first, so both surfaces are judged on the same facts).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
-    pub flavor: Option<String>,
-    pub count: Option<i64>,
-    pub name: Option<String>,
+    pub flavor: Fact<String>,
+    pub count: Fact<i64>,
+    pub name: Fact<String>,
 }
 
 impl RequestFacts {
     pub fn from_v2_body(action: Action, body: &serde_json::Value) -> RequestFacts {
-        let last_segment = |v: &serde_json::Value| {
-            v.as_str().map(|s| {
-                s.trim_end_matches('/')
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or(s)
-                    .to_string()
-            })
-        };
         match action {
             Action::InstanceCreate => {
                 let s = &body["server"];
-                let count = ["max_count", "min_count"]
-                    .iter()
-                    .filter_map(|k| {
-                        s[*k]
-                            .as_i64()
-                            .or_else(|| s[*k].as_str().and_then(|v| v.parse().ok()))
-                    })
-                    .max();
+                let counts = [count_fact(&s["min_count"]), count_fact(&s["max_count"])];
+                let count =
+                    if let Some(bad) = counts.iter().find(|c| matches!(c, Fact::Unreadable(_))) {
+                        bad.clone()
+                    } else {
+                        let values = counts.iter().filter_map(|c| match c {
+                            Fact::Value(v) => Some(*v),
+                            _ => None,
+                        });
+                        Fact::Value(values.max().unwrap_or(1))
+                    };
                 RequestFacts {
-                    flavor: last_segment(&s["flavorRef"]),
-                    count: Some(count.unwrap_or(1)),
-                    name: s["name"].as_str().map(str::to_string),
+                    flavor: flavor_fact(&s["flavorRef"]),
+                    count,
+                    name: name_fact(&s["name"]),
                 }
             }
             Action::InstanceResize => RequestFacts {
-                flavor: last_segment(&body["resize"]["flavorRef"]),
+                flavor: flavor_fact(&body["resize"]["flavorRef"]),
                 ..Default::default()
             },
             Action::InstanceUpdate => RequestFacts {
-                name: body["server"]["name"].as_str().map(str::to_string),
+                name: name_fact(&body["server"]["name"]),
                 ..Default::default()
             },
             _ => RequestFacts::default(),
         }
+    }
+}
+
+/// A flavor id as Nova reads `flavorRef`: an id, or a link whose last path
+/// segment is the id. Anything with a query or fragment is not read at all.
+fn flavor_fact(v: &serde_json::Value) -> Fact<String> {
+    match v {
+        serde_json::Value::Null => Fact::Absent,
+        serde_json::Value::String(s) if s.contains(['?', '#']) || s.trim().is_empty() => {
+            Fact::Unreadable(format!("flavorRef `{s}` is not a plain flavor id or link"))
+        }
+        serde_json::Value::String(s) => {
+            let id = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s);
+            Fact::Value(id.to_string())
+        }
+        other => Fact::Unreadable(format!("flavorRef {other} is not a string")),
+    }
+}
+
+/// `min_count` / `max_count`: integers, integral numbers (`2.0`) or numeric
+/// strings, as Nova accepts them.
+fn count_fact(v: &serde_json::Value) -> Fact<i64> {
+    match v {
+        serde_json::Value::Null => Fact::Absent,
+        serde_json::Value::Number(n) => match n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 1e12)
+                .map(|f| f as i64)
+        }) {
+            Some(c) => Fact::Value(c),
+            None => Fact::Unreadable(format!("count {n} is not an integer")),
+        },
+        serde_json::Value::String(s) => match s.trim().parse() {
+            Ok(c) => Fact::Value(c),
+            Err(_) => Fact::Unreadable(format!("count `{s}` is not an integer")),
+        },
+        other => Fact::Unreadable(format!("count {other} is not an integer")),
+    }
+}
+
+fn name_fact(v: &serde_json::Value) -> Fact<String> {
+    match v {
+        serde_json::Value::Null => Fact::Absent,
+        serde_json::Value::String(s) => Fact::Value(s.clone()),
+        other => Fact::Unreadable(format!("name {other} is not a string")),
     }
 }
 
@@ -322,23 +372,53 @@ fn check_constraints(
             reason,
         })
     };
-    if let (Some(allowed), Some(flavor)) = (&c.flavors, &facts.flavor)
-        && !allowed.iter().any(|f| f == flavor)
+    let creates = action == Action::InstanceCreate;
+    if let Some(allowed) = &c.flavors
+        && matches!(action, Action::InstanceCreate | Action::InstanceResize)
     {
-        return refuse(format!(
-            "flavor `{flavor}` is not among the team's allowed flavors ({})",
-            allowed.join(", ")
-        ));
+        match &facts.flavor {
+            Fact::Value(f) if allowed.iter().any(|a| a == f) => {}
+            Fact::Value(f) => {
+                return refuse(format!(
+                    "flavor `{f}` is not among the team's allowed flavors ({})",
+                    allowed.join(", ")
+                ));
+            }
+            Fact::Absent => {
+                return refuse(
+                    "the request names no flavor, so the team's flavor list cannot be checked"
+                        .into(),
+                );
+            }
+            Fact::Unreadable(why) => return refuse(why.clone()),
+        }
     }
-    if let (Some(max), Some(count)) = (c.max_count, facts.count)
-        && count > i64::from(max)
+    if let Some(max) = c.max_count
+        && creates
     {
-        return refuse(format!("count {count} exceeds the team's maximum of {max}"));
+        match &facts.count {
+            Fact::Value(n) if *n > i64::from(max) => {
+                return refuse(format!("count {n} exceeds the team's maximum of {max}"));
+            }
+            Fact::Unreadable(why) => return refuse(why.clone()),
+            _ => {}
+        }
     }
-    if let (Some(prefix), Some(name)) = (&c.name_prefix, &facts.name)
-        && !name.starts_with(prefix.as_str())
+    if let Some(prefix) = &c.name_prefix
+        && matches!(action, Action::InstanceCreate | Action::InstanceUpdate)
     {
-        return refuse(format!("instance name `{name}` must start with `{prefix}`"));
+        match &facts.name {
+            Fact::Value(n) if !n.starts_with(prefix.as_str()) => {
+                return refuse(format!("instance name `{n}` must start with `{prefix}`"));
+            }
+            Fact::Absent if creates => {
+                return refuse(
+                    "the request names no instance, so the name prefix cannot be checked".into(),
+                );
+            }
+            Fact::Unreadable(why) => return refuse(why.clone()),
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -19,21 +19,19 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Caller headers that must never reach the upstream: the caller's own
-/// credential (toastgate puts the cloud token there instead), cookies, the
-/// caller's Host, and encodings toastgate could not rewrite.
-const CALLER_ONLY: &[&str] = &[
-    "authorization",
-    "x-auth-token",
-    "cookie",
-    "host",
-    "accept-encoding",
-    "content-length",
-    "expect",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
+/// The only caller headers that reach the upstream. An allow list, not a
+/// deny list: the caller's credential (toastgate puts the cloud token in
+/// `X-Auth-Token` instead), cookies, and headers an upstream might trust
+/// (`X-Roles`, `X-Service-Token`, `X-Identity-Status`, forwarding headers)
+/// never pass. `Accept-Encoding` stays out so links can be rewritten.
+const FORWARDED: &[&str] = &[
+    "accept",
+    "accept-language",
+    "content-type",
+    "user-agent",
+    "openstack-api-version",
+    "x-openstack-nova-api-version",
+    "x-openstack-request-id",
 ];
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
@@ -55,10 +53,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The caller's headers as they may go upstream (before the token is added).
 pub fn upstream_request_headers(caller: &HeaderMap) -> HeaderMap {
-    let mut out = caller.clone();
-    strip_hop_by_hop(&mut out);
-    for name in CALLER_ONLY {
-        out.remove(*name);
+    let mut out = HeaderMap::with_capacity(FORWARDED.len());
+    for name in FORWARDED {
+        for value in caller.get_all(*name) {
+            out.append(HeaderName::from_static(name), value.clone());
+        }
     }
     out
 }

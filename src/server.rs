@@ -122,6 +122,7 @@ pub async fn run_with_reload(
                 .into_future(),
             ),
         };
+    let (admin_handle, admin_stop) = stop_pair();
     let admin = axum::serve(
         listeners.admin,
         admin_app(AdminState {
@@ -129,10 +130,9 @@ pub async fn run_with_reload(
             draining: draining.clone(),
         }),
     )
-    .with_graceful_shutdown({
-        let stop = stop.clone();
-        async move { stop.stopped().await }
-    });
+    // The admin listener outlives the public one, so probes see `/readyz`
+    // answer 503 while the pod drains, and metrics are scraped to the end.
+    .with_graceful_shutdown(async move { admin_stop.stopped().await });
     let mut public = tokio::spawn(public);
     let mut admin = tokio::spawn(admin.into_future());
 
@@ -158,6 +158,7 @@ pub async fn run_with_reload(
             public.abort();
         }
     }
+    admin_handle.stop();
     if tokio::time::timeout(Duration::from_secs(5), &mut admin)
         .await
         .is_err()
@@ -210,21 +211,30 @@ async fn reload_loop(
     refreshers: Arc<std::sync::Mutex<StopHandle>>,
 ) {
     let mut hangup = hangup_signal();
-    let mut seen = file_fingerprint(&source.path);
+    let mut applied = std::fs::read(&source.path).ok();
+    // A changed file is applied only once two polls in a row read the same
+    // bytes, so a file caught half-written is never loaded.
+    let mut pending: Option<Vec<u8>> = None;
     loop {
-        let trigger = tokio::select! {
+        let (trigger, bytes) = tokio::select! {
             _ = stop.stopped() => return,
-            _ = next_hangup(&mut hangup) => "SIGHUP",
+            _ = next_hangup(&mut hangup) => ("SIGHUP", std::fs::read(&source.path).ok()),
             _ = tokio::time::sleep(source.poll) => {
-                let now = file_fingerprint(&source.path);
-                if now == seen {
+                let now = std::fs::read(&source.path).ok();
+                if now == applied {
+                    pending = None;
                     continue;
                 }
-                "file change"
+                if now != pending {
+                    pending = now;
+                    continue;
+                }
+                ("file change", now)
             }
         };
-        seen = file_fingerprint(&source.path);
-        reload_once(&gateway, &source, trigger, &stop, &refreshers);
+        pending = None;
+        applied = bytes.clone();
+        reload_once(&gateway, &source, trigger, bytes, &stop, &refreshers);
     }
 }
 
@@ -234,26 +244,31 @@ fn reload_once(
     gateway: &Arc<Gateway>,
     source: &ReloadSource,
     trigger: &str,
+    bytes: Option<Vec<u8>>,
     stop: &Stop,
     refreshers: &std::sync::Mutex<StopHandle>,
 ) {
     let current = gateway.snapshot();
-    let built = Config::load(&source.path, &source.secrets)
-        .map_err(|e| {
-            e.problems()
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
+    let text = bytes
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            vec![format!(
+                "cannot read {} as UTF-8 text",
+                source.path.display()
+            )]
+        });
+    let built = text
+        .and_then(|text| {
+            Config::from_yaml(&text, &source.secrets, source.path.parent()).map_err(|e| {
+                e.problems()
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+            })
         })
         .and_then(|config| {
-            if config.listen.public != current.config.listen.public
-                || config.listen.admin != current.config.listen.admin
-            {
-                tracing::warn!(
-                    "listen addresses changed in the config: they take effect at the next restart"
-                );
-            }
-            Snapshot::build(config).map_err(|e| vec![e.to_string()])
+            Snapshot::build(keep_restart_only_settings(config, &current.config))
+                .map_err(|e| vec![e.to_string()])
         });
     match built {
         Ok(snapshot) => {
@@ -283,14 +298,37 @@ fn reload_once(
     }
 }
 
-/// What identifies a version of the config file (content, not just mtime,
-/// which Kubernetes ConfigMap symlink swaps do not always move).
-fn file_fingerprint(path: &std::path::Path) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let bytes = std::fs::read(path).ok()?;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    Some(h.finish())
+/// Settings the running process cannot change (sockets, the upstream client
+/// and token broker, the audit sink) keep their running values until the
+/// next restart, so a reload never leaves a half-applied mix; a change to
+/// them is logged.
+fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
+    let changed = |what: &str| {
+        tracing::warn!(
+            section = what,
+            "changed in the config: takes effect at the next restart"
+        )
+    };
+    if format!("{:?}", new.listen) != format!("{:?}", running.listen) {
+        changed("listen");
+    }
+    if format!("{:?}", new.upstream) != format!("{:?}", running.upstream) {
+        changed("upstream");
+    }
+    if format!("{:?}", new.token) != format!("{:?}", running.token) {
+        changed("token");
+    }
+    if format!("{:?}", new.audit.file) != format!("{:?}", running.audit.file)
+        || new.audit.stdout != running.audit.stdout
+    {
+        changed("audit sinks");
+    }
+    new.listen = running.listen.clone();
+    new.upstream = running.upstream.clone();
+    new.token = running.token.clone();
+    new.audit.file = running.audit.file.clone();
+    new.audit.stdout = running.audit.stdout;
+    new
 }
 
 #[cfg(unix)]
@@ -321,7 +359,8 @@ async fn next_hangup(_: &mut Option<()>) {
 /// The public listener: the outer layers every request passes, then routing.
 ///
 /// Order (outermost first), and why:
-/// 1. request id: set before anything logs, echoed on the way out;
+/// 1. request id: always the gateway's own, set before anything logs,
+///    echoed on the way out;
 /// 2. sensitive headers: marked before the trace layer can record them;
 /// 3. trace span;
 /// 4. panic catch: a bug answers 500 in the Nova shape, never a dropped connection.
@@ -330,6 +369,12 @@ async fn next_hangup(_: &mut Option<()>) {
 /// [`Gateway::handle_v2`], where they run in a fixed, readable order.
 pub fn public_app(gateway: Arc<Gateway>) -> Router {
     let stack = ServiceBuilder::new()
+        // The request id pairs audit records: the gateway always makes its
+        // own, whatever the caller sent.
+        .map_request(|mut req: Request<Body>| {
+            req.headers_mut().remove(REQUEST_ID);
+            req
+        })
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetSensitiveRequestHeadersLayer::new([

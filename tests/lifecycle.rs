@@ -329,3 +329,29 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
     );
     sim.shutdown();
 }
+
+#[tokio::test]
+async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_delay() {
+    let sim = sim().await;
+    let yaml = config_text(&sim, true).replace("server:\n  request_timeout: 10s", "server:\n  request_timeout: 10s\n  drain_delay: 1500ms");
+    let env = common::Env::start_on(sim.clone(), &yaml, &secrets()).await;
+    let readyz = |env: &common::Env| {
+        let (http, admin) = (env.http.clone(), env.admin.clone());
+        async move { http.get(format!("{admin}/readyz")).send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(readyz(&env).await.unwrap(), 200);
+    let gw = env.gw.clone();
+    let token = env.token("web-team");
+    let http = env.http.clone();
+    let admin = env.admin.clone();
+    let stopping = tokio::spawn(env.stop_gateway());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = http.get(format!("{admin}/readyz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503, "readiness goes first");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["draining"], true);
+    let s = http.get(format!("{gw}/v2/web/flavors")).bearer_auth(&token).send().await.unwrap().status();
+    assert_eq!(s.as_u16(), 200, "still serving during the drain delay");
+    stopping.await.unwrap();
+    sim.shutdown();
+}

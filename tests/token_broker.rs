@@ -17,7 +17,13 @@ fn short_tokens(lifetime: Duration) -> SimConfig {
 
 #[tokio::test]
 async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
-    let env = Env::start().await;
+    // A slow identity service keeps the cache cold while all 200 arrive
+    // (the background refresher's start-up fetch is still in flight too).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = toastgate::simulator::Simulator::start(listener, fast_sim()).await.unwrap();
+    sim.set_latency(Duration::from_millis(500));
+    let yaml = common::CONFIG.replace("{SIM}", &sim.base_url());
+    let env = Env::start_on(sim, &yaml, &common::secrets()).await;
     let mut calls = Vec::new();
     for _ in 0..200 {
         let http = env.http.clone();
@@ -110,6 +116,29 @@ async fn an_upstream_401_refreshes_once_and_retries() {
         1,
         "exactly one identity call after the revocation"
     );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_replayed_after_a_401() {
+    let env = Env::start().await;
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    env.sim.revoke_all_tokens();
+    env.sim.clear_requests();
+    let (s, b) = env
+        .post("web-team", "/v2/web/os-keypairs", serde_json::json!({"keypair": {"name": "replayed"}}))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let posts: Vec<_> = env
+        .compute_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/os-keypairs"))
+        .collect();
+    assert_eq!(posts.len(), 2, "the refused try and its replay");
+    assert_eq!(posts[0].body, posts[1].body, "the same body both times");
+    let (s, b) = env.get("web-team", "/v2/web/os-keypairs").await;
+    assert_eq!(s, 200);
+    assert_eq!(b["keypairs"].as_array().unwrap().len(), 1, "created once");
     env.stop().await;
 }
 

@@ -152,6 +152,7 @@ pub fn result_code(e: &V1Error) -> i64 {
 
 fn gateway_code(e: &GatewayError) -> i64 {
     match e {
+        GatewayError::Unauthenticated(crate::auth::AuthError::KeysUnavailable) => 10503,
         GatewayError::Unauthenticated(_)
         | GatewayError::Forbidden(_)
         | GatewayError::UnknownProject(_) => -3,

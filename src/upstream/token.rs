@@ -22,7 +22,7 @@
 //!   throws away a fresh one (keystoneauth's bug) — and the caller retries
 //!   once; a second 401 is an error, never a loop (gophercloud's).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -142,6 +142,10 @@ pub struct TokenBroker {
     policy: TokenPolicy,
     identity_calls: AtomicU64,
     records: Mutex<BTreeMap<String, ProjectRecord>>,
+    /// The last identity failure per key, answered again for a short while
+    /// so that, once a token has expired during an outage, each wave of
+    /// requests does not cause another identity call.
+    recent_failures: Mutex<HashMap<TokenKey, (Instant, IdentityError)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -170,6 +174,7 @@ impl TokenBroker {
             policy,
             identity_calls: AtomicU64::new(0),
             records: Mutex::new(BTreeMap::new()),
+            recent_failures: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -208,12 +213,32 @@ impl TokenBroker {
         project: &Project,
     ) -> Result<Arc<UpstreamToken>, IdentityError> {
         let key = self.key_for(project);
-        let token = self
+        if let Some(token) = self.cache.get(&key).await {
+            return Ok(token);
+        }
+        if let Ok(failures) = self.recent_failures.lock()
+            && let Some((until, e)) = failures.get(&key)
+            && Instant::now() < *until
+        {
+            return Err(e.clone());
+        }
+        let result = self
             .cache
-            .try_get_with(key, self.fetch(project))
-            .await
-            .map_err(|e: Arc<IdentityError>| (*e).clone())?;
-        Ok(token)
+            .try_get_with(key.clone(), self.fetch(project))
+            .await;
+        match result {
+            Ok(token) => Ok(token),
+            Err(e) => {
+                let e = (*e).clone();
+                if let Ok(mut failures) = self.recent_failures.lock() {
+                    failures.insert(
+                        key,
+                        (Instant::now() + self.policy.retry_min_backoff, e.clone()),
+                    );
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Drops `failed` if it is still the cached token for `project`. Returns
