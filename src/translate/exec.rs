@@ -155,7 +155,9 @@ pub fn plan(route: &V1Route, body: &[u8]) -> Result<Plan, V1Error> {
             } else {
                 Action::KeypairList
             },
-            Step::Keypairs { name: name.clone() },
+            Step::Keypairs {
+                name: name.as_deref().map(keypair_name).transpose()?,
+            },
         ),
         V1Route::CreateKeypair => (
             Action::KeypairCreate,
@@ -165,21 +167,34 @@ pub fn plan(route: &V1Route, body: &[u8]) -> Result<Plan, V1Error> {
         ),
         V1Route::DeleteKeypair { name } => (
             Action::KeypairDelete,
-            Step::DeleteKeypair { name: name.clone() },
+            Step::DeleteKeypair {
+                name: keypair_name(name)?,
+            },
         ),
     };
     Ok(Plan { action, step })
 }
 
+/// A keypair name as Nova allows them (letters, digits, spaces, `_`, `-`),
+/// so that nothing but a keypair name can end up in the upstream path.
+fn keypair_name(name: &str) -> Result<String, V1Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '_' | '-'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(V1Error::Invalid(
+            "`name` is not a valid keypair name (letters, digits, spaces, `_`, `-`)".into(),
+        ))
+    }
+}
+
 /// An id that goes into an upstream path segment.
 fn checked_id(s: &str, what: &str) -> Result<String, V1Error> {
-    let ok = !s.is_empty()
-        && s.len() <= 255
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
+    if super::is_plain(s) {
         Ok(s.to_string())
     } else {
         Err(V1Error::Invalid(format!("`{what}` is not a valid id")))
@@ -429,6 +444,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.action, Action::InstanceReboot);
+    }
+
+    #[test]
+    fn keypair_names_in_queries_are_validated() {
+        for bad in ["../servers/x", "a/b", "", "k%2e"] {
+            let route = V1Route::DeleteKeypair { name: bad.into() };
+            assert!(
+                matches!(plan(&route, b""), Err(V1Error::Invalid(_))),
+                "{bad}"
+            );
+            let route = V1Route::Keypairs {
+                name: Some(bad.into()),
+            };
+            assert!(
+                matches!(plan(&route, b""), Err(V1Error::Invalid(_))),
+                "{bad}"
+            );
+        }
+        assert!(
+            plan(
+                &V1Route::DeleteKeypair {
+                    name: "my key".into()
+                },
+                b""
+            )
+            .is_ok()
+        );
     }
 
     #[test]
