@@ -1,9 +1,9 @@
 //! One error type for everything that can go wrong on the request path, and
 //! the one place that turns it into what the caller sees.
 //!
-//! Every failure is classified by where it came from (the caller, the
-//! gateway, or the upstream): that decides the status code, and later the
-//! metrics and audit outcome. Handlers never build error responses by hand.
+//! Each variant says where the failure came from (the caller, the gateway,
+//! or the upstream); that decides the status code here, and the metrics and
+//! audit outcome in `exchange`. Handlers never build error responses by hand.
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -14,13 +14,6 @@ use crate::policy::Refusal;
 use crate::router::RouteError;
 use crate::upstream::UpstreamError;
 use crate::upstream::token::IdentityError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    Caller,
-    Gateway,
-    Upstream,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -63,25 +56,6 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    pub fn origin(&self) -> Origin {
-        match self {
-            GatewayError::Unauthenticated(_)
-            | GatewayError::Forbidden(_)
-            | GatewayError::UnknownProject(_)
-            | GatewayError::NoRoute(_)
-            | GatewayError::BadRequest(_)
-            | GatewayError::BodyTooLarge(_)
-            | GatewayError::RateLimited { .. } => Origin::Caller,
-            GatewayError::TokenUnavailable { .. }
-            | GatewayError::UpstreamUnauthorized(_)
-            | GatewayError::Upstream(_) => Origin::Upstream,
-            GatewayError::Timeout(_)
-            | GatewayError::Internal(_)
-            | GatewayError::RateLimitUnavailable { .. }
-            | GatewayError::AuditUnavailable(_) => Origin::Gateway,
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             // The caller's token may be fine: we cannot check it right now.
@@ -168,53 +142,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn statuses_and_origins() {
-        let cases: Vec<(GatewayError, u16, Origin)> = vec![
-            (
-                GatewayError::Unauthenticated(AuthError::Expired),
-                401,
-                Origin::Caller,
-            ),
+    fn status_per_failure() {
+        let cases: Vec<(GatewayError, u16)> = vec![
+            (GatewayError::Unauthenticated(AuthError::Expired), 401),
             (
                 GatewayError::Forbidden(Refusal::UnknownTeam { team: "x".into() }),
                 403,
-                Origin::Caller,
             ),
-            (
-                GatewayError::UnknownProject("p".into()),
-                404,
-                Origin::Caller,
-            ),
-            (GatewayError::BadRequest("b".into()), 400, Origin::Caller),
-            (GatewayError::BodyTooLarge(10), 413, Origin::Caller),
+            (GatewayError::UnknownProject("p".into()), 404),
+            (GatewayError::BadRequest("b".into()), 400),
+            (GatewayError::BodyTooLarge(10), 413),
             (
                 GatewayError::TokenUnavailable {
                     project: "p".into(),
                     source: IdentityError::Unavailable("down".into()),
                 },
                 503,
-                Origin::Upstream,
             ),
             (
                 GatewayError::Upstream(UpstreamError::Timeout(std::time::Duration::from_secs(1))),
                 504,
-                Origin::Upstream,
             ),
             (
                 GatewayError::Upstream(UpstreamError::Unreachable("refused".into())),
                 502,
-                Origin::Upstream,
+            ),
+            (GatewayError::UpstreamUnauthorized("p".into()), 502),
+            (GatewayError::Internal("x".into()), 500),
+            (
+                GatewayError::Unauthenticated(AuthError::KeysUnavailable),
+                503,
             ),
             (
-                GatewayError::UpstreamUnauthorized("p".into()),
-                502,
-                Origin::Upstream,
+                GatewayError::RateLimited {
+                    rule: "r".into(),
+                    retry_after: std::time::Duration::from_millis(1500),
+                },
+                429,
             ),
-            (GatewayError::Internal("x".into()), 500, Origin::Gateway),
+            (GatewayError::RateLimitUnavailable { rule: "r".into() }, 503),
+            (GatewayError::AuditUnavailable("x".into()), 503),
         ];
-        for (e, status, origin) in cases {
+        for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
-            assert_eq!(e.origin(), origin, "{e}");
         }
     }
 

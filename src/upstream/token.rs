@@ -2,9 +2,9 @@
 //! API of the spec, cached centrally and refreshed ahead of expiry.
 //!
 //! Behaviour, and why:
-//! - The cache key is identity URL + tenant + user (never less), so two
-//!   projects that share a tenant but log in as different users, or the same
-//!   tenant behind two identity endpoints, never share a token.
+//! - The cache key is identity URL + tenant + user (never less), so a token
+//!   is never reused for another user or another identity endpoint (for
+//!   example after a reload that changes a project's credentials).
 //! - A token's lifetime comes from the identity answer (`expires` minus
 //!   `issued_at`, both from the server, so a skewed local clock does not
 //!   matter), never from an assumed figure. It stops being handed out a small
