@@ -333,11 +333,19 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
 #[tokio::test]
 async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_delay() {
     let sim = sim().await;
-    let yaml = config_text(&sim, true).replace("server:\n  request_timeout: 10s", "server:\n  request_timeout: 10s\n  drain_delay: 1500ms");
+    let yaml = config_text(&sim, true).replace(
+        "server:\n  request_timeout: 10s",
+        "server:\n  request_timeout: 10s\n  drain_delay: 1500ms",
+    );
     let env = common::Env::start_on(sim.clone(), &yaml, &secrets()).await;
     let readyz = |env: &common::Env| {
         let (http, admin) = (env.http.clone(), env.admin.clone());
-        async move { http.get(format!("{admin}/readyz")).send().await.map(|r| r.status().as_u16()) }
+        async move {
+            http.get(format!("{admin}/readyz"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
     };
     assert_eq!(readyz(&env).await.unwrap(), 200);
     let gw = env.gw.clone();
@@ -350,7 +358,13 @@ async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_d
     assert_eq!(r.status().as_u16(), 503, "readiness goes first");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["draining"], true);
-    let s = http.get(format!("{gw}/v2/web/flavors")).bearer_auth(&token).send().await.unwrap().status();
+    let s = http
+        .get(format!("{gw}/v2/web/flavors"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(s.as_u16(), 200, "still serving during the drain delay");
     stopping.await.unwrap();
     sim.shutdown();

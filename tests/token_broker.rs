@@ -20,7 +20,9 @@ async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
     // A slow identity service keeps the cache cold while all 200 arrive
     // (the background refresher's start-up fetch is still in flight too).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = toastgate::simulator::Simulator::start(listener, fast_sim()).await.unwrap();
+    let sim = toastgate::simulator::Simulator::start(listener, fast_sim())
+        .await
+        .unwrap();
     sim.set_latency(Duration::from_millis(500));
     let yaml = common::CONFIG.replace("{SIM}", &sim.base_url());
     let env = Env::start_on(sim, &yaml, &common::secrets()).await;
@@ -126,7 +128,11 @@ async fn a_request_with_a_body_is_replayed_after_a_401() {
     env.sim.revoke_all_tokens();
     env.sim.clear_requests();
     let (s, b) = env
-        .post("web-team", "/v2/web/os-keypairs", serde_json::json!({"keypair": {"name": "replayed"}}))
+        .post(
+            "web-team",
+            "/v2/web/os-keypairs",
+            serde_json::json!({"keypair": {"name": "replayed"}}),
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     let posts: Vec<_> = env

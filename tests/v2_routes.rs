@@ -543,7 +543,10 @@ async fn microversion_headers_pass_both_ways_and_hop_by_hop_headers_do_not() {
     assert_eq!(resp.headers()["openstack-api-version"], "compute 2.47");
     assert_eq!(resp.headers()["x-openstack-nova-api-version"], "2.47");
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
-    assert_ne!(request_id, "caller-chosen-id", "the gateway makes its own request ids");
+    assert_ne!(
+        request_id, "caller-chosen-id",
+        "the gateway makes its own request ids"
+    );
     assert_eq!(request_id.len(), 36);
     let seen = &env.compute_requests()[0];
     let has = |name: &str| seen.headers.iter().any(|(k, _)| k == name);
@@ -553,7 +556,10 @@ async fn microversion_headers_pass_both_ways_and_hop_by_hop_headers_do_not() {
         "a header named in Connection was forwarded"
     );
     assert!(!has("cookie"));
-    assert!(!has("x-roles"), "only allow-listed caller headers are forwarded");
+    assert!(
+        !has("x-roles"),
+        "only allow-listed caller headers are forwarded"
+    );
     env.stop().await;
 }
 
