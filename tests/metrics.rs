@@ -124,7 +124,37 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
             .await;
         assert_eq!(s, 404);
     }
+    // ... and the series a JWT naming a team that is not configured creates.
+    let stranger = |n: usize| {
+        toastgate::auth::mint_token(
+            &env.config.auth,
+            &format!("team-{n}"),
+            "x",
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap()
+    };
+    let s = env
+        .http
+        .get(env.url("/v2/web/flavors"))
+        .bearer_auth(stranger(0))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s.as_u16(), 403);
     let before = series(&env.metrics().await);
+    for n in 1..200 {
+        let s = env
+            .http
+            .get(env.url("/v2/web/flavors"))
+            .bearer_auth(stranger(n))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s.as_u16(), 403);
+    }
     let mut tasks = Vec::new();
     for worker in 0..16 {
         let http = env.http.clone();
@@ -156,6 +186,11 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
         after.difference(&before).collect::<Vec<_>>()
     );
     assert!(text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",surface="v2",team="web-team"} 10003"#));
+    assert!(text.contains(r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",surface="v2",team="unknown"} 200"#), "{text}");
+    assert!(
+        !text.contains("team-1"),
+        "a team name from a JWT became a label"
+    );
     promtool_check(&text);
     env.stop().await;
 }
