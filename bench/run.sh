@@ -9,11 +9,13 @@
 # Every proxy gets one worker; the load generator gets one thread. Each target
 # is warmed up, then measured closed-loop (wrk: max req/s, p50, p99), then
 # open-loop at half of (b)'s max rate (oha --latency-correction: p99 without
-# coordinated omission). Last, toastgate's RSS with 10,000 idle keep-alive
-# connections. Ends with a markdown table for the README.
+# coordinated omission), plus (b) and (d) at half of (d)'s max rate. Last, RSS
+# with 10,000 idle keep-alive connections (toastgate; bare_proxy and nginx for
+# reference). Ends with a markdown table for the README.
 #
-# Usage: bench/run.sh            (about 3 minutes once built and installed)
-# Knobs: DURATION=10 WARMUP=3 CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1
+# Usage: bench/run.sh   (measuring takes about 2.5 minutes; the first run also
+#                        installs nginx, wrk and oha, and builds in release)
+# Knobs: DURATION=10 WARMUP=3 CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,8 +51,12 @@ if ! command -v oha >/dev/null; then
     cargo install oha --locked
 fi
 
-log "building toastgate and bare_proxy (release)"
-(cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    log "SKIP_BUILD=1: using the binaries already built"
+else
+    log "building toastgate and bare_proxy (release)"
+    (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+fi
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 TOASTGATE="$TARGET_DIR/release/toastgate"
@@ -133,6 +139,7 @@ wait_ready() {
 log "starting nginx upstream :$P_UP, bare_proxy :$P_BARE, nginx proxy :$P_NGX, toastgate :$P_TG"
 nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
 PIDS+=($!)
+UP_PID=$!
 wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
 
 TOKIO_WORKER_THREADS=1 "$BARE_PROXY" "127.0.0.1:$P_BARE" "127.0.0.1:$P_UP" 2>"$TMP/bare_proxy.log" &
@@ -140,6 +147,7 @@ PIDS+=($!)
 BARE_PID=$!
 nginx -p "$TMP" -e "$TMP/nginx-proxy.error.log" -c "$TMP/nginx-proxy.conf" &
 PIDS+=($!)
+NGX_PID=$!
 RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/toastgate.log" &
 PIDS+=($!)
 TG_PID=$!
@@ -159,6 +167,13 @@ declare -A URL=(
     [c]="http://127.0.0.1:$P_NGX$REQ_PATH"
     [d]="http://127.0.0.1:$P_TG$REQ_PATH"
 )
+# The process that does each target's work (nginx: its one worker, not the master).
+declare -A WORKER=(
+    [a]=$(pgrep -P "$UP_PID" | head -n1)
+    [b]=$BARE_PID
+    [c]=$(pgrep -P "$NGX_PID" | head -n1)
+    [d]=$TG_PID
+)
 declare -A NAME=(
     [a]="(a) nginx upstream, direct"
     [b]="(b) bare hyper proxy"
@@ -173,10 +188,11 @@ for t in a b c d; do
 done
 body=$(curl -fsS -H "$AUTH" "${URL[d]}")
 links=$({ grep -o "http://127.0.0.1:$P_TG/v2/bench/[a-z]*/" <<<"$body" || true; } | wc -l)
-if grep -q 'kr1-api-compute' <<<"$body" || [ "$links" -ne 12 ]; then
-    die "toastgate did not rewrite the 12 links ($links rewritten)"
+HREFS=$(grep -o '"href"' "$TMP/www/servers-detail.json" | wc -l)
+if grep -q 'kr1-api-compute' <<<"$body" || [ "$links" -ne "$HREFS" ]; then
+    die "toastgate rewrote $links of the $HREFS links"
 fi
-log "all four targets answer; toastgate rewrites all 12 links"
+log "all four targets answer; toastgate rewrites all $HREFS links"
 
 # --- measurements -----------------------------------------------------------
 
@@ -189,62 +205,90 @@ to_us() {
     }'
 }
 
-declare -A RPS P50 P99 OL_RPS OL_P50 OL_P99
+declare -A RPS P50 P99 CPU_REQ OL_RPS OL_P50 OL_P99
+CLK_TCK=$(getconf CLK_TCK)
+# user + system CPU ticks a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # Closed loop: wrk, 1 thread, CONNS connections, as fast as the target allows.
 measure_closed() {
-    local t=$1 out non2xx
+    local t=$1 out non2xx ticks requests
     wrk -t1 -c"$CONNS" -d"${WARMUP}s" -H "$AUTH" "${URL[$t]}" >/dev/null
+    ticks=$(cpu_ticks "${WORKER[$t]}")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$AUTH" "${URL[$t]}")
+    ticks=$(($(cpu_ticks "${WORKER[$t]}") - ticks))
     echo "$out" >"$TMP/wrk-$t.txt"
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     [ -z "$non2xx" ] || die "${NAME[$t]}: $non2xx non-2xx answers under load"
+    if grep -q 'Socket errors' <<<"$out"; then log "${NAME[$t]}: $(grep 'Socket errors' <<<"$out")"; fi
     RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
     P50[$t]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     P99[$t]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-    log "closed-loop ${NAME[$t]}: ${RPS[$t]} req/s, p50 ${P50[$t]} us, p99 ${P99[$t]} us"
+    # CPU the target process spent per request: steadier than req/s on a
+    # shared machine, and what a second worker would have to share.
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    CPU_REQ[$t]=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.0f", k / hz * 1e6 / n }')
+    log "closed-loop ${NAME[$t]}: ${RPS[$t]} req/s, p50 ${P50[$t]} us, p99 ${P99[$t]} us, ${CPU_REQ[$t]} us CPU/req"
 }
 
 # Open loop: oha sends at a fixed RATE whatever the answers do; with
 # --latency-correction a stall counts against every request it delayed.
 measure_open() {
-    local t=$1 rate=$2 json
-    TOKIO_WORKER_THREADS=1 oha --no-tui -z 2s -q "$rate" -c "$CONNS" -H "$AUTH" "${URL[$t]}" >/dev/null
-    json=$(TOKIO_WORKER_THREADS=1 oha --no-tui --output-format json -z "${DURATION}s" -q "$rate" \
+    local t=$1 rate=$2 key=$3 json
+    oha --worker-threads 1 --no-tui -z 2s -q "$rate" -c "$CONNS" -H "$AUTH" "${URL[$t]}" >/dev/null
+    json=$(oha --worker-threads 1 --no-tui -w --output-format json -z "${DURATION}s" -q "$rate" \
         --latency-correction -c "$CONNS" -H "$AUTH" "${URL[$t]}")
-    echo "$json" >"$TMP/oha-$t.json"
-    read -r "OL_RPS[$t]" "OL_P50[$t]" "OL_P99[$t]" < <(python3 -c '
+    echo "$json" >"$TMP/oha-$key.json"
+    read -r "OL_RPS[$key]" "OL_P50[$key]" "OL_P99[$key]" < <(python3 -c '
 import json, sys
 d = json.loads(sys.stdin.read())
 codes = d.get("statusCodeDistribution", {})
 bad = {k: v for k, v in codes.items() if not k.startswith("2")}
 if bad or d.get("errorDistribution"):
-    sys.exit(f"non-2xx or errors: {bad} {d.get(\"errorDistribution\")}")
+    sys.exit("non-2xx or errors: %r %r" % (bad, d.get("errorDistribution")))
 p = d["latencyPercentiles"]
 print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99"] * 1e6))
-' <<<"$json") || die "${NAME[$t]}: open-loop run failed (see $TMP/oha-$t.json)"
-    log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$t]} req/s, p50 ${OL_P50[$t]} us, p99 ${OL_P99[$t]} us"
+' <<<"$json") || die "${NAME[$t]}: open-loop run failed (see $TMP/oha-$key.json)"
+    log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$key]} req/s sent, p50 ${OL_P50[$key]} us, p99 ${OL_P99[$key]} us"
 }
 
+# Other work on this shared machine skews everything: keep a record of it.
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+MEASURE_START=$(date +%s)
 log "closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s per target"
 for t in a b c d; do measure_closed "$t"; done
 
+# The issue's latency target: every target at half of (b)'s max rate. If (d)
+# cannot carry that rate, its p99 is queueing; so (b) and (d) also run at half
+# of (d)'s own max rate: the latency (d) adds at a load it can sustain.
 RATE=$((RPS[b] / 2))
-log "open loop: oha -q $RATE --latency-correction -c$CONNS (half of (b)'s max), ${DURATION}s per target"
-for t in a b c d; do measure_open "$t" "$RATE"; done
+RATE_D=$((RPS[d] / 2))
+log "open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${DURATION}s per run"
+for t in a b c d; do measure_open "$t" "$RATE" "$t"; done
+for t in b d; do measure_open "$t" "$RATE_D" "${t}2"; done
 
-log "idle connections: $IDLE_CONNS keep-alive connections to toastgate (and to bare_proxy for reference)"
+# --- memory with idle keep-alive connections --------------------------------
+
+log "idle connections: $IDLE_CONNS keep-alive connections each to toastgate, bare_proxy, nginx proxy"
+# NAME PORT PID -> one JSON line (see idle_conns.py)
 idle() {
-    python3 "$BENCH/idle_conns.py" --port "$1" --pid "$2" --count "$IDLE_CONNS" --hold 3 --deadline 90
+    python3 "$BENCH/idle_conns.py" --port "$2" --pid "$3" --count "$IDLE_CONNS" --hold 3 --deadline 90 ||
+        die "idle connection test against $1 failed"
 }
-TG_IDLE=$(idle "$P_TG" "$TG_PID") || die "idle connection test against toastgate failed"
-BARE_IDLE=$(idle "$P_BARE" "$BARE_PID") || die "idle connection test against bare_proxy failed"
-read -r TG_OPENED TG_RSS0 TG_RSS BARE_RSS < <(python3 -c '
-import json, sys
-tg, bare = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(tg["opened"], tg["rss_before_kib"], tg["rss_kib"], bare["rss_kib"])' "$TG_IDLE" "$BARE_IDLE")
+TG_IDLE=$(idle toastgate "$P_TG" "$TG_PID")
 log "toastgate: $TG_IDLE"
+BARE_IDLE=$(idle bare_proxy "$P_BARE" "$BARE_PID")
 log "bare_proxy: $BARE_IDLE"
+NGX_IDLE=$(idle "nginx proxy" "$P_NGX" "${WORKER[c]}")
+log "nginx proxy worker: $NGX_IDLE"
+read -r TG_OPENED TG_RSS0 TG_RSS BARE_RSS NGX_RSS < <(python3 -c '
+import json, sys
+tg, bare, ngx = (json.loads(a) for a in sys.argv[1:])
+for x in (tg, bare, ngx):
+    if x["failed"]:
+        sys.exit("some idle connections failed: %r" % x)
+print(tg["opened"], tg["rss_before_kib"], tg["rss_kib"], bare["rss_kib"], ngx["rss_kib"])
+' "$TG_IDLE" "$BARE_IDLE" "$NGX_IDLE") || die "idle connection test incomplete"
 
 # --- report -----------------------------------------------------------------
 
@@ -256,25 +300,27 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 R_DB=$(ratio "${RPS[d]}" "${RPS[b]}")
 R_DC=$(ratio "${RPS[d]}" "${RPS[c]}")
 ADDED=$((OL_P99[d] - OL_P99[b]))
+ADDED_D=$((OL_P99[d2] - OL_P99[b2]))
 TG_MIB=$(mib "$TG_RSS")
 CPU=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+MEASURED=$(($(date +%s) - MEASURE_START))
 ELAPSED=$(($(date +%s) - START))
 
 cat <<EOF
 
 ## toastgate benchmark
 
-GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, 12 links rewritten by (d)), same request and JWT for every target.
-Closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s. Open loop: oha -q $RATE --latency-correction -c$CONNS, ${DURATION}s.
-One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread;
-nothing pinned, so the load generator, the proxy and the upstream share the $(nproc) cores.
+GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, $HREFS links rewritten by (d)), same request and JWT for every target.
+Closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s; CPU/req is the target process's user+sys time per request. Open loop: oha -q RATE --latency-correction -c$CONNS, ${DURATION}s.
+One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread
+(wrk -t1, oha --worker-threads 1); nothing pinned, so load generator, proxy and upstream share the $(nproc) cores.
 
-| target | req/s | p50 | p99 | open-loop p50 @ $RATE/s | open-loop p99 @ $RATE/s |
-|---|---:|---:|---:|---:|---:|
+| target | closed: req/s | p50 | p99 | CPU/req | open @ $RATE/s: sent/s | p50 | p99 |
+|---|---:|---:|---:|---:|---:|---:|---:|
 EOF
 for t in a b c d; do
-    printf '| %s | %s | %s us | %s us | %s us | %s us |\n' \
-        "${NAME[$t]}" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "${OL_P50[$t]}" "${OL_P99[$t]}"
+    printf '| %s | %s | %s us | %s us | %s us | %s | %s us | %s us |\n' "${NAME[$t]}" "${RPS[$t]}" \
+        "${P50[$t]}" "${P99[$t]}" "${CPU_REQ[$t]}" "${OL_RPS[$t]}" "${OL_P50[$t]}" "${OL_P99[$t]}"
 done
 cat <<EOF
 
@@ -282,10 +328,13 @@ cat <<EOF
 |---|---:|---:|---|
 | throughput (d)/(b) | $R_DB | >= 0.90 | $(verdict "$R_DB" ">=" 0.9) |
 | throughput (d)/(c) | $R_DC | >= 0.80 | $(verdict "$R_DC" ">=" 0.8) |
-| open-loop p99 added by (d) over (b) @ $RATE/s | $ADDED us | <= 200 us | $(verdict "$ADDED" "<=" 200) |
+| CPU per request (d)/(b): ${CPU_REQ[d]} us / ${CPU_REQ[b]} us | $(ratio "${CPU_REQ[d]}" "${CPU_REQ[b]}") | (info) | |
+| open-loop p99 added by (d) over (b) @ $RATE/s (half of (b)'s max) | $ADDED us | <= 200 us | $(verdict "$ADDED" "<=" 200) |
+| same @ $RATE_D/s (half of (d)'s max): p99 (b) ${OL_P99[b2]} us, (d) ${OL_P99[d2]} us | $ADDED_D us | (info) | |
 | toastgate RSS, $TG_OPENED idle keep-alive conns | $TG_MIB MiB | <= 64 MiB | $(verdict "$TG_MIB" "<=" 64) |
 
-toastgate RSS before the idle connections (after the load runs): $(mib "$TG_RSS0") MiB; bare_proxy with the same $IDLE_CONNS connections: $(mib "$BARE_RSS") MiB.
+Same $IDLE_CONNS idle connections: bare_proxy $(mib "$BARE_RSS") MiB, nginx proxy worker $(mib "$NGX_RSS") MiB; toastgate before them (after the load runs) $(mib "$TG_RSS0") MiB.
 
-Machine: $(nproc) cores, $CPU, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC'); run took ${ELAPSED}s.
+Machine: $(nproc) cores, $CPU, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC');
+load average before measuring: $LOAD_AT_START; measuring took ${MEASURED}s, the whole script ${ELAPSED}s.
 EOF

@@ -49,12 +49,17 @@ const FLAVOR_CACHE_TTL: Duration = Duration::from_secs(600);
 pub struct Snapshot {
     pub config: Arc<Config>,
     pub auth: Authenticator,
+    /// JWTs verified recently, so a client reusing its token (the common
+    /// case) does not pay a signature check per request. Per snapshot: a
+    /// reload (new keys, new teams) starts empty.
+    verified: VerifiedTokens,
     pub limiter: Arc<RateLimiter>,
 }
 
 impl Snapshot {
     pub fn build(config: Config) -> Result<Snapshot, StartError> {
         Ok(Snapshot {
+            verified: VerifiedTokens::new(config.auth.leeway),
             auth: Authenticator::new(&config.auth)?,
             limiter: RateLimiter::new(&config)?,
             config: Arc::new(config),
@@ -358,7 +363,7 @@ impl Gateway {
         x: &mut Exchange,
         headers: &HeaderMap,
     ) -> Result<Identity, GatewayError> {
-        match authenticate(&snap.auth, headers).await {
+        match snap.verified.authenticate(&snap.auth, headers).await {
             Ok(identity) => {
                 x.team = Some(identity.team.clone());
                 x.subject = identity.subject.clone();
@@ -639,6 +644,61 @@ pub async fn authenticate(
 ) -> Result<Identity, GatewayError> {
     let token = caller_token(headers)?;
     Ok(auth.authenticate(token).await?)
+}
+
+/// Successfully verified JWTs, for at most a minute and never past their
+/// own `exp` (plus the configured leeway, as the verifier allows). Only
+/// successes are kept, keyed by the whole token, so a cached answer is
+/// exactly what verifying again would say, minus a key removed from a JWKS
+/// in the last minute.
+struct VerifiedTokens {
+    cache: moka::sync::Cache<String, (Identity, i64)>,
+    leeway_secs: i64,
+}
+
+impl VerifiedTokens {
+    fn new(leeway: Duration) -> VerifiedTokens {
+        VerifiedTokens {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            leeway_secs: leeway.as_secs() as i64,
+        }
+    }
+
+    async fn authenticate(
+        &self,
+        auth: &Authenticator,
+        headers: &HeaderMap,
+    ) -> Result<Identity, GatewayError> {
+        let token = caller_token(headers)?;
+        let now = chrono::Utc::now().timestamp();
+        if let Some((identity, valid_until)) = self.cache.get(token)
+            && now < valid_until
+        {
+            return Ok(identity);
+        }
+        let identity = auth.authenticate(token).await?;
+        if let Some(exp) = jwt_exp(token) {
+            self.cache.insert(
+                token.to_string(),
+                (identity.clone(), exp.saturating_add(self.leeway_secs)),
+            );
+        }
+        Ok(identity)
+    }
+}
+
+/// The `exp` claim of a token that has just been verified.
+fn jwt_exp(token: &str) -> Option<i64> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["exp"].as_i64()
 }
 
 async fn read_request_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {

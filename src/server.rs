@@ -15,7 +15,9 @@ use http::{HeaderMap, HeaderName, Request, StatusCode, header};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
@@ -375,7 +377,7 @@ pub fn public_app(gateway: Arc<Gateway>) -> Router {
             req.headers_mut().remove(REQUEST_ID);
             req
         })
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, RandomRequestId))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -397,6 +399,20 @@ pub fn public_app(gateway: Arc<Gateway>) -> Router {
         .fallback(not_found)
         .with_state(gateway)
         .layer(stack)
+}
+
+/// UUID v4 request ids from the thread-local generator: no system call per
+/// request (`Uuid::new_v4` asks the kernel each time).
+#[derive(Clone, Copy)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        http::HeaderValue::from_str(&id.to_string())
+            .ok()
+            .map(RequestId::new)
+    }
 }
 
 async fn versions_list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {

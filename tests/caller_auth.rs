@@ -270,3 +270,26 @@ async fn unknown_project_and_unknown_route_are_refused_not_forwarded() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_verified_token_is_not_accepted_past_its_exp() {
+    // Verified tokens are cached; the cache must never outlive `exp`.
+    let env = Env::start_with(common::fast_sim(), |y| {
+        *y = y.replace(
+            "  algorithms: [HS256]\n",
+            "  algorithms: [HS256]\n  leeway: 0s\n",
+        )
+    })
+    .await;
+    let _ = env.token("web-team");
+    let token = sign(&with(good_claims(), "exp", json!(now() + 1)), JWT_SECRET);
+    let (status, _, _) = call_with(&env, ("authorization", format!("Bearer {token}"))).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = call_with(&env, ("authorization", format!("Bearer {token}"))).await;
+    assert_eq!(status, 200, "served from the cache");
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (status, body, _) = call_with(&env, ("authorization", format!("Bearer {token}"))).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(assert_nova_error(&body, "unauthorized", 401).contains("expired"));
+    env.stop().await;
+}
