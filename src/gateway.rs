@@ -435,11 +435,9 @@ impl Gateway {
         let level = config.audit.level_for(action);
         if action.is_mutating() && level != AuditLevel::None && self.audit.is_enabled() {
             let record = x.audit_record(Stage::Received, level, None);
-            if let Err(e) = self.write_audit(record).await
-                && config.audit.fail_closed
-            {
-                // The detail (a file path) is logged by write_audit, not shown.
-                let _ = e;
+            // The failure's detail (a file path) is logged by write_audit,
+            // never shown to the caller.
+            if self.write_audit(record).await.is_err() && config.audit.fail_closed {
                 return Err(GatewayError::AuditUnavailable(
                     "the audit sink is not writable".into(),
                 ));
