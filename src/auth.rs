@@ -19,7 +19,6 @@
 //! Nothing here logs or displays a token or key material.
 
 use std::borrow::Cow;
-use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1206,7 +1205,7 @@ impl RemoteJwks {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
+                .map_err(|e| format!("request failed: {}", crate::error::error_chain(&e)))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(format!("HTTP status {status}"));
@@ -1215,7 +1214,12 @@ impl RemoteJwks {
                 .collect()
                 .await
                 .map(|collected| collected.to_bytes())
-                .map_err(|e| format!("cannot read the body: {}", error_chain(e.as_ref())))
+                .map_err(|e| {
+                    format!(
+                        "cannot read the body: {}",
+                        crate::error::error_chain(e.as_ref())
+                    )
+                })
         })
         .await
         .map_err(|_| format!("timed out after {}s", JWKS_FETCH_TIMEOUT.as_secs()))??;
@@ -1236,17 +1240,6 @@ fn is_loopback(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn error_chain(e: &(dyn StdError + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 // ---------------------------------------------------------------------------

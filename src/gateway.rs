@@ -194,11 +194,7 @@ impl Gateway {
                 (e.v2_response(), ending)
             }
         };
-        self.finish(&snap, &x, &ending, resp.status().as_u16())
-            .await;
-        if let Some(rate) = &x.rate {
-            rate.apply_headers(resp.headers_mut());
-        }
+        self.finish(&snap, &x, &ending, &mut resp).await;
         resp
     }
 
@@ -297,11 +293,7 @@ impl Gateway {
                 (translate::envelope_error(&e), ending)
             }
         };
-        self.finish(&snap, &x, &ending, resp.status().as_u16())
-            .await;
-        if let Some(rate) = &x.rate {
-            rate.apply_headers(resp.headers_mut());
-        }
+        self.finish(&snap, &x, &ending, &mut resp).await;
         resp
     }
 
@@ -447,8 +439,12 @@ impl Gateway {
     }
 
     /// After the answer is known and before it leaves: the "completed" audit
-    /// record, the metrics, one log line.
-    async fn finish(&self, snap: &Snapshot, x: &Exchange, ending: &Ending, status: u16) {
+    /// record, the metrics, one log line, the rate-limit headers.
+    async fn finish(&self, snap: &Snapshot, x: &Exchange, ending: &Ending, resp: &mut Response) {
+        if let Some(rate) = &x.rate {
+            rate.apply_headers(resp.headers_mut());
+        }
+        let status = resp.status().as_u16();
         let config = &snap.config;
         let level = x.audit_level(config);
         // Refusals are always recorded, at least at metadata level.
@@ -634,14 +630,6 @@ pub fn caller_token(headers: &HeaderMap) -> Result<&str, AuthError> {
         return v.to_str().map(str::trim).map_err(|_| AuthError::Malformed);
     }
     Err(AuthError::Missing)
-}
-
-pub async fn authenticate(
-    auth: &Authenticator,
-    headers: &HeaderMap,
-) -> Result<Identity, GatewayError> {
-    let token = caller_token(headers)?;
-    Ok(auth.authenticate(token).await?)
 }
 
 /// Successfully verified JWTs, for at most a minute and never past their

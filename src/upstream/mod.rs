@@ -97,7 +97,7 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout(self.request_timeout, self.inner.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(describe_client_error(&e))),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(crate::error::error_chain(&e))),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
@@ -136,19 +136,6 @@ pub async fn read_body(
             }
         }
     }
-}
-
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    // The chain carries the useful part ("connection refused", "invalid
-    // certificate"); the top level only says "client error (Connect)".
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientSetupError> {
