@@ -14,8 +14,8 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use toastgate::action::Action;
 use toastgate::config::{Config, SecretSource};
-use toastgate::policy::Action;
 use toastgate::ratelimit::RateLimiter;
 
 const CONFIG: &str = r#"

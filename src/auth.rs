@@ -1205,7 +1205,7 @@ impl RemoteJwks {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| format!("request failed: {}", crate::error::error_chain(&e)))?;
+                .map_err(|e| format!("request failed: {}", crate::upstream::error_chain(&e)))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(format!("HTTP status {status}"));
@@ -1217,7 +1217,7 @@ impl RemoteJwks {
                 .map_err(|e| {
                     format!(
                         "cannot read the body: {}",
-                        crate::error::error_chain(e.as_ref())
+                        crate::upstream::error_chain(e.as_ref())
                     )
                 })
         })

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::Action;
+use crate::action::Action;
 use crate::secret::Secret;
 
 /// Where `*_env` references are resolved. The process environment in
@@ -1388,7 +1388,7 @@ impl Validator<'_> {
         }
         let mut out = BTreeSet::new();
         for (i, p) in patterns.iter().enumerate() {
-            match crate::policy::resolve_pattern(p) {
+            match crate::action::resolve_pattern(p) {
                 Some(set) => out.extend(set),
                 None => self.problem(
                     format!("{path}[{i}]"),

@@ -15,20 +15,6 @@ use crate::router::RouteError;
 use crate::upstream::UpstreamError;
 use crate::upstream::token::IdentityError;
 
-/// An error and every error under it, `outer: inner: innermost`: the useful
-/// part of a client error ("connection refused", "invalid certificate")
-/// is usually in the chain, not at the top.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("authentication required: {0}")]

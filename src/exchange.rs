@@ -9,11 +9,11 @@ use axum::extract::ConnectInfo;
 use http::request::Parts;
 use serde_json::{Value, json};
 
+use crate::action::Action;
 use crate::audit::{AuditRecord, Decision as AuditDecision, Stage};
 use crate::config::{AuditLevel, Config};
 use crate::error::GatewayError;
 use crate::metrics::Outcome;
-use crate::policy::Action;
 use crate::translate::V1Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 
+use crate::action::Action;
 use crate::audit::{AuditLog, Stage};
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::{AuditLevel, Config, Project};
@@ -32,7 +33,7 @@ use crate::exchange::{
     Ending, Exchange, Surface, gateway_ending, result_ids, upstream_ending, v1_ending,
 };
 use crate::metrics::Metrics;
-use crate::policy::{self, Action};
+use crate::policy;
 use crate::proxy;
 use crate::ratelimit::{Outcome as RateOutcome, RateLimiter};
 use crate::router::{self, V2Kind};

@@ -6,7 +6,7 @@
 //!   `main`, `demo` and every integration test start.
 //! - [`gateway`]: the request path, phase by phase (classify, authenticate,
 //!   authorize, forward).
-//! - [`router`]: method + path -> surface, project, [`policy::Action`].
+//! - [`router`]: method + path -> surface, project, [`action::Action`].
 //! - [`auth`]: caller JWT verification.
 //! - [`policy`]: the Action catalog and team/project authorization.
 //! - [`ratelimit`]: per-team GCRA rate limits, in process or shared through Redis.
@@ -22,6 +22,7 @@
 //! - [`audit`]: the hash-chained audit log of instance actions and `toastgate audit`.
 #![forbid(unsafe_code)]
 
+pub mod action;
 pub mod audit;
 pub mod auth;
 pub mod config;

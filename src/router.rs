@@ -6,7 +6,7 @@
 
 use http::Method;
 
-use crate::policy::Action;
+use crate::action::Action;
 
 /// A classified v2 request: `/v2/{project}/{rest}`.
 #[derive(Debug, Clone, PartialEq, Eq)]

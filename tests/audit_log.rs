@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use toastgate::action::Action;
 use toastgate::audit::{
     self, AuditCommand, AuditError, AuditLog, AuditRecord, Decision, GENESIS, Stage,
 };
 use toastgate::config::{Audit, AuditFileConfig, AuditLevel, FsyncPolicy};
-use toastgate::policy::Action;
 
 struct Scratch(PathBuf);
 

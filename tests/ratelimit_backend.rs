@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use toastgate::action::Action;
 use toastgate::config::{Config, SecretSource};
-use toastgate::policy::Action;
 use toastgate::ratelimit::{Decision, Outcome, RateLimiter};
 
 const PASSWORD: &str = "rl-test-password";

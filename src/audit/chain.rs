@@ -35,7 +35,22 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::AuditError;
-use super::sink::rotated_files;
+
+/// `FILE.n`.
+pub(crate) fn rotated_path(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// The rotated files of `path` that exist, newest first (`FILE.1`, `FILE.2`,
+/// ...), stopping at the first number missing.
+pub(crate) fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    (1..=u32::MAX)
+        .map(|n| rotated_path(path, n))
+        .take_while(|p| p.is_file())
+        .collect()
+}
 
 /// `prev_hash` of the first record ever.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

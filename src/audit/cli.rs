@@ -10,9 +10,10 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 
+use super::chain::rotated_files;
 use super::chain::{self, GENESIS, MAX_LINE};
-use super::sink::{read_tail, rotated_files};
-use crate::policy;
+use super::sink::read_tail;
+use crate::action;
 
 /// How often `tail --follow` looks for new records.
 const POLL: Duration = Duration::from_millis(500);
@@ -203,9 +204,9 @@ impl ActionMatch {
         if let Some(prefix) = p.strip_suffix('*') {
             return Ok(ActionMatch::Prefix(prefix.to_string()));
         }
-        match policy::resolve_pattern(p) {
+        match action::resolve_pattern(p) {
             Some(actions) => Ok(ActionMatch::Names(
-                actions.into_iter().map(policy::Action::name).collect(),
+                actions.into_iter().map(action::Action::name).collect(),
             )),
             None => bail!(
                 "--action: unknown Action or group `{p}` (`toastgate explain --list` lists them; \

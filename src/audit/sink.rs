@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::AuditError;
-use super::chain::{self, GENESIS, MAX_LINE, SEAL_OVERHEAD};
+use super::chain::{self, GENESIS, MAX_LINE, SEAL_OVERHEAD, rotated_files, rotated_path};
 use crate::config::{Audit, AuditFileConfig, FsyncPolicy};
 
 /// Records one batch may hold (bounds the latency of a group commit).
@@ -33,22 +33,6 @@ pub(crate) enum Msg {
 pub(crate) struct Counters {
     pub written: AtomicU64,
     pub failed: AtomicU64,
-}
-
-/// `FILE.n`.
-pub(crate) fn rotated_path(path: &Path, n: u32) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(format!(".{n}"));
-    PathBuf::from(s)
-}
-
-/// The rotated files of `path` that exist, newest first (`FILE.1`, `FILE.2`,
-/// ...), stopping at the first number missing.
-pub(crate) fn rotated_files(path: &Path) -> Vec<PathBuf> {
-    (1..=u32::MAX)
-        .map(|n| rotated_path(path, n))
-        .take_while(|p| p.is_file())
-        .collect()
 }
 
 /// The numbers `n` of every `FILE.n` in FILE's folder, gaps included.

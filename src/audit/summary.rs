@@ -11,7 +11,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::policy::Action;
+use crate::action::Action;
 
 /// Longest string copied (characters); longer ones end in `...`.
 pub const MAX_STRING: usize = 255;

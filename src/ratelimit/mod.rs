@@ -42,8 +42,8 @@ use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
+use crate::action::Action;
 use crate::config::{Backend, Config, RateRule};
-use crate::policy::Action;
 use crate::shutdown::Stop;
 
 use local::{Gcra, LocalPool, LocalSlot, Step};

@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::request::{self, ServerAction};
 use super::response::{self, FlavorInfo, ServerVolumes};
 use super::{V1Error, V1Route};
-use crate::policy::Action;
+use crate::action::Action;
 
 /// An upstream v2 answer, body parsed.
 #[derive(Debug, Clone)]

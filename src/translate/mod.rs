@@ -17,8 +17,8 @@ use axum::response::{IntoResponse, Response};
 use http::Method;
 use serde_json::{Map, Value, json};
 
+use crate::action::Action;
 use crate::error::GatewayError;
-use crate::policy::Action;
 use crate::upstream::UpstreamError;
 
 /// A classified v1.0 request.

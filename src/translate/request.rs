@@ -4,7 +4,7 @@
 use serde_json::{Map, Value, json};
 
 use super::V1Error;
-use crate::policy::Action;
+use crate::action::Action;
 
 /// Parses a JSON object body (`-8` on bad JSON, `-4` when not an object).
 pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, V1Error> {

@@ -97,7 +97,7 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout(self.request_timeout, self.inner.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(crate::error::error_chain(&e))),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
@@ -178,6 +178,20 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientSetu
 
 fn webpki_roots_anchors() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
     webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
+}
+
+/// An error and every error under it, `outer: inner: innermost`: the useful
+/// part of a client error ("connection refused", "invalid certificate")
+/// is usually in the chain, not at the top.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }
 
 /// JSON request body helper for identity calls.
