@@ -638,6 +638,7 @@ pub(crate) fn read_tail(file: &mut File, len: u64, n: usize) -> io::Result<Tail>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("toastgate-sink-{}", uuid::Uuid::new_v4()));
