@@ -1,5 +1,6 @@
 //! The payload claims verification reads itself (the team claim, `sub`,
-//! `iss`), taken in one streaming pass that skips every other claim.
+//! `iss`, and which registered claims are present), decoded once per
+//! verification in one streaming pass that skips every other claim.
 
 use std::fmt;
 
@@ -7,11 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-pub(super) fn claim_present(payload_b64: &str, claim: &str) -> Option<bool> {
-    let json = URL_SAFE_NO_PAD.decode(payload_b64).ok()?;
-    let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&json).ok()?;
-    Some(claims.contains_key(claim))
-}
+use super::AuthError;
 
 /// One claim of interest, read in a single pass over the payload.
 #[derive(Default)]
@@ -37,12 +34,47 @@ pub(super) struct ScannedClaims {
     pub(super) team: Slot,
     pub(super) sub: Slot,
     pub(super) iss: Slot,
+    // Presence only: jsonwebtoken has judged their values already, and may
+    // report a mistyped one as missing.
+    exp: bool,
+    nbf: bool,
+    aud: bool,
+}
+
+impl ScannedClaims {
+    /// Decodes the payload segment: base64url, then one pass over the JSON.
+    /// Any failure is [`AuthError::Malformed`].
+    pub(super) fn decode(payload_b64: &str, team_claim: &str) -> Result<Self, AuthError> {
+        let json = URL_SAFE_NO_PAD
+            .decode(payload_b64)
+            .map_err(|_| AuthError::Malformed)?;
+        let mut de = serde_json::Deserializer::from_slice(&json);
+        let found = ScanClaims { team_claim }
+            .deserialize(&mut de)
+            .map_err(|_| AuthError::Malformed)?;
+        de.end().map_err(|_| AuthError::Malformed)?;
+        Ok(found)
+    }
+
+    /// Whether `claim` is in the payload, with any value (`null` included).
+    /// Knows the registered claims jsonwebtoken can report as missing (`exp`,
+    /// `nbf`, `iss`, `sub`, `aud`); any other name counts as absent.
+    pub(super) fn claim_present(&self, claim: &str) -> bool {
+        match claim {
+            "exp" => self.exp,
+            "nbf" => self.nbf,
+            "aud" => self.aud,
+            "iss" => !matches!(self.iss, Slot::Absent),
+            "sub" => !matches!(self.sub, Slot::Absent),
+            _ => false,
+        }
+    }
 }
 
 /// Scans the claims object for the team claim (whose name is configured),
 /// `sub` and `iss`, skipping everything else without building it.
-pub(super) struct ScanClaims<'a> {
-    pub(super) team_claim: &'a str,
+struct ScanClaims<'a> {
+    team_claim: &'a str,
 }
 
 impl<'de> DeserializeSeed<'de> for ScanClaims<'_> {
@@ -66,6 +98,9 @@ impl<'de> Visitor<'de> for ScanClaims<'_> {
             team_claim: self.team_claim,
         };
         while let Some(field) = map.next_key_seed(seed)? {
+            out.exp |= field.exp;
+            out.nbf |= field.nbf;
+            out.aud |= field.aud;
             if field.team || field.sub || field.iss {
                 let value: serde_json::Value = map.next_value()?;
                 if field.team {
@@ -90,6 +125,9 @@ struct Field {
     team: bool,
     sub: bool,
     iss: bool,
+    exp: bool,
+    nbf: bool,
+    aud: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -117,6 +155,9 @@ impl Visitor<'_> for FieldSeed<'_> {
             team: name == self.team_claim,
             sub: name == "sub",
             iss: name == "iss",
+            exp: name == "exp",
+            nbf: name == "nbf",
+            aud: name == "aud",
         })
     }
 }
@@ -166,6 +207,22 @@ mod tests {
                 auth.authenticate(&token).await,
                 Err(AuthError::InvalidClaim("team".to_string())),
                 "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn required_claims_given_as_null_are_invalid_not_missing() {
+        // jsonwebtoken reads a `null` registered claim as absent and reports
+        // it missing; the payload does carry it.
+        let auth = hs_auth();
+        let secret = HS_SECRET.as_bytes();
+        for claim in ["exp", "iss", "aud"] {
+            let token = sign_hs(&with(claims("t"), claim, json!(null)), secret);
+            assert_eq!(
+                auth.authenticate(&token).await,
+                Err(AuthError::InvalidClaim(claim.to_string())),
+                "{claim}"
             );
         }
     }

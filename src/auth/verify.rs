@@ -9,9 +9,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
 use jsonwebtoken::errors::ErrorKind;
 use serde::Deserialize;
-use serde::de::{DeserializeSeed, IgnoredAny};
+use serde::de::IgnoredAny;
 
-use super::claims::{ScanClaims, Slot, claim_present};
+use super::claims::{ScannedClaims, Slot};
 use super::keys::{KeySet, Select};
 use super::{AuthError, Authenticator, Identity, Keys};
 
@@ -92,8 +92,9 @@ impl Authenticator {
         let mut tried = false;
         for key in set.candidates(alg, select) {
             tried = true;
-            match jsonwebtoken::decode::<IgnoredAny>(token, &key.key, validation) {
-                Ok(_) => return self.identity(payload_b64),
+            let checked = jsonwebtoken::decode::<IgnoredAny>(token, &key.key, validation);
+            let missing = match &checked {
+                Ok(_) => None,
                 Err(e) => match e.kind() {
                     // This key did not verify it; another candidate may.
                     ErrorKind::InvalidSignature
@@ -101,9 +102,22 @@ impl Authenticator {
                     | ErrorKind::InvalidEddsaKey
                     | ErrorKind::InvalidRsaKey(_)
                     | ErrorKind::InvalidKeyFormat => continue,
-                    _ => return Err(map_jwt_error(e.kind(), alg, payload_b64)),
+                    ErrorKind::MissingRequiredClaim(claim) => Some(claim),
+                    kind => return Err(map_jwt_error(kind, alg)),
                 },
-            }
+            };
+            // This key verified the signature, so the payload is trusted. It is
+            // decoded once, for the identity or, as jsonwebtoken reports a
+            // present-but-mistyped required claim (e.g. `"exp": "9999999999"`)
+            // as missing, to tell the two apart.
+            let claims = ScannedClaims::decode(payload_b64, &self.team_claim)?;
+            return match missing {
+                None => self.identity(claims),
+                Some(claim) if claims.claim_present(claim) => {
+                    Err(AuthError::InvalidClaim(claim.clone()))
+                }
+                Some(claim) => Err(AuthError::MissingClaim(claim.clone())),
+            };
         }
         Err(if tried {
             AuthError::BadSignature
@@ -114,17 +128,7 @@ impl Authenticator {
 
     /// Reads the team and subject from a payload whose signature and
     /// registered claims were verified.
-    fn identity(&self, payload_b64: &str) -> Result<Identity, AuthError> {
-        let json = URL_SAFE_NO_PAD
-            .decode(payload_b64)
-            .map_err(|_| AuthError::Malformed)?;
-        let mut de = serde_json::Deserializer::from_slice(&json);
-        let found = ScanClaims {
-            team_claim: &self.team_claim,
-        }
-        .deserialize(&mut de)
-        .map_err(|_| AuthError::Malformed)?;
-        de.end().map_err(|_| AuthError::Malformed)?;
+    fn identity(&self, found: ScannedClaims) -> Result<Identity, AuthError> {
         // jsonwebtoken accepts an array `iss` when one element matches; the
         // issuer is a single string here.
         if !matches!(found.iss, Slot::Str(_)) {
@@ -174,7 +178,9 @@ fn alg_name(alg: Algorithm) -> String {
     format!("{alg:?}")
 }
 
-fn map_jwt_error(kind: &ErrorKind, alg: Algorithm, payload_b64: &str) -> AuthError {
+/// `MissingRequiredClaim` is not mapped here: telling a missing claim from a
+/// mistyped one needs the payload, which `verify_with` has decoded.
+fn map_jwt_error(kind: &ErrorKind, alg: Algorithm) -> AuthError {
     match kind {
         ErrorKind::InvalidToken
         | ErrorKind::Base64(_)
@@ -190,14 +196,6 @@ fn map_jwt_error(kind: &ErrorKind, alg: Algorithm, payload_b64: &str) -> AuthErr
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
         ErrorKind::InvalidSubject => AuthError::InvalidClaim("sub".to_string()),
         ErrorKind::InvalidClaimFormat(claim) => AuthError::InvalidClaim(claim.clone()),
-        // jsonwebtoken reports a present-but-mistyped required claim (e.g.
-        // `"exp": "9999999999"`) as missing; tell the two apart. The signature
-        // was verified before claims validation, so the payload is trusted.
-        ErrorKind::MissingRequiredClaim(claim) => match claim_present(payload_b64, claim) {
-            Some(true) => AuthError::InvalidClaim(claim.clone()),
-            Some(false) => AuthError::MissingClaim(claim.clone()),
-            None => AuthError::Malformed,
-        },
         _ => AuthError::BadSignature,
     }
 }
