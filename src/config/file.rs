@@ -1,0 +1,456 @@
+//! The config file as written: every key, its type and default, with
+//! `deny_unknown_fields` wherever keys are named, so that a typo is an error
+//! rather than a silent default. [`ConfigFile::parse`] reads YAML into it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{AuditLevel, ConfigError, ConfigProblem, FsyncPolicy};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: ListenFile,
+    pub upstream: UpstreamFile,
+    #[serde(default)]
+    pub token: TokenFile,
+    #[serde(default)]
+    pub server: ServerFile,
+    pub auth: AuthFile,
+    pub projects: BTreeMap<String, ProjectFile>,
+    pub teams: BTreeMap<String, TeamFile>,
+    #[serde(default)]
+    pub rate_limit: RateLimitFile,
+    #[serde(default)]
+    pub audit: AuditFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    pub public: String,
+    pub admin: String,
+    /// TLS on the public listener (the admin listener stays plain HTTP on
+    /// its private address).
+    pub tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain (leaf first); re-read when it changes.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); re-read when it changes.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// Keystone v2.0 base; toastgate calls `{identity_url}/v2.0/tokens`.
+    pub identity_url: String,
+    /// Compute v2 base; toastgate calls `{compute_url}/v2/{tenant_id}/...`.
+    pub compute_url: String,
+    /// v1.0 base for the appkey token API: `{compute_v1_url}/v1.0/appkeys/{appkey}/tokens`.
+    pub compute_v1_url: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Extra PEM CA bundle trusted on top of the built-in web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    /// Fraction of a token's lifetime after which it is refreshed in the background.
+    #[serde(default = "default_refresh_at")]
+    pub refresh_at: f64,
+    /// +/- spread applied to `refresh_at`, so replicas do not refresh in lockstep.
+    #[serde(default = "default_refresh_jitter")]
+    pub refresh_jitter: f64,
+    #[serde(default = "default_retry_min", with = "humantime_serde")]
+    pub retry_min_backoff: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+}
+
+impl Default for TokenFile {
+    fn default() -> Self {
+        TokenFile {
+            refresh_at: default_refresh_at(),
+            refresh_jitter: default_refresh_jitter(),
+            retry_min_backoff: default_retry_min(),
+            retry_max_backoff: default_retry_max(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// After SIGTERM, how long /readyz reports unready while the listener
+    /// still accepts, so load balancers stop routing here first.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Public base URL callers use (for `links[].href` and version documents).
+    /// When absent, derived from the request's `Host` header.
+    pub public_url: Option<String>,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        ServerFile {
+            request_timeout: default_request_timeout(),
+            body_limit_bytes: default_body_limit(),
+            shutdown_grace: default_shutdown_grace(),
+            drain_delay: Duration::ZERO,
+            public_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    pub issuer: String,
+    pub audience: OneOrMany,
+    pub algorithms: Vec<String>,
+    #[serde(default = "default_team_claim")]
+    pub team_claim: String,
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    pub keys: KeysFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub(super) fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeysFile {
+    /// Shared HMAC secret (HS256/384/512).
+    HsSecret {
+        secret_env: Option<String>,
+        secret_file: Option<PathBuf>,
+    },
+    /// A JWKS document fetched over HTTPS, cached, refetched on unknown `kid`.
+    JwksUrl {
+        url: String,
+        #[serde(default = "default_jwks_ttl", with = "humantime_serde")]
+        cache_ttl: Duration,
+        #[serde(default = "default_jwks_refetch", with = "humantime_serde")]
+        min_refetch_interval: Duration,
+    },
+    /// A JWKS document on disk.
+    JwksFile { path: PathBuf },
+    /// Public keys as PEM files (RSA, EC or Ed25519), optionally bound to a `kid`.
+    Pem { files: Vec<PemKeyFile> },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PemKeyFile {
+    pub path: PathBuf,
+    pub kid: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectFile {
+    pub tenant_id: String,
+    pub appkey: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub credentials: CredentialsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialsFile {
+    /// Keystone v2.0 `POST {identity}/v2.0/tokens` with the account's API password.
+    Keystone {
+        username: String,
+        password_env: Option<String>,
+        password_file: Option<PathBuf>,
+    },
+    /// v1.0 `POST {compute_v1}/v1.0/appkeys/{appkey}/tokens` with a user access key.
+    Appkey {
+        access_key_id: String,
+        secret_access_key_env: Option<String>,
+        secret_access_key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamFile {
+    pub projects: Vec<String>,
+    /// Deny by default: a team may do only what a rule here allows.
+    #[serde(default)]
+    pub allow: Vec<AllowRuleFile>,
+    #[serde(default)]
+    pub constraints: Option<ConstraintsFile>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateRuleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRuleFile {
+    /// Action names, groups (`instance.read`), prefixes (`keypair.*`) or `*`.
+    pub actions: Vec<String>,
+    /// A subset of the team's projects; all of them when absent.
+    pub projects: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintsFile {
+    /// Flavor ids allowed for instance.create and instance.resize.
+    pub flavors: Option<Vec<String>>,
+    /// Largest `count` / `max_count` of one instance.create.
+    pub max_count: Option<u32>,
+    /// Instance names (create, rename) must start with this.
+    pub name_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRuleFile {
+    pub name: String,
+    pub actions: Vec<String>,
+    /// `N/s`, `N/m` or `N/h` (also `second`, `minute`, `hour`).
+    pub rate: String,
+    /// Requests allowed at once on top of the steady rate; default: N.
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    #[serde(default)]
+    pub backend: BackendKind,
+    pub redis: Option<RedisFile>,
+    /// The upstream budget of all teams together.
+    pub global: Option<GlobalRateFile>,
+    /// Actions (patterns as in `allow`) that fall back to a local limiter
+    /// when Redis cannot answer; every other Action is refused then.
+    #[serde(default = "default_fail_open")]
+    pub fail_open: Vec<String>,
+}
+
+impl Default for RateLimitFile {
+    fn default() -> Self {
+        RateLimitFile {
+            backend: BackendKind::Local,
+            redis: None,
+            global: None,
+            fail_open: default_fail_open(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    /// `redis://[:password@]host:port/db` (may hold a password: by reference).
+    pub url_env: Option<String>,
+    pub url_file: Option<PathBuf>,
+    /// Longest wait for one decision before the failure mode applies.
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Replicas sharing the limits; a fail-open fallback allows limit/replicas locally.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalRateFile {
+    pub rate: String,
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// JSON Lines file sink (hash-chained, rotated by size).
+    pub file: Option<AuditFileSink>,
+    /// Also write every record to standard output.
+    #[serde(default)]
+    pub stdout: bool,
+    /// Refuse mutating requests when no sink can write (recommended).
+    #[serde(default = "default_true")]
+    pub fail_closed: bool,
+    /// Audit level per Action pattern, first match wins. Default: mutating
+    /// Actions at `request`, reads not recorded.
+    #[serde(default)]
+    pub rules: Vec<AuditRuleFile>,
+}
+
+impl Default for AuditFile {
+    fn default() -> Self {
+        AuditFile {
+            file: None,
+            stdout: false,
+            fail_closed: true,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFileSink {
+    pub path: PathBuf,
+    #[serde(default = "default_audit_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept besides the current one.
+    #[serde(default = "default_audit_keep")]
+    pub keep: u32,
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRuleFile {
+    pub actions: Vec<String>,
+    pub level: AuditLevel,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_audit_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+fn default_audit_keep() -> u32 {
+    10
+}
+
+fn default_fail_open() -> Vec<String> {
+    vec!["read".to_string()]
+}
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_replicas() -> u32 {
+    1
+}
+fn default_key_prefix() -> String {
+    "toastgate".to_string()
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_pool_max_idle() -> usize {
+    256
+}
+fn default_refresh_at() -> f64 {
+    0.8
+}
+fn default_refresh_jitter() -> f64 {
+    0.05
+}
+fn default_retry_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_body_limit() -> usize {
+    1024 * 1024
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_team_claim() -> String {
+    "team".to_string()
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jwks_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_jwks_refetch() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_region() -> String {
+    "KR1".to_string()
+}
+
+impl ConfigFile {
+    pub fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
+        // YAML -> JSON value first: serde_path_to_error then reports the key
+        // path of a structural error (unknown key, wrong type) precisely.
+        let value: serde_json::Value = serde_saphyr::from_str(text).map_err(|e| {
+            ConfigError::Invalid(vec![ConfigProblem {
+                path: String::new(),
+                message: format!("not valid YAML: {e}"),
+            }])
+        })?;
+        if value.is_null() {
+            return Err(ConfigError::Invalid(vec![ConfigProblem {
+                path: String::new(),
+                message: "the config file is empty".to_string(),
+            }]));
+        }
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Invalid(vec![ConfigProblem {
+                path: if path == "." { String::new() } else { path },
+                message: e.into_inner().to_string(),
+            }])
+        })
+    }
+}

@@ -1,0 +1,779 @@
+//! From the file schema to the validated model: every rule checked, every
+//! secret reference resolved, and *all* problems collected, each with the
+//! key path it concerns.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::file::{
+    AllowRuleFile, AuditFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile, CredentialsFile,
+    KeysFile, ProjectFile, RateLimitFile, ServerFile, TeamFile, TlsFile, TokenFile, UpstreamFile,
+};
+use super::{
+    AllowRule, Audit, AuditFileConfig, AuditLevel, Auth, Backend, Config, ConfigError,
+    ConfigProblem, Constraints, Credentials, KeySource, Listen, Project, Rate, RateLimits,
+    RateRule, SecretSource, Server, Team, TlsFiles, TokenPolicy, Upstream, parse_algorithm,
+    parse_rate,
+};
+use crate::action::Action;
+use crate::secret::Secret;
+
+impl ConfigFile {
+    pub fn validate(
+        self,
+        secrets: &SecretSource,
+        base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            problems: Vec::new(),
+            secrets,
+            base_dir,
+        };
+        let tls = self.listen.tls.map(|t| v.tls(t));
+        let listen = Listen {
+            public: v.socket_addr("listen.public", &self.listen.public),
+            admin: v.socket_addr("listen.admin", &self.listen.admin),
+            tls,
+        };
+        if listen.public == listen.admin && listen.public.port() != 0 {
+            v.problem("listen.admin", "must differ from listen.public");
+        }
+        let upstream = v.upstream(self.upstream);
+        let token = v.token(self.token);
+        let server = v.server(self.server);
+        let auth = v.auth(self.auth);
+        let projects = v.projects(self.projects, &upstream);
+        let teams = v.teams(self.teams, &projects);
+        let rate_limit = v.rate_limit(self.rate_limit);
+        let audit = v.audit(self.audit);
+        if v.problems.is_empty() {
+            Ok(Config {
+                listen,
+                upstream,
+                token,
+                server,
+                auth,
+                projects,
+                teams,
+                rate_limit,
+                audit,
+            })
+        } else {
+            Err(ConfigError::Invalid(v.problems))
+        }
+    }
+}
+
+struct Validator<'a> {
+    problems: Vec<ConfigProblem>,
+    secrets: &'a SecretSource,
+    base_dir: Option<&'a Path>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn socket_addr(&mut self, path: &str, text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|_| {
+            self.problem(
+                path,
+                format!("`{text}` is not an address like 0.0.0.0:8080 or [::]:8080"),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn url(&mut self, path: &str, text: &str) -> String {
+        match url::Url::parse(text) {
+            Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.has_host() => {
+                if u.query().is_some() || u.fragment().is_some() {
+                    self.problem(path, "must not carry a query or fragment");
+                }
+                text.trim_end_matches('/').to_string()
+            }
+            Ok(_) => {
+                self.problem(path, format!("`{text}` must be an http(s) URL with a host"));
+                String::new()
+            }
+            Err(e) => {
+                self.problem(path, format!("`{text}` is not a URL: {e}"));
+                String::new()
+            }
+        }
+    }
+
+    fn resolve_path(&self, p: &Path) -> PathBuf {
+        match self.base_dir {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// Resolves exactly one of `{name}_env` / `{name}_file` into a secret.
+    fn secret(
+        &mut self,
+        path: &str,
+        name: &str,
+        env: Option<String>,
+        file: Option<PathBuf>,
+    ) -> Secret {
+        let value = match (env, file) {
+            (Some(_), Some(_)) => {
+                self.problem(
+                    path,
+                    format!("give only one of `{name}_env` and `{name}_file`"),
+                );
+                None
+            }
+            (None, None) => {
+                self.problem(
+                    path,
+                    format!(
+                        "`{name}_env` or `{name}_file` is required (secrets are never written inline)"
+                    ),
+                );
+                None
+            }
+            (Some(var), None) => match self.secrets.env(&var) {
+                Some(val) => Some(val),
+                None => {
+                    self.problem(
+                        format!("{path}.{name}_env"),
+                        format!("environment variable `{var}` is not set"),
+                    );
+                    None
+                }
+            },
+            (None, Some(file)) => {
+                let full = self.resolve_path(&file);
+                match std::fs::read_to_string(&full) {
+                    // A trailing newline is an artefact of how secret files are written.
+                    Ok(val) => Some(val.trim_end_matches(['\n', '\r']).to_string()),
+                    Err(e) => {
+                        self.problem(
+                            format!("{path}.{name}_file"),
+                            format!("cannot read `{}`: {e}", full.display()),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        match value {
+            Some(v) if v.is_empty() => {
+                self.problem(path, format!("`{name}` resolves to an empty value"));
+                Secret::new("")
+            }
+            Some(v) => Secret::new(v),
+            None => Secret::new(""),
+        }
+    }
+
+    fn positive(&mut self, path: &str, d: Duration) -> Duration {
+        if d.is_zero() {
+            self.problem(path, "must be greater than zero");
+        }
+        d
+    }
+
+    fn tls(&mut self, t: TlsFile) -> TlsFiles {
+        let files = TlsFiles {
+            cert_file: self.resolve_path(&t.cert_file),
+            key_file: self.resolve_path(&t.key_file),
+        };
+        if let Err(e) = crate::tls::load_certified_key(&files.cert_file, &files.key_file) {
+            let key = match e {
+                crate::tls::TlsError::Key(..) => "listen.tls.key_file",
+                _ => "listen.tls.cert_file",
+            };
+            self.problem(key, e.to_string());
+        }
+        files
+    }
+
+    fn require_public_key_algorithms(&mut self, hmac_algorithms: usize) {
+        if hmac_algorithms > 0 {
+            self.problem(
+                "auth.keys.type",
+                "HS* algorithms need `type: hs_secret` keys",
+            );
+        }
+    }
+
+    fn upstream(&mut self, u: UpstreamFile) -> Upstream {
+        let compute_v1_url = u
+            .compute_v1_url
+            .as_deref()
+            .map(|t| self.url("upstream.compute_v1_url", t));
+        if let Some(ca) = &u.ca_file
+            && !self.resolve_path(ca).is_file()
+        {
+            self.problem(
+                "upstream.ca_file",
+                format!("`{}` is not a readable file", ca.display()),
+            );
+        }
+        Upstream {
+            identity_url: self.url("upstream.identity_url", &u.identity_url),
+            compute_url: self.url("upstream.compute_url", &u.compute_url),
+            compute_v1_url,
+            connect_timeout: self.positive("upstream.connect_timeout", u.connect_timeout),
+            request_timeout: self.positive("upstream.request_timeout", u.request_timeout),
+            ca_file: u.ca_file.map(|p| self.resolve_path(&p)),
+            pool_idle_timeout: u.pool_idle_timeout,
+            pool_max_idle_per_host: u.pool_max_idle_per_host,
+        }
+    }
+
+    fn token(&mut self, t: TokenFile) -> TokenPolicy {
+        if !(0.1..=0.95).contains(&t.refresh_at) {
+            self.problem("token.refresh_at", "must be between 0.1 and 0.95");
+        }
+        if !(0.0..=0.2).contains(&t.refresh_jitter) || t.refresh_at + t.refresh_jitter >= 1.0 {
+            self.problem(
+                "token.refresh_jitter",
+                "must be between 0 and 0.2, and refresh_at + refresh_jitter must stay below 1",
+            );
+        }
+        if t.retry_min_backoff > t.retry_max_backoff {
+            self.problem(
+                "token.retry_min_backoff",
+                "must not exceed token.retry_max_backoff",
+            );
+        }
+        TokenPolicy {
+            refresh_at: t.refresh_at,
+            refresh_jitter: t.refresh_jitter,
+            retry_min_backoff: self.positive("token.retry_min_backoff", t.retry_min_backoff),
+            retry_max_backoff: t.retry_max_backoff,
+        }
+    }
+
+    fn server(&mut self, s: ServerFile) -> Server {
+        if s.body_limit_bytes == 0 {
+            self.problem("server.body_limit_bytes", "must be greater than zero");
+        }
+        let public_url = s
+            .public_url
+            .as_deref()
+            .map(|u| self.url("server.public_url", u));
+        Server {
+            request_timeout: self.positive("server.request_timeout", s.request_timeout),
+            body_limit_bytes: s.body_limit_bytes,
+            shutdown_grace: s.shutdown_grace,
+            drain_delay: s.drain_delay,
+            public_url,
+        }
+    }
+
+    fn auth(&mut self, a: AuthFile) -> Auth {
+        use jsonwebtoken::Algorithm as A;
+        if a.issuer.trim().is_empty() {
+            self.problem("auth.issuer", "must not be empty");
+        }
+        let audience = a.audience.into_vec();
+        if audience.is_empty() || audience.iter().any(|s| s.trim().is_empty()) {
+            self.problem("auth.audience", "must name at least one non-empty audience");
+        }
+        if a.team_claim.trim().is_empty() {
+            self.problem("auth.team_claim", "must not be empty");
+        }
+        if a.leeway > Duration::from_secs(300) {
+            self.problem("auth.leeway", "must be at most 5m");
+        }
+        let mut algorithms = Vec::new();
+        if a.algorithms.is_empty() {
+            self.problem("auth.algorithms", "list at least one algorithm");
+        }
+        for (i, name) in a.algorithms.iter().enumerate() {
+            match parse_algorithm(name) {
+                Some(alg) => algorithms.push(alg),
+                None => self.problem(
+                    format!("auth.algorithms[{i}]"),
+                    format!(
+                        "`{name}` is not allowed; use one of HS256 HS384 HS512 RS256 RS384 RS512 ES256 ES384 EdDSA"
+                    ),
+                ),
+            }
+        }
+        let hmac = algorithms
+            .iter()
+            .filter(|a| matches!(a, A::HS256 | A::HS384 | A::HS512))
+            .count();
+        // Mixing a shared secret with public-key algorithms is the classic
+        // algorithm-confusion setup (a public key used as an HMAC key).
+        if hmac > 0 && hmac < algorithms.len() {
+            self.problem(
+                "auth.algorithms",
+                "do not mix HS* with public-key algorithms (algorithm confusion)",
+            );
+        }
+        let keys = match a.keys {
+            KeysFile::HsSecret {
+                secret_env,
+                secret_file,
+            } => {
+                if hmac == 0 && !algorithms.is_empty() {
+                    self.problem(
+                        "auth.keys.type",
+                        "hs_secret keys need HS256/HS384/HS512 algorithms",
+                    );
+                }
+                let s = self.secret("auth.keys", "secret", secret_env, secret_file);
+                if !s.is_empty() && s.expose().len() < 32 {
+                    self.problem("auth.keys", "the HS secret must be at least 32 bytes long");
+                }
+                KeySource::HsSecret(s)
+            }
+            KeysFile::JwksUrl {
+                url,
+                cache_ttl,
+                min_refetch_interval,
+            } => {
+                self.require_public_key_algorithms(hmac);
+                KeySource::JwksUrl {
+                    url: self.url("auth.keys.url", &url),
+                    cache_ttl: self.positive("auth.keys.cache_ttl", cache_ttl),
+                    min_refetch_interval,
+                }
+            }
+            KeysFile::JwksFile { path } => {
+                self.require_public_key_algorithms(hmac);
+                let full = self.resolve_path(&path);
+                if !full.is_file() {
+                    self.problem(
+                        "auth.keys.path",
+                        format!("`{}` is not a readable file", path.display()),
+                    );
+                }
+                KeySource::JwksFile(full)
+            }
+            KeysFile::Pem { files } => {
+                self.require_public_key_algorithms(hmac);
+                if files.is_empty() {
+                    self.problem("auth.keys.files", "list at least one PEM file");
+                }
+                let mut out = Vec::new();
+                for (i, f) in files.into_iter().enumerate() {
+                    let full = self.resolve_path(&f.path);
+                    if !full.is_file() {
+                        self.problem(
+                            format!("auth.keys.files[{i}].path"),
+                            format!("`{}` is not a readable file", f.path.display()),
+                        );
+                    }
+                    out.push((full, f.kid));
+                }
+                KeySource::Pem(out)
+            }
+        };
+        Auth {
+            issuer: a.issuer,
+            audience,
+            algorithms,
+            team_claim: a.team_claim,
+            leeway: a.leeway,
+            keys,
+        }
+    }
+
+    fn projects(
+        &mut self,
+        projects: BTreeMap<String, ProjectFile>,
+        upstream: &Upstream,
+    ) -> BTreeMap<String, Arc<Project>> {
+        if projects.is_empty() {
+            self.problem("projects", "configure at least one project");
+        }
+        let mut tenants: HashMap<String, String> = HashMap::new();
+        let mut appkeys: HashMap<String, String> = HashMap::new();
+        let mut out = BTreeMap::new();
+        for (alias, p) in projects {
+            let at = format!("projects.{alias}");
+            if !valid_name(&alias) {
+                self.problem(
+                    &at,
+                    "a project alias uses letters, digits, `-` and `_` only",
+                );
+            }
+            if p.tenant_id.is_empty() || !p.tenant_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                self.problem(
+                    format!("{at}.tenant_id"),
+                    "must be the alphanumeric tenant id",
+                );
+            }
+            if let Some(other) = tenants.insert(p.tenant_id.clone(), alias.clone()) {
+                self.problem(
+                    format!("{at}.tenant_id"),
+                    format!(
+                        "tenant `{}` is already used by project `{other}`",
+                        p.tenant_id
+                    ),
+                );
+            }
+            if let Some(appkey) = &p.appkey {
+                if appkey.is_empty() || !appkey.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    self.problem(format!("{at}.appkey"), "must be the alphanumeric appkey");
+                }
+                if let Some(other) = appkeys.insert(appkey.clone(), alias.clone()) {
+                    self.problem(
+                        format!("{at}.appkey"),
+                        format!("appkey is already used by project `{other}`"),
+                    );
+                }
+            }
+            let credentials = match p.credentials {
+                CredentialsFile::Keystone {
+                    username,
+                    password_env,
+                    password_file,
+                } => {
+                    if username.trim().is_empty() {
+                        self.problem(format!("{at}.credentials.username"), "must not be empty");
+                    }
+                    let password = self.secret(
+                        &format!("{at}.credentials"),
+                        "password",
+                        password_env,
+                        password_file,
+                    );
+                    Credentials::Keystone { username, password }
+                }
+                CredentialsFile::Appkey {
+                    access_key_id,
+                    secret_access_key_env,
+                    secret_access_key_file,
+                } => {
+                    if access_key_id.trim().is_empty() {
+                        self.problem(
+                            format!("{at}.credentials.access_key_id"),
+                            "must not be empty",
+                        );
+                    }
+                    if upstream.compute_v1_url.is_none() {
+                        self.problem(
+                            format!("{at}.credentials.type"),
+                            "appkey credentials need upstream.compute_v1_url (the v1.0 token API)",
+                        );
+                    }
+                    let appkey = match &p.appkey {
+                        Some(k) => k.clone(),
+                        None => {
+                            self.problem(
+                                format!("{at}.appkey"),
+                                "is required with appkey credentials (the token API is per appkey)",
+                            );
+                            String::new()
+                        }
+                    };
+                    let secret_access_key = self.secret(
+                        &format!("{at}.credentials"),
+                        "secret_access_key",
+                        secret_access_key_env,
+                        secret_access_key_file,
+                    );
+                    Credentials::Appkey {
+                        appkey,
+                        access_key_id,
+                        secret_access_key,
+                    }
+                }
+            };
+            out.insert(
+                alias.clone(),
+                Arc::new(Project {
+                    alias,
+                    tenant_id: p.tenant_id,
+                    appkey: p.appkey,
+                    region: p.region,
+                    credentials,
+                }),
+            );
+        }
+        out
+    }
+
+    fn teams(
+        &mut self,
+        teams: BTreeMap<String, TeamFile>,
+        projects: &BTreeMap<String, Arc<Project>>,
+    ) -> BTreeMap<String, Team> {
+        if teams.is_empty() {
+            self.problem("teams", "configure at least one team");
+        }
+        let mut out = BTreeMap::new();
+        for (name, t) in teams {
+            let at = format!("teams.{name}");
+            if !valid_name(&name) {
+                self.problem(&at, "a team name uses letters, digits, `-` and `_` only");
+            }
+            if t.projects.is_empty() {
+                self.problem(format!("{at}.projects"), "list at least one project");
+            }
+            for (i, p) in t.projects.iter().enumerate() {
+                if !projects.contains_key(p) {
+                    self.problem(
+                        format!("{at}.projects[{i}]"),
+                        format!("unknown project `{p}` (not under `projects`)"),
+                    );
+                }
+            }
+            let allow = self.allow_rules(&at, t.allow, &t.projects);
+            let constraints = t
+                .constraints
+                .map(|c| self.constraints(&format!("{at}.constraints"), c))
+                .unwrap_or_default();
+            let mut names = BTreeSet::new();
+            let mut rate_limits = Vec::new();
+            for (i, r) in t.rate_limits.into_iter().enumerate() {
+                let path = format!("{at}.rate_limits[{i}]");
+                if !names.insert(r.name.clone()) {
+                    self.problem(
+                        format!("{path}.name"),
+                        format!("rule `{}` is defined twice", r.name),
+                    );
+                }
+                if !valid_name(&r.name) || r.name == "global" {
+                    self.problem(
+                        format!("{path}.name"),
+                        "use letters, digits, `-` and `_` (and not `global`, the upstream budget)",
+                    );
+                }
+                let actions = self.action_patterns(&format!("{path}.actions"), &r.actions);
+                let rate = self.rate(&format!("{path}.rate"), &r.rate);
+                let burst = self.burst(&format!("{path}.burst"), r.burst, &rate);
+                rate_limits.push(RateRule {
+                    name: r.name,
+                    actions,
+                    rate,
+                    burst,
+                });
+            }
+            out.insert(
+                name.clone(),
+                Team {
+                    name,
+                    projects: t.projects,
+                    allow,
+                    constraints,
+                    rate_limits,
+                },
+            );
+        }
+        out
+    }
+}
+
+impl Validator<'_> {
+    fn allow_rules(
+        &mut self,
+        at: &str,
+        rules: Vec<AllowRuleFile>,
+        team_projects: &[String],
+    ) -> Vec<AllowRule> {
+        let mut out = Vec::new();
+        for (i, r) in rules.into_iter().enumerate() {
+            let path = format!("{at}.allow[{i}]");
+            let actions = self.action_patterns(&format!("{path}.actions"), &r.actions);
+            if let Some(projects) = &r.projects {
+                for (j, p) in projects.iter().enumerate() {
+                    if !team_projects.contains(p) {
+                        self.problem(
+                            format!("{path}.projects[{j}]"),
+                            format!("`{p}` is not one of this team's projects"),
+                        );
+                    }
+                }
+            }
+            out.push(AllowRule {
+                index: i,
+                patterns: r.actions,
+                actions,
+                projects: r.projects,
+            });
+        }
+        out
+    }
+
+    /// Resolves Action patterns; an unknown name or group is an error.
+    fn action_patterns(&mut self, path: &str, patterns: &[String]) -> BTreeSet<Action> {
+        if patterns.is_empty() {
+            self.problem(path, "list at least one Action, group or `*`");
+        }
+        let mut out = BTreeSet::new();
+        for (i, p) in patterns.iter().enumerate() {
+            match crate::action::resolve_pattern(p) {
+                Some(set) => out.extend(set),
+                None => self.problem(
+                    format!("{path}[{i}]"),
+                    format!("unknown Action or group `{p}` (see `toastgate explain --list`)"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn constraints(&mut self, at: &str, c: ConstraintsFile) -> Constraints {
+        if let Some(f) = &c.flavors
+            && f.is_empty()
+        {
+            self.problem(
+                format!("{at}.flavors"),
+                "list at least one flavor id, or remove the key",
+            );
+        }
+        if c.max_count == Some(0) {
+            self.problem(format!("{at}.max_count"), "must be at least 1");
+        }
+        if let Some(p) = &c.name_prefix
+            && p.is_empty()
+        {
+            self.problem(format!("{at}.name_prefix"), "must not be empty");
+        }
+        Constraints {
+            flavors: c.flavors,
+            max_count: c.max_count,
+            name_prefix: c.name_prefix,
+        }
+    }
+
+    fn rate(&mut self, path: &str, text: &str) -> Rate {
+        match parse_rate(text) {
+            Some(r) => r,
+            None => {
+                self.problem(
+                    path,
+                    format!("`{text}` is not a rate like 20/s, 100/m or 30/h"),
+                );
+                Rate {
+                    count: 1,
+                    per: Duration::from_secs(1),
+                }
+            }
+        }
+    }
+
+    fn burst(&mut self, path: &str, burst: Option<u32>, rate: &Rate) -> u32 {
+        match burst {
+            Some(0) => {
+                self.problem(path, "must be at least 1");
+                1
+            }
+            Some(b) => b,
+            None => rate.count.max(1),
+        }
+    }
+
+    fn audit(&mut self, a: AuditFile) -> Audit {
+        let file = a.file.map(|f| {
+            if f.max_bytes < 4096 {
+                self.problem("audit.file.max_bytes", "must be at least 4096");
+            }
+            let path = self.resolve_path(&f.path);
+            match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => self.problem(
+                    "audit.file.path",
+                    format!("folder `{}` does not exist", dir.display()),
+                ),
+                _ => {}
+            }
+            AuditFileConfig {
+                path,
+                max_bytes: f.max_bytes,
+                keep: f.keep,
+                fsync: f.fsync,
+            }
+        });
+        let mut rules = Vec::new();
+        for (i, r) in a.rules.into_iter().enumerate() {
+            let actions = self.action_patterns(&format!("audit.rules[{i}].actions"), &r.actions);
+            let mutating: Vec<&str> = actions
+                .iter()
+                .filter(|a| a.is_mutating())
+                .map(|a| a.name())
+                .collect();
+            if r.level == AuditLevel::None && !mutating.is_empty() {
+                self.problem(
+                    format!("audit.rules[{i}].level"),
+                    format!(
+                        "`none` is not allowed for mutating Actions ({})",
+                        mutating.join(", ")
+                    ),
+                );
+            }
+            rules.push((actions, r.level));
+        }
+        Audit {
+            file,
+            stdout: a.stdout,
+            fail_closed: a.fail_closed,
+            rules,
+        }
+    }
+
+    fn rate_limit(&mut self, r: RateLimitFile) -> RateLimits {
+        let fail_open = self.action_patterns("rate_limit.fail_open", &r.fail_open);
+        let global = r.global.map(|g| {
+            let rate = self.rate("rate_limit.global.rate", &g.rate);
+            let burst = self.burst("rate_limit.global.burst", g.burst, &rate);
+            RateRule {
+                name: "global".to_string(),
+                actions: Action::ALL.iter().copied().collect(),
+                rate,
+                burst,
+            }
+        });
+        let backend = match (r.backend, r.redis) {
+            (BackendKind::Local, None) => Backend::Local,
+            (BackendKind::Local, Some(_)) => {
+                self.problem("rate_limit.redis", "is only used with `backend: redis`");
+                Backend::Local
+            }
+            (BackendKind::Redis, None) => {
+                self.problem("rate_limit.redis", "is required with `backend: redis`");
+                Backend::Local
+            }
+            (BackendKind::Redis, Some(redis)) => {
+                let url = self.secret("rate_limit.redis", "url", redis.url_env, redis.url_file);
+                let scheme_ok =
+                    url.expose().starts_with("redis://") || url.expose().starts_with("rediss://");
+                if !url.is_empty() && !scheme_ok {
+                    // Never echo the value: it may hold a password.
+                    self.problem("rate_limit.redis", "the Redis URL must start with redis://");
+                }
+                if redis.replicas == 0 {
+                    self.problem("rate_limit.redis.replicas", "must be at least 1");
+                }
+                if redis.timeout.is_zero() || redis.timeout > Duration::from_secs(2) {
+                    self.problem("rate_limit.redis.timeout", "must be between 1ms and 2s");
+                }
+                Backend::Redis {
+                    url,
+                    timeout: redis.timeout,
+                    replicas: redis.replicas.max(1),
+                    key_prefix: redis.key_prefix,
+                }
+            }
+        };
+        RateLimits {
+            backend,
+            global,
+            fail_open,
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
