@@ -4,8 +4,10 @@
 #
 #   docker build -t toastgate:0.1.0 .
 #
-#   # The demo (gateway + built-in TOAST simulator, made-up credentials):
-#   docker run --rm -p 8080:8080 -p 9090:9090 toastgate:0.1.0 \
+#   # The demo (gateway + built-in TOAST simulator, made-up credentials) needs
+#   # the simulator, which production images leave out:
+#   docker build --build-arg FEATURES=simulator -t toastgate:demo .
+#   docker run --rm -p 8080:8080 -p 9090:9090 toastgate:demo \
 #     demo --listen 0.0.0.0:8080 --admin-listen 0.0.0.0:9090
 #
 #   # The gateway, with your config (secrets by *_file mounts or *_env variables):
@@ -29,6 +31,10 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 
+# Cargo features beyond the production set: empty for production (no
+# simulator code in the binary), `simulator` for a demo image.
+ARG FEATURES=""
+
 # The whole build context, minus .dockerignore (target/, .git/, helm/, ...).
 # Copying everything rather than a hand-picked list keeps any target that
 # Cargo.toml declares (benches, examples, tests) present, so the manifest
@@ -41,7 +47,7 @@ COPY . .
 # part of any layer, so the binary is copied out in the same step.
 RUN --mount=type=cache,id=toastgate-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=toastgate-target,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin toastgate \
+    cargo build --release --locked --no-default-features --features "${FEATURES}" --bin toastgate \
  && install -D -m 0755 target/release/toastgate /out/toastgate \
  && /out/toastgate --version
 
@@ -60,8 +66,9 @@ RUN install -d -m 0755 /out/etc/toastgate /out/etc/toastgate/config \
 
 # ---------------------------------------------------------------------------
 # Runtime stage: glibc + libgcc (what the binary links: libc, libm, libgcc_s),
-# no shell, no package manager. TLS roots are compiled into the binary
-# (webpki-roots); the base's own CA bundle is unused but harmless.
+# no shell, no package manager. TLS roots: the web PKI roots compiled into
+# the binary (webpki-roots), plus the base's CA bundle (the system store);
+# a private CA goes in `upstream.ca_file`.
 FROM gcr.io/distroless/cc-debian12:nonroot
 
 ARG VERSION=0.1.0

@@ -1,18 +1,26 @@
-//! One error type for everything that can go wrong on the request path, and
-//! the one place that turns it into what the caller sees.
+//! One error type for everything that can go wrong on the request path, one
+//! classification of it, and the one place that turns it into what the caller
+//! sees on either surface.
 //!
-//! Each variant says where the failure came from (the caller, the gateway,
-//! or the upstream); that decides the status code here, and the metrics and
-//! audit outcome in `exchange`. Handlers never build error responses by hand.
+//! Every failure is classified once ([`GatewayError::origin`]): the caller
+//! (a request the gateway refuses), the gateway itself, the identity service
+//! (no cloud token), or the upstream compute API. From that one answer come
+//! the v2 status and Nova body ([`GatewayError::v2_response`]), the v1.0
+//! result code and envelope ([`GatewayError::v1_response`]), the metrics
+//! outcome and the audit reason ([`Ending`]). Handlers never build error
+//! responses by hand.
+
+use std::borrow::Cow;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::auth::AuthError;
+use crate::metrics::Outcome;
 use crate::policy::Refusal;
-use crate::router::RouteError;
 use crate::upstream::UpstreamError;
+use crate::upstream::compute::CallError;
 use crate::upstream::token::IdentityError;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,19 +33,25 @@ pub enum GatewayError {
     UnknownProject(String),
     #[error("{0}")]
     NoRoute(#[from] RouteError),
+    /// A v2 request the gateway cannot judge (body shape, query, headers).
     #[error("{0}")]
     BadRequest(String),
+    /// A v1.0 request parameter that is missing, of the wrong type or out of range.
+    #[error("invalid parameter: {0}")]
+    Invalid(String),
+    #[error("the request body is not valid JSON: {0}")]
+    Json(String),
+    /// A v1.0 action (or other feature) toastgate does not expose.
+    #[error("{0}")]
+    NotSupported(String),
+    #[error(
+        "tokens are managed by toastgate: call the API with your team JWT in X-Auth-Token (or Authorization: Bearer); cloud keys are never accepted from callers"
+    )]
+    TokenApi,
     #[error("request body exceeds {0} bytes")]
     BodyTooLarge(usize),
-    #[error("no cloud token for project `{project}`: {source}")]
-    TokenUnavailable {
-        project: String,
-        source: IdentityError,
-    },
-    #[error("the upstream refused a freshly obtained token for project `{0}`")]
-    UpstreamUnauthorized(String),
-    #[error("{0}")]
-    Upstream(#[from] UpstreamError),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("rate limit `{rule}` exceeded; retry in {} s", retry_after.as_secs_f64().ceil().max(1.0))]
     RateLimited {
         rule: String,
@@ -49,39 +63,192 @@ pub enum GatewayError {
     RateLimitUnavailable { rule: String },
     #[error("the audit log cannot record this action right now, so it was not performed: {0}")]
     AuditUnavailable(String),
+    /// The action ran upstream but its `completed` audit record could not be
+    /// written; with `audit.fail_closed` the success is not passed on.
+    #[error(
+        "the action was performed (upstream answered {upstream_status}{}) but its audit record could not be written, so the success is not passed on; do not retry blindly: check the resource first",
+        result.as_ref().map(|r| format!("; {r}")).unwrap_or_default()
+    )]
+    AuditIncomplete {
+        upstream_status: u16,
+        result: Option<Value>,
+    },
     #[error("request did not complete within {0:?}")]
     Timeout(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("no cloud token for project `{project}`: {source}")]
+    TokenUnavailable {
+        project: String,
+        source: IdentityError,
+    },
+    #[error("the upstream refused a freshly obtained token for project `{0}`")]
+    UpstreamUnauthorized(String),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    /// An upstream error answer met by the v1.0 translation (the v2 surface
+    /// passes such answers through as they are).
+    #[error("upstream answered {status}: {message}")]
+    UpstreamAnswer { status: u16, message: String },
+}
+
+/// A request that names no route of the spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no such route: {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+}
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The request itself: refused by the gateway's rules or unreadable.
+    Caller,
+    /// The gateway could not do its part (audit sink, limit store, timeout, bug).
+    Gateway,
+    /// No cloud token could be had.
+    Identity,
+    /// The upstream compute API failed or refused.
+    Upstream,
+}
+
+impl From<CallError> for GatewayError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Token { project, source } => {
+                GatewayError::TokenUnavailable { project, source }
+            }
+            CallError::Unauthorized { project } => GatewayError::UpstreamUnauthorized(project),
+            CallError::Transport(e) => GatewayError::Upstream(e),
+        }
+    }
 }
 
 impl GatewayError {
+    pub fn origin(&self) -> Origin {
+        use GatewayError::*;
+        match self {
+            Unauthenticated(AuthError::KeysUnavailable) => Origin::Gateway,
+            Unauthenticated(_)
+            | Forbidden(_)
+            | UnknownProject(_)
+            | NoRoute(_)
+            | BadRequest(_)
+            | Invalid(_)
+            | Json(_)
+            | NotSupported(_)
+            | TokenApi
+            | BodyTooLarge(_)
+            | BodyTimeout(_)
+            | RateLimited { .. } => Origin::Caller,
+            RateLimitUnavailable { .. }
+            | AuditUnavailable(_)
+            | AuditIncomplete { .. }
+            | Timeout(_)
+            | Internal(_) => Origin::Gateway,
+            TokenUnavailable { .. } => Origin::Identity,
+            UpstreamUnauthorized(_) | Upstream(_) | UpstreamAnswer { .. } => Origin::Upstream,
+        }
+    }
+
+    /// A decision of the gateway's own rules (authentication, policy, rate
+    /// limits, the audit promise): always audited, as `decision: refused`.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Unauthenticated(_)
+                | GatewayError::Forbidden(_)
+                | GatewayError::RateLimited { .. }
+                | GatewayError::RateLimitUnavailable { .. }
+                | GatewayError::AuditUnavailable(_)
+        )
+    }
+
+    /// The metrics outcome.
+    pub fn outcome(&self) -> Outcome {
+        match (self.origin(), self) {
+            (_, GatewayError::Unauthenticated(AuthError::KeysUnavailable)) => Outcome::GatewayError,
+            (_, GatewayError::Unauthenticated(_)) => Outcome::AuthRefused,
+            (_, GatewayError::Forbidden(_)) => Outcome::PolicyRefused,
+            (_, GatewayError::RateLimited { .. }) => Outcome::RateLimited,
+            (_, GatewayError::UpstreamAnswer { status, .. }) if *status < 500 => {
+                Outcome::UpstreamRejected
+            }
+            (Origin::Caller, _) => Outcome::BadRequest,
+            (Origin::Gateway, _) => Outcome::GatewayError,
+            (Origin::Identity | Origin::Upstream, _) => Outcome::UpstreamError,
+        }
+    }
+
+    /// Bounded reason for the audit record and the log line.
+    pub fn reason(&self) -> Cow<'static, str> {
+        use GatewayError::*;
+        match self {
+            Unauthenticated(a) => format!("auth:{}", a.reason()).into(),
+            Forbidden(r) => format!("policy:{}", r.reason()).into(),
+            RateLimited { rule, .. } => format!("rate_limit:{rule}").into(),
+            RateLimitUnavailable { rule } => format!("rate_limit_unavailable:{rule}").into(),
+            AuditUnavailable(_) => "audit_unavailable".into(),
+            AuditIncomplete { .. } => "audit_incomplete".into(),
+            UnknownProject(_) | NoRoute(_) | BadRequest(_) | Invalid(_) | Json(_)
+            | NotSupported(_) | TokenApi | BodyTooLarge(_) | BodyTimeout(_) => "bad_request".into(),
+            TokenUnavailable { .. } => "token_unavailable".into(),
+            UpstreamUnauthorized(_) => "upstream:401".into(),
+            Upstream(UpstreamError::Timeout(_)) => "upstream_timeout".into(),
+            Upstream(_) => "upstream_unreachable".into(),
+            UpstreamAnswer { status, .. } => format!("upstream:{status}").into(),
+            Timeout(_) => "timeout".into(),
+            Internal(_) => "internal".into(),
+        }
+    }
+
+    /// The v2 status.
     pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
         match self {
             // The caller's token may be fine: we cannot check it right now.
-            GatewayError::Unauthenticated(AuthError::KeysUnavailable) => {
+            Unauthenticated(AuthError::KeysUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Forbidden(_) | TokenApi => StatusCode::FORBIDDEN,
+            UnknownProject(_) | NoRoute(RouteError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            NoRoute(RouteError::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
+            BadRequest(_) | Invalid(_) | Json(_) | NotSupported(_) => StatusCode::BAD_REQUEST,
+            BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimitUnavailable { .. } | AuditUnavailable(_) | TokenUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            GatewayError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
-            GatewayError::UnknownProject(_) => StatusCode::NOT_FOUND,
-            GatewayError::NoRoute(RouteError::NotFound { .. }) => StatusCode::NOT_FOUND,
-            GatewayError::NoRoute(RouteError::MethodNotAllowed { .. }) => {
-                StatusCode::METHOD_NOT_ALLOWED
+            AuditIncomplete { .. } | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            UpstreamUnauthorized(_) => StatusCode::BAD_GATEWAY,
+            Upstream(UpstreamError::Timeout(_)) | Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Upstream(_) => StatusCode::BAD_GATEWAY,
+            UpstreamAnswer { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
-            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::RateLimitUnavailable { .. } | GatewayError::AuditUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            GatewayError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::UpstreamUnauthorized(_) => StatusCode::BAD_GATEWAY,
-            GatewayError::Upstream(UpstreamError::Timeout(_)) | GatewayError::Timeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
-            GatewayError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The v1.0 `resultCode`, in the provider's families (the README's table):
+    /// -2 unexpected; -3 permission denied (user, appkey or token); -4 invalid
+    /// parameters; -5 nonexistent API; -7 not supported; -8 JSON parsing;
+    /// `10000 + HTTP status` for the instance API's own failures (the
+    /// upstream's statuses and the gateway's 413, 429, 5xx); 50403 the token API.
+    pub fn result_code(&self) -> i64 {
+        use GatewayError::*;
+        match self {
+            Json(_) => -8,
+            Invalid(_) | BadRequest(_) => -4,
+            NoRoute(RouteError::NotFound { .. }) => -5,
+            NoRoute(RouteError::MethodNotAllowed { .. }) | NotSupported(_) => -7,
+            TokenApi => 50403,
+            Unauthenticated(AuthError::KeysUnavailable) => 10503,
+            Unauthenticated(_) | Forbidden(_) | UnknownProject(_) => -3,
+            Internal(_) => -2,
+            // Everything else already has the HTTP status of its family.
+            other => 10000 + i64::from(other.status().as_u16()),
         }
     }
 
@@ -107,6 +274,7 @@ impl GatewayError {
             403 => "forbidden",
             404 => "itemNotFound",
             405 => "badMethod",
+            408 => "requestTimeout",
             409 => "conflictingRequest",
             413 => "requestEntityTooLarge",
             429 => "overLimit",
@@ -129,62 +297,164 @@ impl GatewayError {
                 HeaderValue::from_static("Bearer realm=\"toastgate\", error=\"invalid_token\""),
             );
         }
+        self.add_retry_after(&mut resp);
+        resp
+    }
+
+    /// The v1.0 answer: HTTP 200, the `header` envelope with
+    /// `isSuccessful: false`.
+    pub fn v1_response(&self) -> Response {
+        let body = json!({"header": {
+            "isSuccessful": false,
+            "resultCode": self.result_code(),
+            "resultMessage": self.to_string(),
+        }});
+        let mut resp = axum::Json(body).into_response();
+        self.add_retry_after(&mut resp);
+        resp
+    }
+
+    fn add_retry_after(&self, resp: &mut Response) {
         if let Some(secs) = self.retry_after_secs() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        resp
+    }
+}
+
+/// How a request ended, in the terms audit, metrics and the log line need.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub outcome: Outcome,
+    /// Refused by the gateway's rules: always audited.
+    pub refused: bool,
+    pub reason: Option<Cow<'static, str>>,
+    pub message: Option<String>,
+}
+
+impl Ending {
+    /// A request the upstream answered with `status`.
+    pub fn upstream(status: u16) -> Ending {
+        let outcome = match status {
+            0..=399 => Outcome::Ok,
+            400..=499 => Outcome::UpstreamRejected,
+            _ => Outcome::UpstreamError,
+        };
+        Ending {
+            outcome,
+            refused: false,
+            reason: (status >= 400).then(|| format!("upstream:{status}").into()),
+            message: None,
+        }
+    }
+}
+
+impl From<&GatewayError> for Ending {
+    fn from(e: &GatewayError) -> Ending {
+        Ending {
+            outcome: e.outcome(),
+            refused: e.is_refusal(),
+            reason: Some(e.reason()),
+            message: Some(e.to_string()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
+    fn every_variant() -> Vec<GatewayError> {
+        use GatewayError::*;
+        vec![
+            Unauthenticated(AuthError::Expired),
+            Unauthenticated(AuthError::KeysUnavailable),
+            Forbidden(Refusal::UnknownTeam { team: "x".into() }),
+            UnknownProject("p".into()),
+            NoRoute(RouteError::NotFound {
+                method: "GET".into(),
+                path: "/x".into(),
+            }),
+            NoRoute(RouteError::MethodNotAllowed {
+                method: "PUT".into(),
+                path: "/x".into(),
+            }),
+            BadRequest("b".into()),
+            Invalid("i".into()),
+            Json("j".into()),
+            NotSupported("n".into()),
+            TokenApi,
+            BodyTooLarge(10),
+            BodyTimeout(Duration::from_secs(1)),
+            RateLimited {
+                rule: "r".into(),
+                retry_after: Duration::from_millis(1500),
+            },
+            RateLimitUnavailable { rule: "r".into() },
+            AuditUnavailable("x".into()),
+            AuditIncomplete {
+                upstream_status: 202,
+                result: None,
+            },
+            Timeout(Duration::from_secs(1)),
+            Internal("x".into()),
+            TokenUnavailable {
+                project: "p".into(),
+                source: IdentityError::Unavailable("down".into()),
+            },
+            UpstreamUnauthorized("p".into()),
+            Upstream(UpstreamError::Timeout(Duration::from_secs(1))),
+            Upstream(UpstreamError::Unreachable("refused".into())),
+            UpstreamAnswer {
+                status: 409,
+                message: "m".into(),
+            },
+        ]
+    }
+
+    /// One row per variant: origin, v2 status, v1.0 result code, metrics
+    /// outcome, refusal. The README's two tables are these rows.
     #[test]
-    fn status_per_failure() {
-        let cases: Vec<(GatewayError, u16)> = vec![
-            (GatewayError::Unauthenticated(AuthError::Expired), 401),
-            (
-                GatewayError::Forbidden(Refusal::UnknownTeam { team: "x".into() }),
-                403,
-            ),
-            (GatewayError::UnknownProject("p".into()), 404),
-            (GatewayError::BadRequest("b".into()), 400),
-            (GatewayError::BodyTooLarge(10), 413),
-            (
-                GatewayError::TokenUnavailable {
-                    project: "p".into(),
-                    source: IdentityError::Unavailable("down".into()),
-                },
-                503,
-            ),
-            (
-                GatewayError::Upstream(UpstreamError::Timeout(std::time::Duration::from_secs(1))),
-                504,
-            ),
-            (
-                GatewayError::Upstream(UpstreamError::Unreachable("refused".into())),
-                502,
-            ),
-            (GatewayError::UpstreamUnauthorized("p".into()), 502),
-            (GatewayError::Internal("x".into()), 500),
-            (
-                GatewayError::Unauthenticated(AuthError::KeysUnavailable),
-                503,
-            ),
-            (
-                GatewayError::RateLimited {
-                    rule: "r".into(),
-                    retry_after: std::time::Duration::from_millis(1500),
-                },
-                429,
-            ),
-            (GatewayError::RateLimitUnavailable { rule: "r".into() }, 503),
-            (GatewayError::AuditUnavailable("x".into()), 503),
+    fn one_classification_per_failure() {
+        use Origin::*;
+        use Outcome as O;
+        let want: Vec<(Origin, u16, i64, Outcome, bool)> = vec![
+            (Caller, 401, -3, O::AuthRefused, true),
+            (Gateway, 503, 10503, O::GatewayError, true),
+            (Caller, 403, -3, O::PolicyRefused, true),
+            (Caller, 404, -3, O::BadRequest, false),
+            (Caller, 404, -5, O::BadRequest, false),
+            (Caller, 405, -7, O::BadRequest, false),
+            (Caller, 400, -4, O::BadRequest, false),
+            (Caller, 400, -4, O::BadRequest, false),
+            (Caller, 400, -8, O::BadRequest, false),
+            (Caller, 400, -7, O::BadRequest, false),
+            (Caller, 403, 50403, O::BadRequest, false),
+            (Caller, 413, 10413, O::BadRequest, false),
+            (Caller, 408, 10408, O::BadRequest, false),
+            (Caller, 429, 10429, O::RateLimited, true),
+            (Gateway, 503, 10503, O::GatewayError, true),
+            (Gateway, 503, 10503, O::GatewayError, true),
+            (Gateway, 500, 10500, O::GatewayError, false),
+            (Gateway, 504, 10504, O::GatewayError, false),
+            (Gateway, 500, -2, O::GatewayError, false),
+            (Identity, 503, 10503, O::UpstreamError, false),
+            (Upstream, 502, 10502, O::UpstreamError, false),
+            (Upstream, 504, 10504, O::UpstreamError, false),
+            (Upstream, 502, 10502, O::UpstreamError, false),
+            (Upstream, 409, 10409, O::UpstreamRejected, false),
         ];
-        for (e, status) in cases {
-            assert_eq!(e.status().as_u16(), status, "{e}");
+        let all = every_variant();
+        assert_eq!(all.len(), want.len());
+        for (e, (origin, status, code, outcome, refused)) in all.iter().zip(want) {
+            assert_eq!(e.origin(), origin, "{e:?}");
+            assert_eq!(e.status().as_u16(), status, "{e:?}");
+            assert_eq!(e.result_code(), code, "{e:?}");
+            assert_eq!(e.outcome(), outcome, "{e:?}");
+            assert_eq!(e.is_refusal(), refused, "{e:?}");
+            let ending = Ending::from(e);
+            assert_eq!((ending.outcome, ending.refused), (outcome, refused));
         }
     }
 
@@ -202,5 +472,35 @@ mod tests {
             GatewayError::nova_fault(StatusCode::BAD_GATEWAY),
             "computeFault"
         );
+    }
+
+    #[test]
+    fn upstream_endings() {
+        assert_eq!(Ending::upstream(202).outcome, Outcome::Ok);
+        assert_eq!(Ending::upstream(202).reason, None);
+        assert_eq!(Ending::upstream(409).outcome, Outcome::UpstreamRejected);
+        assert_eq!(Ending::upstream(503).outcome, Outcome::UpstreamError);
+        assert_eq!(
+            Ending::upstream(404).reason.as_deref(),
+            Some("upstream:404")
+        );
+    }
+
+    #[test]
+    fn retry_after_only_where_a_retry_helps() {
+        for e in every_variant() {
+            let expected = matches!(
+                e,
+                GatewayError::RateLimited { .. }
+                    | GatewayError::TokenUnavailable { .. }
+                    | GatewayError::Unauthenticated(AuthError::KeysUnavailable)
+                    | GatewayError::RateLimitUnavailable { .. }
+                    | GatewayError::AuditUnavailable(_)
+            );
+            assert_eq!(e.retry_after_secs().is_some(), expected, "{e:?}");
+            let has = |r: Response| r.headers().contains_key(header::RETRY_AFTER);
+            assert_eq!(has(e.v2_response()), expected, "{e:?}");
+            assert_eq!(has(e.v1_response()), expected, "{e:?}");
+        }
     }
 }

@@ -17,19 +17,24 @@
 //! - [`error`]: one error type, one mapping to each surface.
 //! - [`translate`]: the v1.0 surface onto the v2 upstream.
 //! - [`tls`]: TLS on the public listener, certificate reload.
-//! - [`simulator`]: a stateful fake of the TOAST identity and compute APIs.
-//! - [`demo`]: the simulator and the gateway in one process.
+//! - `simulator`: a stateful fake of the TOAST identity and compute APIs, and
+//!   `demo`: the simulator and the gateway in one process. Both behind the
+//!   default-on `simulator` feature: a production build
+//!   (`--no-default-features`, as the Dockerfile builds) carries neither.
 //! - [`audit`]: the hash-chained audit log of instance actions and `toastgate audit`.
 #![forbid(unsafe_code)]
 
 pub mod action;
 pub mod audit;
 pub mod auth;
+pub mod body;
 pub mod config;
+#[cfg(feature = "simulator")]
 pub mod demo;
 pub mod error;
 pub mod exchange;
 pub mod gateway;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -38,7 +43,9 @@ pub mod router;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+#[cfg(feature = "simulator")]
 pub mod simulator;
+pub mod surface;
 pub mod tls;
 pub mod translate;
 pub mod upstream;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use toastgate::config::{Config, SecretSource};
 use toastgate::server::{self, Listeners};
 use toastgate::shutdown::{Stop, stop_pair};
+#[cfg(feature = "simulator")]
 use toastgate::simulator::{SimConfig, Simulator};
 
 #[derive(Parser)]
@@ -49,6 +50,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run the built-in TOAST simulator alone.
+    #[cfg(feature = "simulator")]
     Simulate {
         #[arg(long, default_value = "127.0.0.1:18774")]
         listen: SocketAddr,
@@ -60,6 +62,7 @@ enum Command {
         token_lifetime: Duration,
     },
     /// Run the simulator and the gateway together on config/demo.yaml.
+    #[cfg(feature = "simulator")]
     Demo {
         #[arg(long, default_value = "config/demo.yaml")]
         config: PathBuf,
@@ -155,6 +158,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        #[cfg(feature = "simulator")]
         Command::Simulate {
             listen,
             build_delay,
@@ -175,6 +179,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             sim.shutdown();
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "simulator")]
         Command::Demo {
             config,
             listen,

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub upstream_responses: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub token_waits: IntCounterVec,
     pub token_refreshes: IntCounterVec,
     pub token_expiry: IntGaugeVec,
     pub identity_errors: IntCounterVec,
@@ -64,6 +66,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub audit_records: IntCounterVec,
     pub in_flight: IntGaugeVec,
+    pub open_connections: IntGauge,
+    pub accept_errors: prometheus::IntCounter,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub up_since: IntGauge,
@@ -119,7 +123,26 @@ impl Metrics {
             .expect("metric registered once");
         up_since.set(chrono::Utc::now().timestamp());
 
+        let open_connections = IntGauge::new(
+            "toastgate_open_connections",
+            "Connections open on the public listener (at most server.max_connections).",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(open_connections.clone()))
+            .expect("metric registered once");
+        let accept_errors = prometheus::IntCounter::new(
+            "toastgate_accept_errors_total",
+            "Failed accepts on the public listener (EMFILE and the like); each backs off.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(accept_errors.clone()))
+            .expect("metric registered once");
+
         let m = Metrics {
+            open_connections,
+            accept_errors,
             requests: counter(
                 "toastgate_requests_total",
                 "Requests by team, surface, Action and outcome.",
@@ -139,6 +162,16 @@ impl Metrics {
                 "toastgate_upstream_responses_total",
                 "Upstream compute API answers by Action and HTTP status.",
                 &["action", "status"],
+            ),
+            upstream_errors: counter(
+                "toastgate_upstream_errors_total",
+                "Upstream compute API calls that got no answer, by Action and kind (timeout, unreachable, body).",
+                &["action", "kind"],
+            ),
+            token_waits: counter(
+                "toastgate_token_waits_total",
+                "Requests that had to wait for an identity call (no valid cloud token cached), by project.",
+                &["project"],
             ),
             token_refreshes: counter(
                 "toastgate_token_refreshes_total",
@@ -236,19 +269,56 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn observe_upstream(&self, action: &str, status: u16, took: Duration) {
+    /// One upstream attempt: its answer's status, or the kind of failure
+    /// (a bounded label).
+    pub fn observe_upstream(
+        &self,
+        action: &str,
+        answer: Result<http::StatusCode, &'static str>,
+        took: Duration,
+    ) {
         self.upstream_duration
             .with_label_values(&[action])
             .observe(took.as_secs_f64());
-        self.upstream_responses
-            .with_label_values(&[action, &status.to_string()])
-            .inc();
+        match answer {
+            Ok(status) => self
+                .upstream_responses
+                .with_label_values(&[action, status.as_str()])
+                .inc(),
+            Err(kind) => self
+                .upstream_errors
+                .with_label_values(&[action, kind])
+                .inc(),
+        }
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Counts a request in `toastgate_in_flight_requests` until dropped,
+/// however the request ends.
+pub struct InFlight<'a> {
+    metrics: &'a Metrics,
+    surface: &'static str,
+}
+
+impl<'a> InFlight<'a> {
+    pub fn new(metrics: &'a Metrics, surface: &'static str) -> Self {
+        metrics.in_flight.with_label_values(&[surface]).inc();
+        InFlight { metrics, surface }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .in_flight
+            .with_label_values(&[self.surface])
+            .dec();
     }
 }
 
@@ -266,7 +336,12 @@ mod tests {
             Outcome::Ok,
             Duration::from_millis(3),
         );
-        m.observe_upstream("instance.list", 200, Duration::from_millis(2));
+        m.observe_upstream(
+            "instance.list",
+            Ok(http::StatusCode::OK),
+            Duration::from_millis(2),
+        );
+        m.observe_upstream("instance.list", Err("timeout"), Duration::from_secs(1));
         let text = m.render();
         assert!(text.contains("# TYPE toastgate_requests_total counter"));
         assert!(text.contains(
@@ -274,6 +349,9 @@ mod tests {
         ));
         assert!(text.contains(
             r#"toastgate_upstream_responses_total{action="instance.list",status="200"} 1"#
+        ));
+        assert!(text.contains(
+            r#"toastgate_upstream_errors_total{action="instance.list",kind="timeout"} 1"#
         ));
         assert!(text.contains("# TYPE toastgate_request_duration_seconds histogram"));
         assert!(text.contains("toastgate_build_info{version="));

@@ -1,8 +1,12 @@
 //! v2 pass-through mechanics: which headers cross the gateway, how the
-//! upstream's links are pointed back at the gateway, and the version
-//! documents OpenStack clients use for discovery.
+//! upstream's answer becomes the caller's (links and `Location` pointed back
+//! at the gateway), the gateway's public base URL, and the version documents
+//! OpenStack clients use for discovery.
 
-use http::header::{self, HeaderMap, HeaderName};
+use axum::body::Body;
+use bytes::Bytes;
+use http::Response;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1),
@@ -52,14 +56,83 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The caller's headers as they may go upstream (before the token is added).
-pub fn upstream_request_headers(caller: &HeaderMap) -> HeaderMap {
+/// A judged JSON body goes out as `application/json` whatever the caller
+/// called it; a request without one carries no `Content-Type`.
+pub fn upstream_request_headers(caller: &HeaderMap, json_body: bool) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(FORWARDED.len());
     for name in FORWARDED {
         for value in caller.get_all(*name) {
             out.append(HeaderName::from_static(name), value.clone());
         }
     }
+    if json_body {
+        out.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    } else {
+        out.remove(header::CONTENT_TYPE);
+    }
     out
+}
+
+/// The upstream's answer as the caller gets it: hop-by-hop headers out,
+/// `Location` and every link in a JSON body pointed back at the gateway.
+pub fn answer(
+    upstream: Response<Bytes>,
+    tenant_id: &str,
+    gateway_project_base: &str,
+) -> Response<Body> {
+    let (mut parts, bytes) = upstream.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(new) = parts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|loc| rewrite_location(loc, tenant_id, gateway_project_base))
+        .and_then(|new| HeaderValue::from_str(&new).ok())
+    {
+        parts.headers.insert(header::LOCATION, new);
+    }
+    let bytes = match is_json(&parts.headers)
+        .then(|| rewrite_links(&bytes, tenant_id, gateway_project_base))
+        .flatten()
+    {
+        Some(rewritten) => Bytes::from(rewritten),
+        None => bytes,
+    };
+    // The body is whole: its length is known (and may have changed).
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// The base URL callers reach the gateway at: `server.public_url`, else the
+/// request's `Host` (checked, since it is echoed into links).
+pub fn public_base(public_url: Option<&str>, scheme: &str, headers: &HeaderMap) -> String {
+    if let Some(url) = public_url {
+        return url.to_string();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| is_plausible_host(h))
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}")
+}
+
+/// Host header values are echoed into links: accept only host[:port].
+fn is_plausible_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 /// Points every upstream link that names `tenant_id` back at the gateway.
@@ -226,7 +299,7 @@ mod tests {
             HeaderValue::from_static("2.47"),
         );
         h.insert("content-type", HeaderValue::from_static("application/json"));
-        let out = upstream_request_headers(&h);
+        let out = upstream_request_headers(&h, true);
         for gone in [
             "authorization",
             "x-auth-token",
@@ -243,6 +316,25 @@ mod tests {
         ] {
             assert!(out.contains_key(kept), "{kept}");
         }
+    }
+
+    #[test]
+    fn content_type_follows_the_judged_body() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        assert_eq!(
+            upstream_request_headers(&h, true)["content-type"],
+            "application/json"
+        );
+        assert!(!upstream_request_headers(&h, false).contains_key("content-type"));
+    }
+
+    #[test]
+    fn host_header_is_checked_before_it_goes_into_links() {
+        assert!(is_plausible_host("gw.example.com:8080"));
+        assert!(is_plausible_host("[::1]:8080"));
+        assert!(!is_plausible_host("evil.com/\"><script>"));
+        assert!(!is_plausible_host(""));
     }
 
     #[test]

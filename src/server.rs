@@ -6,27 +6,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, Request, StatusCode, header};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use std::path::PathBuf;
-
 use crate::config::{Config, SecretSource};
 use crate::error::GatewayError;
+use crate::exchange::Surface;
 use crate::gateway::{Gateway, Snapshot, StartError};
+use crate::listener::{self, ConnLimits};
 use crate::shutdown::{Stop, StopHandle, stop_pair};
+use crate::surface::render_error;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -58,10 +63,11 @@ pub enum RunError {
 }
 
 /// Runs the gateway until `stop` fires, then shuts down gracefully:
-/// `/readyz` turns unready at once (so load balancers stop sending), after
-/// `server.drain_delay` the listeners stop accepting, in-flight requests get
-/// until `server.shutdown_grace` to finish, and the audit log is flushed
-/// before returning.
+/// `/readyz` turns unready at once (so load balancers stop sending) and every
+/// answer says the connection ends (`Connection: close`, HTTP/2 GOAWAY);
+/// after `server.drain_delay` the listeners stop accepting, in-flight
+/// requests get until `server.shutdown_grace` to finish, and the audit log is
+/// flushed before returning.
 pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(), RunError> {
     run_with_reload(config, listeners, stop, None).await
 }
@@ -75,6 +81,14 @@ pub struct ReloadSource {
     pub poll: Duration,
 }
 
+/// The admin listener serves a handful of scrapers and probes.
+fn admin_limits(public: &ConnLimits) -> ConnLimits {
+    ConnLimits {
+        max_connections: 64,
+        ..public.clone()
+    }
+}
+
 /// [`run`], plus config reload on SIGHUP and when the file changes.
 pub async fn run_with_reload(
     config: Config,
@@ -84,6 +98,7 @@ pub async fn run_with_reload(
 ) -> Result<(), RunError> {
     let drain_delay = config.server.drain_delay;
     let grace = config.server.shutdown_grace;
+    let limits = ConnLimits::of(&config.server);
     let tls = config.listen.tls.clone();
     let gateway = Gateway::new(config)?;
     let draining = Arc::new(AtomicBool::new(false));
@@ -100,49 +115,51 @@ pub async fn run_with_reload(
         ));
     }
 
-    // Listeners stop accepting only after the drain delay.
-    let (accepting, stop_accepting) = crate::shutdown::stop_pair();
-    let app = public_app(gateway.clone());
-    let public: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
-        match &tls {
-            Some(files) => {
-                let cert = crate::tls::ReloadingCert::load(&files.cert_file, &files.key_file)?;
-                tokio::spawn(cert.clone().watch(Duration::from_secs(2), stop.clone()));
-                Box::pin(crate::tls::serve(
-                    listeners.public,
-                    app,
-                    cert.server_config()?,
-                    stop_accepting,
-                ))
-            }
-            None => Box::pin(
-                axum::serve(
-                    listeners.public,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move { stop_accepting.stopped().await })
-                .into_future(),
-            ),
-        };
+    let acceptor = match &tls {
+        Some(files) => {
+            let cert = crate::tls::ReloadingCert::load(&files.cert_file, &files.key_file)?;
+            tokio::spawn(cert.clone().watch(Duration::from_secs(2), stop.clone()));
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                cert.server_config()?,
+            )))
+        }
+        None => None,
+    };
+    // Draining starts at `stop`; listeners stop accepting only after the drain delay.
+    let (drain, drain_signal) = stop_pair();
+    let (accepting, stop_accepting) = stop_pair();
+    let mut public = tokio::spawn(listener::serve(
+        listeners.public,
+        acceptor,
+        public_app(gateway.clone()),
+        limits.clone(),
+        Some(gateway.metrics.clone()),
+        drain_signal,
+        stop_accepting,
+    ));
+    // The admin listener outlives the public one, so probes see `/readyz`
+    // answer 503 while the pod drains, and metrics are scraped to the end.
     let (admin_handle, admin_stop) = stop_pair();
-    let admin = axum::serve(
+    let (_admin_never_drains, admin_draining) = stop_pair();
+    let mut admin = tokio::spawn(listener::serve(
         listeners.admin,
+        None,
         admin_app(AdminState {
             gateway: gateway.clone(),
             draining: draining.clone(),
         }),
-    )
-    // The admin listener outlives the public one, so probes see `/readyz`
-    // answer 503 while the pod drains, and metrics are scraped to the end.
-    .with_graceful_shutdown(async move { admin_stop.stopped().await });
-    let mut public = tokio::spawn(public);
-    let mut admin = tokio::spawn(admin.into_future());
+        admin_limits(&limits),
+        None,
+        admin_draining,
+        admin_stop,
+    ));
 
     tokio::select! {
         _ = stop.stopped() => {}
         r = &mut public => return finished("public", r).and(Err(RunError::Stopped("public"))),
     }
     draining.store(true, Ordering::SeqCst);
+    drain.stop();
     tracing::info!(
         ?drain_delay,
         ?grace,
@@ -311,18 +328,16 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
             "changed in the config: takes effect at the next restart"
         )
     };
-    if format!("{:?}", new.listen) != format!("{:?}", running.listen) {
+    if new.listen != running.listen {
         changed("listen");
     }
-    if format!("{:?}", new.upstream) != format!("{:?}", running.upstream) {
+    if new.upstream != running.upstream {
         changed("upstream");
     }
-    if format!("{:?}", new.token) != format!("{:?}", running.token) {
+    if new.token != running.token {
         changed("token");
     }
-    if format!("{:?}", new.audit.file) != format!("{:?}", running.audit.file)
-        || new.audit.stdout != running.audit.stdout
-    {
+    if new.audit.file != running.audit.file || new.audit.stdout != running.audit.stdout {
         changed("audit sinks");
     }
     new.listen = running.listen.clone();
@@ -359,16 +374,19 @@ async fn next_hangup(_: &mut Option<()>) {
 }
 
 /// The public listener: the outer layers every request passes, then routing.
+/// (Connection limits and timeouts are below these, in [`listener`].)
 ///
 /// Order (outermost first), and why:
 /// 1. request id: always the gateway's own, set before anything logs,
 ///    echoed on the way out;
 /// 2. sensitive headers: marked before the trace layer can record them;
-/// 3. trace span;
-/// 4. panic catch: a bug answers 500 in the Nova shape, never a dropped connection.
+/// 3. trace span (no failure line of its own: the pipeline logs one line per
+///    request);
+/// 4. panic catch: a bug answers 500 in the caller's surface, never a
+///    dropped connection.
 ///
-/// Authentication, authorization and forwarding are phases of
-/// [`Gateway::handle_v2`], where they run in a fixed, readable order.
+/// Everything that needs the Action runs as the phases of
+/// [`Gateway::handle`], in a fixed, readable order.
 pub fn public_app(gateway: Arc<Gateway>) -> Router {
     let stack = ServiceBuilder::new()
         // The request id pairs audit records: the gateway always makes its
@@ -384,10 +402,8 @@ pub fn public_app(gateway: Arc<Gateway>) -> Router {
             HeaderName::from_static("x-auth-token"),
             header::COOKIE,
         ]))
-        .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(|_| {
-            GatewayError::Internal("unexpected failure; see the gateway log".into()).v2_response()
-        }));
+        .layer(TraceLayer::new_for_http().on_failure(()))
+        .layer(axum::middleware::from_fn(catch_panic));
     Router::new()
         .route("/", get(versions_list))
         .route("/v2", get(version_single))
@@ -423,24 +439,40 @@ async fn version_single(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> R
     gw.versions(&headers, true)
 }
 
+/// A panic answers in the caller's surface (a v1.0 client gets its
+/// envelope), never a dropped connection.
+async fn catch_panic(req: Request<Body>, next: Next) -> Response {
+    let surface = Surface::of_path(req.uri().path());
+    match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::error!("a request handler panicked");
+            render_error(
+                surface,
+                &GatewayError::Internal("unexpected failure; see the gateway log".into()),
+            )
+        }
+    }
+}
+
 async fn v2(State(gw): State<Arc<Gateway>>, req: Request<Body>) -> Response {
-    gw.handle_v2(req).await
+    gw.handle(Surface::V2, req).await
 }
 
 async fn v1(State(gw): State<Arc<Gateway>>, req: Request<Body>) -> Response {
-    gw.handle_v1(req).await
+    gw.handle(Surface::V1, req).await
 }
 
 async fn v1_unknown(req: Request<Body>) -> Response {
-    crate::translate::envelope_error(&crate::translate::V1Error::NoRoute(format!(
-        "{} {}",
-        req.method(),
-        req.uri().path()
-    )))
+    GatewayError::NoRoute(crate::error::RouteError::NotFound {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+    })
+    .v1_response()
 }
 
 async fn not_found(req: Request<Body>) -> Response {
-    GatewayError::NoRoute(crate::router::RouteError::NotFound {
+    GatewayError::NoRoute(crate::error::RouteError::NotFound {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
     })
@@ -474,30 +506,21 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
-/// Ready when the config is loaded, the gateway is not draining, and a token
-/// can be had for every project (obtained now if none is cached).
+/// Ready when the config is loaded, the gateway is not draining, and a
+/// valid token is held for every project. Answered at once from what the
+/// token broker knows (its refreshers obtain the tokens), never by waiting
+/// for the identity service.
 async fn readyz(State(state): State<AdminState>) -> Response {
     let snap = state.gateway.snapshot();
     let broker = &state.gateway.broker;
-    let mut projects = Vec::new();
     let mut ready = !state.draining.load(Ordering::SeqCst);
-    // All projects at once: one slow identity answer must not add up.
-    let statuses =
-        futures_util::future::join_all(snap.config.projects.values().map(|project| async move {
-            let cached = match broker.cached(project).await {
-                Some(t) => Some(t),
-                None => tokio::time::timeout(Duration::from_secs(5), broker.current_token(project))
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-            };
-            broker.status(project, cached.as_deref())
-        }))
-        .await;
-    for status in statuses {
-        ready &= status.state == "valid";
-        projects.push(status);
-    }
+    let projects: Vec<_> = snap
+        .config
+        .projects
+        .values()
+        .map(|project| broker.status(project))
+        .collect();
+    ready &= projects.iter().all(|p| p.state == "valid");
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "not ready" },
         "draining": state.draining.load(Ordering::SeqCst),

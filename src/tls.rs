@@ -1,25 +1,16 @@
 //! TLS on the public listener: rustls with the certificate and key read from
 //! PEM files, re-read when either file changes (certificate rotation without
-//! a restart), and an accept loop that drains like the plain one.
+//! a restart). Connections are accepted by [`crate::listener`], like plain ones.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::shutdown::Stop;
 
@@ -113,60 +104,4 @@ impl ReloadingCert {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
-}
-
-/// Accepts TLS connections until `stop_accepting`, then lets open
-/// connections finish their in-flight requests.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    config: rustls::ServerConfig,
-    stop_accepting: Stop,
-) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop_accepting.stopped() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // A client that never finishes its handshake must not hold a task forever.
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let service = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            });
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(tls),
-                TowerToHyperService::new(service),
-            );
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    graceful.shutdown().await;
-    Ok(())
 }

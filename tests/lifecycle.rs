@@ -347,6 +347,7 @@ async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_d
                 .map(|r| r.status().as_u16())
         }
     };
+    env.wait_ready().await;
     assert_eq!(readyz(&env).await.unwrap(), 200);
     let gw = env.gw.clone();
     let token = env.token("web-team");

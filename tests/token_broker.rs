@@ -229,6 +229,7 @@ async fn appkey_token_api_credentials_work() {
 #[tokio::test]
 async fn readyz_shows_token_state_per_project() {
     let env = Env::start().await;
+    env.wait_ready().await;
     let resp = env
         .http
         .get(format!("{}/readyz", env.admin))
@@ -257,21 +258,34 @@ async fn readyz_is_unready_when_a_project_cannot_get_a_token() {
         );
     })
     .await;
-    let resp = env
-        .http
-        .get(format!("{}/readyz", env.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
-    let web = body["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["project"] == "web")
-        .unwrap()
-        .clone();
+    // `/readyz` answers from what the refreshers know: poll until the web
+    // project's refresher has been refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let web = loop {
+        let resp = env
+            .http
+            .get(format!("{}/readyz", env.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 503);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        let web = body["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["project"] == "web")
+            .unwrap()
+            .clone();
+        if !web["last_error"].is_null() {
+            break web;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no identity answer in 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(web["state"], "absent");
     assert!(
         web["last_error"]

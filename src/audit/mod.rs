@@ -54,7 +54,7 @@ use crate::config::{Audit, AuditLevel};
 
 pub use chain::{BrokenLink, GENESIS, VerifyReport, verify};
 pub use cli::{AuditCommand, run_cli, run_cli_with};
-pub use summary::summarize;
+pub use summary::{result_ids, summarize};
 
 /// Which point of a request a record describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -61,6 +61,28 @@ pub fn summarize(action: Action, v2_body: &Value) -> Value {
     }
 }
 
+/// Ids of what a mutating Action produced, from the upstream's v2 answer
+/// (both surfaces: the v1.0 translation sees the same v2 answers), for the
+/// `result` of the completed record.
+pub fn result_ids(action: Action, v2_answer: &Value, location: Option<&str>) -> Option<Value> {
+    match action {
+        Action::InstanceCreate => v2_answer["server"]["id"]
+            .as_str()
+            .map(|id| json!({"instance_id": id})),
+        Action::InstanceCreateImage => v2_answer["image_id"]
+            .as_str()
+            .or_else(|| location.and_then(|l| l.rsplit('/').next()))
+            .map(|id| json!({"image_id": id})),
+        Action::KeypairCreate => v2_answer["keypair"]["name"]
+            .as_str()
+            .map(|n| json!({"keypair": n})),
+        Action::VolumeAttach => v2_answer["volumeAttachment"]["id"]
+            .as_str()
+            .map(|id| json!({"attachment_id": id})),
+        _ => None,
+    }
+}
+
 /// Summarises the object under `key`; `{}` when the body has nothing there
 /// at all (a bodiless request), a marker when it has the wrong shape.
 fn under(
@@ -251,6 +273,27 @@ fn server_create(o: &Map<String, Value>) -> Map<String, Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn result_ids_per_action() {
+        assert_eq!(
+            result_ids(
+                Action::InstanceCreate,
+                &json!({"server": {"id": "s1"}}),
+                None
+            ),
+            Some(json!({"instance_id": "s1"}))
+        );
+        assert_eq!(
+            result_ids(
+                Action::InstanceCreateImage,
+                &Value::Null,
+                Some("http://x/images/i9")
+            ),
+            Some(json!({"image_id": "i9"}))
+        );
+        assert_eq!(result_ids(Action::InstanceReboot, &Value::Null, None), None);
+    }
 
     #[test]
     fn server_actions_copy_their_safe_parameters() {

@@ -39,6 +39,8 @@ pub(super) struct ScannedClaims {
     exp: bool,
     nbf: bool,
     aud: bool,
+    /// `exp` as an integer (the verified-token cache keeps an answer until then).
+    pub(super) exp_value: Option<i64>,
 }
 
 impl ScannedClaims {
@@ -101,8 +103,11 @@ impl<'de> Visitor<'de> for ScanClaims<'_> {
             out.exp |= field.exp;
             out.nbf |= field.nbf;
             out.aud |= field.aud;
-            if field.team || field.sub || field.iss {
+            if field.team || field.sub || field.iss || field.exp {
                 let value: serde_json::Value = map.next_value()?;
+                if field.exp {
+                    out.exp_value = value.as_i64();
+                }
                 if field.team {
                     out.team.set(&value);
                 }

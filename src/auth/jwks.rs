@@ -10,14 +10,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use jsonwebtoken::Algorithm;
 
 use super::keys::{KeySet, parse_jwks};
 use super::{AuthError, AuthSetupError};
+use crate::upstream::{ClientSettings, UpstreamClient};
 
 /// Whole-fetch deadline for the JWKS URL (connect, TLS, headers and body).
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,8 +24,6 @@ const JWKS_MAX_BYTES: usize = 1024 * 1024;
 /// Sentinel for "never attempted" in [`RemoteJwks::last_attempt_ms`].
 const NEVER: u64 = u64::MAX;
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
 pub(super) struct RemoteJwks {
     uri: http::Uri,
     /// The URL without credentials, for logs.
@@ -35,7 +31,7 @@ pub(super) struct RemoteJwks {
     cache_ttl: Duration,
     min_refetch_ms: u64,
     algorithms: Vec<Algorithm>,
-    client: HttpClient,
+    client: UpstreamClient,
     epoch: Instant,
     /// The last good key set, swapped atomically: no lock on the request path.
     current: ArcSwapOption<KeySet>,
@@ -54,6 +50,7 @@ impl RemoteJwks {
         cache_ttl: Duration,
         min_refetch_interval: Duration,
         algorithms: &[Algorithm],
+        ca_file: Option<&std::path::Path>,
     ) -> Result<Self, AuthSetupError> {
         let uri: http::Uri = url
             .parse()
@@ -75,23 +72,17 @@ impl RemoteJwks {
                 "the JWKS URL is plain http: anyone on the path can substitute signing keys"
             );
         }
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(JWKS_FETCH_TIMEOUT));
-        http.set_nodelay(true);
-        // An explicit rustls provider: the process default may be ambiguous
-        // when several rustls crypto features are unified into the build.
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .map_err(|e| AuthSetupError::HttpClient(e.to_string()))?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        // Fetches are minutes apart: no connection pooling, so a restarted IdP
-        // never meets a stale pooled connection.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(https);
+        // The one HTTPS client builder (the same roots as every upstream
+        // call, `upstream.ca_file` included). Fetches are minutes apart: no
+        // connection pooling, so a restarted IdP never meets a stale pooled
+        // connection.
+        let client = UpstreamClient::new(&ClientSettings {
+            ca_file,
+            connect_timeout: JWKS_FETCH_TIMEOUT,
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 0,
+        })
+        .map_err(|e| AuthSetupError::HttpClient(e.to_string()))?;
         Ok(RemoteJwks {
             uri,
             shown_url,
@@ -205,31 +196,18 @@ impl RemoteJwks {
                 http::header::USER_AGENT,
                 concat!("toastgate/", env!("CARGO_PKG_VERSION")),
             )
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::new()))
             .map_err(|e| format!("cannot build the request: {e}"))?;
-        let body = tokio::time::timeout(JWKS_FETCH_TIMEOUT, async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| format!("request failed: {}", crate::upstream::error_chain(&e)))?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(format!("HTTP status {status}"));
-            }
-            Limited::new(response.into_body(), JWKS_MAX_BYTES)
-                .collect()
-                .await
-                .map(|collected| collected.to_bytes())
-                .map_err(|e| {
-                    format!(
-                        "cannot read the body: {}",
-                        crate::upstream::error_chain(e.as_ref())
-                    )
-                })
-        })
-        .await
-        .map_err(|_| format!("timed out after {}s", JWKS_FETCH_TIMEOUT.as_secs()))??;
+        let response = self
+            .client
+            .send_buffered(request, JWKS_MAX_BYTES, JWKS_FETCH_TIMEOUT)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("HTTP status {status}"));
+        }
+        let body = response.into_body();
         let keys = parse_jwks(&body, &self.algorithms)?;
         if keys.is_empty() {
             return Err(

@@ -22,6 +22,7 @@
 //! in one pass, `keys` turns key files and JWKS documents into typed keys,
 //! `jwks` fetches and caches a JWKS URL, `mint` signs dev/test tokens.
 
+mod caller;
 mod claims;
 mod jwks;
 mod keys;
@@ -40,6 +41,7 @@ use crate::config::{Auth, KeySource};
 use jwks::RemoteJwks;
 use keys::{KeyKind, KeySet, VerifyKey, load_pem, parse_jwks};
 
+pub use caller::{VerifiedTokens, caller_token};
 pub use mint::mint_token;
 
 /// Same floor as the config validation (defence in depth).
@@ -85,6 +87,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("token signing keys are temporarily unavailable")]
     KeysUnavailable,
+    #[error(
+        "more than one credential was presented (repeated Authorization or X-Auth-Token headers, or both with different tokens); send exactly one"
+    )]
+    Ambiguous,
 }
 
 impl AuthError {
@@ -103,6 +109,7 @@ impl AuthError {
             AuthError::WrongIssuer => "issuer",
             AuthError::WrongAudience => "audience",
             AuthError::KeysUnavailable => "keys_unavailable",
+            AuthError::Ambiguous => "ambiguous",
         }
     }
 }
@@ -153,8 +160,15 @@ impl fmt::Debug for Authenticator {
 
 impl Authenticator {
     /// Loads PEM / JWKS files / HS secret eagerly (errors name the file). For
-    /// a JWKS URL this does not block: keys are fetched on first use.
+    /// a JWKS URL this does not block: keys are fetched on first use, trusting
+    /// the standard roots only; see [`Authenticator::with_ca`].
     pub fn new(cfg: &Auth) -> Result<Self, AuthSetupError> {
+        Self::with_ca(cfg, None)
+    }
+
+    /// [`Authenticator::new`], with a JWKS URL fetched by the one HTTPS
+    /// client builder that also trusts `ca_file` (`upstream.ca_file`).
+    pub fn with_ca(cfg: &Auth, ca_file: Option<&std::path::Path>) -> Result<Self, AuthSetupError> {
         install_crypto_provider();
         if cfg.algorithms.is_empty() {
             return Err(AuthSetupError::Config("list at least one algorithm"));
@@ -243,6 +257,7 @@ impl Authenticator {
                 *cache_ttl,
                 *min_refetch_interval,
                 &cfg.algorithms,
+                ca_file,
             )?)),
         };
         let validations = cfg
@@ -271,6 +286,17 @@ impl Authenticator {
     /// Verifies `token` (the raw compact JWT, without "Bearer ") and returns
     /// the identity.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        self.authenticate_until(token)
+            .await
+            .map(|(identity, _)| identity)
+    }
+
+    /// [`Authenticator::authenticate`], plus the token's `exp` (from the
+    /// same single decoding of the payload), for caching the answer.
+    pub async fn authenticate_until(
+        &self,
+        token: &str,
+    ) -> Result<(Identity, Option<i64>), AuthError> {
         let result = self.verify(token).await;
         if let Err(e) = &result {
             tracing::debug!(reason = e.reason(), "caller token rejected");

@@ -19,7 +19,8 @@ use super::{AuthError, Authenticator, Identity, Keys};
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 impl Authenticator {
-    pub(super) async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    /// The identity and the `exp` claim of a token that verifies.
+    pub(super) async fn verify(&self, token: &str) -> Result<(Identity, Option<i64>), AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Missing);
@@ -69,7 +70,7 @@ impl Authenticator {
         kid: Option<&str>,
         token: &str,
         payload_b64: &str,
-    ) -> Result<Identity, AuthError> {
+    ) -> Result<(Identity, Option<i64>), AuthError> {
         let select = match kid {
             Some(id) if set.has_kid(id) => {
                 if set.candidates(alg, Select::Kid(id)).next().is_none() {
@@ -112,7 +113,10 @@ impl Authenticator {
             // as missing, to tell the two apart.
             let claims = ScannedClaims::decode(payload_b64, &self.team_claim)?;
             return match missing {
-                None => self.identity(claims),
+                None => {
+                    let exp = claims.exp_value;
+                    self.identity(claims).map(|identity| (identity, exp))
+                }
                 Some(claim) if claims.claim_present(claim) => {
                     Err(AuthError::InvalidClaim(claim.clone()))
                 }

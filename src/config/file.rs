@@ -58,9 +58,15 @@ pub struct UpstreamFile {
     pub compute_v1_url: Option<String>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// One compute call: the answer's head and whole body.
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// Extra PEM CA bundle trusted on top of the built-in web PKI roots.
+    /// One identity call (either token API). Short: while identity hangs,
+    /// callers get a prompt 503, and only one call is ever in flight.
+    #[serde(default = "default_identity_timeout", with = "humantime_serde")]
+    pub identity_timeout: Duration,
+    /// Extra PEM CA bundle trusted on top of the built-in web PKI roots and
+    /// the system store (compute, identity and JWKS calls alike).
     pub ca_file: Option<PathBuf>,
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
@@ -110,6 +116,25 @@ pub struct ServerFile {
     /// Public base URL callers use (for `links[].href` and version documents).
     /// When absent, derived from the request's `Host` header.
     pub public_url: Option<String>,
+    /// A request body must have fully arrived within this.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A TLS handshake and an HTTP/1.1 request head must complete within
+    /// this, counted from when the gateway starts waiting for them (so it is
+    /// also how long an HTTP/1.1 connection may sit idle between requests).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes moving either way for this long is closed
+    /// (gracefully: a request in flight is answered first).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once on the public listener; further
+    /// clients wait in the kernel's backlog. Default: below the process's
+    /// file limit, at most 10,000.
+    pub max_connections: Option<usize>,
+    /// Most concurrent streams per HTTP/2 connection.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: u32,
 }
 
 impl Default for ServerFile {
@@ -120,6 +145,11 @@ impl Default for ServerFile {
             shutdown_grace: default_shutdown_grace(),
             drain_delay: Duration::ZERO,
             public_url: None,
+            body_read_timeout: default_body_read_timeout(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: None,
+            http2_max_streams: default_http2_max_streams(),
         }
     }
 }
@@ -385,6 +415,21 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_upstream_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_identity_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_http2_max_streams() -> u32 {
+    100
 }
 fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(90)

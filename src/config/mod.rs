@@ -126,32 +126,33 @@ pub struct Config {
     pub audit: Audit,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     pub public: SocketAddr,
     pub admin: SocketAddr,
     pub tls: Option<TlsFiles>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub identity_url: String,
     pub compute_url: String,
     pub compute_v1_url: Option<String>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    pub identity_timeout: Duration,
     pub ca_file: Option<PathBuf>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenPolicy {
     pub refresh_at: f64,
     pub refresh_jitter: f64,
@@ -166,6 +167,11 @@ pub struct Server {
     pub shutdown_grace: Duration,
     pub drain_delay: Duration,
     pub public_url: Option<String>,
+    pub body_read_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub http2_max_streams: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -266,7 +272,7 @@ pub struct Audit {
     pub rules: Vec<(BTreeSet<Action>, AuditLevel)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditFileConfig {
     pub path: PathBuf,
     pub max_bytes: u64,

@@ -227,6 +227,7 @@ impl Validator<'_> {
             compute_v1_url,
             connect_timeout: self.positive("upstream.connect_timeout", u.connect_timeout),
             request_timeout: self.positive("upstream.request_timeout", u.request_timeout),
+            identity_timeout: self.positive("upstream.identity_timeout", u.identity_timeout),
             ca_file: u.ca_file.map(|p| self.resolve_path(&p)),
             pool_idle_timeout: u.pool_idle_timeout,
             pool_max_idle_per_host: u.pool_max_idle_per_host,
@@ -265,12 +266,38 @@ impl Validator<'_> {
             .public_url
             .as_deref()
             .map(|u| self.url("server.public_url", u));
+        let max_connections = match s.max_connections {
+            Some(0) => {
+                self.problem("server.max_connections", "must be greater than zero");
+                1
+            }
+            Some(n) => {
+                if let Some(limit) = crate::listener::open_files_soft_limit()
+                    && n >= limit
+                {
+                    self.problem(
+                        "server.max_connections",
+                        format!("{n} is not below this process's open-file limit ({limit}): the gateway would run out of descriptors first"),
+                    );
+                }
+                n
+            }
+            None => crate::listener::default_max_connections(),
+        };
+        if s.http2_max_streams == 0 {
+            self.problem("server.http2_max_streams", "must be greater than zero");
+        }
         Server {
             request_timeout: self.positive("server.request_timeout", s.request_timeout),
             body_limit_bytes: s.body_limit_bytes,
             shutdown_grace: s.shutdown_grace,
             drain_delay: s.drain_delay,
             public_url,
+            body_read_timeout: self.positive("server.body_read_timeout", s.body_read_timeout),
+            header_read_timeout: self.positive("server.header_read_timeout", s.header_read_timeout),
+            idle_timeout: self.positive("server.idle_timeout", s.idle_timeout),
+            max_connections,
+            http2_max_streams: s.http2_max_streams,
         }
     }
 

@@ -214,6 +214,8 @@ pub(crate) struct Shared {
     identity_calls: AtomicU64,
     pub outage: AtomicBool,
     latency: Mutex<Duration>,
+    /// While true, compute requests are recorded and then wait (test hook).
+    hold: tokio::sync::watch::Sender<bool>,
     injections: Mutex<Vec<ErrorInjection>>,
     requests: Mutex<Recorded>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -246,6 +248,7 @@ impl Simulator {
             identity_calls: AtomicU64::new(0),
             outage: AtomicBool::new(false),
             latency: Mutex::new(Duration::ZERO),
+            hold: tokio::sync::watch::Sender::new(false),
             injections: Mutex::new(Vec::new()),
             requests: Mutex::new(Recorded::default()),
             shutdown,
@@ -301,6 +304,13 @@ impl SimHandle {
     /// Delay added before every response.
     pub fn set_latency(&self, d: Duration) {
         *lock(&self.shared.latency) = d;
+    }
+
+    /// While on, compute requests are recorded, then held unanswered until it
+    /// is turned off again: a test can act at the exact point where the
+    /// upstream has the request and the gateway waits for the answer.
+    pub fn hold_compute(&self, on: bool) {
+        self.shared.hold.send_replace(on);
     }
 
     /// Queues an injected error (see [`ErrorInjection`]); earlier injections match first.
@@ -377,6 +387,10 @@ async fn dispatch(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         Err(_) => (Bytes::new(), true),
     };
     record(&shared, &parts.method, &path, &query, &parts.headers, &body);
+    if is_compute {
+        let mut held = shared.hold.subscribe();
+        let _ = held.wait_for(|on| !*on).await;
+    }
 
     let latency = *lock(&shared.latency);
     if !latency.is_zero() {

@@ -14,8 +14,9 @@ use serde_json::{Map, Value, json};
 
 use super::request::{self, ServerAction};
 use super::response::{self, FlavorInfo, ServerVolumes};
-use super::{V1Error, V1Route};
 use crate::action::Action;
+use crate::error::GatewayError;
+use crate::router::V1Route;
 
 /// An upstream v2 answer, body parsed.
 #[derive(Debug, Clone)]
@@ -32,12 +33,12 @@ pub trait V2Caller: Sync {
         method: Method,
         path: &str,
         body: Option<Value>,
-    ) -> impl Future<Output = Result<V2Answer, V1Error>> + Send;
+    ) -> impl Future<Output = Result<V2Answer, GatewayError>> + Send;
 
     /// Flavor id -> details, cached per project.
     fn flavors(
         &self,
-    ) -> impl Future<Output = Result<Arc<HashMap<String, FlavorInfo>>, V1Error>> + Send;
+    ) -> impl Future<Output = Result<Arc<HashMap<String, FlavorInfo>>, GatewayError>> + Send;
 }
 
 /// A validated v1.0 request, ready to execute.
@@ -98,86 +99,78 @@ impl Plan {
     }
 }
 
-/// Validates `route` with its `body` into a plan, or refuses it.
-pub fn plan(route: &V1Route, body: &[u8]) -> Result<Plan, V1Error> {
+/// Validates `route` with its `body` into a plan, or refuses it. The Action
+/// is the route's ([`V1Route::action`]), or for the action endpoint the
+/// body's.
+pub fn plan(route: &V1Route, body: &[u8]) -> Result<Plan, GatewayError> {
     let id = |s: &str, what: &str| checked_id(s, what);
-    let (action, step) = match route {
-        V1Route::Token => return Err(V1Error::TokenApi),
-        V1Route::Zones => (Action::ZoneList, Step::Zones),
-        V1Route::Instances { id: i } | V1Route::InstancesDetail { id: i } => {
-            let detail = matches!(route, V1Route::InstancesDetail { .. });
-            let i = i.as_deref().map(|s| id(s, "id")).transpose()?;
-            let action = match (&i, detail) {
-                (Some(_), _) => Action::InstanceGet,
-                (None, false) => Action::InstanceList,
-                (None, true) => Action::InstanceListDetail,
-            };
-            (action, Step::Instances { id: i, detail })
-        }
+    let step = match route {
+        V1Route::Zones => Step::Zones,
+        V1Route::Instances { id: i } | V1Route::InstancesDetail { id: i } => Step::Instances {
+            id: i.as_deref().map(|s| id(s, "id")).transpose()?,
+            detail: matches!(route, V1Route::InstancesDetail { .. }),
+        },
         V1Route::CreateInstance => {
             let (v2, name) = request::create_instance(&request::parse_object(body)?)?;
-            (Action::InstanceCreate, Step::Create { v2, name })
+            Step::Create { v2, name }
         }
-        V1Route::DeleteInstance { id: i } => {
-            (Action::InstanceDelete, Step::Delete { id: id(i, "id")? })
-        }
+        V1Route::DeleteInstance { id: i } => Step::Delete { id: id(i, "id")? },
         V1Route::Attach { instance } => {
             let (v2, _) = request::attach(&request::parse_object(body)?)?;
-            (
-                Action::VolumeAttach,
-                Step::Attach {
-                    instance: id(instance, "instanceId")?,
-                    v2,
-                },
-            )
-        }
-        V1Route::Detach { instance, volume } => (
-            Action::VolumeDetach,
-            Step::Detach {
+            Step::Attach {
                 instance: id(instance, "instanceId")?,
-                volume: id(volume, "volumeId")?,
-            },
-        ),
-        V1Route::InstanceAction { instance } => {
-            let action = request::server_action(&request::parse_object(body)?)?;
-            (
-                action.action,
-                Step::ServerAction {
-                    instance: id(instance, "instanceId")?,
-                    action,
-                },
-            )
+                v2,
+            }
         }
-        V1Route::Flavors => (Action::FlavorListDetail, Step::Flavors),
-        V1Route::Keypairs { name } => (
-            if name.is_some() {
-                Action::KeypairGet
-            } else {
-                Action::KeypairList
-            },
-            Step::Keypairs {
-                name: name.as_deref().map(keypair_name).transpose()?,
-            },
-        ),
-        V1Route::CreateKeypair => (
-            Action::KeypairCreate,
-            Step::CreateKeypair {
-                v2: request::create_keypair(&request::parse_object(body)?)?,
-            },
-        ),
-        V1Route::DeleteKeypair { name } => (
-            Action::KeypairDelete,
-            Step::DeleteKeypair {
-                name: keypair_name(name)?,
-            },
-        ),
+        V1Route::Detach { instance, volume } => Step::Detach {
+            instance: id(instance, "instanceId")?,
+            volume: id(volume, "volumeId")?,
+        },
+        V1Route::InstanceAction { instance } => Step::ServerAction {
+            instance: id(instance, "instanceId")?,
+            action: request::server_action(&request::parse_object(body)?)?,
+        },
+        V1Route::Flavors => Step::Flavors,
+        V1Route::Keypairs { name } => Step::Keypairs {
+            name: name.as_deref().map(keypair_name).transpose()?,
+        },
+        V1Route::CreateKeypair => Step::CreateKeypair {
+            v2: request::create_keypair(&request::parse_object(body)?)?,
+        },
+        V1Route::DeleteKeypair { name } => Step::DeleteKeypair {
+            name: keypair_name(name)?,
+        },
     };
+    let action = match (&step, route.action()) {
+        (Step::ServerAction { action, .. }, _) => action.action,
+        (_, Some(action)) => action,
+        (_, None) => {
+            return Err(GatewayError::Internal(
+                "a v1.0 route without an Action".into(),
+            ));
+        }
+    };
+    if !route_takes_body(route) && !body.iter().all(u8::is_ascii_whitespace) {
+        return Err(GatewayError::Invalid(
+            "this API takes no request body".into(),
+        ));
+    }
     Ok(Plan { action, step })
+}
+
+fn route_takes_body(route: &V1Route) -> bool {
+    matches!(
+        route,
+        V1Route::CreateInstance
+            | V1Route::Attach { .. }
+            | V1Route::InstanceAction { .. }
+            | V1Route::CreateKeypair
+    )
 }
 
 /// A keypair name as Nova allows them (letters, digits, spaces, `_`, `-`),
 /// so that nothing but a keypair name can end up in the upstream path.
-fn keypair_name(name: &str) -> Result<String, V1Error> {
+fn keypair_name(name: &str) -> Result<String, GatewayError> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && name
@@ -186,18 +179,18 @@ fn keypair_name(name: &str) -> Result<String, V1Error> {
     if ok {
         Ok(name.to_string())
     } else {
-        Err(V1Error::Invalid(
+        Err(GatewayError::Invalid(
             "`name` is not a valid keypair name (letters, digits, spaces, `_`, `-`)".into(),
         ))
     }
 }
 
 /// An id that goes into an upstream path segment.
-fn checked_id(s: &str, what: &str) -> Result<String, V1Error> {
-    if super::is_plain(s) {
+fn checked_id(s: &str, what: &str) -> Result<String, GatewayError> {
+    if crate::router::is_plain(s) {
         Ok(s.to_string())
     } else {
-        Err(V1Error::Invalid(format!("`{what}` is not a valid id")))
+        Err(GatewayError::Invalid(format!("`{what}` is not a valid id")))
     }
 }
 
@@ -215,7 +208,7 @@ fn segment(s: &str) -> String {
 }
 
 /// Runs the plan; returns the payload fields next to `header`.
-pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Value>, V1Error> {
+pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Value>, GatewayError> {
     let mut out = Map::new();
     match &plan.step {
         Step::Zones => {
@@ -320,7 +313,7 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
 
 /// Every server, following `servers_links` (bounded, so a misbehaving
 /// upstream cannot keep us paging forever).
-async fn list_all_servers(v2: &impl V2Caller) -> Result<Vec<Value>, V1Error> {
+async fn list_all_servers(v2: &impl V2Caller) -> Result<Vec<Value>, GatewayError> {
     let mut servers = Vec::new();
     let mut path = "servers/detail".to_string();
     for _ in 0..100 {
@@ -340,7 +333,7 @@ async fn list_all_servers(v2: &impl V2Caller) -> Result<Vec<Value>, V1Error> {
             _ => return Ok(servers),
         }
     }
-    Err(V1Error::Upstream {
+    Err(GatewayError::UpstreamAnswer {
         status: 502,
         message: "the upstream server list did not end after 100 pages".into(),
     })
@@ -348,14 +341,18 @@ async fn list_all_servers(v2: &impl V2Caller) -> Result<Vec<Value>, V1Error> {
 
 /// v1.0 details: flavors from the cache, root/other volumes from each
 /// server's attachments (fetched concurrently, a few at a time).
-async fn detail_instances(v2: &impl V2Caller, servers: Vec<Value>) -> Result<Vec<Value>, V1Error> {
+async fn detail_instances(
+    v2: &impl V2Caller,
+    servers: Vec<Value>,
+) -> Result<Vec<Value>, GatewayError> {
     let flavors = v2.flavors().await?;
     let with_volumes: Vec<Option<String>> = servers.iter().map(volume_backed_id).collect();
-    let volumes: Vec<Result<ServerVolumes, V1Error>> = futures_util::stream::iter(with_volumes)
-        .map(|id| server_volumes(v2, id))
-        .buffered(8)
-        .collect()
-        .await;
+    let volumes: Vec<Result<ServerVolumes, GatewayError>> =
+        futures_util::stream::iter(with_volumes)
+            .map(|id| server_volumes(v2, id))
+            .buffered(8)
+            .collect()
+            .await;
     servers
         .iter()
         .zip(volumes)
@@ -374,7 +371,10 @@ fn volume_backed_id(server: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn server_volumes(v2: &impl V2Caller, id: Option<String>) -> Result<ServerVolumes, V1Error> {
+async fn server_volumes(
+    v2: &impl V2Caller,
+    id: Option<String>,
+) -> Result<ServerVolumes, GatewayError> {
     let Some(id) = id else {
         return Ok(ServerVolumes::default());
     };
@@ -402,7 +402,7 @@ fn created_image_id(a: &V2Answer) -> Value {
 }
 
 /// A 2xx answer, or the upstream's error with its Nova message.
-fn expect_ok(a: V2Answer) -> Result<V2Answer, V1Error> {
+fn expect_ok(a: V2Answer) -> Result<V2Answer, GatewayError> {
     if (200..300).contains(&a.status) {
         return Ok(a);
     }
@@ -413,7 +413,7 @@ fn expect_ok(a: V2Answer) -> Result<V2Answer, V1Error> {
         .and_then(|fault| fault["message"].as_str())
         .unwrap_or("no error message")
         .to_string();
-    Err(V1Error::Upstream {
+    Err(GatewayError::UpstreamAnswer {
         status: a.status,
         message,
     })
@@ -426,15 +426,18 @@ mod tests {
     #[test]
     fn plans_validate_before_anything_is_sent() {
         let p = plan(&V1Route::CreateInstance, br#"{"instance":{"name":"x"}}"#);
-        assert!(matches!(p, Err(V1Error::Invalid(_))));
+        assert!(matches!(p, Err(GatewayError::Invalid(_))));
         assert!(matches!(
             plan(&V1Route::CreateInstance, b"{oops"),
-            Err(V1Error::Json(_))
+            Err(GatewayError::Json(_))
         ));
-        assert!(matches!(plan(&V1Route::Token, b""), Err(V1Error::TokenApi)));
+        assert!(matches!(
+            plan(&V1Route::Zones, br#"{"x":1}"#),
+            Err(GatewayError::Invalid(_))
+        ));
         assert!(matches!(
             plan(&V1Route::DeleteInstance { id: "..".into() }, b""),
-            Err(V1Error::Invalid(_))
+            Err(GatewayError::Invalid(_))
         ));
         let p = plan(
             &V1Route::InstanceAction {
@@ -451,14 +454,14 @@ mod tests {
         for bad in ["../servers/x", "a/b", "", "k%2e"] {
             let route = V1Route::DeleteKeypair { name: bad.into() };
             assert!(
-                matches!(plan(&route, b""), Err(V1Error::Invalid(_))),
+                matches!(plan(&route, b""), Err(GatewayError::Invalid(_))),
                 "{bad}"
             );
             let route = V1Route::Keypairs {
                 name: Some(bad.into()),
             };
             assert!(
-                matches!(plan(&route, b""), Err(V1Error::Invalid(_))),
+                matches!(plan(&route, b""), Err(GatewayError::Invalid(_))),
                 "{bad}"
             );
         }
@@ -488,7 +491,7 @@ mod tests {
         })
         .unwrap_err();
         match e {
-            V1Error::Upstream { status, message } => {
+            GatewayError::UpstreamAnswer { status, message } => {
                 assert_eq!(status, 409);
                 assert_eq!(message, "Cannot 'os-start' instance x");
             }

@@ -3,18 +3,22 @@
 
 use serde_json::{Map, Value, json};
 
-use super::V1Error;
 use crate::action::Action;
+use crate::body;
+use crate::error::GatewayError;
 
-/// Parses a JSON object body (`-8` on bad JSON, `-4` when not an object).
-pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, V1Error> {
+/// Parses a JSON object body strictly ([`crate::body`]): `-8` when it is not
+/// strict JSON, `-4` when it is missing or not an object.
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, GatewayError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(V1Error::Invalid("a JSON request body is required".into()));
+        return Err(GatewayError::Invalid(
+            "a JSON request body is required".into(),
+        ));
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| V1Error::Json(e.to_string()))?;
+    let value = body::parse_strict(body).map_err(|e| GatewayError::Json(e.to_string()))?;
     match value {
         Value::Object(m) => Ok(m),
-        _ => Err(V1Error::Invalid(
+        _ => Err(GatewayError::Invalid(
             "the request body must be a JSON object".into(),
         )),
     }
@@ -24,18 +28,23 @@ fn object<'a>(
     parent: &'a Map<String, Value>,
     key: &str,
     path: &str,
-) -> Result<&'a Map<String, Value>, V1Error> {
+) -> Result<&'a Map<String, Value>, GatewayError> {
     match parent.get(key) {
         Some(Value::Object(m)) => Ok(m),
-        Some(_) => Err(V1Error::Invalid(format!("`{path}` must be an object"))),
-        None => Err(V1Error::Invalid(format!("`{path}` is required"))),
+        Some(_) => Err(GatewayError::Invalid(format!("`{path}` must be an object"))),
+        None => Err(GatewayError::Invalid(format!("`{path}` is required"))),
     }
 }
 
-fn string(obj: &Map<String, Value>, key: &str, path: &str, max: usize) -> Result<String, V1Error> {
+fn string(
+    obj: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    max: usize,
+) -> Result<String, GatewayError> {
     match optional_string(obj, key, path, max)? {
         Some(s) => Ok(s),
-        None => Err(V1Error::Invalid(format!("`{path}` is required"))),
+        None => Err(GatewayError::Invalid(format!("`{path}` is required"))),
     }
 }
 
@@ -44,17 +53,17 @@ fn optional_string(
     key: &str,
     path: &str,
     max: usize,
-) -> Result<Option<String>, V1Error> {
+) -> Result<Option<String>, GatewayError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.trim().is_empty() => {
-            Err(V1Error::Invalid(format!("`{path}` must not be empty")))
+            Err(GatewayError::Invalid(format!("`{path}` must not be empty")))
         }
-        Some(Value::String(s)) if s.chars().count() > max => Err(V1Error::Invalid(format!(
+        Some(Value::String(s)) if s.chars().count() > max => Err(GatewayError::Invalid(format!(
             "`{path}` is longer than {max} characters"
         ))),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(V1Error::Invalid(format!("`{path}` must be a string"))),
+        Some(_) => Err(GatewayError::Invalid(format!("`{path}` must be a string"))),
     }
 }
 
@@ -64,19 +73,21 @@ fn optional_integer(
     obj: &Map<String, Value>,
     key: &str,
     path: &str,
-) -> Result<Option<i64>, V1Error> {
+) -> Result<Option<i64>, GatewayError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_i64()
             .map(Some)
-            .ok_or_else(|| V1Error::Invalid(format!("`{path}` must be an integer"))),
+            .ok_or_else(|| GatewayError::Invalid(format!("`{path}` must be an integer"))),
         Some(Value::String(s)) => s
             .trim()
             .parse::<i64>()
             .map(Some)
-            .map_err(|_| V1Error::Invalid(format!("`{path}` must be an integer"))),
-        Some(_) => Err(V1Error::Invalid(format!("`{path}` must be an integer"))),
+            .map_err(|_| GatewayError::Invalid(format!("`{path}` must be an integer"))),
+        Some(_) => Err(GatewayError::Invalid(format!(
+            "`{path}` must be an integer"
+        ))),
     }
 }
 
@@ -84,17 +95,17 @@ fn array<'a>(
     obj: &'a Map<String, Value>,
     key: &str,
     path: &str,
-) -> Result<Option<&'a Vec<Value>>, V1Error> {
+) -> Result<Option<&'a Vec<Value>>, GatewayError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(a)) => Ok(Some(a)),
-        Some(_) => Err(V1Error::Invalid(format!("`{path}` must be an array"))),
+        Some(_) => Err(GatewayError::Invalid(format!("`{path}` must be an array"))),
     }
 }
 
-fn item_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, V1Error> {
+fn item_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, GatewayError> {
     v.as_object()
-        .ok_or_else(|| V1Error::Invalid(format!("`{path}` must be an object")))
+        .ok_or_else(|| GatewayError::Invalid(format!("`{path}` must be an object")))
 }
 
 /// `POST instances` -> `POST servers`.
@@ -102,7 +113,7 @@ fn item_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, V
 /// Required: `name`, `image`, `flavor`, `networks` (non-empty), `keyName`.
 /// Optional: `availabilityZone`, `count` (1..10, default 1), `volumes[0].size`
 /// (the root volume, built from the image), `securityGroups`.
-pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), V1Error> {
+pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), GatewayError> {
     let inst = object(body, "instance", "instance")?;
     const KNOWN: &[&str] = &[
         "name",
@@ -116,7 +127,7 @@ pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), V1E
         "securityGroups",
     ];
     if let Some(unknown) = inst.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(V1Error::Invalid(format!(
+        return Err(GatewayError::Invalid(format!(
             "unknown field `instance.{unknown}`"
         )));
     }
@@ -127,7 +138,7 @@ pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), V1E
     let zone = optional_string(inst, "availabilityZone", "instance.availabilityZone", 255)?;
     let count = optional_integer(inst, "count", "instance.count")?.unwrap_or(1);
     if !(1..=10).contains(&count) {
-        return Err(V1Error::Invalid(format!(
+        return Err(GatewayError::Invalid(format!(
             "`instance.count` must be between 1 and 10 (got {count})"
         )));
     }
@@ -135,7 +146,7 @@ pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), V1E
     let networks = array(inst, "networks", "instance.networks")?
         .filter(|n| !n.is_empty())
         .ok_or_else(|| {
-            V1Error::Invalid("`instance.networks` must list at least one network".into())
+            GatewayError::Invalid("`instance.networks` must list at least one network".into())
         })?;
     let mut v2_networks = Vec::new();
     for (i, n) in networks.iter().enumerate() {
@@ -157,16 +168,18 @@ pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), V1E
     }
     if let Some(volumes) = array(inst, "volumes", "instance.volumes")? {
         if volumes.len() > 1 {
-            return Err(V1Error::Invalid(
+            return Err(GatewayError::Invalid(
                 "`instance.volumes` takes one entry, the root volume (attach more with the attachments API)".into(),
             ));
         }
         if let Some(v) = volumes.first() {
             let v = item_object(v, "instance.volumes[0]")?;
-            let size = optional_integer(v, "size", "instance.volumes[0].size")?
-                .ok_or_else(|| V1Error::Invalid("`instance.volumes[0].size` is required".into()))?;
+            let size =
+                optional_integer(v, "size", "instance.volumes[0].size")?.ok_or_else(|| {
+                    GatewayError::Invalid("`instance.volumes[0].size` is required".into())
+                })?;
             if !(1..=1000).contains(&size) {
-                return Err(V1Error::Invalid(format!(
+                return Err(GatewayError::Invalid(format!(
                     "`instance.volumes[0].size` must be between 1 and 1000 GB (got {size})"
                 )));
             }
@@ -202,7 +215,7 @@ pub fn create_instance(body: &Map<String, Value>) -> Result<(Value, String), V1E
 }
 
 /// `POST instances/{id}/attachments` -> `POST servers/{id}/os-volume_attachments`.
-pub fn attach(body: &Map<String, Value>) -> Result<(Value, String), V1Error> {
+pub fn attach(body: &Map<String, Value>) -> Result<(Value, String), GatewayError> {
     let a = object(body, "attachment", "attachment")?;
     let volume = string(a, "volumeId", "attachment.volumeId", 64)?;
     Ok((json!({"volumeAttachment": {"volumeId": volume}}), volume))
@@ -218,17 +231,21 @@ pub struct ServerAction {
 }
 
 /// `{"action": NAME, "parameters": {...}}` -> the v2 action body.
-pub fn server_action(body: &Map<String, Value>) -> Result<ServerAction, V1Error> {
+pub fn server_action(body: &Map<String, Value>) -> Result<ServerAction, GatewayError> {
     let name = match body.get("action") {
         Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(V1Error::Invalid("`action` must be a string".into())),
-        None => return Err(V1Error::Invalid("`action` is required".into())),
+        Some(_) => return Err(GatewayError::Invalid("`action` must be a string".into())),
+        None => return Err(GatewayError::Invalid("`action` is required".into())),
     };
     let empty = Map::new();
     let params = match body.get("parameters") {
         None | Some(Value::Null) => &empty,
         Some(Value::Object(m)) => m,
-        Some(_) => return Err(V1Error::Invalid("`parameters` must be an object".into())),
+        Some(_) => {
+            return Err(GatewayError::Invalid(
+                "`parameters` must be an object".into(),
+            ));
+        }
     };
     let p = |key: &str| string(params, key, &format!("parameters.{key}"), 255);
     let (action, v2_body, image_name) = match name {
@@ -237,7 +254,7 @@ pub fn server_action(body: &Map<String, Value>) -> Result<ServerAction, V1Error>
         "reboot" => {
             let kind = p("type")?;
             if kind != "SOFT" && kind != "HARD" {
-                return Err(V1Error::Invalid(format!(
+                return Err(GatewayError::Invalid(format!(
                     "`parameters.type` must be SOFT or HARD (got `{kind}`)"
                 )));
             }
@@ -292,7 +309,7 @@ pub fn server_action(body: &Map<String, Value>) -> Result<ServerAction, V1Error>
             None,
         ),
         other => {
-            return Err(V1Error::NotSupported(format!(
+            return Err(GatewayError::NotSupported(format!(
                 "unknown action `{other}`; supported: start, stop, reboot, resize, uploadImage, addFloatingIp, removeFloatingIp, addSecurityGroup, removeSecurityGroup"
             )));
         }
@@ -304,21 +321,21 @@ pub fn server_action(body: &Map<String, Value>) -> Result<ServerAction, V1Error>
     })
 }
 
-fn ipv4(s: &str, path: &str) -> Result<String, V1Error> {
+fn ipv4(s: &str, path: &str) -> Result<String, GatewayError> {
     s.parse::<std::net::Ipv4Addr>()
         .map(|ip| ip.to_string())
-        .map_err(|_| V1Error::Invalid(format!("`{path}` must be an IPv4 address (got `{s}`)")))
+        .map_err(|_| GatewayError::Invalid(format!("`{path}` must be an IPv4 address (got `{s}`)")))
 }
 
 /// `POST keypairs` -> `POST os-keypairs`.
-pub fn create_keypair(body: &Map<String, Value>) -> Result<Value, V1Error> {
+pub fn create_keypair(body: &Map<String, Value>) -> Result<Value, GatewayError> {
     let k = object(body, "keypair", "keypair")?;
     let name = string(k, "name", "keypair.name", 255)?;
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '_' | '-'))
     {
-        return Err(V1Error::Invalid(
+        return Err(GatewayError::Invalid(
             "`keypair.name` may contain letters, digits, spaces, `_` and `-` only".into(),
         ));
     }
@@ -437,12 +454,12 @@ mod tests {
                 b["instance"][key] = value.clone();
             }
             match create_instance(&obj(b)) {
-                Err(V1Error::Invalid(m)) => assert!(m.contains(want), "{key}={value}: {m}"),
+                Err(GatewayError::Invalid(m)) => assert!(m.contains(want), "{key}={value}: {m}"),
                 other => panic!("{key}={value}: {other:?}"),
             }
         }
         assert!(
-            matches!(create_instance(&obj(json!({}))), Err(V1Error::Invalid(m)) if m.contains("`instance` is required"))
+            matches!(create_instance(&obj(json!({}))), Err(GatewayError::Invalid(m)) if m.contains("`instance` is required"))
         );
     }
 
@@ -527,13 +544,13 @@ mod tests {
         ];
         for (body, want) in cases {
             match server_action(&obj(body.clone())) {
-                Err(V1Error::Invalid(m)) => assert!(m.contains(want), "{body}: {m}"),
+                Err(GatewayError::Invalid(m)) => assert!(m.contains(want), "{body}: {m}"),
                 other => panic!("{body}: {other:?}"),
             }
         }
         assert!(matches!(
             server_action(&obj(json!({"action": "lock"}))),
-            Err(V1Error::NotSupported(_))
+            Err(GatewayError::NotSupported(_))
         ));
     }
 
@@ -563,9 +580,23 @@ mod tests {
 
     #[test]
     fn json_errors_are_distinguished_from_invalid_parameters() {
-        assert!(matches!(parse_object(b"{not json"), Err(V1Error::Json(_))));
-        assert!(matches!(parse_object(b"[1]"), Err(V1Error::Invalid(_))));
-        assert!(matches!(parse_object(b""), Err(V1Error::Invalid(_))));
+        assert!(matches!(
+            parse_object(b"{not json"),
+            Err(GatewayError::Json(_))
+        ));
+        assert!(matches!(
+            parse_object(b"[1]"),
+            Err(GatewayError::Invalid(_))
+        ));
+        assert!(matches!(parse_object(b""), Err(GatewayError::Invalid(_))));
         assert!(parse_object(br#"{"a":1}"#).is_ok());
+        assert!(matches!(
+            parse_object(br#"{"a":1,"a":2}"#),
+            Err(GatewayError::Json(_))
+        ));
+        assert!(matches!(
+            parse_object(br#"{"instance":{"count":NaN}}"#),
+            Err(GatewayError::Json(_))
+        ));
     }
 }

@@ -1,11 +1,16 @@
-//! The upstream side: one pooled HTTP(S) client for the compute and identity
-//! APIs, and the token broker ([`token::TokenBroker`]) that holds one cloud
-//! token per project.
+//! The upstream side: one HTTPS client builder for everything toastgate
+//! calls (the compute and identity APIs, a JWKS URL), the token broker
+//! ([`token::TokenBroker`]) that holds one cloud token per project, and the
+//! compute calls with the token retry rule ([`compute::Compute`]).
 //!
 //! TLS is rustls with certificate verification always on: the built-in web
 //! PKI roots plus the system store, plus an optional extra CA file for private
 //! clouds and test setups. There is deliberately no "insecure" switch.
+//!
+//! Every exchange is bounded: the answer's head and its whole body must
+//! arrive within the deadline given, and bodies are read up to a size cap.
 
+pub mod compute;
 pub mod token;
 
 use std::path::Path;
@@ -36,6 +41,17 @@ pub enum UpstreamError {
     Body(String),
 }
 
+impl UpstreamError {
+    /// Bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::BodyTooLarge(_) | UpstreamError::Body(_) => "body",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientSetupError {
     #[error("cannot read CA file {path}: {reason}")]
@@ -48,26 +64,45 @@ pub enum ClientSetupError {
 #[derive(Clone)]
 pub struct UpstreamClient {
     inner: Client<Connector, Full<Bytes>>,
-    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for UpstreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamClient")
-            .field("request_timeout", &self.request_timeout)
-            .finish_non_exhaustive()
+        f.debug_struct("UpstreamClient").finish_non_exhaustive()
     }
 }
 
 /// Largest upstream body toastgate buffers (JSON answers it rewrites or translates).
 pub const MAX_BUFFERED_BODY: usize = 32 * 1024 * 1024;
 
+/// What the one client builder needs: the extra CA, timeouts and the pool.
+#[derive(Debug, Clone)]
+pub struct ClientSettings<'a> {
+    pub ca_file: Option<&'a Path>,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl<'a> ClientSettings<'a> {
+    pub fn of(cfg: &'a config::Upstream) -> Self {
+        ClientSettings {
+            ca_file: cfg.ca_file.as_deref(),
+            connect_timeout: cfg.connect_timeout,
+            pool_idle_timeout: cfg.pool_idle_timeout,
+            pool_max_idle_per_host: cfg.pool_max_idle_per_host,
+        }
+    }
+}
+
 impl UpstreamClient {
-    pub fn new(cfg: &config::Upstream) -> Result<Self, ClientSetupError> {
-        let tls = tls_config(cfg.ca_file.as_deref())?;
+    /// The one HTTPS client builder: compute, identity and JWKS calls all
+    /// trust the same roots (web PKI, the system store, `upstream.ca_file`).
+    pub fn new(settings: &ClientSettings<'_>) -> Result<Self, ClientSetupError> {
+        let tls = tls_config(settings.ca_file)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -77,56 +112,44 @@ impl UpstreamClient {
             .enable_http2()
             .wrap_connector(http);
         let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(https);
-        Ok(UpstreamClient {
-            inner,
-            request_timeout: cfg.request_timeout,
-        })
+        Ok(UpstreamClient { inner })
     }
 
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
-    }
-
-    /// Sends a request and waits for the response head (the body streams).
-    pub async fn send(
-        &self,
-        req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.request_timeout, self.inner.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
-            Ok(Ok(resp)) => Ok(resp),
-        }
-    }
-
-    /// Sends a request and reads the whole body (bounded in size and time).
+    /// Sends a request and reads the whole answer: head and body must both
+    /// arrive within `deadline`, the body up to `max_body` bytes.
     pub async fn send_buffered(
         &self,
         req: Request<Full<Bytes>>,
         max_body: usize,
+        deadline: Duration,
     ) -> Result<Response<Bytes>, UpstreamError> {
-        let started = tokio::time::Instant::now();
-        let resp = self.send(req).await?;
-        let remaining = self.request_timeout.saturating_sub(started.elapsed());
-        let (parts, body) = resp.into_parts();
-        let bytes = read_body(body, max_body, remaining).await?;
-        Ok(Response::from_parts(parts, bytes))
+        let exchange = async {
+            let resp = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = read_body(body, max_body).await?;
+            Ok(Response::from_parts(parts, bytes))
+        };
+        match tokio::time::timeout(deadline, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout(deadline)),
+        }
     }
 }
 
-/// Reads an upstream body completely, within a size cap and a deadline.
-pub async fn read_body(
-    body: Incoming,
-    max: usize,
-    deadline: Duration,
-) -> Result<Bytes, UpstreamError> {
-    match tokio::time::timeout(deadline, Limited::new(body, max).collect()).await {
-        Err(_) => Err(UpstreamError::Timeout(deadline)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) => {
+/// Reads an upstream body completely, within a size cap (the caller bounds
+/// the time).
+async fn read_body(body: Incoming, max: usize) -> Result<Bytes, UpstreamError> {
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
@@ -142,6 +165,12 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ClientSetu
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots_anchors());
+    // The system store too, as the module doc promises: private PKIs that
+    // the host trusts work without a `ca_file`. Unreadable system
+    // certificates are skipped (the web PKI roots are always there).
+    let system = rustls_native_certs::load_native_certs();
+    let (added, _ignored) = roots.add_parsable_certificates(system.certs);
+    tracing::debug!(added, "system root certificates loaded");
     if let Some(path) = ca_file {
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;

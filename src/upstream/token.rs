@@ -10,12 +10,21 @@
 //!   matter), never from an assumed figure. It stops being handed out a small
 //!   margin before it expires, so a request never leaves with a token that
 //!   dies in flight.
-//! - Cold cache: any number of concurrent requests cause exactly one identity
-//!   call (moka's `try_get_with` is single-flight per key).
+//! - One slot per key holds the token, whether an identity call is in
+//!   flight, and the last failure. There is only ever one identity call per
+//!   key in flight, whoever started it (a request on a cold cache, the
+//!   background refresher, a request after a 401): everybody else joins it.
+//! - A request waits for identity only when no valid token exists and the
+//!   last attempt did not fail (a cold start, or right after a 401). While
+//!   identity is failing, requests are answered at once from the known
+//!   failure (a prompt 503 + `Retry-After`) and at most one attempt runs in
+//!   the background, never one timeout per request. Identity calls have their
+//!   own deadline (`upstream.identity_timeout`).
 //! - A background task per project refreshes at ~`refresh_at` of the lifetime
 //!   (with jitter, so replicas do not refresh in lockstep) while the current
-//!   token keeps serving; identity failures are retried with jittered backoff
-//!   until the current token runs out.
+//!   token keeps serving; identity failures are retried with jittered backoff.
+//!   It watches the slot, so a token replaced by anyone (say after a 401,
+//!   with a shorter lifetime) moves its next refresh at once.
 //! - An upstream 401 can arrive before `expires` (an API password change
 //!   revokes tokens). [`TokenBroker::invalidate_if_current`] drops the token
 //!   only if it is still the cached one — a late 401 for an old token never
@@ -24,15 +33,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use moka::Expiry;
-use moka::future::Cache;
-use moka::ops::compute::Op;
 use rand::Rng;
 use serde_json::json;
+use tokio::sync::watch;
 
 use super::{UpstreamClient, UpstreamError, json_request};
 use crate::config::{Credentials, Project, TokenPolicy, Upstream};
@@ -112,47 +119,52 @@ struct ProjectRecord {
     failures: u64,
 }
 
-struct TokenExpiry;
+/// What the broker knows about one key's token.
+#[derive(Clone, Default)]
+struct SlotState {
+    token: Option<Arc<UpstreamToken>>,
+    /// An identity call for this key is in flight.
+    fetching: bool,
+    /// The last attempt's failure; cleared by a success.
+    failure: Option<Failure>,
+    /// Failed attempts since the last success (for the backoff).
+    failures_in_a_row: u32,
+}
 
-impl Expiry<TokenKey, Arc<UpstreamToken>> for TokenExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &TokenKey,
-        value: &Arc<UpstreamToken>,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.usable_until.saturating_duration_since(created_at))
-    }
+#[derive(Clone)]
+struct Failure {
+    error: IdentityError,
+    /// No new attempt before this (jittered exponential backoff).
+    retry_at: Instant,
+}
 
-    fn expire_after_update(
-        &self,
-        _key: &TokenKey,
-        value: &Arc<UpstreamToken>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.usable_until.saturating_duration_since(updated_at))
+impl SlotState {
+    fn valid_token(&self, now: Instant) -> Option<&Arc<UpstreamToken>> {
+        self.token.as_ref().filter(|t| now < t.usable_until)
     }
 }
 
+/// One key's state; every change is published, so waiters and the
+/// refresher wake on it.
+struct Slot {
+    state: watch::Sender<SlotState>,
+}
+
 pub struct TokenBroker {
-    cache: Cache<TokenKey, Arc<UpstreamToken>>,
+    slots: RwLock<HashMap<TokenKey, Arc<Slot>>>,
     client: UpstreamClient,
     upstream: Upstream,
     policy: TokenPolicy,
     identity_calls: AtomicU64,
     records: Mutex<BTreeMap<String, ProjectRecord>>,
-    /// The last identity failure per key, answered again for a short while
-    /// so that, once a token has expired during an outage, each wave of
-    /// requests does not cause another identity call.
-    recent_failures: Mutex<HashMap<TokenKey, (Instant, IdentityError)>>,
     metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for TokenBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slots = self.slots.read().map(|s| s.len()).unwrap_or(0);
         f.debug_struct("TokenBroker")
-            .field("tokens", &self.cache.entry_count())
+            .field("slots", &slots)
             .finish_non_exhaustive()
     }
 }
@@ -165,16 +177,12 @@ impl TokenBroker {
         metrics: Arc<Metrics>,
     ) -> Self {
         TokenBroker {
-            cache: Cache::builder()
-                .max_capacity(10_000)
-                .expire_after(TokenExpiry)
-                .build(),
+            slots: RwLock::new(HashMap::new()),
             client,
             upstream,
             policy,
             identity_calls: AtomicU64::new(0),
             records: Mutex::new(BTreeMap::new()),
-            recent_failures: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -201,80 +209,159 @@ impl TokenBroker {
         }
     }
 
+    fn slot(&self, project: &Project) -> Arc<Slot> {
+        let key = self.key_for(project);
+        if let Some(slot) = self.slots.read().ok().and_then(|s| s.get(&key).cloned()) {
+            return slot;
+        }
+        let mut slots = match self.slots.write() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slots
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    state: watch::Sender::new(SlotState::default()),
+                })
+            })
+            .clone()
+    }
+
     /// Identity calls made so far (both token APIs).
     pub fn identity_calls(&self) -> u64 {
         self.identity_calls.load(Ordering::Relaxed)
     }
 
-    /// The token to use for `project` now: cached, or fetched once for all
-    /// concurrent callers.
+    /// The token to use for `project` now. Waits only when there is no
+    /// valid token and nothing is known to be failing (then for the one
+    /// identity call in flight); during an identity outage it answers the
+    /// known failure at once.
     pub async fn current_token(
-        &self,
-        project: &Project,
+        self: &Arc<Self>,
+        project: &Arc<Project>,
     ) -> Result<Arc<UpstreamToken>, IdentityError> {
-        let key = self.key_for(project);
-        if let Some(token) = self.cache.get(&key).await {
-            return Ok(token);
-        }
-        if let Ok(failures) = self.recent_failures.lock()
-            && let Some((until, e)) = failures.get(&key)
-            && Instant::now() < *until
-        {
-            return Err(e.clone());
-        }
-        let result = self
-            .cache
-            .try_get_with(key.clone(), self.fetch(project))
-            .await;
-        match result {
-            Ok(token) => Ok(token),
-            Err(e) => {
-                let e = (*e).clone();
-                if let Ok(mut failures) = self.recent_failures.lock() {
-                    failures.insert(
-                        key,
-                        (Instant::now() + self.policy.retry_min_backoff, e.clone()),
-                    );
+        let slot = self.slot(project);
+        let mut seen = slot.state.subscribe();
+        let mut waited = false;
+        loop {
+            let now = Instant::now();
+            {
+                let state = seen.borrow_and_update();
+                if let Some(token) = state.valid_token(now) {
+                    return Ok(token.clone());
                 }
-                Err(e)
+                if let Some(failure) = &state.failure {
+                    // Known to be failing: answer now; keep at most one
+                    // attempt going in the background, paced by the backoff.
+                    let (error, due) = (failure.error.clone(), failure.retry_at);
+                    drop(state);
+                    if now >= due {
+                        self.start_fetch(&slot, project);
+                    }
+                    return Err(error);
+                }
+            }
+            self.start_fetch(&slot, project);
+            if !waited {
+                waited = true;
+                self.metrics
+                    .token_waits
+                    .with_label_values(&[&project.alias])
+                    .inc();
+            }
+            // The fetch has its own deadline and always publishes its end;
+            // the bound here only guards against a lost wake-up.
+            let bound = self.upstream.identity_timeout + Duration::from_secs(1);
+            match tokio::time::timeout(bound, seen.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => {
+                    return Err(IdentityError::Unavailable(
+                        "no answer from the identity service in time".into(),
+                    ));
+                }
             }
         }
     }
 
+    /// Starts the identity call for `project` unless one is in flight.
+    fn start_fetch(self: &Arc<Self>, slot: &Arc<Slot>, project: &Arc<Project>) {
+        let started = slot.state.send_if_modified(|s| {
+            if s.fetching {
+                false
+            } else {
+                s.fetching = true;
+                true
+            }
+        });
+        if !started {
+            return;
+        }
+        let broker = self.clone();
+        let slot = slot.clone();
+        let project = project.clone();
+        tokio::spawn(async move {
+            let deadline = broker.upstream.identity_timeout;
+            let result = match tokio::time::timeout(deadline, broker.fetch(&project)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let e = IdentityError::Unavailable(format!(
+                        "no answer within {deadline:?} (upstream.identity_timeout)"
+                    ));
+                    broker.record(&project, &Err(e.clone()));
+                    Err(e)
+                }
+            };
+            slot.state.send_modify(|s| {
+                s.fetching = false;
+                match result {
+                    Ok(token) => {
+                        s.token = Some(token);
+                        s.failure = None;
+                        s.failures_in_a_row = 0;
+                    }
+                    Err(error) => {
+                        s.failures_in_a_row = s.failures_in_a_row.saturating_add(1);
+                        let unit = rand::rng().random_range(0.0..=1.0);
+                        let delay = backoff_delay(&broker.policy, s.failures_in_a_row, unit);
+                        s.failure = Some(Failure {
+                            error,
+                            retry_at: Instant::now() + delay,
+                        });
+                    }
+                }
+            });
+        });
+    }
+
     /// Drops `failed` if it is still the cached token for `project`. Returns
     /// whether it was dropped.
-    pub async fn invalidate_if_current(&self, project: &Project, failed: &UpstreamToken) -> bool {
-        let key = self.key_for(project);
-        let failed_id = failed.id.clone();
-        let result = self
-            .cache
-            .entry(key)
-            .and_compute_with(|entry| async move {
-                match entry {
-                    Some(e) if e.value().id == failed_id => Op::Remove,
-                    _ => Op::Nop,
-                }
-            })
-            .await;
-        let dropped = matches!(result, moka::ops::compute::CompResult::Removed(_));
+    pub fn invalidate_if_current(&self, project: &Project, failed: &UpstreamToken) -> bool {
+        let slot = self.slot(project);
+        let dropped = slot.state.send_if_modified(|s| {
+            if s.token.as_ref().is_some_and(|t| t.id == failed.id) {
+                s.token = None;
+                true
+            } else {
+                false
+            }
+        });
         if dropped {
             tracing::warn!(project = %project.alias, "upstream refused the cached token before its expiry; dropped it");
         }
         dropped
     }
 
-    /// The token currently cached for `project`, without fetching.
-    pub async fn cached(&self, project: &Project) -> Option<Arc<UpstreamToken>> {
-        self.cache.get(&self.key_for(project)).await
-    }
-
-    pub fn status(&self, project: &Project, cached: Option<&UpstreamToken>) -> TokenStatus {
+    /// The token state of `project`, from what is known now (no identity call).
+    pub fn status(&self, project: &Project) -> TokenStatus {
         let rec = self
             .records
             .lock()
             .map(|r| r.get(&project.alias).cloned().unwrap_or_default())
             .unwrap_or_default();
-        let valid = cached.filter(|t| t.usable_until > Instant::now());
+        let slot = self.slot(project);
+        let state = slot.state.borrow();
+        let valid = state.valid_token(Instant::now());
         TokenStatus {
             project: project.alias.clone(),
             state: if valid.is_some() { "valid" } else { "absent" },
@@ -285,50 +372,28 @@ impl TokenBroker {
         }
     }
 
-    /// Keeps `project`'s token fresh until `stop` resolves: waits for the
-    /// refresh point of the current token, then replaces it, retrying with
-    /// backoff while it is still usable.
+    /// Keeps `project`'s token fresh until `stop` resolves. It sleeps until
+    /// the next attempt is due (the token's refresh point; after a failure,
+    /// the backoff) and wakes early whenever the slot changes, so a token
+    /// replaced by a request (after a 401) reschedules it at once.
     pub async fn refresh_loop(self: Arc<Self>, project: Arc<Project>, stop: Stop) {
-        let mut backoff = Backoff::new(&self.policy);
+        let slot = self.slot(&project);
+        let mut seen = slot.state.subscribe();
         loop {
-            let current = match self.current_token(&project).await {
-                Ok(t) => {
-                    backoff.reset();
-                    t
-                }
-                Err(_) => {
-                    if stop.sleep(backoff.next_delay()).await {
-                        return;
-                    }
-                    continue;
+            let due = {
+                let state = seen.borrow_and_update();
+                next_attempt(&state, Instant::now())
+            };
+            let sleep = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
                 }
             };
-            let wait = current.refresh_at.saturating_duration_since(Instant::now());
-            if stop.sleep(wait).await {
-                return;
-            }
-            // A 401 may already have replaced the token; then start over
-            // from the new one instead of refreshing early.
-            match self.cached(&project).await {
-                Some(now_cached) if now_cached.id == current.id => {}
-                _ => continue,
-            }
-            loop {
-                match self.fetch(&project).await {
-                    Ok(fresh) => {
-                        self.cache.insert(self.key_for(&project), fresh).await;
-                        backoff.reset();
-                        break;
-                    }
-                    Err(_) if Instant::now() < current.usable_until => {
-                        if stop.sleep(backoff.next_delay()).await {
-                            return;
-                        }
-                    }
-                    // Expired without a replacement: fall back to the cold
-                    // path, which requests share (single-flight).
-                    Err(_) => break,
-                }
+            tokio::select! {
+                _ = stop.stopped() => return,
+                changed = seen.changed() => if changed.is_err() { return },
+                _ = sleep => self.start_fetch(&slot, &project),
             }
         }
     }
@@ -455,7 +520,7 @@ impl TokenBroker {
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         let resp = self
             .client
-            .send_buffered(req, 1024 * 1024)
+            .send_buffered(req, 1024 * 1024, self.upstream.identity_timeout)
             .await
             .map_err(|e: UpstreamError| IdentityError::Unavailable(e.to_string()))?;
         let status = resp.status().as_u16();
@@ -530,34 +595,31 @@ pub fn parse_identity_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|n| n.and_utc())
 }
 
-/// Jittered exponential backoff ("equal jitter": half fixed, half random).
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
+/// Jittered exponential backoff ("equal jitter": half fixed, half random)
+/// after `failures` failed attempts in a row (1 or more).
+fn backoff_delay(policy: &TokenPolicy, failures: u32, unit: f64) -> Duration {
+    let exp = policy
+        .retry_min_backoff
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(policy.retry_max_backoff);
+    let half = exp / 2;
+    half + half.mul_f64(unit.clamp(0.0, 1.0))
 }
 
-impl Backoff {
-    fn new(policy: &TokenPolicy) -> Self {
-        Backoff {
-            min: policy.retry_min_backoff,
-            max: policy.retry_max_backoff,
-            attempt: 0,
-        }
+/// When the background refresher should next call identity, from what the
+/// slot knows: never while a call is in flight; after a failure, when its
+/// backoff ends; otherwise at the token's refresh point, or now when there is
+/// no usable token.
+fn next_attempt(state: &SlotState, now: Instant) -> Option<Instant> {
+    if state.fetching {
+        return None;
     }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
+    if let Some(f) = &state.failure {
+        return Some(f.retry_at);
     }
-
-    fn next_delay(&mut self) -> Duration {
-        let exp = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = exp / 2;
-        half + half.mul_f64(rand::rng().random_range(0.0..=1.0))
+    match state.valid_token(now) {
+        Some(token) => Some(token.refresh_at),
+        None => Some(now),
     }
 }
 
@@ -622,11 +684,64 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() {
-        let mut b = Backoff::new(&policy());
-        let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
-        assert!(d[7] >= Duration::from_secs(1) && d[7] <= Duration::from_secs(2));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
+        let p = policy();
+        assert_eq!(backoff_delay(&p, 1, 0.0), Duration::from_millis(50));
+        assert_eq!(backoff_delay(&p, 1, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff_delay(&p, 3, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff_delay(&p, 8, 0.0), Duration::from_secs(1));
+        assert_eq!(backoff_delay(&p, 40, 1.0), Duration::from_secs(2));
+    }
+
+    fn token(now: Instant, refresh_in: u64, usable_for: u64) -> Arc<UpstreamToken> {
+        Arc::new(UpstreamToken {
+            id: Secret::new("t"),
+            expires_at: Utc::now(),
+            usable_until: now + Duration::from_secs(usable_for),
+            refresh_at: now + Duration::from_secs(refresh_in),
+        })
+    }
+
+    #[test]
+    fn the_refresher_follows_the_slot() {
+        let now = Instant::now();
+        let empty = SlotState::default();
+        assert_eq!(next_attempt(&empty, now), Some(now), "no token: now");
+        let fresh = SlotState {
+            token: Some(token(now, 80, 90)),
+            ..SlotState::default()
+        };
+        assert_eq!(
+            next_attempt(&fresh, now),
+            Some(now + Duration::from_secs(80)),
+            "a valid token: at its refresh point"
+        );
+        let replaced = SlotState {
+            token: Some(token(now, 8, 9)),
+            ..fresh.clone()
+        };
+        assert_eq!(
+            next_attempt(&replaced, now),
+            Some(now + Duration::from_secs(8)),
+            "a replaced token moves the refresh point"
+        );
+        let in_flight = SlotState {
+            fetching: true,
+            ..SlotState::default()
+        };
+        assert_eq!(next_attempt(&in_flight, now), None, "one call at a time");
+        let failing = SlotState {
+            token: Some(token(now, 0, 5)),
+            failure: Some(Failure {
+                error: IdentityError::Unavailable("down".into()),
+                retry_at: now + Duration::from_secs(2),
+            }),
+            failures_in_a_row: 1,
+            ..SlotState::default()
+        };
+        assert_eq!(
+            next_attempt(&failing, now),
+            Some(now + Duration::from_secs(2)),
+            "after a failure: the backoff"
+        );
     }
 }

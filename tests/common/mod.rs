@@ -166,6 +166,68 @@ impl Env {
         (status, value)
     }
 
+    /// A v1.0 call for `team` on the web project's appkey: always HTTP 200,
+    /// returns the envelope.
+    pub async fn v1(
+        &self,
+        team: &str,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Value>,
+    ) -> Value {
+        self.v1_on("WebAppKey0001", team, method, path_and_query, body)
+            .await
+    }
+
+    pub async fn v1_on(
+        &self,
+        appkey: &str,
+        team: &str,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let mut req = self
+            .http
+            .request(
+                method,
+                self.url(&format!("/v1.0/appkeys/{appkey}{path_and_query}")),
+            )
+            .header("X-Auth-Token", self.token(team));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("gateway answers");
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "the v1.0 surface always answers 200"
+        );
+        resp.json().await.expect("a v1.0 answer is JSON")
+    }
+
+    /// Any request, exactly as given: raw body bytes, headers as listed
+    /// (repeats included). Returns status, headers and the body (JSON when
+    /// it parses, else a string).
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, self.url(path)).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("gateway answers");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, headers, value)
+    }
+
     pub async fn get(&self, team: &str, path: &str) -> (u16, Value) {
         self.call(team, reqwest::Method::GET, path, None).await
     }
@@ -196,6 +258,28 @@ impl Env {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
     }
 
+    /// Waits until `/readyz` answers 200 (the refreshers hold a token for
+    /// every project), as a readiness probe would.
+    pub async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self
+                .http
+                .get(format!("{}/readyz", self.admin))
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            if matches!(status, Ok(200)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not ready after 30 s: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The admin listener's /metrics text.
     pub async fn metrics(&self) -> String {
         self.http
@@ -207,6 +291,16 @@ impl Env {
             .await
             .unwrap()
     }
+}
+
+/// Asserts `body` is a v1.0 failure envelope with `code`; returns its message.
+pub fn assert_v1_failure(body: &Value, code: i64) -> String {
+    assert_eq!(body["header"]["isSuccessful"], false, "body: {body}");
+    assert_eq!(body["header"]["resultCode"], code, "body: {body}");
+    body["header"]["resultMessage"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no resultMessage in {body}"))
+        .to_string()
 }
 
 /// Asserts `body` is a Nova-style error `{"<fault>": {"code": status, "message": ..}}`.

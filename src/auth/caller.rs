@@ -1,0 +1,153 @@
+//! The caller's credential: where it is read from (exactly one), and the
+//! cache of tokens verified recently.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, header};
+
+use super::{AuthError, Authenticator, Identity};
+
+/// The caller's JWT: `Authorization: Bearer <jwt>`, or the bare JWT in
+/// `X-Auth-Token` as unmodified OpenStack/TOAST clients send it.
+///
+/// Exactly one credential: a repeated header, or both headers carrying
+/// different tokens, is refused as ambiguous. Otherwise one part of a chain
+/// (a proxy, a log, the cache) could read one token while another read the
+/// other. Both headers with the same token are one credential.
+pub fn caller_token(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let bearer = match only_one(headers, header::AUTHORIZATION.as_str())? {
+        Some(v) => {
+            let v = v.to_str().map_err(|_| AuthError::Malformed)?;
+            let (scheme, token) = v.split_once(' ').ok_or(AuthError::Malformed)?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(AuthError::Malformed);
+            }
+            Some(token.trim())
+        }
+        None => None,
+    };
+    let x_auth = match only_one(headers, "x-auth-token")? {
+        Some(v) => Some(
+            v.to_str()
+                .map(str::trim)
+                .map_err(|_| AuthError::Malformed)?,
+        ),
+        None => None,
+    };
+    match (bearer, x_auth) {
+        (Some(a), Some(b)) if a != b => Err(AuthError::Ambiguous),
+        (Some(token), _) | (None, Some(token)) => Ok(token),
+        (None, None) => Err(AuthError::Missing),
+    }
+}
+
+fn only_one<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h HeaderValue>, AuthError> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        (Some(_), Some(_)) | (None, Some(_)) => Err(AuthError::Ambiguous),
+    }
+}
+
+/// Successfully verified JWTs, for at most a minute and never past their
+/// own `exp` (plus the configured leeway, as the verifier allows). Only
+/// successes are kept, keyed by the whole token, so a cached answer is
+/// exactly what verifying again would say, minus a key removed from a JWKS
+/// in the last minute.
+pub struct VerifiedTokens {
+    cache: moka::sync::Cache<String, (Identity, i64)>,
+    leeway_secs: i64,
+}
+
+impl VerifiedTokens {
+    pub fn new(leeway: Duration) -> VerifiedTokens {
+        VerifiedTokens {
+            cache: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            leeway_secs: leeway.as_secs() as i64,
+        }
+    }
+
+    /// The caller of a request: its one credential, verified (or found in
+    /// the cache).
+    pub async fn authenticate(
+        &self,
+        auth: &Authenticator,
+        headers: &HeaderMap,
+    ) -> Result<Identity, AuthError> {
+        let token = caller_token(headers)?;
+        let now = chrono::Utc::now().timestamp();
+        if let Some((identity, valid_until)) = self.cache.get(token)
+            && now < valid_until
+        {
+            return Ok(identity);
+        }
+        let (identity, exp) = auth.authenticate_until(token).await?;
+        if let Some(exp) = exp {
+            self.cache.insert(
+                token.to_string(),
+                (identity.clone(), exp.saturating_add(self.leeway_secs)),
+            );
+        }
+        Ok(identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(list: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in list {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn one_credential_from_either_header() {
+        assert!(matches!(
+            caller_token(&headers(&[])),
+            Err(AuthError::Missing)
+        ));
+        assert_eq!(
+            caller_token(&headers(&[("x-auth-token", "abc")])).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            caller_token(&headers(&[("authorization", "Bearer xyz")])).unwrap(),
+            "xyz"
+        );
+        assert_eq!(
+            caller_token(&headers(&[
+                ("authorization", "bearer xyz"),
+                ("x-auth-token", "xyz")
+            ]))
+            .unwrap(),
+            "xyz",
+            "the same token twice is one credential"
+        );
+        assert!(matches!(
+            caller_token(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])),
+            Err(AuthError::Malformed)
+        ));
+    }
+
+    #[test]
+    fn more_than_one_credential_is_ambiguous() {
+        for list in [
+            &[("authorization", "Bearer a"), ("authorization", "Bearer b")][..],
+            &[("authorization", "Bearer a"), ("authorization", "Bearer a")],
+            &[("x-auth-token", "a"), ("x-auth-token", "b")],
+            &[("authorization", "Bearer a"), ("x-auth-token", "b")],
+        ] {
+            assert!(
+                matches!(caller_token(&headers(list)), Err(AuthError::Ambiguous)),
+                "{list:?}"
+            );
+        }
+    }
+}

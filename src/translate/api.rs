@@ -1,0 +1,151 @@
+//! The project's v2 API as the v1.0 plans call it: each call goes through
+//! [`Compute`] (the cloud token and its retry rule), answers are parsed, and
+//! flavor details are cached per project.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, header};
+use serde_json::Value;
+
+use super::exec::{V2Answer, V2Caller};
+use super::response::{self, FlavorInfo};
+use crate::action::Action;
+use crate::audit;
+use crate::body;
+use crate::config::Project;
+use crate::error::GatewayError;
+use crate::upstream::compute::{Compute, Forward};
+
+/// Flavors change rarely; instance details must not cost a flavor call each.
+const FLAVOR_CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// Flavor details per tenant, for the v1.0 instance details (cpu, ram).
+pub struct FlavorCache(moka::future::Cache<String, Arc<HashMap<String, FlavorInfo>>>);
+
+impl Default for FlavorCache {
+    fn default() -> Self {
+        FlavorCache(
+            moka::future::Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(FLAVOR_CACHE_TTL)
+                .build(),
+        )
+    }
+}
+
+/// What a v1.0 request learned from the upstream, for audit and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Learned {
+    /// The status of the last upstream answer.
+    pub status: Option<u16>,
+    /// Ids of what the mutating call produced (from its v2 answer).
+    pub result: Option<Value>,
+}
+
+/// One v1.0 request's view of its project's v2 API.
+pub struct ProjectApi<'a> {
+    pub compute: &'a Compute,
+    pub flavors: &'a FlavorCache,
+    pub project: &'a Arc<Project>,
+    pub compute_url: &'a str,
+    pub action: Action,
+    pub learned: Mutex<Learned>,
+}
+
+impl ProjectApi<'_> {
+    pub fn learned(&self) -> Learned {
+        self.learned.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl V2Caller for ProjectApi<'_> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<V2Answer, GatewayError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let sent = match &body {
+            Some(v) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                body::to_upstream_bytes(v)
+            }
+            None => Bytes::new(),
+        };
+        let uri = format!("{}/v2/{}/{path}", self.compute_url, self.project.tenant_id)
+            .parse()
+            .map_err(|_| GatewayError::Internal("an upstream path is not a valid URI".into()))?;
+        let forward = Forward {
+            method: method.clone(),
+            uri,
+            headers,
+            body: sent,
+        };
+        let resp = self
+            .compute
+            .call(self.project, &forward, self.action)
+            .await?;
+        let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp.into_body();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|_| GatewayError::UpstreamAnswer {
+                status: 502,
+                message: format!("the upstream answered {status} with a body that is not JSON"),
+            })?
+        };
+        if let Ok(mut learned) = self.learned.lock() {
+            learned.status = Some(status);
+            if method != Method::GET && (200..300).contains(&status) {
+                learned.result = audit::result_ids(self.action, &body, location.as_deref())
+                    .or(learned.result.take());
+            }
+        }
+        Ok(V2Answer {
+            status,
+            body,
+            location,
+        })
+    }
+
+    async fn flavors(&self) -> Result<Arc<HashMap<String, FlavorInfo>>, GatewayError> {
+        let load = async {
+            let a = self.call(Method::GET, "flavors/detail", None).await?;
+            if a.status != 200 {
+                return Err(GatewayError::UpstreamAnswer {
+                    status: a.status,
+                    message: "could not list flavors".into(),
+                });
+            }
+            let map: HashMap<String, FlavorInfo> = a.body["flavors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(response::flavor_info)
+                .collect();
+            Ok(Arc::new(map))
+        };
+        self.flavors
+            .0
+            .try_get_with(self.project.tenant_id.clone(), load)
+            .await
+            .map_err(|e: Arc<GatewayError>| GatewayError::UpstreamAnswer {
+                status: 502,
+                message: format!("flavor details unavailable: {e}"),
+            })
+    }
+}
