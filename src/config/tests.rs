@@ -3,6 +3,8 @@
 
 use super::*;
 
+use serde_json::{Map, Value, json};
+
 const GOOD: &str = r#"
 listen: { public: "127.0.0.1:8080", admin: "127.0.0.1:9090" }
 upstream:
@@ -153,4 +155,142 @@ fn duplicate_tenant_and_missing_secret_reference() {
 fn bad_yaml_and_empty_file_are_clear() {
     assert!(problems("listen: [", &secrets())[0].contains("not valid YAML"));
     assert!(problems("", &secrets())[0].contains("empty"));
+}
+
+/// A temp folder for files the config names, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("toastgate-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The mapping at `path` (`teams.web-team.allow[0]`; "" is the top level).
+fn mapping_at<'v>(config: &'v mut Value, path: &str) -> &'v mut Map<String, Value> {
+    let mut at = config;
+    for segment in path.split('.').filter(|s| !s.is_empty()) {
+        let (key, index) = match segment.split_once('[') {
+            Some((key, index)) => (key, index.trim_end_matches(']').parse::<usize>().ok()),
+            None => (segment, None),
+        };
+        at = &mut at[key];
+        if let Some(index) = index {
+            at = &mut at[index];
+        }
+    }
+    at.as_object_mut()
+        .unwrap_or_else(|| panic!("no mapping at `{path}`"))
+}
+
+#[test]
+fn unknown_keys_are_refused_in_every_section_with_their_path() {
+    let dir = TempDir::new();
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .and_then(|params| params.self_signed(&key))
+        .expect("certificate");
+    std::fs::write(dir.0.join("tls-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.0.join("tls-key.pem"), key.serialize_pem()).unwrap();
+    // The load only checks that these exist.
+    std::fs::write(dir.0.join("jwks.json"), r#"{"keys": []}"#).unwrap();
+    std::fs::write(dir.0.join("idp.pem"), "").unwrap();
+
+    // GOOD plus every optional section, so each place below exists. JSON is
+    // YAML: rows edit this value and load its JSON text.
+    let mut every: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+    every["listen"]["tls"] = json!({"cert_file": "tls-cert.pem", "key_file": "tls-key.pem"});
+    every["token"] = json!({"refresh_at": 0.8});
+    every["server"] = json!({"body_limit_bytes": 4096});
+    let team = &mut every["teams"]["web-team"];
+    team["constraints"] = json!({"max_count": 2});
+    team["rate_limits"] = json!([{"name": "reads", "actions": ["instance.read"], "rate": "10/s"}]);
+    every["rate_limit"] = json!({
+        "backend": "redis",
+        "redis": {"url_env": "REDIS_URL"},
+        "global": {"rate": "100/s"},
+    });
+    every["audit"] = json!({
+        "file": {"path": "audit.log"},
+        "rules": [{"actions": ["instance.read"], "level": "metadata"}],
+    });
+    let s = secrets().with_override("REDIS_URL", "redis://127.0.0.1:6379");
+
+    let check = |place: &str, reported: &str, keys: Option<&Value>| {
+        let mut config = every.clone();
+        if let Some(keys) = keys {
+            config["auth"]["algorithms"] = json!(["RS256"]);
+            config["auth"]["keys"] = keys.clone();
+        }
+        // Otherwise valid: without the extra key the config loads, so a
+        // missing `deny_unknown_fields` fails the row.
+        if let Err(e) = Config::from_yaml(&config.to_string(), &s, Some(&dir.0)) {
+            panic!("{place}: the config without `bogus` should load:\n{e}");
+        }
+        mapping_at(&mut config, place).insert("bogus".to_string(), json!(1));
+        let problems = match Config::from_yaml(&config.to_string(), &s, Some(&dir.0)) {
+            Ok(_) => panic!("{place}: an unknown key was accepted"),
+            Err(e) => e.problems(),
+        };
+        assert_eq!(problems.len(), 1, "{place}: {problems:?}");
+        assert_eq!(problems[0].path, reported, "{place}: {problems:?}");
+        assert!(
+            problems[0].message.starts_with("unknown field `bogus`"),
+            "{place}: {problems:?}"
+        );
+    };
+
+    // Structs: the problem names the unknown key's own path.
+    let structs = [
+        "",
+        "listen",
+        "listen.tls",
+        "upstream",
+        "token",
+        "server",
+        "auth",
+        "projects.web",
+        "teams.web-team",
+        "teams.web-team.allow[0]",
+        "teams.web-team.constraints",
+        "teams.web-team.rate_limits[0]",
+        "rate_limit",
+        "rate_limit.redis",
+        "rate_limit.global",
+        "audit",
+        "audit.file",
+        "audit.rules[0]",
+    ];
+    for place in structs {
+        let reported = format!("{place}.bogus");
+        check(place, reported.trim_start_matches('.'), None);
+    }
+
+    // Internally tagged enums: serde reads a buffered copy of the mapping, so
+    // the path names the enum. (The enum, where under it `bogus: 1` goes, the
+    // `auth.keys` to use instead of GOOD's.)
+    let jwks_url = json!({"type": "jwks_url", "url": "https://idp.example.com/jwks"});
+    let jwks_file = json!({"type": "jwks_file", "path": "jwks.json"});
+    let pem = json!({"type": "pem", "files": [{"path": "idp.pem"}]});
+    let tagged = [
+        ("auth.keys", "", None),
+        ("auth.keys", "", Some(&jwks_url)),
+        ("auth.keys", "", Some(&jwks_file)),
+        ("auth.keys", "", Some(&pem)),
+        ("auth.keys", "files[0]", Some(&pem)),
+        ("projects.web.credentials", "", None),
+        ("projects.batch.credentials", "", None),
+    ];
+    for (reported, under, keys) in tagged {
+        let place = format!("{reported}.{under}");
+        check(place.trim_end_matches('.'), reported, keys);
+    }
 }
