@@ -409,6 +409,15 @@ impl Gateway {
                     upstream_status: x.upstream_status.unwrap_or(0),
                     result: x.result.clone(),
                 };
+                // The one place the action is recorded now: say so loudly.
+                tracing::error!(
+                    request_id = %x.request_id,
+                    team = x.team().unwrap_or("-"),
+                    action = x.action_label(),
+                    target = x.target.as_deref().unwrap_or("-"),
+                    result = %x.result.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+                    "an action ran upstream but its completed audit record could not be written"
+                );
                 resp = render_error(x.surface, &e);
                 ending = Ending::from(&e);
             }
@@ -435,8 +444,10 @@ impl Gateway {
         let result = self.audit.write(record).await;
         let label = if result.is_ok() { "written" } else { "failed" };
         self.metrics.audit_records.with_label_values(&[label]).inc();
+        // The sink logs when it starts failing and when it recovers; one line
+        // per record would repeat that for every request of an outage.
         if let Err(e) = &result {
-            tracing::error!(error = %e, "audit record could not be written");
+            tracing::debug!(error = %e, "audit record could not be written");
         }
         result
     }

@@ -1060,4 +1060,37 @@ mod tests {
             .is_ok()
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Any method, path and query: classified or refused, never a panic;
+        /// what classifies builds a valid upstream URI.
+        #[test]
+        fn any_request_line_is_classified_or_refused(
+            method in proptest::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+            segments in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("web".to_string()),
+                    proptest::strategy::Just("servers".to_string()),
+                    proptest::strategy::Just("detail".to_string()),
+                    proptest::strategy::Just("action".to_string()),
+                    proptest::strategy::Just("os-keypairs".to_string()),
+                    proptest::strategy::Just("os-volume_attachments".to_string()),
+                    proptest::strategy::Just("instances".to_string()),
+                    proptest::strategy::Just("keypairs".to_string()),
+                    "[ -~]{0,12}",
+                ],
+                0..6,
+            ),
+            query in proptest::option::of("[ -~]{0,40}"),
+        ) {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let path = segments.join("/");
+            if let Ok(route) = classify_v2(&method, &path, query.as_deref()) {
+                let _ = route.upstream_uri("https://compute.example", "tenant");
+            }
+            let _ = classify_v1(&method, &path, query.as_deref());
+        }
+    }
 }

@@ -309,6 +309,9 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
             "latency_ms",
             "hash",
             "prev_hash",
+            // The judged request summary, on every forwarded mutation
+            // (`{}` for those without a body).
+            "request",
         ] {
             assert!(
                 r.get(key).is_some_and(|v| !v.is_null()),
@@ -487,6 +490,82 @@ async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
             .iter()
             .any(|r| r["request"]["name"] == "back")
     );
+}
+
+/// The sink fails between the `received` and the `completed` record of a
+/// mutating Action: the action ran, so the caller is told exactly that,
+/// never a plain success (and never a refusal that invites a blind retry).
+#[tokio::test]
+async fn a_completed_record_that_cannot_be_written_withholds_the_success() {
+    let dir = temp_dir("boundary");
+    let file = dir.join("sub").join("audit.jsonl");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let env = Env::start_with(fast_sim(), audit_config(&file, ", fsync: always")).await;
+    for (surface, name) in [("v2", "held-v2"), ("v1.0", "held-v1")] {
+        env.sim.clear_requests();
+        env.sim.hold_compute(true);
+        let call = {
+            let http = env.http.clone();
+            let token = env.token("web-team");
+            let (url, body, header) = if surface == "v2" {
+                (
+                    env.url("/v2/web/os-keypairs"),
+                    json!({"keypair": {"name": name}}),
+                    "authorization",
+                )
+            } else {
+                (
+                    env.url("/v1.0/appkeys/WebAppKey0001/keypairs"),
+                    json!({"keypair": {"name": name}}),
+                    "x-auth-token",
+                )
+            };
+            let value = if header == "authorization" {
+                format!("Bearer {token}")
+            } else {
+                token
+            };
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .header(header, value)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            })
+        };
+        // The upstream has the request (so its `received` record is written);
+        // the sink breaks before the answer comes back.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !env.compute_requests().iter().any(|r| r.method == "POST") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the request never reached the upstream"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        std::fs::remove_dir_all(file.parent().unwrap()).unwrap();
+        env.sim.hold_compute(false);
+        let (status, body) = call.await.unwrap();
+        if surface == "v2" {
+            assert_eq!(status, 500, "{body}");
+            let msg = common::assert_nova_error(&body, "computeFault", 500);
+            assert!(msg.contains("was performed") && msg.contains(name), "{msg}");
+        } else {
+            assert_eq!(status, 200);
+            let msg = common::assert_v1_failure(&body, 10500);
+            assert!(msg.contains("was performed") && msg.contains(name), "{msg}");
+        }
+        // It did run upstream.
+        let (s, _) = env
+            .get("web-team", &format!("/v2/web/os-keypairs/{name}"))
+            .await;
+        assert_eq!(s, 200);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    }
+    env.stop().await;
 }
 
 #[tokio::test]

@@ -253,6 +253,29 @@ async fn a_deleted_line_is_reported_where_the_chain_breaks() {
 }
 
 #[tokio::test]
+async fn a_missing_head_is_detected_without_any_rotation() {
+    let dir = Scratch::new();
+    let path = five_line_file(&dir).await;
+    let ls = lines(&path);
+    assert!(ls[0].contains("\"file_start\":true"), "{}", ls[0]);
+    assert!(ls[1..].iter().all(|l| !l.contains("file_start")));
+    // The first two records of a log that was never rotated are deleted.
+    write_lines(&path, &ls[2..]);
+    assert_broken_at(&path, 1, "records before it were removed");
+    let (code, _, _) = verify_cmd(&path, true);
+    assert_eq!(
+        code,
+        ExitCode::FAILURE,
+        "no rotated file explains it either"
+    );
+    // Two files joined: a second file start in the middle.
+    let mut joined = ls.clone();
+    joined.extend(ls.iter().cloned());
+    write_lines(&path, &joined);
+    assert_broken_at(&path, 6, "files were joined");
+}
+
+#[tokio::test]
 async fn reordered_lines_are_reported() {
     let dir = Scratch::new();
     let path = five_line_file(&dir).await;
@@ -357,10 +380,30 @@ async fn rotation_loses_and_duplicates_nothing_and_the_chain_spans_files() {
     let (code, out, _) = verify_cmd(&path, true);
     assert_eq!(code, ExitCode::SUCCESS);
     assert!(out.starts_with("ok: 150 records, chain intact"), "{out}");
-    // The current file alone verifies too (anchored at its first record).
+    // The current file alone verifies too: it starts with a file-start
+    // record, which a rotation explains.
     let alone = audit::verify(&path, false).unwrap();
     assert!(alone.is_intact());
     assert_ne!(alone.first_prev.as_deref(), Some(GENESIS));
+    // A rotated file with its head removed does not, checked alone.
+    let f1 = PathBuf::from(format!("{}.1", path.display()));
+    let whole = lines(&f1);
+    assert!(whole.len() >= 2, "records are under half of max_bytes");
+    write_lines(&f1, &whole[1..]);
+    let broken = audit::verify(&f1, false)
+        .unwrap()
+        .broken
+        .expect("a missing head is found");
+    assert_eq!(
+        (broken.file.clone(), broken.line),
+        (f1.clone(), 1),
+        "{broken}"
+    );
+    assert!(
+        broken.why.contains("records before it were removed"),
+        "{broken}"
+    );
+    write_lines(&f1, &whole);
 
     // Tampering in a rotated file is found with --with-rotated.
     let f3 = PathBuf::from(format!("{}.3", path.display()));

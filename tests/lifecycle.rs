@@ -367,6 +367,28 @@ async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_d
         .unwrap()
         .status();
     assert_eq!(s.as_u16(), 200, "still serving during the drain delay");
+    // Every answer now says the connection ends, so keep-alive clients do
+    // not race the listener's close.
+    let mut conn = tokio::net::TcpStream::connect(gw.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(
+        format!(
+            "GET /v2/web/flavors HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed after the answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
     stopping.await.unwrap();
     sim.shutdown();
 }

@@ -87,6 +87,64 @@ async fn tokens_are_refreshed_ahead_of_expiry_without_a_failed_request() {
     env.stop().await;
 }
 
+fn token_waits(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("toastgate_token_waits_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// No caller ever waits on identity while a valid token exists: across
+/// several short token lifetimes, with a slow identity service, and after a
+/// 401 replaced the token (the refresher follows the replacement).
+#[tokio::test]
+async fn the_refresher_follows_replaced_tokens_and_no_caller_waits() {
+    let env = Env::start_with(short_tokens(Duration::from_secs(6)), |y| {
+        *y = y.replace(
+            "token:\n",
+            "token:\n  refresh_at: 0.5\n  refresh_jitter: 0.0\n",
+        )
+    })
+    .await;
+    env.wait_ready().await;
+    // Identity answers slowly from now on: a caller that waited would be seen.
+    env.sim.set_latency(Duration::from_millis(300));
+    let run = |secs: u64| {
+        let env = &env;
+        async move {
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(secs) {
+                let (status, body) = env.get("web-team", "/v2/web/flavors").await;
+                assert_eq!(status, 200, "{body}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Two lifetimes: refreshed ahead each time, nobody waits.
+    run(13).await;
+    assert_eq!(
+        token_waits(&env.metrics().await),
+        0,
+        "a caller waited while a token was valid"
+    );
+    // A 401 (API password changed) drops the token: exactly one wait, for
+    // the replacement...
+    env.sim.revoke_all_tokens();
+    let (status, _) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(status, 200);
+    let after_revoke = token_waits(&env.metrics().await);
+    assert!(after_revoke <= 1, "{after_revoke} waits for one revocation");
+    // ...and the refresher renews the replacement ahead of its expiry too.
+    run(13).await;
+    assert_eq!(
+        token_waits(&env.metrics().await),
+        after_revoke,
+        "the refresher did not follow the replaced token"
+    );
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn an_upstream_401_refreshes_once_and_retries() {
     let env = Env::start().await;

@@ -52,6 +52,19 @@ pub(crate) fn rotated_files(path: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The member the writer adds (inside the sealed part) to the first record
+/// of every file it starts: the genesis file and each file after a rotation
+/// or a re-creation. A file whose first line lacks it, and does not start at
+/// [`GENESIS`], has lost its head.
+pub const FILE_START: &str = "file_start";
+
+/// `record_json` (one JSON object) marked as the first record of a file.
+pub(crate) fn mark_file_start(record_json: &str) -> String {
+    let open = record_json.strip_suffix('}').unwrap_or(record_json);
+    let sep = if open.len() > 1 { "," } else { "" };
+    format!("{open}{sep}\"{FILE_START}\":true}}")
+}
+
 /// `prev_hash` of the first record ever.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -111,6 +124,8 @@ fn is_hash(s: &str) -> bool {
 pub(crate) struct Link {
     pub prev_hash: String,
     pub hash: String,
+    /// The record says it is the first line of its file (see [`FILE_START`]).
+    pub file_start: bool,
 }
 
 /// Checks one line (without its newline) on its own: its form, that it is a
@@ -156,6 +171,7 @@ pub(crate) fn check_line(line: &str) -> Result<Link, String> {
     Ok(Link {
         prev_hash: prev.to_string(),
         hash: hash.to_string(),
+        file_start: parsed.get(FILE_START) == Some(&serde_json::Value::Bool(true)),
     })
 }
 
@@ -206,9 +222,11 @@ impl VerifyReport {
 }
 
 /// Checks the hash chain of `file` and, with `with_rotated`, of its rotated
-/// files before it (`FILE.N` ... `FILE.1`, then `FILE`). The first record
-/// checked is taken as the anchor: its `prev_hash` is only compared with
-/// [`GENESIS`] for the report. Errors only when a file cannot be read.
+/// files before it (`FILE.N` ... `FILE.1`, then `FILE`). Each file must
+/// begin with a record marked [`FILE_START`] (or one at [`GENESIS`]), and no
+/// other record may carry the mark: records removed from the head of a file
+/// are detected even when no rotation is involved. Errors only when a file
+/// cannot be read.
 pub fn verify(file: &Path, with_rotated: bool) -> Result<VerifyReport, AuditError> {
     let mut files: Vec<PathBuf> = if with_rotated {
         rotated_files(file).into_iter().rev().collect()
@@ -264,6 +282,20 @@ pub fn verify(file: &Path, with_rotated: bool) -> Result<VerifyReport, AuditErro
                     return Ok(report);
                 }
             };
+            if n == 1 && !link.file_start && link.prev_hash != GENESIS {
+                report.broken = Some(broken(
+                    "the first record of the file does not start it: records before it were removed \
+                     (or the file was written by a toastgate older than the file_start mark)"
+                        .into(),
+                ));
+                return Ok(report);
+            }
+            if n > 1 && link.file_start {
+                report.broken = Some(broken(
+                    "a file-start record in the middle of the file: files were joined".into(),
+                ));
+                return Ok(report);
+            }
             match &prev {
                 None => report.first_prev = Some(link.prev_hash.clone()),
                 Some(p) if *p != link.prev_hash => {

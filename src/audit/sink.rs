@@ -206,6 +206,15 @@ impl Writer {
                 }
             }
         }
+        let starts_file = self
+            .file
+            .as_ref()
+            .is_some_and(|fs| fs.len == 0 && self.pending.is_empty());
+        let body = if starts_file {
+            chain::mark_file_start(&body)
+        } else {
+            body
+        };
         let sealed = chain::seal(&body, &self.head);
         self.pending.extend_from_slice(sealed.line.as_bytes());
         self.head = sealed.hash;

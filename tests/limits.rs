@@ -1,0 +1,282 @@
+//! Nobody ties the gateway up: slow and half-open connections are closed on
+//! their timeouts while good requests are served, the connection cap holds;
+//! every upstream exchange ends within its deadline (a body that never
+//! finishes, an identity service that never answers), and while identity
+//! hangs callers get a prompt 503, not one timeout each.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, assert_nova_error, assert_v1_failure, fast_sim};
+use reqwest::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Sets `key:` (an indented config line) to `value` in the test config.
+fn set(yaml: &mut String, key: &str, value: &str) {
+    let prefix = format!("  {key}:");
+    *yaml = yaml
+        .lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{prefix} {value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+}
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+fn counter_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads until the server closes the connection (EOF or reset); false if it
+/// is still open after `within`.
+async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A 408 or similar before the close is fine: keep reading.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_and_half_open_connections_are_closed_and_good_requests_still_served() {
+    let env = Env::start_with(fast_sim(), |y| {
+        *y = y.replace(
+            "server:\n  request_timeout: 10s",
+            "server:\n  request_timeout: 10s\n  header_read_timeout: 1s\n  idle_timeout: 3s\n  max_connections: 16",
+        )
+    })
+    .await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+
+    // 40 connections that never complete a request: silent ones, half a
+    // request head, and one header line at a time (bytes keep moving, the
+    // head never completes).
+    let mut slow = Vec::new();
+    for i in 0..40 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        match i % 3 {
+            0 => {}
+            1 => c
+                .write_all(b"GET /v2/web/flavors HTTP/1.1\r\nHost: gw\r\n")
+                .await
+                .unwrap(),
+            _ => c
+                .write_all(b"GET /v2/web/flavors HTTP/1.1\r\n")
+                .await
+                .unwrap(),
+        }
+        slow.push(c);
+    }
+    let dribbler = tokio::spawn({
+        let addr = addr.clone();
+        async move {
+            let mut c = TcpStream::connect(&addr).await.unwrap();
+            c.write_all(b"GET /v2/web/flavors HTTP/1.1\r\n")
+                .await
+                .unwrap();
+            for i in 0..100 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if c.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return true;
+                }
+            }
+            false
+        }
+    });
+
+    // A good request is served (it may wait for a slot while the slow ones
+    // time out: the cap is 16).
+    let (s, b) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 200, "{b}");
+    let m = env.metrics().await;
+    assert!(gauge(&m, "toastgate_open_connections") <= 16.0, "{m}");
+
+    // Every slow connection is closed by the gateway, none left hanging.
+    for (i, c) in slow.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(c, Duration::from_secs(30)).await,
+            "slow connection {i} was never closed"
+        );
+    }
+    assert!(
+        dribbler.await.unwrap(),
+        "the dribbling connection was never closed"
+    );
+
+    // An idle keep-alive connection is closed too, after its request.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    let token = env.token("web-team");
+    idle.write_all(
+        format!(
+            "GET /v2/web/flavors HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(closed_by_server(&mut idle, Duration::from_secs(30)).await);
+    let m = env.metrics().await;
+    assert!(gauge(&m, "toastgate_open_connections") <= 16.0, "{m}");
+    env.stop().await;
+}
+
+/// An upstream that answers the head and a few bytes of a body it promised
+/// to be much longer, then holds the connection.
+async fn truncating_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = c.read(&mut buf).await;
+                let _ = c
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"flavors\"",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_upstream_body_that_never_finishes_ends_within_the_deadline() {
+    let upstream = truncating_upstream().await;
+    let env = Env::start_with(fast_sim(), |y| {
+        set(y, "compute_url", &format!("\"{upstream}\""));
+        *y = y.replace("  request_timeout: 5s", "  request_timeout: 1s");
+    })
+    .await;
+    let (s, b) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 504, "{b}");
+    assert_nova_error(&b, "computeFault", 504);
+    let b = env.v1("web-team", Method::GET, "/flavors", None).await;
+    assert_v1_failure(&b, 10504);
+    let m = env.metrics().await;
+    assert!(
+        m.contains(r#"toastgate_upstream_errors_total{action="flavor.list",kind="timeout"} 1"#),
+        "{m}"
+    );
+    env.stop().await;
+}
+
+/// An identity service that accepts connections and never answers; counts them.
+async fn hanging_identity() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+#[tokio::test]
+async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
+    let (identity, accepted) = hanging_identity().await;
+    let env = Env::start_with(fast_sim(), |y| {
+        set(y, "identity_url", &format!("\"{identity}\""));
+        set(y, "connect_timeout", "1s\n  identity_timeout: 1s");
+        set(y, "retry_min_backoff", "2s");
+        set(y, "retry_max_backoff", "4s");
+    })
+    .await;
+    // The first wave finds no token and nothing known: it waits once, for
+    // the one identity call in flight.
+    let first: Vec<_> = (0..10)
+        .map(|_| {
+            let (http, url, token) = (
+                env.http.clone(),
+                env.url("/v2/web/flavors"),
+                env.token("web-team"),
+            );
+            tokio::spawn(async move {
+                let r = http.get(url).bearer_auth(token).send().await.unwrap();
+                (r.status().as_u16(), r.headers().contains_key("retry-after"))
+            })
+        })
+        .collect();
+    for t in first {
+        assert_eq!(t.await.unwrap(), (503, true));
+    }
+    let waits = counter_sum(&env.metrics().await, "toastgate_token_waits_total");
+    assert!(
+        waits >= 1.0,
+        "the cold requests waited for the identity call"
+    );
+
+    // Now the failure is known: every request is answered from it at once,
+    // nobody waits on identity again.
+    for _ in 0..20 {
+        let (s, b) = env.get("web-team", "/v2/web/flavors").await;
+        assert_eq!(s, 503, "{b}");
+        assert!(assert_nova_error(&b, "serviceUnavailable", 503).contains("identity"));
+    }
+    let b = env.v1("web-team", Method::GET, "/flavors", None).await;
+    assert_v1_failure(&b, 10503);
+    let m = env.metrics().await;
+    assert_eq!(
+        counter_sum(&m, "toastgate_token_waits_total"),
+        waits,
+        "a request waited on a hanging identity service: {m}"
+    );
+    // /readyz answers from what is known (no identity call of its own).
+    let r = env
+        .http
+        .get(format!("{}/readyz", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "not ready");
+    // One attempt at a time, paced by the backoff (>= 2 s): far fewer
+    // identity connections than requests.
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..10).contains(&n),
+        "{n} identity connections for 31 requests"
+    );
+    env.stop().await;
+}
