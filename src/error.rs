@@ -503,4 +503,100 @@ mod tests {
             assert_eq!(has(e.v1_response()), expected, "{e:?}");
         }
     }
+
+    /// The rows of a README table (between `heading` and the next heading),
+    /// as their cells.
+    fn readme_rows(heading: &str) -> Vec<Vec<String>> {
+        let readme = include_str!("../README.md");
+        let start = readme.find(heading).expect("README section");
+        let section = &readme[start + heading.len()..];
+        let section = &section[..section.find("\n#").unwrap_or(section.len())];
+        section
+            .lines()
+            .filter(|l| l.starts_with('|') && !l.starts_with("| ---"))
+            .skip(1)
+            .map(|l| {
+                l.trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Every `` `N` `` in `text` that is a whole number.
+    fn backticked_numbers(text: &str) -> Vec<i64> {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .filter_map(|t| t.parse().ok())
+            .collect()
+    }
+
+    /// The README's result-code table is this classification: every code the
+    /// gateway answers is documented, and every code documented (outside the
+    /// upstream's own 104xx/105xx family) is one the gateway answers.
+    #[test]
+    fn the_readme_result_code_table_matches() {
+        let rows = readme_rows("### v1.0 result codes");
+        // `10000` appears as the base of the `10000 + status` formula.
+        let documented: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| backticked_numbers(&r.join(" ")))
+            .filter(|c| *c != 10000)
+            .collect();
+        let produced: Vec<i64> = every_variant()
+            .iter()
+            .map(GatewayError::result_code)
+            .collect();
+        for code in &produced {
+            assert!(
+                documented.contains(code),
+                "result code {code} is not in the README"
+            );
+        }
+        for code in &documented {
+            let upstream_family = (10400..=10599).contains(code);
+            assert!(
+                *code == 0 || upstream_family || produced.contains(code),
+                "the README documents {code}, which nothing answers"
+            );
+        }
+    }
+
+    /// The README's v2 error table is this classification: every status the
+    /// gateway answers itself is documented with its Nova fault name, and
+    /// every documented row names a status the gateway answers.
+    #[test]
+    fn the_readme_v2_error_table_matches() {
+        let rows = readme_rows("### Errors on the v2 surface");
+        let documented: Vec<(u16, String)> = rows
+            .iter()
+            .map(|r| {
+                let status = r[1].split_whitespace().next().unwrap().parse().unwrap();
+                (status, r[2].trim_matches('`').to_string())
+            })
+            .collect();
+        for e in every_variant() {
+            if matches!(e, GatewayError::UpstreamAnswer { .. }) {
+                continue; // the upstream's own answers pass through as they are
+            }
+            let status = e.status();
+            let fault = GatewayError::nova_fault(status).to_string();
+            assert!(
+                documented.contains(&(status.as_u16(), fault.clone())),
+                "{e:?}: {} `{fault}` is not in the README's v2 table",
+                status.as_u16()
+            );
+        }
+        for (status, fault) in &documented {
+            assert!(
+                every_variant()
+                    .iter()
+                    .any(|e| e.status().as_u16() == *status
+                        && GatewayError::nova_fault(e.status()) == fault),
+                "the README documents {status} `{fault}`, which nothing answers"
+            );
+        }
+    }
 }

@@ -114,7 +114,7 @@ async fn metrics_pass_promtool_and_cover_the_documented_families() {
 async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids() {
     let env = Env::start().await;
     let token = env.token("web-team");
-    // Warm up every series these requests can create.
+    // Warm up every series these requests can create, on both surfaces.
     for _ in 0..3 {
         let (s, _) = env
             .get(
@@ -123,6 +123,15 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
             )
             .await;
         assert_eq!(s, 404);
+        let b = env
+            .v1(
+                "web-team",
+                reqwest::Method::GET,
+                &format!("/instances?id={}", uuid::Uuid::new_v4()),
+                None,
+            )
+            .await;
+        assert_eq!(b["header"]["resultCode"], 10404);
     }
     // ... and the series a JWT naming a team that is not configured creates.
     let stranger = |n: usize| {
@@ -154,6 +163,18 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
             .unwrap()
             .status();
         assert_eq!(s.as_u16(), 403);
+    }
+    // The v1.0 surface: ids in queries never become labels either.
+    for i in 0..500 {
+        let b = env
+            .v1(
+                "web-team",
+                reqwest::Method::GET,
+                &format!("/instances?id=v1-{i}-{}", uuid::Uuid::new_v4()),
+                None,
+            )
+            .await;
+        assert_eq!(b["header"]["resultCode"], 10404);
     }
     let mut tasks = Vec::new();
     for worker in 0..16 {
@@ -187,6 +208,10 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
     );
     assert!(text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",surface="v2",team="web-team"} 10003"#));
     assert!(text.contains(r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",surface="v2",team="unknown"} 200"#), "{text}");
+    assert!(
+        text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",surface="v1.0",team="web-team"} 503"#),
+        "{text}"
+    );
     assert!(
         !text.contains("team-1"),
         "a team name from a JWT became a label"

@@ -163,16 +163,12 @@ rate_limit:
     Config::from_yaml(&yaml, &secrets, None).expect("test config is valid")
 }
 
-/// A decision, with a bound on how long it may take (a hang, not a perf check).
+/// A decision, with a bound on how long it may take: a hang guard (the
+/// Redis timeout here is 100 ms), not a speed check.
 async fn timed(rl: &RateLimiter, team: &str, action: Action) -> Decision {
-    let start = Instant::now();
-    let d = rl.check(team, action).await;
-    let took = start.elapsed();
-    assert!(
-        took < Duration::from_millis(900),
-        "a decision took {took:?}: {d:?}"
-    );
-    d
+    tokio::time::timeout(Duration::from_secs(10), rl.check(team, action))
+        .await
+        .expect("a rate-limit decision hung")
 }
 
 fn remaining(d: &Decision) -> Vec<u32> {
@@ -347,14 +343,15 @@ async fn hung_redis_costs_one_timeout_then_recovers() {
         took >= Duration::from_millis(90),
         "waited for the 100 ms timeout: {took:?}"
     );
-    // The circuit is open: the next decisions do not wait at all.
-    let start = Instant::now();
+    // The circuit is open: the next decisions do not go to Redis at all
+    // (so they cannot wait for it).
+    let calls = rl.stats().redis_calls;
     let d = timed(&rl, "web-team", Action::InstanceDelete).await;
     assert!(matches!(d.outcome, Outcome::Unavailable { .. }), "{d:?}");
-    assert!(
-        start.elapsed() < Duration::from_millis(50),
-        "{:?}",
-        start.elapsed()
+    assert_eq!(
+        rl.stats().redis_calls,
+        calls,
+        "a decision went to a hung Redis"
     );
 
     redis.signal("-CONT");
@@ -382,13 +379,13 @@ async fn maintenance_warms_up_and_notices_a_missing_redis() {
         assert!(Instant::now() < deadline, "startup probe did not run");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let start = Instant::now();
+    let calls = rl.stats().redis_calls;
     let d = timed(&rl, "web-team", Action::InstanceList).await;
     assert!(d.degraded, "{d:?}");
-    assert!(
-        start.elapsed() < Duration::from_millis(50),
-        "{:?}",
-        start.elapsed()
+    assert_eq!(
+        rl.stats().redis_calls,
+        calls,
+        "the first request tried the missing Redis"
     );
     handle.stop();
 }

@@ -180,6 +180,8 @@ pub struct RateLimitStats {
     pub unavailable: u64,
     /// Failed or timed-out Redis calls, probes included.
     pub redis_errors: u64,
+    /// Decisions sent to Redis (one script call each).
+    pub redis_calls: u64,
     /// (team, rule) -> `Outcome::Limited` count, non-zero entries only,
     /// sorted; a team absent from the config counts as [`UNKNOWN_TEAM`].
     pub refused_by: Vec<((String, String), u64)>,
@@ -575,6 +577,7 @@ impl RateLimiter {
             degraded: self.degraded.load(Ordering::Relaxed),
             unavailable: self.unavailable.load(Ordering::Relaxed),
             redis_errors: self.redis.as_ref().map_or(0, |r| r.errors()),
+            redis_calls: self.redis.as_ref().map_or(0, |r| r.calls()),
             refused_by,
         }
     }

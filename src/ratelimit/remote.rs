@@ -104,6 +104,8 @@ pub(super) struct RedisBackend {
     /// Milliseconds since `epoch` until which Redis is skipped; 0 = healthy.
     down_until_ms: AtomicU64,
     errors: AtomicU64,
+    /// Script invocations sent (what a decision with the circuit open skips).
+    calls: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -140,7 +142,12 @@ impl RedisBackend {
             epoch: Instant::now(),
             down_until_ms: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
         })
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     pub fn errors(&self) -> u64 {
@@ -206,6 +213,7 @@ impl RedisBackend {
                 .arg(slot.tau_us);
             slots_seen.push(slot);
         }
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let call = async {
             let mut con = self.connection().await?;
             invocation.invoke_async::<Vec<i64>>(&mut con).await
