@@ -8,8 +8,11 @@ PID from /proc and prints one JSON line:
 
   {"opened": 10000, "failed": 0, "open_fds": 10012, "rss_kib": 41234, ...}
 
+With --after-close S it then closes them all, waits S seconds and reads
+VmRSS again ("rss_after_close_kib"): whether the server gave the memory back.
+
 Bounded in time: the whole run gives up after --deadline seconds.
-Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3]
+Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3] [--after-close 60]
 """
 
 import argparse
@@ -89,6 +92,9 @@ async def run(args):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         w.close()
+    if args.after_close > 0:
+        await asyncio.sleep(args.after_close)
+        out["rss_after_close_kib"] = vm_rss_kib(args.pid)
     return out
 
 
@@ -101,6 +107,8 @@ def main():
     p.add_argument("--path", default="/v2/")
     p.add_argument("--parallel", type=int, default=256, help="connections opened at once")
     p.add_argument("--hold", type=float, default=3.0, help="seconds idle before reading RSS")
+    p.add_argument("--after-close", type=float, default=0.0,
+                   help="seconds to wait after closing them before reading RSS again")
     p.add_argument("--deadline", type=float, default=90.0)
     args = p.parse_args()
     if not args.host.startswith("127.") and args.host != "localhost":

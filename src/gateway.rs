@@ -165,7 +165,8 @@ impl Gateway {
     /// even if the caller hangs up half way (the upstream call may already
     /// have been made).
     pub async fn handle(self: Arc<Self>, surface: Surface, req: Request<Body>) -> Response {
-        match tokio::spawn(self.serve(surface, req)).await {
+        // Boxed: the task then moves a pointer, not the whole (large) future.
+        match tokio::spawn(Box::pin(self.serve(surface, req))).await {
             Ok(resp) => resp,
             Err(_) => render_error(
                 surface,

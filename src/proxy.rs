@@ -144,30 +144,36 @@ fn is_plausible_host(h: &str) -> bool {
 /// `{gateway_project_base}/...` where the base is `https://gateway/v2/{project}`.
 /// Returns `None` when nothing had to change (the common case for bodies with
 /// no links, which then go out without a copy).
+///
+/// It looks for URLs, not for the tenant: every `"http://` / `"https://`
+/// string (found by one precompiled search for `://`, rare in JSON outside
+/// URLs), then the tenant among that URL's path segments. A hex tenant id
+/// would match all over a JSON body full of hex ids; `://` does not.
 pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -> Option<Vec<u8>> {
+    static SCHEME_SEPARATOR: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
     if tenant_id.is_empty() {
         return None;
     }
-    let needle = format!("/{tenant_id}");
-    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    let finder = SCHEME_SEPARATOR.get_or_init(|| memchr::memmem::Finder::new("://").into_owned());
     let mut out: Option<Vec<u8>> = None;
     let mut copied_up_to = 0;
-    for pos in finder.find_iter(body) {
-        let after = pos + needle.len();
-        // The tenant must be a whole path segment.
-        if !matches!(body.get(after), Some(b'/' | b'"' | b'?')) {
-            continue;
-        }
-        let Some(url_start) = url_start_before(body, pos) else {
+    for separator in finder.find_iter(body) {
+        let Some(url_start) = url_start(body, separator) else {
             continue;
         };
         if url_start < copied_up_to {
             continue;
         }
+        let after_scheme = separator + 3;
+        let Some(tenant_end) = tenant_segment_end(&body[after_scheme..], tenant_id.as_bytes())
+        else {
+            continue;
+        };
         let buf = out.get_or_insert_with(|| Vec::with_capacity(body.len() + 256));
         buf.extend_from_slice(&body[copied_up_to..url_start]);
         buf.extend_from_slice(gateway_project_base.as_bytes());
-        copied_up_to = after;
+        copied_up_to = after_scheme + tenant_end;
     }
     out.map(|mut buf| {
         buf.extend_from_slice(&body[copied_up_to..]);
@@ -175,22 +181,42 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
     })
 }
 
-/// Finds where the URL that contains `pos` starts: just after the opening
-/// quote of the JSON string, if that string is `http(s)://host/...` with no
-/// whitespace up to `pos`.
-fn url_start_before(body: &[u8], pos: usize) -> Option<usize> {
-    let window_start = pos.saturating_sub(2048);
-    let quote = body[window_start..pos].iter().rposition(|&b| b == b'"')? + window_start;
-    let start = quote + 1;
-    let candidate = &body[start..pos];
-    let rest = candidate
-        .strip_prefix(b"https://")
-        .or_else(|| candidate.strip_prefix(b"http://"))?;
-    let host_ok = !rest.is_empty()
-        && rest
-            .iter()
-            .all(|&b| !b.is_ascii_whitespace() && b != b'"' && b != b'\\');
-    host_ok.then_some(start)
+/// Where the JSON string holding the URL whose `://` is at `separator`
+/// starts (just after its opening quote), if it is `"http://` or `"https://`.
+fn url_start(body: &[u8], separator: usize) -> Option<usize> {
+    let before = &body[..separator];
+    [&b"\"https"[..], &b"\"http"[..]]
+        .iter()
+        .find(|scheme| before.ends_with(scheme))
+        .map(|scheme| separator - scheme.len() + 1)
+}
+
+/// In `rest` (what follows a URL's `://`), the end of the first path
+/// segment equal to `tenant`, relative to `rest`: one pass over the URL up to
+/// that segment. `None` when the path (before any `?` or `#`) has no such
+/// segment, the host is empty, or the string holds an escape or a space
+/// before it (not a plain URL: left alone). Everything after the segment is
+/// copied as it is, so it need not be read.
+fn tenant_segment_end(rest: &[u8], tenant: &[u8]) -> Option<usize> {
+    // memchr rather than a byte loop: the host alone is ~30 bytes, and this
+    // runs for every link of every answer.
+    let mut slash = memchr::memchr(b'/', rest).filter(|&host_end| host_end > 0)?;
+    let mut checked = 0;
+    loop {
+        if memchr::memchr3(b'"', b'\\', b' ', &rest[checked..slash]).is_some()
+            || memchr::memchr2(b'?', b'#', &rest[checked..slash]).is_some()
+        {
+            return None;
+        }
+        let end = slash + 1 + tenant.len();
+        if matches!(rest.get(end), Some(b'/' | b'"' | b'?' | b'#'))
+            && &rest[slash + 1..end] == tenant
+        {
+            return Some(end);
+        }
+        checked = slash + 1;
+        slash = checked + memchr::memchr(b'/', &rest[checked..])?;
+    }
 }
 
 /// Same rewrite for a single header value such as `Location`.
@@ -268,6 +294,23 @@ mod tests {
         assert!(rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none());
         let b = format!(r#"{{"note":"see /{T}/servers"}}"#);
         assert!(rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none());
+    }
+
+    #[test]
+    fn rewrites_links_behind_a_path_prefix_and_before_a_query() {
+        let b = format!(
+            r#"{{"a":"https://h:8774/compute/v2/{T}/servers/x","b":"http://h/{T}?limit=1","c":"https://h/v2/{T}#f","d":"https://h/v2/{T}/x\/y","e":"https://h v/{T}/x","f":"https://h/x?t=/{T}/"}}"#
+        );
+        let out = String::from_utf8(rewrite_links(b.as_bytes(), T, "https://gw/v2/web").unwrap())
+            .unwrap();
+        assert_eq!(
+            out,
+            format!(
+                r#"{{"a":"https://gw/v2/web/servers/x","b":"https://gw/v2/web?limit=1","c":"https://gw/v2/web#f","d":"https://gw/v2/web/x\/y","e":"https://h v/{T}/x","f":"https://h/x?t=/{T}/"}}"#
+            ),
+            "a string spaced before the tenant is not a plain URL and stays as it is; \
+             what follows the tenant is copied as it is"
+        );
     }
 
     #[test]
