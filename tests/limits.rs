@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, assert_nova_error, assert_v1_failure, fast_sim};
+use common::{Env, assert_nova_error, assert_v1_failure, fast_sim, metrics};
 use reqwest::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,26 +27,6 @@ fn set(yaml: &mut String, key: &str, value: &str) {
         })
         .collect::<Vec<_>>()
         .join("\n");
-}
-
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
-fn counter_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Reads until the server closes the connection (EOF or reset); false if it
@@ -119,7 +99,10 @@ async fn slow_and_half_open_connections_are_closed_and_good_requests_still_serve
     let (s, b) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(s, 200, "{b}");
     let m = env.metrics().await;
-    assert!(gauge(&m, "toastgate_open_connections") <= 16.0, "{m}");
+    assert!(
+        metrics::value(&m, "toastgate_open_connections") <= 16.0,
+        "{m}"
+    );
 
     // Every slow connection is closed by the gateway, none left hanging.
     for (i, c) in slow.iter_mut().enumerate() {
@@ -146,7 +129,10 @@ async fn slow_and_half_open_connections_are_closed_and_good_requests_still_serve
     .unwrap();
     assert!(closed_by_server(&mut idle, Duration::from_secs(30)).await);
     let m = env.metrics().await;
-    assert!(gauge(&m, "toastgate_open_connections") <= 16.0, "{m}");
+    assert!(
+        metrics::value(&m, "toastgate_open_connections") <= 16.0,
+        "{m}"
+    );
     env.stop().await;
 }
 
@@ -240,7 +226,7 @@ async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
     for t in first {
         assert_eq!(t.await.unwrap(), (503, true));
     }
-    let waits = counter_sum(&env.metrics().await, "toastgate_token_waits_total");
+    let waits = metrics::sum(&env.metrics().await, "toastgate_token_waits_total");
     assert!(
         waits >= 1.0,
         "the cold requests waited for the identity call"
@@ -257,19 +243,13 @@ async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
     assert_v1_failure(&b, 10503);
     let m = env.metrics().await;
     assert_eq!(
-        counter_sum(&m, "toastgate_token_waits_total"),
+        metrics::sum(&m, "toastgate_token_waits_total"),
         waits,
         "a request waited on a hanging identity service: {m}"
     );
     // /readyz answers from what is known (no identity call of its own).
-    let r = env
-        .http
-        .get(format!("{}/readyz", env.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
+    let (status, body) = env.readyz().await;
+    assert_eq!(status, 503);
     assert_eq!(body["status"], "not ready");
     // One attempt at a time, paced by the backoff (>= 2 s): far fewer
     // identity connections than requests.

@@ -7,9 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{CONFIG, Env, assert_nova_error, fast_sim, secrets};
+use common::{CONFIG, Env, assert_nova_error, fast_sim, secrets, start_sim};
 use serde_json::Value;
-use toastgate::simulator::{SimConfig, Simulator};
 
 fn with_rules(rules: &str, rate_limit: &str) -> impl FnOnce(&mut String) {
     let rules = rules.to_string();
@@ -29,16 +28,8 @@ async fn get_with_headers(
     team: &str,
     path: &str,
 ) -> (u16, reqwest::header::HeaderMap, Value) {
-    let resp = env
-        .http
-        .get(env.url(path))
-        .bearer_auth(env.token(team))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    (status, headers, resp.json().await.unwrap_or(Value::Null))
+    let a = env.request(team, reqwest::Method::GET, path, None).await;
+    (a.status, a.headers, a.body)
 }
 
 #[tokio::test]
@@ -72,17 +63,17 @@ async fn n_allowed_then_refused_with_headers_then_recovered() {
     );
 
     // The same Action on the v1.0 surface shares the quota and says so in its envelope.
-    let resp = env
-        .http
-        .get(env.url("/v1.0/appkeys/WebAppKey0001/flavors"))
-        .header("X-Auth-Token", env.token("web-team"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    assert!(resp.headers().contains_key("retry-after"));
-    assert!(resp.headers().contains_key("ratelimit-policy"));
-    let b: Value = resp.json().await.unwrap();
+    let (s, h, b) = env
+        .raw(
+            reqwest::Method::GET,
+            "/v1.0/appkeys/WebAppKey0001/flavors",
+            &[("X-Auth-Token", &env.token("web-team"))],
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(h.contains_key("retry-after"));
+    assert!(h.contains_key("ratelimit-policy"));
     assert_eq!(b["header"]["resultCode"], 10429, "{b}");
 
     // Writes are not in the `reads` rule: unaffected.
@@ -134,17 +125,7 @@ async fn the_global_budget_covers_all_teams_together() {
 
 /// Starts `n` gateways on 127.0.0.2.. sharing one simulator and one Redis.
 async fn replicas(n: usize, redis: &RedisServer, rules: &str, fail_open: &str) -> Vec<Env> {
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        sim_listener,
-        SimConfig {
-            build_delay: Duration::ZERO,
-            action_delay: Duration::ZERO,
-            ..SimConfig::demo()
-        },
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(fast_sim()).await;
     let mut out = Vec::new();
     for i in 0..n {
         let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());

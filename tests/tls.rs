@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::tempdir::TempDir;
 use common::{Env, fast_sim};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
@@ -59,10 +60,9 @@ fn peer_cert(resp: &reqwest::Response) -> Vec<u8> {
 
 #[tokio::test]
 async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
-    let dir = std::env::temp_dir().join(format!("toastgate-tls-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("tls");
     let pki = Pki::new();
-    let first = pki.write_leaf(&dir);
+    let first = pki.write_leaf(dir.path());
     let tls = format!(
         "  tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
         dir.join("cert.pem").display(),
@@ -110,7 +110,7 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
     );
 
     // Rotate: a new certificate is picked up without a restart.
-    let second = pki.write_leaf(&dir);
+    let second = pki.write_leaf(dir.path());
     assert_ne!(first, second);
     let mut rotated = false;
     for _ in 0..50 {
@@ -128,8 +128,7 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
 
 #[test]
 fn check_config_names_a_broken_certificate() {
-    let dir = std::env::temp_dir().join(format!("toastgate-tlsbad-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("tlsbad");
     std::fs::write(dir.join("cert.pem"), "not a certificate").unwrap();
     std::fs::write(dir.join("key.pem"), "not a key").unwrap();
     let yaml = common::CONFIG.replace("{SIM}", "http://127.0.0.1:1").replace(

@@ -2,14 +2,20 @@
 //! ephemeral port, talking HTTP.
 #![allow(dead_code)]
 
+pub mod http;
+pub mod logs;
+pub mod metrics;
+pub mod process;
 pub mod redis;
+pub mod tempdir;
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use toastgate::config::{Config, SecretSource};
 use toastgate::server::{self, Listeners};
 use toastgate::shutdown::{StopHandle, stop_pair};
+use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
 use toastgate::simulator::{SimConfig, SimHandle, Simulator};
 
 pub const WEB_TENANT: &str = "6cdebe3eb0094910bc41f1d42ebe4cb7";
@@ -83,6 +89,46 @@ pub fn fast_sim() -> SimConfig {
     }
 }
 
+/// The simulator on an ephemeral loopback port.
+pub async fn start_sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(listener, config).await.unwrap()
+}
+
+/// The first fixed address of a v2 server document.
+pub fn first_fixed_ip(server: &Value) -> String {
+    server["addresses"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()[0]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits until `/readyz` of the admin listener at `admin` (a base URL)
+/// answers 200, as a readiness probe would.
+pub async fn wait_ready(http: &reqwest::Client, admin: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if matches!(status, Ok(200)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after 30 s: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Env {
     pub async fn start() -> Env {
         Env::start_with(fast_sim(), |_| {}).await
@@ -91,8 +137,7 @@ impl Env {
     /// Starts a simulator with `sim`, then the gateway on the test config
     /// after `edit` has changed its YAML text.
     pub async fn start_with(sim: SimConfig, edit: impl FnOnce(&mut String)) -> Env {
-        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = Simulator::start(sim_listener, sim).await.unwrap();
+        let sim = start_sim(sim).await;
         let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
         edit(&mut yaml);
         Env::start_on(sim, &yaml, &secrets()).await
@@ -141,13 +186,14 @@ impl Env {
         format!("{}{}", self.gw, path)
     }
 
-    pub async fn call(
+    /// A v2-style call as `team` (a bearer JWT): the whole answer.
+    pub async fn request(
         &self,
         team: &str,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> (u16, Value) {
+    ) -> http::Answer {
         let mut req = self
             .http
             .request(method, self.url(path))
@@ -155,15 +201,19 @@ impl Env {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.expect("gateway answers");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
+        http::send(req).await
+    }
+
+    /// A v2-style call as `team` (a bearer JWT): status and body.
+    pub async fn call(
+        &self,
+        team: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let a = self.request(team, method, path, body).await;
+        (a.status, a.body)
     }
 
     /// A v1.0 call for `team` on the web project's appkey: always HTTP 200,
@@ -197,18 +247,15 @@ impl Env {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.expect("gateway answers");
-        assert_eq!(
-            resp.status().as_u16(),
-            200,
-            "the v1.0 surface always answers 200"
-        );
-        resp.json().await.expect("a v1.0 answer is JSON")
+        let a = http::send(req).await;
+        assert_eq!(a.status, 200, "the v1.0 surface always answers 200");
+        assert!(a.body.is_object(), "a v1.0 answer is JSON: {}", a.body);
+        a.body
     }
 
     /// Any request, exactly as given: raw body bytes, headers as listed
     /// (repeats included). Returns status, headers and the body (JSON when
-    /// it parses, else a string).
+    /// it parses, else a string; null when empty).
     pub async fn raw(
         &self,
         method: reqwest::Method,
@@ -216,16 +263,54 @@ impl Env {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut req = self.http.request(method, self.url(path)).body(body);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
+        let req = self.http.request(method, self.url(path)).body(body);
+        let a = http::send(http::with_headers(req, headers)).await;
+        (a.status, a.headers, a.body)
+    }
+
+    /// Creates key pair `name` in the web project as `team`; asserts 200.
+    pub async fn web_keypair(&self, team: &str, name: &str) -> Value {
+        let (s, b) = self
+            .post(
+                team,
+                "/v2/web/os-keypairs",
+                json!({"keypair": {"name": name}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        b
+    }
+
+    /// Creates key pair `key` and then a u2 server `name` (CentOS on vpc1)
+    /// with it in the web project as `team`; asserts 202; returns its id.
+    pub async fn web_u2_server(&self, team: &str, key: &str, name: &str) -> String {
+        self.web_keypair(team, key).await;
+        let (s, b) = self
+            .post(
+                team,
+                "/v2/web/servers",
+                json!({"server": {"name": name, "imageRef": IMAGE_CENTOS_7_8,
+                                  "flavorRef": FLAVOR_U2_C1M1,
+                                  "networks": [{"uuid": NETWORK_VPC1}], "key_name": key}}),
+            )
+            .await;
+        assert_eq!(s, 202, "{b}");
+        b["server"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// `n` concurrent GETs of `path` as `team`; their statuses.
+    pub async fn concurrent_statuses(&self, n: usize, team: &str, path: &str) -> Vec<u16> {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let req = self.http.get(self.url(path)).bearer_auth(self.token(team));
+                tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for c in calls {
+            statuses.push(c.await.unwrap());
         }
-        let resp = req.send().await.expect("gateway answers");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, headers, value)
+        statuses
     }
 
     pub async fn get(&self, team: &str, path: &str) -> (u16, Value) {
@@ -261,35 +346,18 @@ impl Env {
     /// Waits until `/readyz` answers 200 (the refreshers hold a token for
     /// every project), as a readiness probe would.
     pub async fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = self
-                .http
-                .get(format!("{}/readyz", self.admin))
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
-            if matches!(status, Ok(200)) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not ready after 30 s: {status:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_ready(&self.http, &self.admin).await;
     }
 
     /// The admin listener's /metrics text.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        metrics::fetch(&self.http, &self.admin).await
+    }
+
+    /// The admin listener's /readyz: status and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        let a = http::send(self.http.get(format!("{}/readyz", self.admin))).await;
+        (a.status, a.body)
     }
 }
 
