@@ -223,7 +223,6 @@ async fn three_replicas_on_one_redis_hold_one_limit_within_two_percent() {
 #[tokio::test]
 async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     let mut redis = RedisServer::start();
-    let port = redis.port;
     let envs = replicas(
         1,
         &redis,
@@ -274,7 +273,7 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     );
 
     // Redis comes back on the same port: writes work again by themselves.
-    let _redis = RedisServer::start_on(port);
+    redis.restart();
     let mut recovered = false;
     for _ in 0..50 {
         let (s, _) = env
