@@ -14,12 +14,14 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, WEB_VOLUMES};
 
-fn audit_config(path: &Path, extra: &str) -> impl FnOnce(&mut String) {
-    let text = format!(
-        "audit:\n  file: {{ path: \"{}\"{extra} }}\n",
-        path.display()
-    );
-    move |y: &mut String| y.push_str(&text)
+/// The gateway with `overlays` and its audit file at `file`.
+async fn audited(file: &Path, overlays: &[&str]) -> Env {
+    Env::start_with_overlays(
+        fast_sim(),
+        overlays,
+        json!({"audit": {"file": {"path": file}}}),
+    )
+    .await
 }
 
 fn records(path: &Path) -> Vec<Value> {
@@ -39,7 +41,7 @@ fn completed<'a>(recs: &'a [Value], action: &str) -> Vec<&'a Value> {
 async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record() {
     let dir = TempDir::new("audit-all");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(fast_sim(), audit_config(&file, "")).await;
+    let env = audited(&file, &[]).await;
     let team = "web-team";
 
     // v2: keypair, create, update, every server action, attach/detach, delete.
@@ -331,13 +333,13 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
 async fn refusals_are_recorded() {
     let dir = TempDir::new("audit-refusals");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(fast_sim(), |y| {
-        audit_config(&file, "")(y);
-        *y = y.replace(
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [\"*\"] }]\n",
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [read] }]\n    rate_limits: [{ name: reads, actions: [read], rate: 1/m, burst: 1 }]\n",
-        );
-    })
+    let env = audited(
+        &file,
+        &[
+            "overlays/batch-team-read-only.yaml",
+            "overlays/batch-team-one-read-a-minute.yaml",
+        ],
+    )
     .await;
     // auth
     let resp = env
@@ -402,7 +404,7 @@ async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
     let dir = TempDir::new("audit-failclosed");
     let file = dir.join("sub").join("audit.jsonl");
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    let env = Env::start_with(fast_sim(), audit_config(&file, ", fsync: always")).await;
+    let env = audited(&file, &["overlays/audit-fsync-always.yaml"]).await;
     assert_eq!(
         env.post(
             "web-team",
@@ -477,7 +479,7 @@ async fn a_completed_record_that_cannot_be_written_withholds_the_success() {
     let dir = TempDir::new("audit-boundary");
     let file = dir.join("sub").join("audit.jsonl");
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    let env = Env::start_with(fast_sim(), audit_config(&file, ", fsync: always")).await;
+    let env = audited(&file, &["overlays/audit-fsync-always.yaml"]).await;
     for (surface, name) in [("v2", "held-v2"), ("v1.0", "held-v1")] {
         env.sim.clear_requests();
         env.sim.hold_compute(true);
@@ -549,11 +551,7 @@ async fn a_completed_record_that_cannot_be_written_withholds_the_success() {
 async fn nothing_is_lost_across_rotation() {
     let dir = TempDir::new("audit-rotation");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(
-        fast_sim(),
-        audit_config(&file, ", max_bytes: 4096, keep: 50"),
-    )
-    .await;
+    let env = audited(&file, &["overlays/audit-small-files.yaml"]).await;
     let n = 40;
     for i in 0..n {
         let (s, _) = env
@@ -607,7 +605,7 @@ async fn nothing_is_lost_across_rotation() {
 async fn secrets_are_redacted_from_audit_records() {
     let dir = TempDir::new("audit-redaction");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(fast_sim(), audit_config(&file, "")).await;
+    let env = audited(&file, &[]).await;
     let (s, b) = env
         .post(
             "web-team",

@@ -269,12 +269,11 @@ async fn unknown_project_and_unknown_route_are_refused_not_forwarded() {
 #[tokio::test]
 async fn a_verified_token_is_not_accepted_past_its_exp() {
     // Verified tokens are cached; the cache must never outlive `exp`.
-    let env = Env::start_with(common::fast_sim(), |y| {
-        *y = y.replace(
-            "  algorithms: [HS256]\n",
-            "  algorithms: [HS256]\n  leeway: 0s\n",
-        )
-    })
+    let env = Env::start_with_overlays(
+        common::fast_sim(),
+        &["overlays/no-jwt-leeway.yaml"],
+        json!({}),
+    )
     .await;
     let _ = env.token("web-team");
     // Long enough that a busy machine still makes both calls before `exp`.

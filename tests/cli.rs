@@ -3,17 +3,23 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fixtures;
 use common::process::{BIN, KillOnDrop, assert_success, toastgate};
 use common::tempdir::TempDir;
+use serde_json::json;
 
-/// `text` as `config.yaml` in a fresh folder (kept while the folder lives).
-fn config_file(text: &str) -> (TempDir, String) {
+/// config/demo.yaml with the fixture `overlay` merged onto it, as
+/// `config.yaml` in a fresh folder (kept while the folder lives; the demo's
+/// relative secret files are not there).
+fn demo_with(overlay: &str) -> (TempDir, String) {
+    let config = fixtures::merged(Path::new("config/demo.yaml"), &[overlay], json!({}));
     let dir = TempDir::new("cli");
     let path = dir.join("config.yaml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, fixtures::to_text(&config)).unwrap();
     (dir, path.to_str().unwrap().to_string())
 }
 
@@ -41,19 +47,7 @@ fn check_config_accepts_the_example_config_with_its_secrets_set() {
 
 #[test]
 fn check_config_lists_every_problem_with_its_key_path() {
-    let demo = std::fs::read_to_string("config/demo.yaml").unwrap();
-    let broken = demo
-        .replace("algorithms: [HS256]", "algorithms: [HS256, none]")
-        .replace("projects: [batch]", "projects: [batch, nope]")
-        .replace(
-            "password_file: demo-secrets/web-api-password",
-            "password_env: TOASTGATE_TEST_UNSET_VAR",
-        )
-        .replace(
-            "secret_file: demo-secrets/jwt-hs256.key",
-            "secret_env: TOASTGATE_TEST_UNSET_JWT",
-        );
-    let (_dir, path) = config_file(&broken);
+    let (_dir, path) = demo_with("overlays/demo-broken.yaml");
     let out = toastgate(["check-config", "--config", &path]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -70,12 +64,7 @@ fn check_config_lists_every_problem_with_its_key_path() {
 
 #[test]
 fn check_config_names_the_path_of_an_unknown_key_and_refuses_inline_secrets() {
-    let demo = std::fs::read_to_string("config/demo.yaml").unwrap();
-    let inline = demo.replace(
-        "password_file: demo-secrets/web-api-password",
-        "password: hunter2",
-    );
-    let (_dir, path) = config_file(&inline);
+    let (_dir, path) = demo_with("overlays/demo-inline-password.yaml");
     let out = toastgate(["check-config", "--config", &path]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);

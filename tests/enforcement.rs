@@ -9,15 +9,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
 
-const BUILDERS: &str = r#"  builders:
-    projects: [web]
-    allow: [{ actions: ["*"] }]
-    constraints: { max_count: 2, name_prefix: "bld-" }
-  platform:
-"#;
-
 async fn env() -> Env {
-    Env::start_with(fast_sim(), |y| *y = y.replace("  platform:\n", BUILDERS)).await
+    Env::start_with_overlays(fast_sim(), &["overlays/builders-team.yaml"], json!({})).await
 }
 
 fn bearer(env: &Env, team: &str) -> String {

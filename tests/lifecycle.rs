@@ -11,25 +11,25 @@ use std::time::{Duration, Instant};
 use common::process::{BIN, KillOnDrop};
 use common::tempdir::TempDir;
 use common::{
-    BATCH_SECRET_KEY, CONFIG, JWT_SECRET, WEB_API_PASSWORD, fast_sim, metrics, secrets, start_sim,
-    wait_ready,
+    BATCH_SECRET_KEY, JWT_SECRET, WEB_API_PASSWORD, fast_sim, fixtures, metrics, secrets,
+    start_sim, wait_ready,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use toastgate::config::Config;
 use toastgate::server::{Listeners, ReloadSource, run_with_reload};
 use toastgate::shutdown::stop_pair;
 use toastgate::simulator::SimHandle;
 
-/// The test config with batch-team limited to reads (or everything).
-fn config_text(sim: &SimHandle, batch_may_write: bool) -> String {
-    let mut y = CONFIG.replace("{SIM}", &sim.base_url());
-    if !batch_may_write {
-        y = y.replace(
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [\"*\"] }]\n",
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [read] }]\n",
-        );
-    }
-    y
+/// batch-team limited to reads.
+const BATCH_READ_ONLY: &str = "overlays/batch-team-read-only.yaml";
+
+/// The test config text for `sim` with `overlays`.
+fn config_text(sim: &SimHandle, overlays: &[&str]) -> String {
+    fixtures::to_text(&fixtures::gateway_config(
+        &sim.base_url(),
+        overlays,
+        json!({}),
+    ))
 }
 
 async fn keypair(http: &reqwest::Client, gw: &str, token: &str, project: &str, name: &str) -> u16 {
@@ -49,7 +49,7 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     let sim = start_sim(fast_sim()).await;
     let dir = TempDir::new("life-reload");
     let path = dir.join("toastgate.yaml");
-    std::fs::write(&path, config_text(&sim, false)).unwrap();
+    std::fs::write(&path, config_text(&sim, &[BATCH_READ_ONLY])).unwrap();
     let config = Config::load(&path, &secrets()).unwrap();
     let listeners = Listeners::bind(config.listen.public, config.listen.admin)
         .await
@@ -97,7 +97,7 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(&path, config_text(&sim, true)).unwrap();
+    std::fs::write(&path, config_text(&sim, &[])).unwrap();
     let mut allowed = false;
     for i in 0..40 {
         if keypair(&http, &gw, &batch, "batch", &format!("after-{i}")).await == 200 {
@@ -114,9 +114,9 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     // A broken file is refused; the running config keeps serving.
     std::fs::write(
         &path,
-        config_text(&sim, false).replace(
-            "  issuer: toastgate-test\n",
-            "  issuer: toastgate-test\n  isuer: typo\n",
+        config_text(
+            &sim,
+            &[BATCH_READ_ONLY, "overlays/misspelled-auth-key.yaml"],
         ),
     )
     .unwrap();
@@ -145,8 +145,14 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     sim.shutdown();
 }
 
-/// Writes a config with file-referenced secrets and starts `toastgate serve`.
-fn serve(dir: &Path, yaml: &str) -> (KillOnDrop, String, String) {
+/// Writes the test config for `sim` with `overlays` and `extra`, its
+/// secrets in files and fixed ports, and starts `toastgate serve` on it.
+fn serve(
+    dir: &Path,
+    sim: &SimHandle,
+    overlays: &[&str],
+    extra: Value,
+) -> (KillOnDrop, String, String) {
     std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
     std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
     std::fs::write(dir.join("batch.sk"), BATCH_SECRET_KEY).unwrap();
@@ -159,21 +165,14 @@ fn serve(dir: &Path, yaml: &str) -> (KillOnDrop, String, String) {
                 .port()
         })
         .collect();
-    let yaml = yaml
-        .replace(
-            "public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"",
-            &format!(
-                "public: \"127.0.0.1:{}\", admin: \"127.0.0.1:{}\"",
-                ports[0], ports[1]
-            ),
-        )
-        .replace("secret_env: TG_JWT_SECRET", "secret_file: jwt.key")
-        .replace("password_env: TG_WEB_PW", "password_file: web.pw")
-        .replace(
-            "secret_access_key_env: TG_BATCH_SK",
-            "secret_access_key_file: batch.sk",
-        );
-    std::fs::write(dir.join("toastgate.yaml"), yaml).unwrap();
+    let overlays = [overlays, &["overlays/secrets-in-files.yaml"]].concat();
+    let mut config = fixtures::gateway_config(&sim.base_url(), &overlays, extra);
+    fixtures::merge(
+        &mut config,
+        json!({"listen": {"public": format!("127.0.0.1:{}", ports[0]),
+                          "admin": format!("127.0.0.1:{}", ports[1])}}),
+    );
+    std::fs::write(dir.join("toastgate.yaml"), fixtures::to_text(&config)).unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(dir.join("toastgate.yaml"))
@@ -193,7 +192,7 @@ fn serve(dir: &Path, yaml: &str) -> (KillOnDrop, String, String) {
 async fn sighup_reloads_the_config() {
     let sim = start_sim(fast_sim()).await;
     let dir = TempDir::new("life-hup");
-    let (p, gw, admin) = serve(dir.path(), &config_text(&sim, false));
+    let (p, gw, admin) = serve(dir.path(), &sim, &[BATCH_READ_ONLY], json!({}));
     let http = reqwest::Client::new();
     wait_ready(&http, &admin).await;
     let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
@@ -222,12 +221,12 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
     let sim = start_sim(fast_sim()).await;
     let dir = TempDir::new("life-term");
     let audit = dir.join("audit.jsonl");
-    let yaml = format!(
-        "{}audit:\n  file: {{ path: \"{}\" }}\n",
-        config_text(&sim, true),
-        audit.display()
+    let (mut p, gw, admin) = serve(
+        dir.path(),
+        &sim,
+        &[],
+        json!({"audit": {"file": {"path": audit}}}),
     );
-    let (mut p, gw, admin) = serve(dir.path(), &yaml);
     let http = reqwest::Client::new();
     wait_ready(&http, &admin).await;
     let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
@@ -274,11 +273,13 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
 #[tokio::test]
 async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_delay() {
     let sim = start_sim(fast_sim()).await;
-    let yaml = config_text(&sim, true).replace(
-        "server:\n  request_timeout: 10s",
-        "server:\n  request_timeout: 10s\n  drain_delay: 1500ms",
-    );
-    let env = common::Env::start_on(sim.clone(), &yaml, &secrets()).await;
+    let env = common::Env::start_on(
+        sim.clone(),
+        &["overlays/drain-delay.yaml"],
+        json!({}),
+        &secrets(),
+    )
+    .await;
     env.wait_ready().await;
     assert_eq!(env.readyz().await.0, 200);
     let gw = env.gw.clone();

@@ -10,24 +10,9 @@ use std::time::Duration;
 
 use common::{Env, assert_nova_error, assert_v1_failure, fast_sim, metrics};
 use reqwest::Method;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Sets `key:` (an indented config line) to `value` in the test config.
-fn set(yaml: &mut String, key: &str, value: &str) {
-    let prefix = format!("  {key}:");
-    *yaml = yaml
-        .lines()
-        .map(|l| {
-            if l.starts_with(&prefix) {
-                format!("{prefix} {value}")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-}
 
 /// Reads until the server closes the connection (EOF or reset); false if it
 /// is still open after `within`.
@@ -46,13 +31,8 @@ async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
 
 #[tokio::test]
 async fn slow_and_half_open_connections_are_closed_and_good_requests_still_served() {
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "server:\n  request_timeout: 10s",
-            "server:\n  request_timeout: 10s\n  header_read_timeout: 1s\n  idle_timeout: 3s\n  max_connections: 16",
-        )
-    })
-    .await;
+    let env =
+        Env::start_with_overlays(fast_sim(), &["overlays/connection-limits.yaml"], json!({})).await;
     let addr = env.gw.trim_start_matches("http://").to_string();
 
     // 40 connections that never complete a request: silent ones, half a
@@ -164,10 +144,11 @@ async fn truncating_upstream() -> String {
 #[tokio::test]
 async fn an_upstream_body_that_never_finishes_ends_within_the_deadline() {
     let upstream = truncating_upstream().await;
-    let env = Env::start_with(fast_sim(), |y| {
-        set(y, "compute_url", &format!("\"{upstream}\""));
-        *y = y.replace("  request_timeout: 5s", "  request_timeout: 1s");
-    })
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/short-upstream-timeout.yaml"],
+        json!({"upstream": {"compute_url": upstream}}),
+    )
     .await;
     let (s, b) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(s, 504, "{b}");
@@ -201,12 +182,11 @@ async fn hanging_identity() -> (String, std::sync::Arc<std::sync::atomic::Atomic
 #[tokio::test]
 async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
     let (identity, accepted) = hanging_identity().await;
-    let env = Env::start_with(fast_sim(), |y| {
-        set(y, "identity_url", &format!("\"{identity}\""));
-        set(y, "connect_timeout", "1s\n  identity_timeout: 1s");
-        set(y, "retry_min_backoff", "2s");
-        set(y, "retry_max_backoff", "4s");
-    })
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/slow-identity-retries.yaml"],
+        json!({"upstream": {"identity_url": identity}}),
+    )
     .await;
     // The first wave finds no token and nothing known: it waits once, for
     // the one identity call in flight.

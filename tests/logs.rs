@@ -14,8 +14,8 @@ async fn one_line_per_request_at_the_right_level() {
     let capture = Capture::install_logs("info");
     let dir = TempDir::new("logs");
     let file = dir.join("audit.jsonl");
-    let text = format!("audit:\n  file: {{ path: \"{}\" }}\n", file.display());
-    let env = Env::start_with(fast_sim(), move |y| y.push_str(&text)).await;
+    let env =
+        Env::start_with_overlays(fast_sim(), &[], json!({"audit": {"file": {"path": file}}})).await;
 
     let request_id =
         |resp: &reqwest::Response| resp.headers()["x-request-id"].to_str().unwrap().to_string();

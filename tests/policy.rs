@@ -9,18 +9,17 @@ use reqwest::Method;
 use serde_json::json;
 use toastgate::simulator::{FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
 
-const EXTRA_TEAMS: &str = r#"  readers:
-    projects: [web]
-    allow: [{ actions: [read] }]
-  builders:
-    projects: [web]
-    allow: [{ actions: ["*"] }]
-    constraints: { flavors: ["7c5f1a0e-8a7d-4e57-9d4b-0f6d3b1e2a21"], max_count: 2, name_prefix: "bld-" }
-  platform:
-"#;
-
 async fn env() -> Env {
-    Env::start_with(fast_sim(), |y| *y = y.replace("  platform:\n", EXTRA_TEAMS)).await
+    Env::start_with_overlays(
+        fast_sim(),
+        &[
+            "overlays/readers-team.yaml",
+            "overlays/builders-team.yaml",
+            "overlays/builders-one-flavor.yaml",
+        ],
+        json!({}),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -175,13 +174,7 @@ async fn constraints_hold_on_both_surfaces() {
 
 #[tokio::test]
 async fn a_team_without_allow_rules_may_do_nothing() {
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "  platform:\n",
-            "  idle:\n    projects: [web]\n  platform:\n",
-        )
-    })
-    .await;
+    let env = Env::start_with_overlays(fast_sim(), &["overlays/idle-team.yaml"], json!({})).await;
     let (s, b) = env.get("idle", "/v2/web/flavors").await;
     assert_eq!(s, 403);
     assert!(

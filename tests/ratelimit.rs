@@ -7,21 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{CONFIG, Env, assert_nova_error, fast_sim, secrets, start_sim};
-use serde_json::Value;
-
-fn with_rules(rules: &str, rate_limit: &str) -> impl FnOnce(&mut String) {
-    let rules = rules.to_string();
-    let rate_limit = rate_limit.to_string();
-    move |y: &mut String| {
-        *y = y.replacen(
-            "  web-team:\n    projects: [web]\n    allow: [{ actions: [\"*\"] }]\n",
-            &format!("  web-team:\n    projects: [web]\n    allow: [{{ actions: [\"*\"] }}]\n    rate_limits:\n{rules}"),
-            1,
-        );
-        y.push_str(&rate_limit);
-    }
-}
+use common::{Env, assert_nova_error, fast_sim, secrets, start_sim};
+use serde_json::{Value, json};
 
 async fn get_with_headers(
     env: &Env,
@@ -34,12 +21,10 @@ async fn get_with_headers(
 
 #[tokio::test]
 async fn n_allowed_then_refused_with_headers_then_recovered() {
-    let env = Env::start_with(
+    let env = Env::start_with_overlays(
         fast_sim(),
-        with_rules(
-            "      - { name: reads, actions: [read], rate: 5/s, burst: 5 }\n",
-            "",
-        ),
+        &["overlays/web-reads-5-per-second.yaml"],
+        json!({}),
     )
     .await;
     for i in 0..5 {
@@ -81,7 +66,7 @@ async fn n_allowed_then_refused_with_headers_then_recovered() {
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "k"}}),
+            json!({"keypair": {"name": "k"}}),
         )
         .await;
     assert_eq!(s, 200);
@@ -100,12 +85,13 @@ async fn n_allowed_then_refused_with_headers_then_recovered() {
 
 #[tokio::test]
 async fn the_global_budget_covers_all_teams_together() {
-    let env = Env::start_with(
+    let env = Env::start_with_overlays(
         fast_sim(),
-        with_rules(
-            "      - { name: reads, actions: [read], rate: 100/s }\n",
-            "rate_limit:\n  global: { rate: 3/m, burst: 3 }\n",
-        ),
+        &[
+            "overlays/web-reads-100-per-second.yaml",
+            "overlays/global-3-per-minute.yaml",
+        ],
+        json!({}),
     )
     .await;
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
@@ -123,25 +109,20 @@ async fn the_global_budget_covers_all_teams_together() {
     env.stop().await;
 }
 
-/// Starts `n` gateways on 127.0.0.2.. sharing one simulator and one Redis.
-async fn replicas(n: usize, redis: &RedisServer, rules: &str, fail_open: &str) -> Vec<Env> {
+/// Starts `n` gateways on 127.0.0.2.. sharing one simulator and one Redis,
+/// with web-team's rules from the fixture `rules`.
+async fn replicas(n: usize, redis: &RedisServer, rules: &str) -> Vec<Env> {
     let sim = start_sim(fast_sim()).await;
+    let s = secrets().with_override("TG_REDIS_URL", &redis.url());
     let mut out = Vec::new();
     for i in 0..n {
-        let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
         let host = format!("127.0.0.{}", i + 2);
-        yaml = yaml.replace(
-            "public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"",
-            &format!("public: \"{host}:0\", admin: \"{host}:0\""),
-        );
-        with_rules(
-            rules,
-            &format!(
-                "rate_limit:\n  backend: redis\n  redis: {{ url_env: TG_REDIS_URL, timeout: 100ms, replicas: {n} }}\n  fail_open: [{fail_open}]\n"
-            ),
-        )(&mut yaml);
-        let s = secrets().with_override("TG_REDIS_URL", &redis.url());
-        out.push(Env::start_on(sim.clone(), &yaml, &s).await);
+        let extra = json!({
+            "listen": {"public": format!("{host}:0"), "admin": format!("{host}:0")},
+            "rate_limit": {"redis": {"replicas": n}},
+        });
+        let overlays = [rules, "overlays/redis-rate-limits.yaml"];
+        out.push(Env::start_on(sim.clone(), &overlays, extra, &s).await);
     }
     out
 }
@@ -151,13 +132,7 @@ async fn three_replicas_on_one_redis_hold_one_limit_within_two_percent() {
     let redis = RedisServer::start();
     let rate = 100.0;
     let burst = 10.0;
-    let envs = replicas(
-        3,
-        &redis,
-        "      - { name: reads, actions: [read], rate: 100/s, burst: 10 }\n",
-        "read",
-    )
-    .await;
+    let envs = replicas(3, &redis, "overlays/web-reads-100-per-second-burst-10.yaml").await;
     for e in &envs {
         assert!(e.gw.starts_with("http://127.0.0."), "{}", e.gw);
     }
@@ -223,20 +198,14 @@ async fn three_replicas_on_one_redis_hold_one_limit_within_two_percent() {
 #[tokio::test]
 async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     let mut redis = RedisServer::start();
-    let envs = replicas(
-        1,
-        &redis,
-        "      - { name: all, actions: [\"*\"], rate: 50/s, burst: 50 }\n",
-        "read",
-    )
-    .await;
+    let envs = replicas(1, &redis, "overlays/web-all-50-per-second.yaml").await;
     let env = &envs[0];
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
     let (s, _) = env
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "before"}}),
+            json!({"keypair": {"name": "before"}}),
         )
         .await;
     assert_eq!(s, 200);
@@ -250,7 +219,7 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "during"}}),
+            json!({"keypair": {"name": "during"}}),
         )
         .await;
     assert_eq!(s, 503, "{b}");
@@ -280,7 +249,7 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
             .post(
                 "web-team",
                 "/v2/web/os-keypairs",
-                serde_json::json!({"keypair": {"name": format!("after-{}", rand_suffix())}}),
+                json!({"keypair": {"name": format!("after-{}", rand_suffix())}}),
             )
             .await;
         if s == 200 {

@@ -11,56 +11,28 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::fixtures;
 use common::redis::RedisServer;
+use serde_json::json;
 use toastgate::action::Action;
-use toastgate::config::{Config, SecretSource};
+use toastgate::config::Config;
 use toastgate::ratelimit::{Decision, Outcome, RateLimiter};
 
 const PASSWORD: &str = "rl-test-password";
 
-/// reads: 5/s burst 4; writes: 2/s burst 2; fail_open: read.
+/// reads: 5/s burst 4; writes: 2/s burst 2; fail_open: read; in Redis
+/// under `prefix` for `replicas` replicas; with the global budget if asked.
 fn config(redis: &RedisServer, prefix: &str, replicas: u32, global: bool) -> Config {
-    let global = if global {
-        "  global: { rate: 50/s, burst: 6 }\n"
-    } else {
-        ""
-    };
-    let yaml = format!(
-        r#"
-listen: {{ public: "127.0.0.1:0", admin: "127.0.0.1:0" }}
-upstream:
-  identity_url: https://api-identity.cloud.toast.com
-  compute_url: https://kr1-api-instance.infrastructure.cloud.toast.com
-auth:
-  issuer: toastgate-test
-  audience: toastgate
-  algorithms: [HS256]
-  keys: {{ type: hs_secret, secret_env: TG_JWT_SECRET }}
-projects:
-  web:
-    tenant_id: 6cdebe3eb0094910bc41f1d42ebe4cb7
-    credentials: {{ type: keystone, username: web-admin@example.com, password_env: TG_WEB_PW }}
-teams:
-  web-team:
-    projects: [web]
-    allow: [{{ actions: ["*"] }}]
-    rate_limits:
-      - {{ name: reads, actions: [read], rate: 5/s, burst: 4 }}
-      - {{ name: writes, actions: [write], rate: 2/s, burst: 2 }}
-  batch-team:
-    projects: [web]
-    allow: [{{ actions: ["*"] }}]
-rate_limit:
-  backend: redis
-  redis: {{ url_env: TG_REDIS_URL, timeout: 100ms, replicas: {replicas}, key_prefix: {prefix} }}
-  fail_open: [read]
-{global}"#
-    );
-    let secrets = SecretSource::default()
-        .with_override("TG_JWT_SECRET", "integration-test-hs256-secret-0123456789")
-        .with_override("TG_WEB_PW", "pw")
-        .with_override("TG_REDIS_URL", &redis.url());
-    Config::from_yaml(&yaml, &secrets, None).expect("test config is valid")
+    let mut overlays = vec![
+        "overlays/web-reads-and-writes.yaml",
+        "overlays/redis-rate-limits.yaml",
+    ];
+    if global {
+        overlays.push("overlays/global-50-per-second.yaml");
+    }
+    let extra = json!({"rate_limit": {"redis": {"replicas": replicas, "key_prefix": prefix}}});
+    let secrets = common::secrets().with_override("TG_REDIS_URL", &redis.url());
+    fixtures::parse_config(&overlays, extra, &secrets).expect("test config is valid")
 }
 
 /// A decision, with a bound on how long it may take: a hang guard (the

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Env, assert_nova_error, fast_sim, metrics, start_sim};
+use serde_json::json;
 use toastgate::simulator::{ErrorInjection, SimConfig};
 
 fn short_tokens(lifetime: Duration) -> SimConfig {
@@ -21,8 +22,7 @@ async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
     // (the background refresher's start-up fetch is still in flight too).
     let sim = start_sim(fast_sim()).await;
     sim.set_latency(Duration::from_millis(500));
-    let yaml = common::CONFIG.replace("{SIM}", &sim.base_url());
-    let env = Env::start_on(sim, &yaml, &common::secrets()).await;
+    let env = Env::start_on(sim, &[], json!({}), &common::secrets()).await;
     for status in env
         .concurrent_statuses(200, "web-team", "/v2/web/flavors")
         .await
@@ -43,7 +43,7 @@ async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
 
 #[tokio::test]
 async fn tokens_are_refreshed_ahead_of_expiry_without_a_failed_request() {
-    let env = Env::start_with(short_tokens(Duration::from_secs(2)), |_| {}).await;
+    let env = Env::start_with_overlays(short_tokens(Duration::from_secs(2)), &[], json!({})).await;
     let started = std::time::Instant::now();
     let mut requests = 0;
     while started.elapsed() < Duration::from_secs(7) {
@@ -81,12 +81,11 @@ fn token_waits(text: &str) -> f64 {
 /// 401 replaced the token (the refresher follows the replacement).
 #[tokio::test]
 async fn the_refresher_follows_replaced_tokens_and_no_caller_waits() {
-    let env = Env::start_with(short_tokens(Duration::from_secs(6)), |y| {
-        *y = y.replace(
-            "token:\n",
-            "token:\n  refresh_at: 0.5\n  refresh_jitter: 0.0\n",
-        )
-    })
+    let env = Env::start_with_overlays(
+        short_tokens(Duration::from_secs(6)),
+        &["overlays/token-refresh-at-half.yaml"],
+        json!({}),
+    )
     .await;
     env.wait_ready().await;
     // Identity answers slowly from now on: a caller that waited would be seen.
@@ -161,7 +160,7 @@ async fn a_request_with_a_body_is_replayed_after_a_401() {
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "replayed"}}),
+            json!({"keypair": {"name": "replayed"}}),
         )
         .await;
     assert_eq!(s, 200, "{b}");
@@ -212,7 +211,7 @@ async fn a_second_401_is_an_error_not_a_loop() {
 
 #[tokio::test]
 async fn identity_outage_is_invisible_while_the_token_is_valid_then_a_clear_503() {
-    let env = Env::start_with(short_tokens(Duration::from_secs(3)), |_| {}).await;
+    let env = Env::start_with_overlays(short_tokens(Duration::from_secs(3)), &[], json!({})).await;
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
     env.sim.set_identity_outage(true);
     // Valid token: requests keep working although every refresh fails.
@@ -275,13 +274,8 @@ async fn readyz_shows_token_state_per_project() {
 
 #[tokio::test]
 async fn readyz_is_unready_when_a_project_cannot_get_a_token() {
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "username: web-admin@example.com",
-            "username: nobody@example.com",
-        );
-    })
-    .await;
+    let env =
+        Env::start_with_overlays(fast_sim(), &["overlays/unknown-web-user.yaml"], json!({})).await;
     // `/readyz` answers from what the refreshers know: poll until the web
     // project's refresher has been refused.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -529,12 +529,11 @@ async fn upstream_errors_pass_through_with_their_status_and_body() {
 
 #[tokio::test]
 async fn oversized_bodies_are_refused_before_reaching_the_upstream() {
-    let env = Env::start_with(common::fast_sim(), |y| {
-        *y = y.replace(
-            "request_timeout: 10s",
-            "request_timeout: 10s\n  body_limit_bytes: 1024",
-        );
-    })
+    let env = Env::start_with_overlays(
+        common::fast_sim(),
+        &["overlays/small-body-limit.yaml"],
+        json!({}),
+    )
     .await;
     env.sim.clear_requests();
     let big = "x".repeat(4096);

@@ -2,6 +2,7 @@
 //! ephemeral port, talking HTTP.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod http;
 pub mod logs;
 pub mod metrics;
@@ -23,46 +24,6 @@ pub const BATCH_TENANT: &str = "9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e";
 pub const JWT_SECRET: &str = "integration-test-hs256-secret-0123456789";
 pub const WEB_API_PASSWORD: &str = "demo-web-api-password";
 pub const BATCH_SECRET_KEY: &str = "demo-batch-secret-key";
-
-/// The gateway config used by the tests; `{SIM}` is the simulator's base URL.
-pub const CONFIG: &str = r#"
-listen: { public: "127.0.0.1:0", admin: "127.0.0.1:0" }
-upstream:
-  identity_url: "{SIM}"
-  compute_url: "{SIM}"
-  compute_v1_url: "{SIM}"
-  connect_timeout: 1s
-  request_timeout: 5s
-token:
-  retry_min_backoff: 50ms
-  retry_max_backoff: 500ms
-server:
-  request_timeout: 10s
-auth:
-  issuer: toastgate-test
-  audience: toastgate
-  algorithms: [HS256]
-  keys: { type: hs_secret, secret_env: TG_JWT_SECRET }
-projects:
-  web:
-    tenant_id: 6cdebe3eb0094910bc41f1d42ebe4cb7
-    appkey: WebAppKey0001
-    credentials: { type: keystone, username: web-admin@example.com, password_env: TG_WEB_PW }
-  batch:
-    tenant_id: 9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e
-    appkey: BatchAppKey002
-    credentials: { type: appkey, access_key_id: demo-batch-access-key, secret_access_key_env: TG_BATCH_SK }
-teams:
-  web-team:
-    projects: [web]
-    allow: [{ actions: ["*"] }]
-  batch-team:
-    projects: [batch]
-    allow: [{ actions: ["*"] }]
-  platform:
-    projects: [web, batch]
-    allow: [{ actions: ["*"] }]
-"#;
 
 pub fn secrets() -> SecretSource {
     SecretSource::default()
@@ -130,22 +91,31 @@ pub async fn wait_ready(http: &reqwest::Client, admin: &str) {
 }
 
 impl Env {
+    /// A fast simulator and the gateway on tests/fixtures/gateway.yaml.
     pub async fn start() -> Env {
-        Env::start_with(fast_sim(), |_| {}).await
+        Env::start_with_overlays(fast_sim(), &[], json!({})).await
     }
 
-    /// Starts a simulator with `sim`, then the gateway on the test config
-    /// after `edit` has changed its YAML text.
-    pub async fn start_with(sim: SimConfig, edit: impl FnOnce(&mut String)) -> Env {
+    /// Starts a simulator with `sim`, then the gateway on
+    /// tests/fixtures/gateway.yaml with the fixtures named in `overlays`
+    /// (e.g. "overlays/builders-team.yaml") and then `extra` merged onto it
+    /// (see fixtures.rs).
+    pub async fn start_with_overlays(sim: SimConfig, overlays: &[&str], extra: Value) -> Env {
         let sim = start_sim(sim).await;
-        let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
-        edit(&mut yaml);
-        Env::start_on(sim, &yaml, &secrets()).await
+        Env::start_on(sim, overlays, extra, &secrets()).await
     }
 
-    /// Starts another gateway (a replica) in front of an existing simulator.
-    pub async fn start_on(sim: SimHandle, yaml: &str, secrets: &SecretSource) -> Env {
-        let config = Config::from_yaml(yaml, secrets, None).expect("test config is valid");
+    /// Starts another gateway (a replica) in front of an existing simulator,
+    /// configured as `start_with_overlays` does, with `secrets`.
+    pub async fn start_on(
+        sim: SimHandle,
+        overlays: &[&str],
+        extra: Value,
+        secrets: &SecretSource,
+    ) -> Env {
+        let config = fixtures::gateway_config(&sim.base_url(), overlays, extra);
+        let yaml = fixtures::to_text(&config);
+        let config = Config::from_yaml(&yaml, secrets, None).expect("test config is valid");
         let listeners = Listeners::bind(config.listen.public, config.listen.admin)
             .await
             .unwrap();
