@@ -8,6 +8,7 @@ pub mod logs;
 pub mod metrics;
 pub mod process;
 pub mod redis;
+pub mod sim;
 pub mod tempdir;
 
 use std::time::Duration;
