@@ -186,33 +186,22 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
         assert_eq!(b["header"]["isSuccessful"], true, "{body}: {b}");
     }
     let vol = WEB_VOLUMES[1];
-    let b = env
-        .v1(
-            "web-team",
+    for (method, path, body) in [
+        (
             Method::POST,
-            &format!("/instances/{v1_id}/attachments"),
+            format!("/instances/{v1_id}/attachments"),
             Some(json!({"attachment": {"volumeId": vol}})),
-        )
-        .await;
-    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
-    let b = env
-        .v1(
-            "web-team",
+        ),
+        (
             Method::DELETE,
-            &format!("/instances/{v1_id}/attachments?volumeId={vol}"),
+            format!("/instances/{v1_id}/attachments?volumeId={vol}"),
             None,
-        )
-        .await;
-    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
-    let b = env
-        .v1(
-            "web-team",
-            Method::DELETE,
-            &format!("/instances?id={v1_id}"),
-            None,
-        )
-        .await;
-    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
+        ),
+        (Method::DELETE, format!("/instances?id={v1_id}"), None),
+    ] {
+        let b = env.v1("web-team", method, &path, body).await;
+        assert_eq!(b["header"]["isSuccessful"], true, "{b}");
+    }
     assert_eq!(
         env.v1("web-team", Method::DELETE, "/keypairs?name=k1", None)
             .await["header"]["isSuccessful"],

@@ -177,6 +177,16 @@ async fn five_line_file(dir: &TempDir) -> PathBuf {
     path
 }
 
+/// A five-record audit file after `edit` changed its lines: its folder and path.
+async fn edited_five_line_file(edit: impl FnOnce(&mut Vec<String>)) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("audit");
+    let path = five_line_file(&dir).await;
+    let mut ls = lines(&path);
+    edit(&mut ls);
+    write_lines(&path, &ls);
+    (dir, path)
+}
+
 fn assert_broken_at(path: &Path, line: u64, why: &str) {
     let report = audit::verify(path, false).unwrap();
     let broken = report.broken.expect("broken");
@@ -194,21 +204,19 @@ fn assert_broken_at(path: &Path, line: u64, why: &str) {
 
 #[tokio::test]
 async fn tampering_with_a_field_is_reported_at_that_line() {
-    let dir = TempDir::new("audit");
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls[2] = ls[2].replace("\"team\":\"web\"", "\"team\":\"ops\"");
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| {
+        ls[2] = ls[2].replace("\"team\":\"web\"", "\"team\":\"ops\"");
+    })
+    .await;
     assert_broken_at(&path, 3, "hash mismatch");
 }
 
 #[tokio::test]
 async fn a_deleted_line_is_reported_where_the_chain_breaks() {
-    let dir = TempDir::new("audit");
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls.remove(2);
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| {
+        ls.remove(2);
+    })
+    .await;
     assert_broken_at(&path, 3, "prev_hash");
 }
 
@@ -237,22 +245,15 @@ async fn a_missing_head_is_detected_without_any_rotation() {
 
 #[tokio::test]
 async fn reordered_lines_are_reported() {
-    let dir = TempDir::new("audit");
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls.swap(1, 2);
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| ls.swap(1, 2)).await;
     assert_broken_at(&path, 2, "prev_hash");
 }
 
 #[tokio::test]
 async fn an_inserted_or_garbage_line_is_reported() {
-    let dir = TempDir::new("audit");
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls.insert(3, "{\"team\":\"evil\"}".into());
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| ls.insert(3, "{\"team\":\"evil\"}".into())).await;
     assert_broken_at(&path, 4, "");
+    let mut ls = lines(&path);
     ls[3] = "\u{0}\u{1}not json at all".into();
     write_lines(&path, &ls);
     assert_broken_at(&path, 4, "");

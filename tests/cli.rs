@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixtures;
@@ -184,19 +184,24 @@ fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
     });
 }
 
-#[test]
-fn explain_says_which_rule_allows_or_why_not() {
-    let out = toastgate([
+/// `toastgate explain` on the demo config: may batch-team do `action` on batch?
+fn explain_batch_team(action: &str) -> Output {
+    toastgate([
         "explain",
         "--config",
         "config/demo.yaml",
         "--team",
         "batch-team",
         "--action",
-        "instance.reboot",
+        action,
         "--project",
         "batch",
-    ]);
+    ])
+}
+
+#[test]
+fn explain_says_which_rule_allows_or_why_not() {
+    let out = explain_batch_team("instance.reboot");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -204,17 +209,7 @@ fn explain_says_which_rule_allows_or_why_not() {
         "{text}"
     );
 
-    let out = toastgate([
-        "explain",
-        "--config",
-        "config/demo.yaml",
-        "--team",
-        "batch-team",
-        "--action",
-        "instance.delete",
-        "--project",
-        "batch",
-    ]);
+    let out = explain_batch_team("instance.delete");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(

@@ -76,6 +76,9 @@ async fn microversion_headers_are_echoed_or_defaulted() {
     let (sim, t) = with_web_token(fast_sim()).await;
     let path = format!("/v2/{WEB}/flavors");
     let h = |a: &Answer, k: &str| a.headers[k].to_str().unwrap().to_string();
+    let get_with = |headers: &'static [(&'static str, &'static str)]| {
+        sim.raw(Method::GET, &path, Some(&t), None, headers)
+    };
 
     let a = sim.get(&path, &t).await;
     assert_eq!(h(&a, "openstack-api-version"), "compute 2.1");
@@ -86,29 +89,14 @@ async fn microversion_headers_are_echoed_or_defaulted() {
     );
     assert!(h(&a, "x-compute-request-id").starts_with("req-"));
 
-    let a = sim
-        .raw(
-            Method::GET,
-            &path,
-            Some(&t),
-            None,
-            &[
-                ("OpenStack-API-Version", "compute 2.60"),
-                ("X-OpenStack-Nova-API-Version", "2.60"),
-            ],
-        )
-        .await;
+    let a = get_with(&[
+        ("OpenStack-API-Version", "compute 2.60"),
+        ("X-OpenStack-Nova-API-Version", "2.60"),
+    ])
+    .await;
     assert_eq!(h(&a, "openstack-api-version"), "compute 2.60");
     assert_eq!(h(&a, "x-openstack-nova-api-version"), "2.60");
-    let a = sim
-        .raw(
-            Method::GET,
-            &path,
-            Some(&t),
-            None,
-            &[("X-OpenStack-Nova-API-Version", "2.3")],
-        )
-        .await;
+    let a = get_with(&[("X-OpenStack-Nova-API-Version", "2.3")]).await;
     assert_eq!(h(&a, "openstack-api-version"), "compute 2.3");
     assert_eq!(h(&a, "x-openstack-nova-api-version"), "2.3");
     // Errors carry them too; identity answers do not.
@@ -243,13 +231,7 @@ async fn public_url_is_used_in_links_and_the_catalog() {
         ..fast_sim()
     })
     .await;
-    let a = sim
-        .keystone(
-            WEB,
-            simulator::DEMO_WEB_USERNAME,
-            simulator::DEMO_WEB_API_PASSWORD,
-        )
-        .await;
+    let a = sim.web_keystone().await;
     assert_eq!(
         a.body["access"]["serviceCatalog"][0]["endpoints"][0]["publicURL"],
         format!("https://compute.example.test/v2/{WEB}")

@@ -16,13 +16,7 @@ use toastgate::simulator::{self, SimConfig};
 #[tokio::test]
 async fn keystone_issues_tenant_scoped_tokens_in_the_documented_shape() {
     let sim = start(fast_sim()).await;
-    let a = sim
-        .keystone(
-            WEB,
-            simulator::DEMO_WEB_USERNAME,
-            simulator::DEMO_WEB_API_PASSWORD,
-        )
-        .await;
+    let a = sim.web_keystone().await;
     assert_eq!(a.status, 200);
     assert_eq!(
         a.headers["content-type"].to_str().unwrap(),
@@ -119,13 +113,7 @@ async fn keystone_refuses_bad_credentials_malformed_bodies_and_fails_in_an_outag
     );
 
     sim.h.set_identity_outage(true);
-    let down = sim
-        .keystone(
-            WEB,
-            simulator::DEMO_WEB_USERNAME,
-            simulator::DEMO_WEB_API_PASSWORD,
-        )
-        .await;
+    let down = sim.web_keystone().await;
     assert_eq!(down.status, 503);
     assert_eq!(
         down.body,

@@ -35,6 +35,18 @@ fn last_upstream(env: &Env) -> RecordedRequest {
     env.compute_requests().pop().expect("an upstream request")
 }
 
+/// Asserts the last compute request was `method` on the web tenant's
+/// `path` (after `/v2/{tenant}`); returns it.
+fn assert_last_upstream(env: &Env, method: &str, path: &str) -> RecordedRequest {
+    let r = last_upstream(env);
+    let expected = format!("/v2/{WEB_TENANT}{path}");
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str()),
+        (method, expected.as_str())
+    );
+    r
+}
+
 fn upstream_body(r: &RecordedRequest) -> Value {
     serde_json::from_slice(&r.body).unwrap()
 }
@@ -87,14 +99,7 @@ async fn availability_zones() {
             {"zoneName": "kr-pub-b", "zoneState": {"available": true}}
         ])
     );
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        (
-            "GET",
-            format!("/v2/{WEB_TENANT}/os-availability-zone").as_str()
-        )
-    );
+    assert_last_upstream(&env, "GET", "/os-availability-zone");
     env.stop().await;
 }
 
@@ -124,11 +129,7 @@ async fn create_instance_translates_every_field() {
     assert_eq!(inst["name"], "db-01");
     assert_eq!(inst["status"], "BUILD");
 
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        ("POST", format!("/v2/{WEB_TENANT}/servers").as_str())
-    );
+    let r = assert_last_upstream(&env, "POST", "/servers");
     assert_eq!(
         upstream_body(&r),
         json!({"server": {
@@ -295,11 +296,7 @@ async fn delete_instance() {
         .await;
     assert_success(&b);
     assert_eq!(b.as_object().unwrap().len(), 1, "only the header: {b}");
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        ("DELETE", format!("/v2/{WEB_TENANT}/servers/{id}").as_str())
-    );
+    assert_last_upstream(&env, "DELETE", &format!("/servers/{id}"));
     let b = env
         .v1(TEAM, Method::GET, &format!("/instances?id={id}"), None)
         .await;
@@ -345,13 +342,10 @@ async fn attach_and_detach_block_storage() {
         )
         .await;
     assert_success(&b);
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        (
-            "DELETE",
-            format!("/v2/{WEB_TENANT}/servers/{id}/os-volume_attachments/{vol}").as_str()
-        )
+    assert_last_upstream(
+        &env,
+        "DELETE",
+        &format!("/servers/{id}/os-volume_attachments/{vol}"),
     );
     env.stop().await;
 }
@@ -597,14 +591,7 @@ async fn keypairs_list_by_name_create_upload_delete() {
         .v1(TEAM, Method::DELETE, "/keypairs?name=my%20key", None)
         .await;
     assert_success(&del);
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        (
-            "DELETE",
-            format!("/v2/{WEB_TENANT}/os-keypairs/my%20key").as_str()
-        )
-    );
+    assert_last_upstream(&env, "DELETE", "/os-keypairs/my%20key");
     let gone = env
         .v1(TEAM, Method::GET, "/keypairs?name=my%20key", None)
         .await;

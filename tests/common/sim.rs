@@ -126,18 +126,9 @@ impl Sim {
             .await
     }
 
-    /// A Keystone token of `tenant`; asserts it was issued.
-    async fn token(&self, tenant: &str, user: &str, password: &str) -> String {
-        let a = self.keystone(tenant, user, password).await;
-        assert_eq!(a.status, 200, "{}", a.body);
-        a.body["access"]["token"]["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    }
-
-    pub async fn web_token(&self) -> String {
-        self.token(
+    /// Keystone's answer to the web tenant's demo user and API password.
+    pub async fn web_keystone(&self) -> Answer {
+        self.keystone(
             WEB,
             simulator::DEMO_WEB_USERNAME,
             simulator::DEMO_WEB_API_PASSWORD,
@@ -145,13 +136,19 @@ impl Sim {
         .await
     }
 
+    pub async fn web_token(&self) -> String {
+        token_of(&self.web_keystone().await)
+    }
+
     pub async fn batch_token(&self) -> String {
-        self.token(
-            BATCH,
-            simulator::DEMO_BATCH_USERNAME,
-            simulator::DEMO_BATCH_API_PASSWORD,
-        )
-        .await
+        let a = self
+            .keystone(
+                BATCH,
+                simulator::DEMO_BATCH_USERNAME,
+                simulator::DEMO_BATCH_API_PASSWORD,
+            )
+            .await;
+        token_of(&a)
     }
 
     pub async fn keypair(&self, token: &str, tenant: &str, name: &str) {
@@ -202,6 +199,15 @@ impl Sim {
         self.post(&format!("/v2/{WEB}/servers/{id}/action"), token, body)
             .await
     }
+}
+
+/// The token id of a Keystone answer; asserts it was issued.
+fn token_of(a: &Answer) -> String {
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.body["access"]["token"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// The spec's create example, verbatim (key pair `access-key` must exist).
