@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixtures;
-use common::process::{BIN, KillOnDrop, assert_success, toastgate};
+use common::process::{BIN, assert_success, spawn_toastgate, toastgate};
 use common::tempdir::TempDir;
 use serde_json::json;
 
@@ -112,8 +112,8 @@ fn mint_token_prints_only_a_jwt_and_refuses_unknown_teams() {
 
 #[test]
 fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
-    let child = Command::new(BIN)
-        .args([
+    let mut child = spawn_toastgate(
+        [
             "demo",
             "--listen",
             "127.0.0.1:0",
@@ -121,13 +121,9 @@ fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
             "127.0.0.1:0",
             "--sim-listen",
             "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+        ],
+        Stdio::piped(),
+    );
     let stdout = child.0.stdout.take().unwrap();
     let mut gateway = None;
     let mut token = None;

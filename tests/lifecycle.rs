@@ -5,14 +5,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::process::{BIN, KillOnDrop};
+use common::process::{KillOnDrop, spawn_toastgate};
 use common::tempdir::TempDir;
 use common::{
-    BATCH_SECRET_KEY, JWT_SECRET, WEB_API_PASSWORD, fast_sim, fixtures, metrics, secrets,
-    start_sim, wait_ready,
+    BATCH_SECRET_KEY, JWT_SECRET, WEB_API_PASSWORD, fast_sim, fixtures, free_port, metrics,
+    secrets, start_sim, wait_ready,
 };
 use serde_json::{Value, json};
 use toastgate::config::Config;
@@ -156,15 +156,7 @@ fn serve(
     std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
     std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
     std::fs::write(dir.join("batch.sk"), BATCH_SECRET_KEY).unwrap();
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = [free_port(), free_port()];
     let overlays = [overlays, &["overlays/secrets-in-files.yaml"]].concat();
     let mut config = fixtures::gateway_config(&sim.base_url(), &overlays, extra);
     fixtures::merge(
@@ -173,16 +165,13 @@ fn serve(
                           "admin": format!("127.0.0.1:{}", ports[1])}}),
     );
     std::fs::write(dir.join("toastgate.yaml"), fixtures::to_text(&config)).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(dir.join("toastgate.yaml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let config_path = dir.join("toastgate.yaml");
+    let child = spawn_toastgate(
+        ["serve", "--config", config_path.to_str().unwrap()],
+        Stdio::null(),
+    );
     (
-        KillOnDrop(child),
+        child,
         format!("http://127.0.0.1:{}", ports[0]),
         format!("http://127.0.0.1:{}", ports[1]),
     )

@@ -1,7 +1,7 @@
 //! The `toastgate` binary as a user runs it.
 
 use std::ffi::OsStr;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The binary cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_toastgate");
@@ -22,6 +22,23 @@ pub fn assert_success(out: &Output) {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Starts `toastgate ARGS` in the background at RUST_LOG=warn, its stdout
+/// as given (piped to read it, or null), its stderr discarded.
+pub fn spawn_toastgate<I, S>(args: I, stdout: Stdio) -> KillOnDrop
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
 }
 
 /// A child process, killed (and reaped) when dropped.

@@ -3,10 +3,11 @@
 //! port, stopped and continued with signals, and is killed on drop.
 //! Without `redis-server` on PATH the test fails (never skips).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
 use super::process::send_signal;
 
 pub struct RedisServer {
@@ -116,11 +117,4 @@ impl Drop for RedisServer {
         }
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
