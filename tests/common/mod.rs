@@ -1,5 +1,9 @@
 //! Shared test harness: the real simulator and the real gateway, each on an
-//! ephemeral port, talking HTTP.
+//! ephemeral port, talking HTTP (`Env`), configured from tests/fixtures
+//! (`fixtures`). Beside it: one way to send a request and read the answer
+//! (`http`), the simulator on its own (`sim`), a real redis-server
+//! (`redis`), /metrics readers (`metrics`), captured logs (`logs`), temp
+//! folders (`tempdir`) and the toastgate binary (`process`).
 #![allow(dead_code)]
 
 pub mod fixtures;
@@ -17,8 +21,9 @@ use serde_json::{Value, json};
 use toastgate::config::{Config, SecretSource};
 use toastgate::server::{self, Listeners};
 use toastgate::shutdown::{StopHandle, stop_pair};
-use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
-use toastgate::simulator::{SimConfig, SimHandle, Simulator};
+use toastgate::simulator::{
+    FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, SimConfig, SimHandle, Simulator,
+};
 
 pub const WEB_TENANT: &str = "6cdebe3eb0094910bc41f1d42ebe4cb7";
 pub const BATCH_TENANT: &str = "9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e";
@@ -26,6 +31,7 @@ pub const JWT_SECRET: &str = "integration-test-hs256-secret-0123456789";
 pub const WEB_API_PASSWORD: &str = "demo-web-api-password";
 pub const BATCH_SECRET_KEY: &str = "demo-batch-secret-key";
 
+/// The secrets tests/fixtures/gateway.yaml names.
 pub fn secrets() -> SecretSource {
     SecretSource::default()
         .with_override("TG_JWT_SECRET", JWT_SECRET)
@@ -43,6 +49,7 @@ pub struct Env {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// The demo simulator without build or action delays.
 pub fn fast_sim() -> SimConfig {
     SimConfig {
         build_delay: Duration::ZERO,
