@@ -7,23 +7,21 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{Env, fast_sim};
+use common::process::{assert_success, toastgate};
+use common::tempdir::TempDir;
+use common::{Env, fast_sim, first_fixed_ip};
 use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, WEB_VOLUMES};
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("toastgate-audit-{name}-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn audit_config(path: &Path, extra: &str) -> impl FnOnce(&mut String) {
-    let text = format!(
-        "audit:\n  file: {{ path: \"{}\"{extra} }}\n",
-        path.display()
-    );
-    move |y: &mut String| y.push_str(&text)
+/// The gateway with `overlays` and its audit file at `file`.
+async fn audited(file: &Path, overlays: &[&str]) -> Env {
+    Env::start_with_overlays(
+        fast_sim(),
+        overlays,
+        json!({"audit": {"file": {"path": file}}}),
+    )
+    .await
 }
 
 fn records(path: &Path) -> Vec<Value> {
@@ -39,25 +37,11 @@ fn completed<'a>(recs: &'a [Value], action: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-async fn v1(env: &Env, method: Method, path: &str, body: Option<Value>) -> Value {
-    let mut req = env
-        .http
-        .request(
-            method,
-            env.url(&format!("/v1.0/appkeys/WebAppKey0001{path}")),
-        )
-        .header("X-Auth-Token", env.token("web-team"));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    req.send().await.unwrap().json().await.unwrap()
-}
-
 #[tokio::test]
 async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record() {
-    let dir = temp_dir("all");
+    let dir = TempDir::new("audit-all");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(fast_sim(), audit_config(&file, "")).await;
+    let env = audited(&file, &[]).await;
     let team = "web-team";
 
     // v2: keypair, create, update, every server action, attach/detach, delete.
@@ -110,15 +94,7 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
         202
     );
     let (_, detail) = env.get(team, &format!("/v2/web/servers/{id}")).await;
-    let fixed = detail["server"]["addresses"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()[0]["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let fixed = first_fixed_ip(&detail["server"]);
     assert_eq!(
         act(json!({"addFloatingIp": {"address": "133.186.9.9", "fixed_address": fixed}})).await,
         202
@@ -164,8 +140,8 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
 
     // v1.0: keypair, create, actions, delete.
     assert_eq!(
-        v1(
-            &env,
+        env.v1(
+            "web-team",
             Method::POST,
             "/keypairs",
             Some(json!({"keypair": {"name": "k1"}}))
@@ -173,15 +149,16 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
         .await["header"]["isSuccessful"],
         true
     );
-    let b = v1(&env, Method::POST, "/instances", Some(json!({"instance": {"name": "b-1", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_U2_C1M1, "networks": [{"id": NETWORK_VPC1}], "keyName": "k1"}}))).await;
+    let b = env.v1("web-team", Method::POST, "/instances", Some(json!({"instance": {"name": "b-1", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_U2_C1M1, "networks": [{"id": NETWORK_VPC1}], "keyName": "k1"}}))).await;
     let v1_id = b["instance"]["id"].as_str().unwrap().to_string();
-    let v1_detail = v1(
-        &env,
-        Method::GET,
-        &format!("/instances-detail?id={v1_id}"),
-        None,
-    )
-    .await;
+    let v1_detail = env
+        .v1(
+            "web-team",
+            Method::GET,
+            &format!("/instances-detail?id={v1_id}"),
+            None,
+        )
+        .await;
     let v1_fixed = v1_detail["instances"][0]["addresses"][0]["ipAddress"]
         .as_str()
         .unwrap()
@@ -198,42 +175,36 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
         json!({"action": "uploadImage", "parameters": {"name": "v1img"}}),
     ];
     for body in v1_actions {
-        let b = v1(
-            &env,
-            Method::POST,
-            &format!("/instances/{v1_id}/action"),
-            Some(body.clone()),
-        )
-        .await;
+        let b = env
+            .v1(
+                "web-team",
+                Method::POST,
+                &format!("/instances/{v1_id}/action"),
+                Some(body.clone()),
+            )
+            .await;
         assert_eq!(b["header"]["isSuccessful"], true, "{body}: {b}");
     }
     let vol = WEB_VOLUMES[1];
-    let b = v1(
-        &env,
-        Method::POST,
-        &format!("/instances/{v1_id}/attachments"),
-        Some(json!({"attachment": {"volumeId": vol}})),
-    )
-    .await;
-    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
-    let b = v1(
-        &env,
-        Method::DELETE,
-        &format!("/instances/{v1_id}/attachments?volumeId={vol}"),
-        None,
-    )
-    .await;
-    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
-    let b = v1(
-        &env,
-        Method::DELETE,
-        &format!("/instances?id={v1_id}"),
-        None,
-    )
-    .await;
-    assert_eq!(b["header"]["isSuccessful"], true, "{b}");
+    for (method, path, body) in [
+        (
+            Method::POST,
+            format!("/instances/{v1_id}/attachments"),
+            Some(json!({"attachment": {"volumeId": vol}})),
+        ),
+        (
+            Method::DELETE,
+            format!("/instances/{v1_id}/attachments?volumeId={vol}"),
+            None,
+        ),
+        (Method::DELETE, format!("/instances?id={v1_id}"), None),
+    ] {
+        let b = env.v1("web-team", method, &path, body).await;
+        assert_eq!(b["header"]["isSuccessful"], true, "{b}");
+    }
     assert_eq!(
-        v1(&env, Method::DELETE, "/keypairs?name=k1", None).await["header"]["isSuccessful"],
+        env.v1("web-team", Method::DELETE, "/keypairs?name=k1", None)
+            .await["header"]["isSuccessful"],
         true
     );
     // Reads are not recorded by default.
@@ -339,29 +310,25 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
     assert_eq!(reboot["target"], id.as_str());
 
     // The chain verifies.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toastgate"))
-        .args(["audit", "verify", "--file"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_success(&toastgate([
+        "audit",
+        "verify",
+        "--file",
+        file.to_str().unwrap(),
+    ]));
 }
 
 #[tokio::test]
 async fn refusals_are_recorded() {
-    let dir = temp_dir("refusals");
+    let dir = TempDir::new("audit-refusals");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(fast_sim(), |y| {
-        audit_config(&file, "")(y);
-        *y = y.replace(
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [\"*\"] }]\n",
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [read] }]\n    rate_limits: [{ name: reads, actions: [read], rate: 1/m, burst: 1 }]\n",
-        );
-    })
+    let env = audited(
+        &file,
+        &[
+            "overlays/batch-team-read-only.yaml",
+            "overlays/batch-team-one-read-a-minute.yaml",
+        ],
+    )
     .await;
     // auth
     let resp = env
@@ -423,10 +390,10 @@ async fn refusals_are_recorded() {
 
 #[tokio::test]
 async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
-    let dir = temp_dir("failclosed");
+    let dir = TempDir::new("audit-failclosed");
     let file = dir.join("sub").join("audit.jsonl");
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    let env = Env::start_with(fast_sim(), audit_config(&file, ", fsync: always")).await;
+    let env = audited(&file, &["overlays/audit-fsync-always.yaml"]).await;
     assert_eq!(
         env.post(
             "web-team",
@@ -453,13 +420,14 @@ async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
         common::assert_nova_error(&b, "serviceUnavailable", 503)
             .contains("audit log cannot record")
     );
-    let b = v1(
-        &env,
-        Method::POST,
-        "/keypairs",
-        Some(json!({"keypair": {"name": "lost-v1"}})),
-    )
-    .await;
+    let b = env
+        .v1(
+            "web-team",
+            Method::POST,
+            "/keypairs",
+            Some(json!({"keypair": {"name": "lost-v1"}})),
+        )
+        .await;
     assert_eq!(b["header"]["resultCode"], 10503, "{b}");
     assert!(
         env.compute_requests().iter().all(|r| r.method == "GET"),
@@ -497,10 +465,10 @@ async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
 /// never a plain success (and never a refusal that invites a blind retry).
 #[tokio::test]
 async fn a_completed_record_that_cannot_be_written_withholds_the_success() {
-    let dir = temp_dir("boundary");
+    let dir = TempDir::new("audit-boundary");
     let file = dir.join("sub").join("audit.jsonl");
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    let env = Env::start_with(fast_sim(), audit_config(&file, ", fsync: always")).await;
+    let env = audited(&file, &["overlays/audit-fsync-always.yaml"]).await;
     for (surface, name) in [("v2", "held-v2"), ("v1.0", "held-v1")] {
         env.sim.clear_requests();
         env.sim.hold_compute(true);
@@ -570,13 +538,9 @@ async fn a_completed_record_that_cannot_be_written_withholds_the_success() {
 
 #[tokio::test]
 async fn nothing_is_lost_across_rotation() {
-    let dir = temp_dir("rotation");
+    let dir = TempDir::new("audit-rotation");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(
-        fast_sim(),
-        audit_config(&file, ", max_bytes: 4096, keep: 50"),
-    )
-    .await;
+    let env = audited(&file, &["overlays/audit-small-files.yaml"]).await;
     let n = 40;
     for i in 0..n {
         let (s, _) = env
@@ -612,11 +576,13 @@ async fn nothing_is_lost_across_rotation() {
         "every completed record is present exactly once"
     );
     assert_eq!(all.iter().filter(|r| r["stage"] == "completed").count(), n);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toastgate"))
-        .args(["audit", "verify", "--with-rotated", "--file"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = toastgate([
+        "audit",
+        "verify",
+        "--with-rotated",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "chain across rotation: {}",
@@ -626,9 +592,9 @@ async fn nothing_is_lost_across_rotation() {
 
 #[tokio::test]
 async fn secrets_are_redacted_from_audit_records() {
-    let dir = temp_dir("redaction");
+    let dir = TempDir::new("audit-redaction");
     let file = dir.join("audit.jsonl");
-    let env = Env::start_with(fast_sim(), audit_config(&file, "")).await;
+    let env = audited(&file, &[]).await;
     let (s, b) = env
         .post(
             "web-team",
@@ -638,13 +604,14 @@ async fn secrets_are_redacted_from_audit_records() {
         .await;
     assert_eq!(s, 200);
     let private_key = b["keypair"]["private_key"].as_str().unwrap().to_string();
-    let v1b = v1(
-        &env,
-        Method::POST,
-        "/keypairs",
-        Some(json!({"keypair": {"name": "gen1"}})),
-    )
-    .await;
+    let v1b = env
+        .v1(
+            "web-team",
+            Method::POST,
+            "/keypairs",
+            Some(json!({"keypair": {"name": "gen1"}})),
+        )
+        .await;
     let v1_private = v1b["keypair"]["privateKey"].as_str().unwrap().to_string();
     let user_data = base64_of("#!/bin/sh\necho TOP-SECRET-USER-DATA-PAYLOAD\n");
     let (s, b) = env

@@ -1,40 +1,24 @@
 //! The audit log: hash chain, tampering, rotation, recovery, write errors,
 //! concurrency, redaction and the `toastgate audit` commands.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::logs::Capture;
+use common::tempdir::TempDir;
 use serde_json::{Value, json};
 use toastgate::action::Action;
 use toastgate::audit::{
     self, AuditCommand, AuditError, AuditLog, AuditRecord, Decision, GENESIS, Stage,
 };
 use toastgate::config::{Audit, AuditFileConfig, AuditLevel, FsyncPolicy};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let dir = std::env::temp_dir().join(format!("toastgate-audit-{}", uuid::Uuid::new_v4()));
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn cfg(path: &Path, max_bytes: u64, keep: u32, fsync: FsyncPolicy) -> Audit {
     Audit {
@@ -76,30 +60,6 @@ fn rec(i: usize) -> AuditRecord {
 async fn write_n(log: &AuditLog, range: std::ops::Range<usize>) {
     for i in range {
         log.write(rec(i)).await.unwrap();
-    }
-}
-
-fn text_lines(text: &str) -> Vec<String> {
-    text.lines().map(str::to_string).collect()
-}
-
-/// A writer another thread can read while it is being written.
-#[derive(Clone, Default)]
-struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-impl SharedBuf {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
-impl Write for SharedBuf {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -172,8 +132,8 @@ fn record_serializes_as_documented() {
 
 #[tokio::test]
 async fn chain_verifies_and_each_record_is_one_line() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&file_cfg(&path)).unwrap();
     assert!(log.is_enabled());
     write_n(&log, 0..10).await;
@@ -209,12 +169,22 @@ async fn chain_verifies_and_each_record_is_one_line() {
     }
 }
 
-async fn five_line_file(dir: &Scratch) -> PathBuf {
-    let path = dir.path("audit.jsonl");
+async fn five_line_file(dir: &TempDir) -> PathBuf {
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&file_cfg(&path)).unwrap();
     write_n(&log, 0..5).await;
     log.flush().await.unwrap();
     path
+}
+
+/// A five-record audit file after `edit` changed its lines: its folder and path.
+async fn edited_five_line_file(edit: impl FnOnce(&mut Vec<String>)) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("audit");
+    let path = five_line_file(&dir).await;
+    let mut ls = lines(&path);
+    edit(&mut ls);
+    write_lines(&path, &ls);
+    (dir, path)
 }
 
 fn assert_broken_at(path: &Path, line: u64, why: &str) {
@@ -234,27 +204,25 @@ fn assert_broken_at(path: &Path, line: u64, why: &str) {
 
 #[tokio::test]
 async fn tampering_with_a_field_is_reported_at_that_line() {
-    let dir = Scratch::new();
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls[2] = ls[2].replace("\"team\":\"web\"", "\"team\":\"ops\"");
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| {
+        ls[2] = ls[2].replace("\"team\":\"web\"", "\"team\":\"ops\"");
+    })
+    .await;
     assert_broken_at(&path, 3, "hash mismatch");
 }
 
 #[tokio::test]
 async fn a_deleted_line_is_reported_where_the_chain_breaks() {
-    let dir = Scratch::new();
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls.remove(2);
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| {
+        ls.remove(2);
+    })
+    .await;
     assert_broken_at(&path, 3, "prev_hash");
 }
 
 #[tokio::test]
 async fn a_missing_head_is_detected_without_any_rotation() {
-    let dir = Scratch::new();
+    let dir = TempDir::new("audit");
     let path = five_line_file(&dir).await;
     let ls = lines(&path);
     assert!(ls[0].contains("\"file_start\":true"), "{}", ls[0]);
@@ -277,22 +245,15 @@ async fn a_missing_head_is_detected_without_any_rotation() {
 
 #[tokio::test]
 async fn reordered_lines_are_reported() {
-    let dir = Scratch::new();
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls.swap(1, 2);
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| ls.swap(1, 2)).await;
     assert_broken_at(&path, 2, "prev_hash");
 }
 
 #[tokio::test]
 async fn an_inserted_or_garbage_line_is_reported() {
-    let dir = Scratch::new();
-    let path = five_line_file(&dir).await;
-    let mut ls = lines(&path);
-    ls.insert(3, "{\"team\":\"evil\"}".into());
-    write_lines(&path, &ls);
+    let (_dir, path) = edited_five_line_file(|ls| ls.insert(3, "{\"team\":\"evil\"}".into())).await;
     assert_broken_at(&path, 4, "");
+    let mut ls = lines(&path);
     ls[3] = "\u{0}\u{1}not json at all".into();
     write_lines(&path, &ls);
     assert_broken_at(&path, 4, "");
@@ -300,20 +261,20 @@ async fn an_inserted_or_garbage_line_is_reported() {
 
 #[test]
 fn verify_exit_codes() {
-    let dir = Scratch::new();
+    let dir = TempDir::new("audit");
     // Missing file: 2, with the path in the message.
-    let missing = dir.path("missing.jsonl");
+    let missing = dir.join("missing.jsonl");
     let (code, _, err) = verify_cmd(&missing, false);
     assert_eq!(code, ExitCode::from(2));
     assert!(err.contains("missing.jsonl"), "{err}");
     // Empty file: intact.
-    let empty = dir.path("empty.jsonl");
+    let empty = dir.join("empty.jsonl");
     fs::write(&empty, "").unwrap();
     let (code, out, _) = verify_cmd(&empty, true);
     assert_eq!(code, ExitCode::SUCCESS);
     assert!(out.starts_with("ok: 0 records, chain intact"));
     // Not an audit file at all: 1.
-    let junk = dir.path("junk.jsonl");
+    let junk = dir.join("junk.jsonl");
     fs::write(&junk, "hello\nworld\n").unwrap();
     let (code, out, _) = verify_cmd(&junk, false);
     assert_eq!(code, ExitCode::FAILURE);
@@ -347,8 +308,8 @@ fn assert_each_once(path: &Path, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotation_loses_and_duplicates_nothing_and_the_chain_spans_files() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let max = 2_000;
     let log = AuditLog::open(&cfg(&path, max, 1_000, FsyncPolicy::Always)).unwrap();
     // Sequential and concurrent writes (batches straddle rotations).
@@ -364,9 +325,9 @@ async fn rotation_loses_and_duplicates_nothing_and_the_chain_spans_files() {
     log.flush().await.unwrap();
     assert_eq!(log.stats().written, 150);
 
-    let rotated = fs::read_dir(&dir.0).unwrap().count() - 1;
+    let rotated = fs::read_dir(dir.path()).unwrap().count() - 1;
     assert!(rotated >= 20, "only {rotated} rotations");
-    for e in fs::read_dir(&dir.0).unwrap() {
+    for e in fs::read_dir(dir.path()).unwrap() {
         let len = e.unwrap().metadata().unwrap().len();
         assert!(len <= max, "a file of {len} bytes");
     }
@@ -417,14 +378,14 @@ async fn rotation_loses_and_duplicates_nothing_and_the_chain_spans_files() {
 
 #[tokio::test]
 async fn rotation_honours_keep() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     // A leftover from a larger keep goes too.
     fs::write(format!("{}.7", path.display()), "old\n").unwrap();
     let log = AuditLog::open(&cfg(&path, 1_500, 2, FsyncPolicy::Never)).unwrap();
     write_n(&log, 0..60).await;
     log.flush().await.unwrap();
-    let mut names: Vec<String> = fs::read_dir(&dir.0)
+    let mut names: Vec<String> = fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -442,19 +403,19 @@ async fn rotation_honours_keep() {
 
 #[tokio::test]
 async fn keep_zero_keeps_only_the_current_file() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&cfg(&path, 1_500, 0, FsyncPolicy::Interval)).unwrap();
     write_n(&log, 0..20).await;
     log.flush().await.unwrap();
-    assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 1);
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     assert!(audit::verify(&path, true).unwrap().is_intact());
 }
 
 #[tokio::test]
 async fn reopening_continues_the_chain() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     {
         let log = AuditLog::open(&file_cfg(&path)).unwrap();
         write_n(&log, 0..3).await;
@@ -482,7 +443,7 @@ async fn reopening_continues_the_chain() {
 
 #[tokio::test]
 async fn a_torn_last_line_is_repaired_on_open() {
-    let dir = Scratch::new();
+    let dir = TempDir::new("audit");
     let path = five_line_file(&dir).await;
     let full = fs::read_to_string(&path).unwrap();
     // A crash mid-write: half a line at the end.
@@ -502,8 +463,8 @@ async fn a_torn_last_line_is_repaired_on_open() {
 
 #[test]
 fn a_corrupt_last_line_refuses_to_open() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     fs::write(&path, "{\"not\":\"an audit record\"}\n").unwrap();
     let err = AuditLog::open(&file_cfg(&path)).unwrap_err();
     assert!(matches!(err, AuditError::Corrupt(_)), "{err}");
@@ -512,8 +473,8 @@ fn a_corrupt_last_line_refuses_to_open() {
 
 #[test]
 fn open_fails_when_the_parent_is_a_file() {
-    let dir = Scratch::new();
-    let file = dir.path("plain");
+    let dir = TempDir::new("audit");
+    let file = dir.join("plain");
     fs::write(&file, "x").unwrap();
     let path = file.join("audit.jsonl");
     let err = AuditLog::open(&file_cfg(&path)).unwrap_err();
@@ -523,8 +484,8 @@ fn open_fails_when_the_parent_is_a_file() {
 
 #[tokio::test]
 async fn write_errors_are_counted_and_the_sink_recovers() {
-    let dir = Scratch::new();
-    let sub = dir.path("logs");
+    let dir = TempDir::new("audit");
+    let sub = dir.join("logs");
     fs::create_dir(&sub).unwrap();
     let path = sub.join("audit.jsonl");
     let log = AuditLog::open(&file_cfg(&path)).unwrap();
@@ -565,8 +526,8 @@ async fn write_errors_are_counted_and_the_sink_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_keep_the_chain() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&file_cfg(&path)).unwrap();
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -703,8 +664,8 @@ fn summarize_update_and_server_actions() {
 
 #[tokio::test]
 async fn no_secret_reaches_the_file() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&file_cfg(&path)).unwrap();
     let mut r = rec(0);
     r.level = AuditLevel::Request;
@@ -720,8 +681,8 @@ async fn no_secret_reaches_the_file() {
 }
 
 /// A small file for query / tail: records at known times.
-fn query_fixture(dir: &Scratch) -> PathBuf {
-    let path = dir.path("audit.jsonl");
+fn query_fixture(dir: &TempDir) -> PathBuf {
+    let path = dir.join("audit.jsonl");
     let now = chrono::Utc::now();
     let at = |hours_ago: i64| {
         (now - chrono::Duration::hours(hours_ago))
@@ -835,7 +796,7 @@ fn req_ids(lines: &[String]) -> Vec<String> {
 
 #[test]
 fn query_filters() {
-    let dir = Scratch::new();
+    let dir = TempDir::new("audit");
     let path = query_fixture(&dir);
     assert_eq!(query(&path, |_| {}).len(), 6);
     // "Who rebooted web-03 in the last day?"
@@ -926,7 +887,7 @@ fn query_filters() {
 
 #[test]
 fn query_skips_garbage_lines_without_failing() {
-    let dir = Scratch::new();
+    let dir = TempDir::new("audit");
     let path = query_fixture(&dir);
     let mut text = fs::read_to_string(&path).unwrap();
     text.push_str("garbage\n\n[1,2]\n");
@@ -948,7 +909,7 @@ fn query_skips_garbage_lines_without_failing() {
 
 #[test]
 fn tail_prints_the_last_records() {
-    let dir = Scratch::new();
+    let dir = TempDir::new("audit");
     let path = query_fixture(&dir);
     let (code, out, _) = cli(AuditCommand::Tail {
         file: path.clone(),
@@ -969,8 +930,8 @@ fn tail_prints_the_last_records() {
 
 #[tokio::test]
 async fn tail_reaches_into_rotated_files() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&cfg(&path, 1_500, 100, FsyncPolicy::Always)).unwrap();
     write_n(&log, 0..30).await;
     log.flush().await.unwrap();
@@ -988,14 +949,14 @@ async fn tail_reaches_into_rotated_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_follow_sees_every_record_across_rotations() {
-    let dir = Scratch::new();
-    let path = dir.path("audit.jsonl");
+    let dir = TempDir::new("audit");
+    let path = dir.join("audit.jsonl");
     let log = AuditLog::open(&cfg(&path, 1_500, 1_000, FsyncPolicy::Never)).unwrap();
     write_n(&log, 0..3).await;
     log.flush().await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let printed = SharedBuf::default();
+    let printed = Capture::default();
     let follower = {
         let (path, stop, mut out) = (path.clone(), stop.clone(), printed.clone());
         std::thread::spawn(move || {
@@ -1020,7 +981,7 @@ async fn tail_follow_sees_every_record_across_rotations() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(req_ids(&text_lines(&printed.text())), ["req-1", "req-2"]);
+    assert_eq!(req_ids(&printed.lines()), ["req-1", "req-2"]);
     // Many rotations between two polls, then a few slower ones.
     write_n(&log, 3..40).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -1032,7 +993,7 @@ async fn tail_follow_sees_every_record_across_rotations() {
     stop.store(true, Ordering::SeqCst);
     let code = follower.join().unwrap();
     assert_eq!(code, ExitCode::SUCCESS);
-    let ls = text_lines(&printed.text());
+    let ls = printed.lines();
     let expected: Vec<String> = (1..46).map(|i| format!("req-{i}")).collect();
     assert_eq!(req_ids(&ls), expected);
 }

@@ -57,19 +57,18 @@ fn unsigned(header: Value, claims: &Value) -> String {
 }
 
 async fn call_with(env: &Env, auth_header: (&str, String)) -> (u16, Value, Option<String>) {
-    let resp = env
-        .http
-        .get(env.url("/v2/web/flavors"))
-        .header(auth_header.0, auth_header.1)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let www = resp
-        .headers()
+    let (status, headers, body) = env
+        .raw(
+            reqwest::Method::GET,
+            "/v2/web/flavors",
+            &[(auth_header.0, &auth_header.1)],
+            Vec::new(),
+        )
+        .await;
+    let www = headers
         .get("www-authenticate")
         .map(|v| v.to_str().unwrap().to_string());
-    (status, resp.json().await.unwrap(), www)
+    (status, body, www)
 }
 
 #[tokio::test]
@@ -170,14 +169,10 @@ async fn every_jwt_rejection_is_a_401_with_a_nova_body_and_never_forwarded() {
 #[tokio::test]
 async fn missing_or_non_bearer_credentials_are_401() {
     let env = Env::start().await;
-    let resp = env
-        .http
-        .get(env.url("/v2/web/flavors"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 401);
-    let body: Value = resp.json().await.unwrap();
+    let (status, _, body) = env
+        .raw(reqwest::Method::GET, "/v2/web/flavors", &[], Vec::new())
+        .await;
+    assert_eq!(status, 401);
     assert!(assert_nova_error(&body, "unauthorized", 401).contains("authentication required"));
     let (status, _, _) = call_with(&env, ("authorization", "Basic dXNlcjpwdw==".into())).await;
     assert_eq!(status, 401);
@@ -274,12 +269,11 @@ async fn unknown_project_and_unknown_route_are_refused_not_forwarded() {
 #[tokio::test]
 async fn a_verified_token_is_not_accepted_past_its_exp() {
     // Verified tokens are cached; the cache must never outlive `exp`.
-    let env = Env::start_with(common::fast_sim(), |y| {
-        *y = y.replace(
-            "  algorithms: [HS256]\n",
-            "  algorithms: [HS256]\n  leeway: 0s\n",
-        )
-    })
+    let env = Env::start_with_overlays(
+        common::fast_sim(),
+        &["overlays/no-jwt-leeway.yaml"],
+        json!({}),
+    )
     .await;
     let _ = env.token("web-team");
     // Long enough that a busy machine still makes both calls before `exp`.

@@ -1,39 +1,32 @@
 //! The command line as a user runs it: check-config, mint-token, demo.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_toastgate");
+use common::fixtures;
+use common::process::{BIN, assert_success, spawn_toastgate, toastgate};
+use common::tempdir::TempDir;
+use serde_json::json;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("toastgate-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// config/demo.yaml with the fixture `overlay` merged onto it, as
+/// `config.yaml` in a fresh folder (kept while the folder lives; the demo's
+/// relative secret files are not there).
+fn demo_with(overlay: &str) -> (TempDir, String) {
+    let config = fixtures::merged(Path::new("config/demo.yaml"), &[overlay], json!({}));
+    let dir = TempDir::new("cli");
     let path = dir.join("config.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
+    std::fs::write(&path, fixtures::to_text(&config)).unwrap();
+    (dir, path.to_str().unwrap().to_string())
 }
 
 #[test]
 fn check_config_accepts_the_demo_config() {
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", "config/demo.yaml"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = toastgate(["check-config", "--config", "config/demo.yaml"]);
+    assert_success(&out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
 
@@ -49,33 +42,13 @@ fn check_config_accepts_the_example_config_with_its_secrets_set() {
         )
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_success(&out);
 }
 
 #[test]
 fn check_config_lists_every_problem_with_its_key_path() {
-    let demo = std::fs::read_to_string("config/demo.yaml").unwrap();
-    let broken = demo
-        .replace("algorithms: [HS256]", "algorithms: [HS256, none]")
-        .replace("projects: [batch]", "projects: [batch, nope]")
-        .replace(
-            "password_file: demo-secrets/web-api-password",
-            "password_env: TOASTGATE_TEST_UNSET_VAR",
-        )
-        .replace(
-            "secret_file: demo-secrets/jwt-hs256.key",
-            "secret_env: TOASTGATE_TEST_UNSET_JWT",
-        );
-    let path = temp_file("broken", &broken);
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let (_dir, path) = demo_with("overlays/demo-broken.yaml");
+    let out = toastgate(["check-config", "--config", &path]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for expected in [
@@ -91,17 +64,8 @@ fn check_config_lists_every_problem_with_its_key_path() {
 
 #[test]
 fn check_config_names_the_path_of_an_unknown_key_and_refuses_inline_secrets() {
-    let demo = std::fs::read_to_string("config/demo.yaml").unwrap();
-    let inline = demo.replace(
-        "password_file: demo-secrets/web-api-password",
-        "password: hunter2",
-    );
-    let path = temp_file("inline", &inline);
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let (_dir, path) = demo_with("overlays/demo-inline-password.yaml");
+    let out = toastgate(["check-config", "--config", &path]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("projects.web.credentials"), "{text}");
@@ -111,10 +75,7 @@ fn check_config_names_the_path_of_an_unknown_key_and_refuses_inline_secrets() {
 
 #[test]
 fn check_config_on_a_missing_file_says_so() {
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", "/nonexistent/toastgate.yaml"])
-        .output()
-        .unwrap();
+    let out = toastgate(["check-config", "--config", "/nonexistent/toastgate.yaml"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("cannot read /nonexistent/toastgate.yaml")
@@ -123,42 +84,36 @@ fn check_config_on_a_missing_file_says_so() {
 
 #[test]
 fn mint_token_prints_only_a_jwt_and_refuses_unknown_teams() {
-    let out = Command::new(BIN)
-        .args([
-            "mint-token",
-            "--config",
-            "config/demo.yaml",
-            "--team",
-            "web-team",
-            "--ttl",
-            "5m",
-        ])
-        .output()
-        .unwrap();
+    let out = toastgate([
+        "mint-token",
+        "--config",
+        "config/demo.yaml",
+        "--team",
+        "web-team",
+        "--ttl",
+        "5m",
+    ]);
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let token = stdout.trim();
     assert_eq!(stdout.lines().count(), 1);
     assert_eq!(token.split('.').count(), 3, "{token}");
 
-    let out = Command::new(BIN)
-        .args([
-            "mint-token",
-            "--config",
-            "config/demo.yaml",
-            "--team",
-            "ghosts",
-        ])
-        .output()
-        .unwrap();
+    let out = toastgate([
+        "mint-token",
+        "--config",
+        "config/demo.yaml",
+        "--team",
+        "ghosts",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("team `ghosts` is not in the config"));
 }
 
 #[test]
 fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
-    let child = Command::new(BIN)
-        .args([
+    let mut child = spawn_toastgate(
+        [
             "demo",
             "--listen",
             "127.0.0.1:0",
@@ -166,13 +121,9 @@ fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
             "127.0.0.1:0",
             "--sim-listen",
             "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+        ],
+        Stdio::piped(),
+    );
     let stdout = child.0.stdout.take().unwrap();
     let mut gateway = None;
     let mut token = None;
@@ -229,22 +180,24 @@ fn demo_runs_the_gateway_on_the_simulator_and_its_curl_lines_work() {
     });
 }
 
+/// `toastgate explain` on the demo config: may batch-team do `action` on batch?
+fn explain_batch_team(action: &str) -> Output {
+    toastgate([
+        "explain",
+        "--config",
+        "config/demo.yaml",
+        "--team",
+        "batch-team",
+        "--action",
+        action,
+        "--project",
+        "batch",
+    ])
+}
+
 #[test]
 fn explain_says_which_rule_allows_or_why_not() {
-    let out = Command::new(BIN)
-        .args([
-            "explain",
-            "--config",
-            "config/demo.yaml",
-            "--team",
-            "batch-team",
-            "--action",
-            "instance.reboot",
-            "--project",
-            "batch",
-        ])
-        .output()
-        .unwrap();
+    let out = explain_batch_team("instance.reboot");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -252,20 +205,7 @@ fn explain_says_which_rule_allows_or_why_not() {
         "{text}"
     );
 
-    let out = Command::new(BIN)
-        .args([
-            "explain",
-            "--config",
-            "config/demo.yaml",
-            "--team",
-            "batch-team",
-            "--action",
-            "instance.delete",
-            "--project",
-            "batch",
-        ])
-        .output()
-        .unwrap();
+    let out = explain_batch_team("instance.delete");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(
@@ -273,10 +213,7 @@ fn explain_says_which_rule_allows_or_why_not() {
         "{text}"
     );
 
-    let out = Command::new(BIN)
-        .args(["explain", "--config", "config/demo.yaml", "--list"])
-        .output()
-        .unwrap();
+    let out = toastgate(["explain", "--config", "config/demo.yaml", "--list"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("instance.power: instance.start, instance.stop, instance.reboot"),

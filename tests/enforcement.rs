@@ -9,36 +9,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
 
-const BUILDERS: &str = r#"  builders:
-    projects: [web]
-    allow: [{ actions: ["*"] }]
-    constraints: { max_count: 2, name_prefix: "bld-" }
-  platform:
-"#;
-
 async fn env() -> Env {
-    Env::start_with(fast_sim(), |y| *y = y.replace("  platform:\n", BUILDERS)).await
-}
-
-async fn server(env: &Env) -> String {
-    let (s, _) = env
-        .post(
-            "platform",
-            "/v2/web/os-keypairs",
-            json!({"keypair": {"name": "k"}}),
-        )
-        .await;
-    assert_eq!(s, 200);
-    let (s, b) = env
-        .post(
-            "platform",
-            "/v2/web/servers",
-            json!({"server": {"name": "bld-0", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1,
-                               "networks": [{"uuid": NETWORK_VPC1}], "key_name": "k"}}),
-        )
-        .await;
-    assert_eq!(s, 202, "{b}");
-    b["server"]["id"].as_str().unwrap().to_string()
+    Env::start_with_overlays(fast_sim(), &["overlays/builders-team.yaml"], json!({})).await
 }
 
 fn bearer(env: &Env, team: &str) -> String {
@@ -48,7 +20,7 @@ fn bearer(env: &Env, team: &str) -> String {
 #[tokio::test]
 async fn bodies_that_do_not_parse_strictly_are_refused_and_never_forwarded() {
     let env = env().await;
-    let id = server(&env).await;
+    let id = env.web_u2_server("platform", "k", "bld-0").await;
     env.sim.clear_requests();
     let auth = bearer(&env, "builders");
     let h = [
@@ -156,7 +128,7 @@ async fn bodies_that_do_not_parse_strictly_are_refused_and_never_forwarded() {
 #[tokio::test]
 async fn what_goes_upstream_is_the_judged_value_re_serialized() {
     let env = env().await;
-    let id = server(&env).await;
+    let id = env.web_u2_server("platform", "k", "bld-0").await;
     env.sim.clear_requests();
     let auth = bearer(&env, "builders");
     // Odd spacing, a text/plain content type: the upstream gets compact JSON
@@ -201,7 +173,7 @@ async fn what_goes_upstream_is_the_judged_value_re_serialized() {
 #[tokio::test]
 async fn constraints_read_every_spelling_the_upstream_reads() {
     let env = env().await;
-    let id = server(&env).await;
+    let id = env.web_u2_server("platform", "k", "bld-0").await;
     env.sim.clear_requests();
     let base = json!({"name": "bld-1", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1,
                       "networks": [{"uuid": NETWORK_VPC1}], "key_name": "k"});
@@ -244,7 +216,7 @@ async fn constraints_read_every_spelling_the_upstream_reads() {
 #[tokio::test]
 async fn queries_carry_only_what_the_spec_defines() {
     let env = env().await;
-    let id = server(&env).await;
+    let id = env.web_u2_server("platform", "k", "bld-0").await;
     env.sim.clear_requests();
     for q in [
         "all_tenants=1",

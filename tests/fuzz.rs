@@ -151,21 +151,8 @@ fn arbitrary_bodies_are_judged_or_refused_never_passed_through() {
         .unwrap();
     let (env, id) = rt.block_on(async {
         let env = common::Env::start().await;
-        let (s, _) = env
-            .post("platform", "/v2/web/os-keypairs", serde_json::json!({"keypair": {"name": "k"}}))
-            .await;
-        assert_eq!(s, 200);
-        let (s, b) = env
-            .post(
-                "platform",
-                "/v2/web/servers",
-                serde_json::json!({"server": {"name": "f", "imageRef": toastgate::simulator::IMAGE_CENTOS_7_8,
-                    "flavorRef": toastgate::simulator::FLAVOR_U2_C1M1,
-                    "networks": [{"uuid": toastgate::simulator::NETWORK_VPC1}], "key_name": "k"}}),
-            )
-            .await;
-        assert_eq!(s, 202, "{b}");
-        (env, b["server"]["id"].as_str().unwrap().to_string())
+        let id = env.web_u2_server("platform", "k", "f").await;
+        (env, id)
     });
     env.sim.clear_requests();
     let token = format!("Bearer {}", env.token("platform"));

@@ -4,40 +4,32 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{BATCH_SECRET_KEY, CONFIG, JWT_SECRET, WEB_API_PASSWORD, fast_sim, secrets};
-use serde_json::json;
+use common::process::{KillOnDrop, spawn_toastgate};
+use common::tempdir::TempDir;
+use common::{
+    BATCH_SECRET_KEY, JWT_SECRET, WEB_API_PASSWORD, fast_sim, fixtures, free_port, metrics,
+    secrets, start_sim, wait_ready,
+};
+use serde_json::{Value, json};
 use toastgate::config::Config;
 use toastgate::server::{Listeners, ReloadSource, run_with_reload};
 use toastgate::shutdown::stop_pair;
-use toastgate::simulator::{SimHandle, Simulator};
+use toastgate::simulator::SimHandle;
 
-const BIN: &str = env!("CARGO_BIN_EXE_toastgate");
+/// batch-team limited to reads.
+const BATCH_READ_ONLY: &str = "overlays/batch-team-read-only.yaml";
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("toastgate-life-{name}-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-async fn sim() -> SimHandle {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(l, fast_sim()).await.unwrap()
-}
-
-/// The test config with batch-team limited to reads (or everything).
-fn config_text(sim: &SimHandle, batch_may_write: bool) -> String {
-    let mut y = CONFIG.replace("{SIM}", &sim.base_url());
-    if !batch_may_write {
-        y = y.replace(
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [\"*\"] }]\n",
-            "  batch-team:\n    projects: [batch]\n    allow: [{ actions: [read] }]\n",
-        );
-    }
-    y
+/// The test config text for `sim` with `overlays`.
+fn config_text(sim: &SimHandle, overlays: &[&str]) -> String {
+    fixtures::to_text(&fixtures::gateway_config(
+        &sim.base_url(),
+        overlays,
+        json!({}),
+    ))
 }
 
 async fn keypair(http: &reqwest::Client, gw: &str, token: &str, project: &str, name: &str) -> u16 {
@@ -54,10 +46,10 @@ async fn keypair(http: &reqwest::Client, gw: &str, token: &str, project: &str, n
 #[tokio::test]
 async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refuses_a_broken_file()
 {
-    let sim = sim().await;
-    let dir = temp_dir("reload");
+    let sim = start_sim(fast_sim()).await;
+    let dir = TempDir::new("life-reload");
     let path = dir.join("toastgate.yaml");
-    std::fs::write(&path, config_text(&sim, false)).unwrap();
+    std::fs::write(&path, config_text(&sim, &[BATCH_READ_ONLY])).unwrap();
     let config = Config::load(&path, &secrets()).unwrap();
     let listeners = Listeners::bind(config.listen.public, config.listen.admin)
         .await
@@ -105,7 +97,7 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::write(&path, config_text(&sim, true)).unwrap();
+    std::fs::write(&path, config_text(&sim, &[])).unwrap();
     let mut allowed = false;
     for i in 0..40 {
         if keypair(&http, &gw, &batch, "batch", &format!("after-{i}")).await == 200 {
@@ -122,42 +114,27 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     // A broken file is refused; the running config keeps serving.
     std::fs::write(
         &path,
-        config_text(&sim, false).replace(
-            "  issuer: toastgate-test\n",
-            "  issuer: toastgate-test\n  isuer: typo\n",
+        config_text(
+            &sim,
+            &[BATCH_READ_ONLY, "overlays/misspelled-auth-key.yaml"],
         ),
     )
     .unwrap();
-    let mut refused = false;
-    for _ in 0..40 {
-        let m = http
-            .get(format!("{admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains(r#"toastgate_config_reloads_total{result="failure"} 1"#) {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let refused = metrics::eventually_contains(
+        &http,
+        &admin,
+        r#"toastgate_config_reloads_total{result="failure"} 1"#,
+        40,
+        Duration::from_millis(100),
+    )
+    .await;
     assert!(refused, "the broken config was not noticed");
     assert_eq!(
         keypair(&http, &gw, &batch, "batch", "still-allowed").await,
         200,
         "the old config keeps serving"
     );
-    let m = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics::fetch(&http, &admin).await;
     assert!(
         m.contains(r#"toastgate_config_reloads_total{result="success"} 1"#),
         "{m}"
@@ -168,85 +145,43 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     sim.shutdown();
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Writes a config with file-referenced secrets and starts `toastgate serve`.
-fn serve(dir: &Path, yaml: &str) -> (Process, String, String) {
+/// Writes the test config for `sim` with `overlays` and `extra`, its
+/// secrets in files and fixed ports, and starts `toastgate serve` on it.
+fn serve(
+    dir: &Path,
+    sim: &SimHandle,
+    overlays: &[&str],
+    extra: Value,
+) -> (KillOnDrop, String, String) {
     std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
     std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
     std::fs::write(dir.join("batch.sk"), BATCH_SECRET_KEY).unwrap();
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let yaml = yaml
-        .replace(
-            "public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"",
-            &format!(
-                "public: \"127.0.0.1:{}\", admin: \"127.0.0.1:{}\"",
-                ports[0], ports[1]
-            ),
-        )
-        .replace("secret_env: TG_JWT_SECRET", "secret_file: jwt.key")
-        .replace("password_env: TG_WEB_PW", "password_file: web.pw")
-        .replace(
-            "secret_access_key_env: TG_BATCH_SK",
-            "secret_access_key_file: batch.sk",
-        );
-    std::fs::write(dir.join("toastgate.yaml"), yaml).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(dir.join("toastgate.yaml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let ports = [free_port(), free_port()];
+    let overlays = [overlays, &["overlays/secrets-in-files.yaml"]].concat();
+    let mut config = fixtures::gateway_config(&sim.base_url(), &overlays, extra);
+    fixtures::merge(
+        &mut config,
+        json!({"listen": {"public": format!("127.0.0.1:{}", ports[0]),
+                          "admin": format!("127.0.0.1:{}", ports[1])}}),
+    );
+    std::fs::write(dir.join("toastgate.yaml"), fixtures::to_text(&config)).unwrap();
+    let config_path = dir.join("toastgate.yaml");
+    let child = spawn_toastgate(
+        ["serve", "--config", config_path.to_str().unwrap()],
+        Stdio::null(),
+    );
     (
-        Process(child),
+        child,
         format!("http://127.0.0.1:{}", ports[0]),
         format!("http://127.0.0.1:{}", ports[1]),
     )
 }
 
-async fn wait_ready(http: &reqwest::Client, admin: &str) {
-    for _ in 0..100 {
-        if let Ok(r) = http.get(format!("{admin}/readyz")).send().await
-            && r.status().as_u16() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the gateway did not become ready");
-}
-
-fn signal(p: &Process, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &p.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 #[tokio::test]
 async fn sighup_reloads_the_config() {
-    let sim = sim().await;
-    let dir = temp_dir("hup");
-    let (p, gw, admin) = serve(&dir, &config_text(&sim, false));
+    let sim = start_sim(fast_sim()).await;
+    let dir = TempDir::new("life-hup");
+    let (p, gw, admin) = serve(dir.path(), &sim, &[BATCH_READ_ONLY], json!({}));
     let http = reqwest::Client::new();
     wait_ready(&http, &admin).await;
     let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
@@ -254,23 +189,15 @@ async fn sighup_reloads_the_config() {
         toastgate::auth::mint_token(&config.auth, "batch-team", "t", Duration::from_secs(600))
             .unwrap();
     assert_eq!(keypair(&http, &gw, &batch, "batch", "a").await, 403);
-    signal(&p, "-HUP");
-    let mut reloaded = false;
-    for _ in 0..30 {
-        let m = http
-            .get(format!("{admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains(r#"toastgate_config_reloads_total{result="success"} 1"#) {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    p.signal("-HUP");
+    let reloaded = metrics::eventually_contains(
+        &http,
+        &admin,
+        r#"toastgate_config_reloads_total{result="success"} 1"#,
+        30,
+        Duration::from_millis(100),
+    )
+    .await;
     assert!(
         reloaded,
         "SIGHUP did not reload (file unchanged, so only the signal can have done it)"
@@ -280,15 +207,15 @@ async fn sighup_reloads_the_config() {
 
 #[tokio::test]
 async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record() {
-    let sim = sim().await;
-    let dir = temp_dir("term");
+    let sim = start_sim(fast_sim()).await;
+    let dir = TempDir::new("life-term");
     let audit = dir.join("audit.jsonl");
-    let yaml = format!(
-        "{}audit:\n  file: {{ path: \"{}\" }}\n",
-        config_text(&sim, true),
-        audit.display()
+    let (mut p, gw, admin) = serve(
+        dir.path(),
+        &sim,
+        &[],
+        json!({"audit": {"file": {"path": audit}}}),
     );
-    let (mut p, gw, admin) = serve(&dir, &yaml);
     let http = reqwest::Client::new();
     wait_ready(&http, &admin).await;
     let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
@@ -304,7 +231,7 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
         }));
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    signal(&p, "-TERM");
+    p.signal("-TERM");
     for r in inflight {
         assert_eq!(r.await.unwrap(), 200, "an in-flight request was cut off");
     }
@@ -334,23 +261,16 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
 
 #[tokio::test]
 async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_delay() {
-    let sim = sim().await;
-    let yaml = config_text(&sim, true).replace(
-        "server:\n  request_timeout: 10s",
-        "server:\n  request_timeout: 10s\n  drain_delay: 1500ms",
-    );
-    let env = common::Env::start_on(sim.clone(), &yaml, &secrets()).await;
-    let readyz = |env: &common::Env| {
-        let (http, admin) = (env.http.clone(), env.admin.clone());
-        async move {
-            http.get(format!("{admin}/readyz"))
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-        }
-    };
+    let sim = start_sim(fast_sim()).await;
+    let env = common::Env::start_on(
+        sim.clone(),
+        &["overlays/drain-delay.yaml"],
+        json!({}),
+        &secrets(),
+    )
+    .await;
     env.wait_ready().await;
-    assert_eq!(readyz(&env).await.unwrap(), 200);
+    assert_eq!(env.readyz().await.0, 200);
     let gw = env.gw.clone();
     let token = env.token("web-team");
     let http = env.http.clone();

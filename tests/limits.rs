@@ -8,46 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, assert_nova_error, assert_v1_failure, fast_sim};
+use common::{Env, assert_nova_error, assert_v1_failure, fast_sim, metrics};
 use reqwest::Method;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Sets `key:` (an indented config line) to `value` in the test config.
-fn set(yaml: &mut String, key: &str, value: &str) {
-    let prefix = format!("  {key}:");
-    *yaml = yaml
-        .lines()
-        .map(|l| {
-            if l.starts_with(&prefix) {
-                format!("{prefix} {value}")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-}
-
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
-fn counter_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// Reads until the server closes the connection (EOF or reset); false if it
 /// is still open after `within`.
@@ -66,13 +31,8 @@ async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
 
 #[tokio::test]
 async fn slow_and_half_open_connections_are_closed_and_good_requests_still_served() {
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "server:\n  request_timeout: 10s",
-            "server:\n  request_timeout: 10s\n  header_read_timeout: 1s\n  idle_timeout: 3s\n  max_connections: 16",
-        )
-    })
-    .await;
+    let env =
+        Env::start_with_overlays(fast_sim(), &["overlays/connection-limits.yaml"], json!({})).await;
     let addr = env.gw.trim_start_matches("http://").to_string();
 
     // 40 connections that never complete a request: silent ones, half a
@@ -119,7 +79,10 @@ async fn slow_and_half_open_connections_are_closed_and_good_requests_still_serve
     let (s, b) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(s, 200, "{b}");
     let m = env.metrics().await;
-    assert!(gauge(&m, "toastgate_open_connections") <= 16.0, "{m}");
+    assert!(
+        metrics::value(&m, "toastgate_open_connections") <= 16.0,
+        "{m}"
+    );
 
     // Every slow connection is closed by the gateway, none left hanging.
     for (i, c) in slow.iter_mut().enumerate() {
@@ -146,7 +109,10 @@ async fn slow_and_half_open_connections_are_closed_and_good_requests_still_serve
     .unwrap();
     assert!(closed_by_server(&mut idle, Duration::from_secs(30)).await);
     let m = env.metrics().await;
-    assert!(gauge(&m, "toastgate_open_connections") <= 16.0, "{m}");
+    assert!(
+        metrics::value(&m, "toastgate_open_connections") <= 16.0,
+        "{m}"
+    );
     env.stop().await;
 }
 
@@ -178,10 +144,11 @@ async fn truncating_upstream() -> String {
 #[tokio::test]
 async fn an_upstream_body_that_never_finishes_ends_within_the_deadline() {
     let upstream = truncating_upstream().await;
-    let env = Env::start_with(fast_sim(), |y| {
-        set(y, "compute_url", &format!("\"{upstream}\""));
-        *y = y.replace("  request_timeout: 5s", "  request_timeout: 1s");
-    })
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/short-upstream-timeout.yaml"],
+        json!({"upstream": {"compute_url": upstream}}),
+    )
     .await;
     let (s, b) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(s, 504, "{b}");
@@ -215,12 +182,11 @@ async fn hanging_identity() -> (String, std::sync::Arc<std::sync::atomic::Atomic
 #[tokio::test]
 async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
     let (identity, accepted) = hanging_identity().await;
-    let env = Env::start_with(fast_sim(), |y| {
-        set(y, "identity_url", &format!("\"{identity}\""));
-        set(y, "connect_timeout", "1s\n  identity_timeout: 1s");
-        set(y, "retry_min_backoff", "2s");
-        set(y, "retry_max_backoff", "4s");
-    })
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/slow-identity-retries.yaml"],
+        json!({"upstream": {"identity_url": identity}}),
+    )
     .await;
     // The first wave finds no token and nothing known: it waits once, for
     // the one identity call in flight.
@@ -240,7 +206,7 @@ async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
     for t in first {
         assert_eq!(t.await.unwrap(), (503, true));
     }
-    let waits = counter_sum(&env.metrics().await, "toastgate_token_waits_total");
+    let waits = metrics::sum(&env.metrics().await, "toastgate_token_waits_total");
     assert!(
         waits >= 1.0,
         "the cold requests waited for the identity call"
@@ -257,19 +223,13 @@ async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
     assert_v1_failure(&b, 10503);
     let m = env.metrics().await;
     assert_eq!(
-        counter_sum(&m, "toastgate_token_waits_total"),
+        metrics::sum(&m, "toastgate_token_waits_total"),
         waits,
         "a request waited on a hanging identity service: {m}"
     );
     // /readyz answers from what is known (no identity call of its own).
-    let r = env
-        .http
-        .get(format!("{}/readyz", env.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
-    let body: serde_json::Value = r.json().await.unwrap();
+    let (status, body) = env.readyz().await;
+    assert_eq!(status, 503);
     assert_eq!(body["status"], "not ready");
     // One attempt at a time, paced by the backoff (>= 2 s): far fewer
     // identity connections than requests.

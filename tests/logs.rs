@@ -4,56 +4,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
+use common::logs::Capture;
+use common::tempdir::TempDir;
 use common::{Env, fast_sim};
 use serde_json::json;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Capture {
-    fn lines_with(&self, needle: &str) -> Vec<String> {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).to_string();
-        text.lines()
-            .filter(|l| l.contains(needle))
-            .map(str::to_string)
-            .collect()
-    }
-}
 
 #[tokio::test]
 async fn one_line_per_request_at_the_right_level() {
-    let capture = Capture::default();
-    tracing_subscriber::fmt()
-        .with_env_filter("info")
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .init();
-    let dir = std::env::temp_dir().join(format!("toastgate-logs-{}", uuid::Uuid::new_v4()));
+    let capture = Capture::install_logs("info");
+    let dir = TempDir::new("logs");
     let file = dir.join("audit.jsonl");
-    std::fs::create_dir_all(&dir).unwrap();
-    let text = format!("audit:\n  file: {{ path: \"{}\" }}\n", file.display());
-    let env = Env::start_with(fast_sim(), move |y| y.push_str(&text)).await;
+    let env =
+        Env::start_with_overlays(fast_sim(), &[], json!({"audit": {"file": {"path": file}}})).await;
 
     let request_id =
         |resp: &reqwest::Response| resp.headers()["x-request-id"].to_str().unwrap().to_string();
@@ -68,7 +30,7 @@ async fn one_line_per_request_at_the_right_level() {
     let ok_id = request_id(&ok);
 
     // The audit sink cannot write: a fail-closed 503, many times over.
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(dir.path()).unwrap();
     let mut failed_ids = Vec::new();
     for i in 0..5 {
         let r = env

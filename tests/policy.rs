@@ -5,81 +5,33 @@
 mod common;
 
 use common::{Env, assert_nova_error, fast_sim};
-use serde_json::{Value, json};
+use reqwest::Method;
+use serde_json::json;
 use toastgate::simulator::{FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1};
 
-const EXTRA_TEAMS: &str = r#"  readers:
-    projects: [web]
-    allow: [{ actions: [read] }]
-  builders:
-    projects: [web]
-    allow: [{ actions: ["*"] }]
-    constraints: { flavors: ["7c5f1a0e-8a7d-4e57-9d4b-0f6d3b1e2a21"], max_count: 2, name_prefix: "bld-" }
-  platform:
-"#;
-
 async fn env() -> Env {
-    Env::start_with(fast_sim(), |y| *y = y.replace("  platform:\n", EXTRA_TEAMS)).await
-}
-
-async fn v1(
-    env: &Env,
-    team: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let mut req = env
-        .http
-        .request(
-            method,
-            env.url(&format!("/v1.0/appkeys/WebAppKey0001{path}")),
-        )
-        .header("X-Auth-Token", env.token(team));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    resp.json().await.unwrap()
-}
-
-async fn make_server(env: &Env) -> String {
-    let (s, _) = env
-        .post(
-            "platform",
-            "/v2/web/os-keypairs",
-            json!({"keypair": {"name": "k"}}),
-        )
-        .await;
-    assert_eq!(s, 200);
-    let (s, b) = env
-        .post(
-            "platform",
-            "/v2/web/servers",
-            json!({"server": {"name": "bld-0", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1,
-                               "networks": [{"uuid": NETWORK_VPC1}], "key_name": "k"}}),
-        )
-        .await;
-    assert_eq!(s, 202, "{b}");
-    b["server"]["id"].as_str().unwrap().to_string()
+    Env::start_with_overlays(
+        fast_sim(),
+        &[
+            "overlays/readers-team.yaml",
+            "overlays/builders-team.yaml",
+            "overlays/builders-one-flavor.yaml",
+        ],
+        json!({}),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn a_read_only_team_reads_but_cannot_act_on_either_surface() {
     let env = env().await;
-    let id = make_server(&env).await;
+    let id = env.web_u2_server("platform", "k", "bld-0").await;
     env.sim.clear_requests();
 
     assert_eq!(env.get("readers", "/v2/web/servers/detail").await.0, 200);
-    let b = v1(
-        &env,
-        "readers",
-        reqwest::Method::GET,
-        "/instances-detail",
-        None,
-    )
-    .await;
+    let b = env
+        .v1("readers", Method::GET, "/instances-detail", None)
+        .await;
     assert_eq!(b["header"]["isSuccessful"], true);
 
     let (s, b) = env
@@ -96,14 +48,14 @@ async fn a_read_only_team_reads_but_cannot_act_on_either_surface() {
         "team `readers` may not do `instance.reboot` on project `web`: no allow rule covers it"
     );
 
-    let b = v1(
-        &env,
-        "readers",
-        reqwest::Method::POST,
-        &format!("/instances/{id}/action"),
-        Some(json!({"action": "reboot", "parameters": {"type": "SOFT"}})),
-    )
-    .await;
+    let b = env
+        .v1(
+            "readers",
+            Method::POST,
+            &format!("/instances/{id}/action"),
+            Some(json!({"action": "reboot", "parameters": {"type": "SOFT"}})),
+        )
+        .await;
     assert_eq!(b["header"]["isSuccessful"], false);
     assert_eq!(b["header"]["resultCode"], -3);
     assert_eq!(
@@ -112,19 +64,19 @@ async fn a_read_only_team_reads_but_cannot_act_on_either_surface() {
         "same decision, same words"
     );
 
-    let b = v1(
-        &env,
-        "readers",
-        reqwest::Method::DELETE,
-        &format!("/instances?id={id}"),
-        None,
-    )
-    .await;
+    let b = env
+        .v1(
+            "readers",
+            Method::DELETE,
+            &format!("/instances?id={id}"),
+            None,
+        )
+        .await;
     assert_eq!(b["header"]["resultCode"], -3);
     let (s, _) = env
         .call(
             "readers",
-            reqwest::Method::DELETE,
+            Method::DELETE,
             &format!("/v2/web/servers/{id}"),
             None,
         )
@@ -146,14 +98,7 @@ async fn a_read_only_team_reads_but_cannot_act_on_either_surface() {
 #[tokio::test]
 async fn constraints_hold_on_both_surfaces() {
     let env = env().await;
-    let (s, _) = env
-        .post(
-            "builders",
-            "/v2/web/os-keypairs",
-            json!({"keypair": {"name": "bk"}}),
-        )
-        .await;
-    assert_eq!(s, 200);
+    env.web_keypair("builders", "bk").await;
     env.sim.clear_requests();
     let v2_create = |flavor: &str, count: i64, name: &str| {
         json!({"server": {"name": name, "imageRef": IMAGE_CENTOS_7_8, "flavorRef": flavor,
@@ -188,14 +133,14 @@ async fn constraints_hold_on_both_surfaces() {
             .await;
         assert_eq!(s, 403, "{b}");
         assert!(assert_nova_error(&b, "forbidden", 403).contains(why));
-        let b = v1(
-            &env,
-            "builders",
-            reqwest::Method::POST,
-            "/instances",
-            Some(v1_create(flavor, *count, name)),
-        )
-        .await;
+        let b = env
+            .v1(
+                "builders",
+                Method::POST,
+                "/instances",
+                Some(v1_create(flavor, *count, name)),
+            )
+            .await;
         assert_eq!(b["header"]["resultCode"], -3, "{b}");
         assert!(
             b["header"]["resultMessage"].as_str().unwrap().contains(why),
@@ -215,27 +160,21 @@ async fn constraints_hold_on_both_surfaces() {
         )
         .await;
     assert_eq!(s, 202, "{b}");
-    let b = v1(
-        &env,
-        "builders",
-        reqwest::Method::POST,
-        "/instances",
-        Some(v1_create(FLAVOR_U2_C1M1, 1, "bld-ok1")),
-    )
-    .await;
+    let b = env
+        .v1(
+            "builders",
+            Method::POST,
+            "/instances",
+            Some(v1_create(FLAVOR_U2_C1M1, 1, "bld-ok1")),
+        )
+        .await;
     assert_eq!(b["header"]["isSuccessful"], true, "{b}");
     env.stop().await;
 }
 
 #[tokio::test]
 async fn a_team_without_allow_rules_may_do_nothing() {
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "  platform:\n",
-            "  idle:\n    projects: [web]\n  platform:\n",
-        )
-    })
-    .await;
+    let env = Env::start_with_overlays(fast_sim(), &["overlays/idle-team.yaml"], json!({})).await;
     let (s, b) = env.get("idle", "/v2/web/flavors").await;
     assert_eq!(s, 403);
     assert!(

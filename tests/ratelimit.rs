@@ -7,48 +7,24 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use common::{CONFIG, Env, assert_nova_error, fast_sim, secrets};
-use serde_json::Value;
-use toastgate::simulator::{SimConfig, Simulator};
-
-fn with_rules(rules: &str, rate_limit: &str) -> impl FnOnce(&mut String) {
-    let rules = rules.to_string();
-    let rate_limit = rate_limit.to_string();
-    move |y: &mut String| {
-        *y = y.replacen(
-            "  web-team:\n    projects: [web]\n    allow: [{ actions: [\"*\"] }]\n",
-            &format!("  web-team:\n    projects: [web]\n    allow: [{{ actions: [\"*\"] }}]\n    rate_limits:\n{rules}"),
-            1,
-        );
-        y.push_str(&rate_limit);
-    }
-}
+use common::{Env, assert_nova_error, fast_sim, secrets, start_sim};
+use serde_json::{Value, json};
 
 async fn get_with_headers(
     env: &Env,
     team: &str,
     path: &str,
 ) -> (u16, reqwest::header::HeaderMap, Value) {
-    let resp = env
-        .http
-        .get(env.url(path))
-        .bearer_auth(env.token(team))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    (status, headers, resp.json().await.unwrap_or(Value::Null))
+    let a = env.request(team, reqwest::Method::GET, path, None).await;
+    (a.status, a.headers, a.body)
 }
 
 #[tokio::test]
 async fn n_allowed_then_refused_with_headers_then_recovered() {
-    let env = Env::start_with(
+    let env = Env::start_with_overlays(
         fast_sim(),
-        with_rules(
-            "      - { name: reads, actions: [read], rate: 5/s, burst: 5 }\n",
-            "",
-        ),
+        &["overlays/web-reads-5-per-second.yaml"],
+        json!({}),
     )
     .await;
     for i in 0..5 {
@@ -72,17 +48,17 @@ async fn n_allowed_then_refused_with_headers_then_recovered() {
     );
 
     // The same Action on the v1.0 surface shares the quota and says so in its envelope.
-    let resp = env
-        .http
-        .get(env.url("/v1.0/appkeys/WebAppKey0001/flavors"))
-        .header("X-Auth-Token", env.token("web-team"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    assert!(resp.headers().contains_key("retry-after"));
-    assert!(resp.headers().contains_key("ratelimit-policy"));
-    let b: Value = resp.json().await.unwrap();
+    let (s, h, b) = env
+        .raw(
+            reqwest::Method::GET,
+            "/v1.0/appkeys/WebAppKey0001/flavors",
+            &[("X-Auth-Token", &env.token("web-team"))],
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(h.contains_key("retry-after"));
+    assert!(h.contains_key("ratelimit-policy"));
     assert_eq!(b["header"]["resultCode"], 10429, "{b}");
 
     // Writes are not in the `reads` rule: unaffected.
@@ -90,7 +66,7 @@ async fn n_allowed_then_refused_with_headers_then_recovered() {
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "k"}}),
+            json!({"keypair": {"name": "k"}}),
         )
         .await;
     assert_eq!(s, 200);
@@ -109,12 +85,13 @@ async fn n_allowed_then_refused_with_headers_then_recovered() {
 
 #[tokio::test]
 async fn the_global_budget_covers_all_teams_together() {
-    let env = Env::start_with(
+    let env = Env::start_with_overlays(
         fast_sim(),
-        with_rules(
-            "      - { name: reads, actions: [read], rate: 100/s }\n",
-            "rate_limit:\n  global: { rate: 3/m, burst: 3 }\n",
-        ),
+        &[
+            "overlays/web-reads-100-per-second.yaml",
+            "overlays/global-3-per-minute.yaml",
+        ],
+        json!({}),
     )
     .await;
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
@@ -132,35 +109,20 @@ async fn the_global_budget_covers_all_teams_together() {
     env.stop().await;
 }
 
-/// Starts `n` gateways on 127.0.0.2.. sharing one simulator and one Redis.
-async fn replicas(n: usize, redis: &RedisServer, rules: &str, fail_open: &str) -> Vec<Env> {
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        sim_listener,
-        SimConfig {
-            build_delay: Duration::ZERO,
-            action_delay: Duration::ZERO,
-            ..SimConfig::demo()
-        },
-    )
-    .await
-    .unwrap();
+/// Starts `n` gateways on 127.0.0.2.. sharing one simulator and one Redis,
+/// with web-team's rules from the fixture `rules`.
+async fn replicas(n: usize, redis: &RedisServer, rules: &str) -> Vec<Env> {
+    let sim = start_sim(fast_sim()).await;
+    let s = secrets().with_override("TG_REDIS_URL", &redis.url());
     let mut out = Vec::new();
     for i in 0..n {
-        let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
         let host = format!("127.0.0.{}", i + 2);
-        yaml = yaml.replace(
-            "public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"",
-            &format!("public: \"{host}:0\", admin: \"{host}:0\""),
-        );
-        with_rules(
-            rules,
-            &format!(
-                "rate_limit:\n  backend: redis\n  redis: {{ url_env: TG_REDIS_URL, timeout: 100ms, replicas: {n} }}\n  fail_open: [{fail_open}]\n"
-            ),
-        )(&mut yaml);
-        let s = secrets().with_override("TG_REDIS_URL", &redis.url());
-        out.push(Env::start_on(sim.clone(), &yaml, &s).await);
+        let extra = json!({
+            "listen": {"public": format!("{host}:0"), "admin": format!("{host}:0")},
+            "rate_limit": {"redis": {"replicas": n}},
+        });
+        let overlays = [rules, "overlays/redis-rate-limits.yaml"];
+        out.push(Env::start_on(sim.clone(), &overlays, extra, &s).await);
     }
     out
 }
@@ -170,13 +132,7 @@ async fn three_replicas_on_one_redis_hold_one_limit_within_two_percent() {
     let redis = RedisServer::start();
     let rate = 100.0;
     let burst = 10.0;
-    let envs = replicas(
-        3,
-        &redis,
-        "      - { name: reads, actions: [read], rate: 100/s, burst: 10 }\n",
-        "read",
-    )
-    .await;
+    let envs = replicas(3, &redis, "overlays/web-reads-100-per-second-burst-10.yaml").await;
     for e in &envs {
         assert!(e.gw.starts_with("http://127.0.0."), "{}", e.gw);
     }
@@ -242,21 +198,14 @@ async fn three_replicas_on_one_redis_hold_one_limit_within_two_percent() {
 #[tokio::test]
 async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     let mut redis = RedisServer::start();
-    let port = redis.port;
-    let envs = replicas(
-        1,
-        &redis,
-        "      - { name: all, actions: [\"*\"], rate: 50/s, burst: 50 }\n",
-        "read",
-    )
-    .await;
+    let envs = replicas(1, &redis, "overlays/web-all-50-per-second.yaml").await;
     let env = &envs[0];
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
     let (s, _) = env
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "before"}}),
+            json!({"keypair": {"name": "before"}}),
         )
         .await;
     assert_eq!(s, 200);
@@ -270,7 +219,7 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "during"}}),
+            json!({"keypair": {"name": "during"}}),
         )
         .await;
     assert_eq!(s, 503, "{b}");
@@ -293,14 +242,14 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     );
 
     // Redis comes back on the same port: writes work again by themselves.
-    let _redis = RedisServer::start_on(port);
+    redis.restart();
     let mut recovered = false;
     for _ in 0..50 {
         let (s, _) = env
             .post(
                 "web-team",
                 "/v2/web/os-keypairs",
-                serde_json::json!({"keypair": {"name": format!("after-{}", rand_suffix())}}),
+                json!({"keypair": {"name": format!("after-{}", rand_suffix())}}),
             )
             .await;
         if s == 200 {

@@ -4,163 +4,35 @@
 //! recovery by itself when it is back.
 //!
 //! Needs `redis-server` on PATH (`apt-get install redis-server`): without it
-//! these tests fail, they never skip.
+//! these tests fail, they never skip (see tests/common/redis.rs).
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::fixtures;
+use common::redis::RedisServer;
+use serde_json::json;
 use toastgate::action::Action;
-use toastgate::config::{Config, SecretSource};
+use toastgate::config::Config;
 use toastgate::ratelimit::{Decision, Outcome, RateLimiter};
 
 const PASSWORD: &str = "rl-test-password";
 
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        RedisServer::start_on(port)
-    }
-
-    fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                PASSWORD,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start `redis-server` ({e}): the Redis rate-limit tests need it on PATH \
-                     (e.g. `apt-get install -y redis-server`)"
-                )
-            });
-        let server = RedisServer {
-            port,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while server.ping().is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://:{PASSWORD}@127.0.0.1:{}/0", self.port)
-    }
-
-    fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
-    }
-
-    fn ping(&self) -> redis::RedisResult<String> {
-        TcpStream::connect(("127.0.0.1", self.port))?;
-        redis::cmd("PING").query(&mut self.connection()?)
-    }
-
-    fn pttl(&self, key: &str) -> i64 {
-        redis::cmd("PTTL")
-            .arg(key)
-            .query(&mut self.connection().expect("redis connection"))
-            .expect("PTTL")
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let status = Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            // A stopped process must be continued to die cleanly.
-            let _ = Command::new("kill")
-                .args([
-                    "-CONT",
-                    &self.child.as_ref().map_or(0, |c| c.id()).to_string(),
-                ])
-                .status();
-        }
-        self.kill();
-    }
-}
-
-/// reads: 5/s burst 4; writes: 2/s burst 2; fail_open: read.
+/// reads: 5/s burst 4; writes: 2/s burst 2; fail_open: read; in Redis
+/// under `prefix` for `replicas` replicas; with the global budget if asked.
 fn config(redis: &RedisServer, prefix: &str, replicas: u32, global: bool) -> Config {
-    let global = if global {
-        "  global: { rate: 50/s, burst: 6 }\n"
-    } else {
-        ""
-    };
-    let yaml = format!(
-        r#"
-listen: {{ public: "127.0.0.1:0", admin: "127.0.0.1:0" }}
-upstream:
-  identity_url: https://api-identity.cloud.toast.com
-  compute_url: https://kr1-api-instance.infrastructure.cloud.toast.com
-auth:
-  issuer: toastgate-test
-  audience: toastgate
-  algorithms: [HS256]
-  keys: {{ type: hs_secret, secret_env: TG_JWT_SECRET }}
-projects:
-  web:
-    tenant_id: 6cdebe3eb0094910bc41f1d42ebe4cb7
-    credentials: {{ type: keystone, username: web-admin@example.com, password_env: TG_WEB_PW }}
-teams:
-  web-team:
-    projects: [web]
-    allow: [{{ actions: ["*"] }}]
-    rate_limits:
-      - {{ name: reads, actions: [read], rate: 5/s, burst: 4 }}
-      - {{ name: writes, actions: [write], rate: 2/s, burst: 2 }}
-  batch-team:
-    projects: [web]
-    allow: [{{ actions: ["*"] }}]
-rate_limit:
-  backend: redis
-  redis: {{ url_env: TG_REDIS_URL, timeout: 100ms, replicas: {replicas}, key_prefix: {prefix} }}
-  fail_open: [read]
-{global}"#
-    );
-    let secrets = SecretSource::default()
-        .with_override("TG_JWT_SECRET", "integration-test-hs256-secret-0123456789")
-        .with_override("TG_WEB_PW", "pw")
-        .with_override("TG_REDIS_URL", &redis.url());
-    Config::from_yaml(&yaml, &secrets, None).expect("test config is valid")
+    let mut overlays = vec![
+        "overlays/web-reads-and-writes.yaml",
+        "overlays/redis-rate-limits.yaml",
+    ];
+    if global {
+        overlays.push("overlays/global-50-per-second.yaml");
+    }
+    let extra = json!({"rate_limit": {"redis": {"replicas": replicas, "key_prefix": prefix}}});
+    let secrets = common::secrets().with_override("TG_REDIS_URL", &redis.url());
+    fixtures::parse_config(&overlays, extra, &secrets).expect("test config is valid")
 }
 
 /// A decision, with a bound on how long it may take: a hang guard (the
@@ -187,7 +59,7 @@ fn limited_by(d: &Decision, rule: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_limits_through_redis() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start_with_password(PASSWORD);
     let rl = RateLimiter::new(&config(&redis, "exact", 1, true)).expect("builds");
     assert!(!format!("{rl:?}").contains(PASSWORD));
 
@@ -258,7 +130,7 @@ async fn exact_limits_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_hold_one_combined_limit() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start_with_password(PASSWORD);
     let a = RateLimiter::new(&config(&redis, "shared", 2, false)).expect("builds");
     let b = RateLimiter::new(&config(&redis, "shared", 2, false)).expect("builds");
     // burst 4 in all, whichever replica serves.
@@ -277,8 +149,7 @@ async fn two_replicas_hold_one_combined_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted() {
-    let mut redis = RedisServer::start();
-    let port = redis.port;
+    let mut redis = RedisServer::start_with_password(PASSWORD);
     let rl: Arc<RateLimiter> =
         RateLimiter::new(&config(&redis, "outage", 2, false)).expect("builds");
     let d = timed(&rl, "web-team", Action::InstanceList).await;
@@ -305,7 +176,7 @@ async fn redis_killed_then_restarted() {
     assert_eq!((stats.degraded, stats.unavailable), (3, 1), "{stats:?}");
 
     // Back on the same port: decisions go through Redis again by themselves.
-    let redis = RedisServer::start_on(port);
+    redis.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let d = timed(&rl, "web-team", Action::InstanceCreate).await;
@@ -330,7 +201,7 @@ async fn redis_killed_then_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_redis_costs_one_timeout_then_recovers() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start_with_password(PASSWORD);
     let rl = RateLimiter::new(&config(&redis, "hung", 1, false)).expect("builds");
     assert!(!timed(&rl, "web-team", Action::InstanceList).await.degraded);
 
@@ -368,7 +239,7 @@ async fn hung_redis_costs_one_timeout_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_warms_up_and_notices_a_missing_redis() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start_with_password(PASSWORD);
     let rl = RateLimiter::new(&config(&redis, "warm", 1, false)).expect("builds");
     redis.kill();
     let (handle, stop) = toastgate::shutdown::stop_pair();

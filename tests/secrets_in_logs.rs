@@ -4,41 +4,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
+use common::logs::Capture;
 use common::{BATCH_SECRET_KEY, Env, JWT_SECRET, WEB_API_PASSWORD};
+use reqwest::Method;
 use serde_json::json;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 #[tokio::test]
 async fn no_secret_appears_in_trace_logs() {
-    let capture = Capture::default();
-    tracing_subscriber::fmt()
-        .with_env_filter("trace")
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .init();
+    let capture = Capture::install_logs("trace");
 
     let env = Env::start().await;
     let jwt = env.token("platform");
@@ -57,17 +30,14 @@ async fn no_secret_appears_in_trace_logs() {
     assert_eq!(s, 200);
     let private_key = b["keypair"]["private_key"].as_str().unwrap().to_string();
     // And on the v1.0 surface, as `privateKey`.
-    let v1: serde_json::Value = env
-        .http
-        .post(env.url("/v1.0/appkeys/WebAppKey0001/keypairs"))
-        .header("X-Auth-Token", &jwt)
-        .json(&json!({"keypair": {"name": "k2"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, v1) = env
+        .raw(
+            Method::POST,
+            "/v1.0/appkeys/WebAppKey0001/keypairs",
+            &[("X-Auth-Token", &jwt), ("content-type", "application/json")],
+            json!({"keypair": {"name": "k2"}}).to_string().into_bytes(),
+        )
+        .await;
     let v1_private_key = v1["keypair"]["privateKey"].as_str().unwrap().to_string();
     // A revoked token: 401, refresh, retry.
     env.sim.revoke_all_tokens();
@@ -75,24 +45,26 @@ async fn no_secret_appears_in_trace_logs() {
     // Rejected callers.
     let bad = format!("{jwt}x");
     seen_jwts.push(bad.clone());
-    let resp = env
-        .http
-        .get(env.url("/v2/web/flavors"))
-        .header("X-Auth-Token", &bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 401);
+    let (s, _, _) = env
+        .raw(
+            Method::GET,
+            "/v2/web/flavors",
+            &[("X-Auth-Token", &bad)],
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(s, 401);
     let other = env.token("batch-team");
     seen_jwts.push(other.clone());
-    let resp = env
-        .http
-        .get(env.url("/v2/web/flavors"))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 403);
+    let (s, _, _) = env
+        .raw(
+            Method::GET,
+            "/v2/web/flavors",
+            &[("authorization", &format!("Bearer {other}"))],
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(s, 403);
 
     let upstream_tokens: Vec<String> = env
         .sim
@@ -108,7 +80,7 @@ async fn no_secret_appears_in_trace_logs() {
     assert!(upstream_tokens.len() >= 4);
     env.stop().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("obtained upstream token"),
         "logs were not captured"

@@ -7,8 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Env, fast_sim};
+use common::tempdir::TempDir;
+use common::{Env, fast_sim, fixtures};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use serde_json::{Value, json};
 
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
@@ -36,6 +38,11 @@ impl Pki {
     }
 }
 
+/// The public listener on TLS with cert.pem and key.pem in `dir`.
+fn tls_in(dir: &TempDir) -> Value {
+    json!({"listen": {"tls": {"cert_file": dir.join("cert.pem"), "key_file": dir.join("key.pem")}}})
+}
+
 fn client(ca_pem: Option<&str>) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
         .https_only(true)
@@ -59,22 +66,10 @@ fn peer_cert(resp: &reqwest::Response) -> Vec<u8> {
 
 #[tokio::test]
 async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
-    let dir = std::env::temp_dir().join(format!("toastgate-tls-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("tls");
     let pki = Pki::new();
-    let first = pki.write_leaf(&dir);
-    let tls = format!(
-        "  tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
-    );
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "listen: { public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\" }\n",
-            &format!("listen:\n  public: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n{tls}"),
-        )
-    })
-    .await;
+    let first = pki.write_leaf(dir.path());
+    let env = Env::start_with_overlays(fast_sim(), &[], tls_in(&dir)).await;
     let https = env.gw.replace("http://", "https://");
     let ca_pem = pki.ca.pem();
     let verified = client(Some(&ca_pem));
@@ -110,7 +105,7 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
     );
 
     // Rotate: a new certificate is picked up without a restart.
-    let second = pki.write_leaf(&dir);
+    let second = pki.write_leaf(dir.path());
     assert_ne!(first, second);
     let mut rotated = false;
     for _ in 0..50 {
@@ -128,19 +123,10 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
 
 #[test]
 fn check_config_names_a_broken_certificate() {
-    let dir = std::env::temp_dir().join(format!("toastgate-tlsbad-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("tlsbad");
     std::fs::write(dir.join("cert.pem"), "not a certificate").unwrap();
     std::fs::write(dir.join("key.pem"), "not a key").unwrap();
-    let yaml = common::CONFIG.replace("{SIM}", "http://127.0.0.1:1").replace(
-        "listen: { public: \"127.0.0.1:0\", admin: \"127.0.0.1:0\" }\n",
-        &format!(
-            "listen:\n  public: \"127.0.0.1:0\"\n  admin: \"127.0.0.1:0\"\n  tls: {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        ),
-    );
-    let err = toastgate::config::Config::from_yaml(&yaml, &common::secrets(), None).unwrap_err();
+    let err = fixtures::parse_config(&[], tls_in(&dir), &common::secrets()).unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains("listen.tls.cert_file: cannot read certificate file"),

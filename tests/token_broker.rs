@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, assert_nova_error, fast_sim};
+use common::{Env, assert_nova_error, fast_sim, metrics, start_sim};
+use serde_json::json;
 use toastgate::simulator::{ErrorInjection, SimConfig};
 
 fn short_tokens(lifetime: Duration) -> SimConfig {
@@ -19,30 +20,14 @@ fn short_tokens(lifetime: Duration) -> SimConfig {
 async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
     // A slow identity service keeps the cache cold while all 200 arrive
     // (the background refresher's start-up fetch is still in flight too).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = toastgate::simulator::Simulator::start(listener, fast_sim())
-        .await
-        .unwrap();
+    let sim = start_sim(fast_sim()).await;
     sim.set_latency(Duration::from_millis(500));
-    let yaml = common::CONFIG.replace("{SIM}", &sim.base_url());
-    let env = Env::start_on(sim, &yaml, &common::secrets()).await;
-    let mut calls = Vec::new();
-    for _ in 0..200 {
-        let http = env.http.clone();
-        let url = env.url("/v2/web/flavors");
-        let token = env.token("web-team");
-        calls.push(tokio::spawn(async move {
-            http.get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for c in calls {
-        assert_eq!(c.await.unwrap(), 200);
+    let env = Env::start_on(sim, &[], json!({}), &common::secrets()).await;
+    for status in env
+        .concurrent_statuses(200, "web-team", "/v2/web/flavors")
+        .await
+    {
+        assert_eq!(status, 200);
     }
     // The background refresher of each project also asked for its token at
     // start-up; it shares the same single flight. `batch` adds its own one.
@@ -58,7 +43,7 @@ async fn two_hundred_concurrent_cold_requests_cause_one_identity_call() {
 
 #[tokio::test]
 async fn tokens_are_refreshed_ahead_of_expiry_without_a_failed_request() {
-    let env = Env::start_with(short_tokens(Duration::from_secs(2)), |_| {}).await;
+    let env = Env::start_with_overlays(short_tokens(Duration::from_secs(2)), &[], json!({})).await;
     let started = std::time::Instant::now();
     let mut requests = 0;
     while started.elapsed() < Duration::from_secs(7) {
@@ -87,12 +72,8 @@ async fn tokens_are_refreshed_ahead_of_expiry_without_a_failed_request() {
     env.stop().await;
 }
 
-fn token_waits(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("toastgate_token_waits_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+fn token_waits(text: &str) -> f64 {
+    metrics::sum(text, "toastgate_token_waits_total")
 }
 
 /// No caller ever waits on identity while a valid token exists: across
@@ -100,12 +81,11 @@ fn token_waits(metrics: &str) -> u64 {
 /// 401 replaced the token (the refresher follows the replacement).
 #[tokio::test]
 async fn the_refresher_follows_replaced_tokens_and_no_caller_waits() {
-    let env = Env::start_with(short_tokens(Duration::from_secs(6)), |y| {
-        *y = y.replace(
-            "token:\n",
-            "token:\n  refresh_at: 0.5\n  refresh_jitter: 0.0\n",
-        )
-    })
+    let env = Env::start_with_overlays(
+        short_tokens(Duration::from_secs(6)),
+        &["overlays/token-refresh-at-half.yaml"],
+        json!({}),
+    )
     .await;
     env.wait_ready().await;
     // Identity answers slowly from now on: a caller that waited would be seen.
@@ -125,7 +105,7 @@ async fn the_refresher_follows_replaced_tokens_and_no_caller_waits() {
     run(13).await;
     assert_eq!(
         token_waits(&env.metrics().await),
-        0,
+        0.0,
         "a caller waited while a token was valid"
     );
     // A 401 (API password changed) drops the token: exactly one wait, for
@@ -134,7 +114,10 @@ async fn the_refresher_follows_replaced_tokens_and_no_caller_waits() {
     let (status, _) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(status, 200);
     let after_revoke = token_waits(&env.metrics().await);
-    assert!(after_revoke <= 1, "{after_revoke} waits for one revocation");
+    assert!(
+        after_revoke <= 1.0,
+        "{after_revoke} waits for one revocation"
+    );
     // ...and the refresher renews the replacement ahead of its expiry too.
     run(13).await;
     assert_eq!(
@@ -153,23 +136,11 @@ async fn an_upstream_401_refreshes_once_and_retries() {
     env.sim.revoke_all_tokens();
 
     // 50 requests all holding the revoked token: one refresh between them.
-    let mut calls = Vec::new();
-    for _ in 0..50 {
-        let http = env.http.clone();
-        let url = env.url("/v2/web/flavors");
-        let token = env.token("web-team");
-        calls.push(tokio::spawn(async move {
-            http.get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
-    }
-    for c in calls {
-        assert_eq!(c.await.unwrap(), 200);
+    for status in env
+        .concurrent_statuses(50, "web-team", "/v2/web/flavors")
+        .await
+    {
+        assert_eq!(status, 200);
     }
     assert_eq!(
         env.sim.identity_calls() - before,
@@ -189,7 +160,7 @@ async fn a_request_with_a_body_is_replayed_after_a_401() {
         .post(
             "web-team",
             "/v2/web/os-keypairs",
-            serde_json::json!({"keypair": {"name": "replayed"}}),
+            json!({"keypair": {"name": "replayed"}}),
         )
         .await;
     assert_eq!(s, 200, "{b}");
@@ -240,7 +211,7 @@ async fn a_second_401_is_an_error_not_a_loop() {
 
 #[tokio::test]
 async fn identity_outage_is_invisible_while_the_token_is_valid_then_a_clear_503() {
-    let env = Env::start_with(short_tokens(Duration::from_secs(3)), |_| {}).await;
+    let env = Env::start_with_overlays(short_tokens(Duration::from_secs(3)), &[], json!({})).await;
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
     env.sim.set_identity_outage(true);
     // Valid token: requests keep working although every refresh fails.
@@ -288,14 +259,8 @@ async fn appkey_token_api_credentials_work() {
 async fn readyz_shows_token_state_per_project() {
     let env = Env::start().await;
     env.wait_ready().await;
-    let resp = env
-        .http
-        .get(format!("{}/readyz", env.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let (status, body) = env.readyz().await;
+    assert_eq!(status, 200);
     assert_eq!(body["status"], "ready");
     let tokens = body["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 2);
@@ -309,25 +274,14 @@ async fn readyz_shows_token_state_per_project() {
 
 #[tokio::test]
 async fn readyz_is_unready_when_a_project_cannot_get_a_token() {
-    let env = Env::start_with(fast_sim(), |y| {
-        *y = y.replace(
-            "username: web-admin@example.com",
-            "username: nobody@example.com",
-        );
-    })
-    .await;
+    let env =
+        Env::start_with_overlays(fast_sim(), &["overlays/unknown-web-user.yaml"], json!({})).await;
     // `/readyz` answers from what the refreshers know: poll until the web
     // project's refresher has been refused.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let web = loop {
-        let resp = env
-            .http
-            .get(format!("{}/readyz", env.admin))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 503);
-        let body: serde_json::Value = resp.json().await.unwrap();
+        let (status, body) = env.readyz().await;
+        assert_eq!(status, 503);
         let web = body["tokens"]
             .as_array()
             .unwrap()

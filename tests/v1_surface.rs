@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Env, WEB_TENANT};
+use common::{Env, WEB_TENANT, assert_v1_failure};
 use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{
@@ -15,25 +15,6 @@ use toastgate::simulator::{
 const TEAM: &str = "web-team";
 const BASE: &str = "/v1.0/appkeys/WebAppKey0001";
 
-/// Calls the v1.0 surface the way v1.0 clients do (JWT in X-Auth-Token);
-/// asserts HTTP 200 and returns the body.
-async fn v1(env: &Env, method: Method, path_and_query: &str, body: Option<Value>) -> Value {
-    let mut req = env
-        .http
-        .request(method, env.url(&format!("{BASE}{path_and_query}")))
-        .header("X-Auth-Token", env.token(TEAM));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        200,
-        "the v1.0 surface always answers 200"
-    );
-    resp.json().await.unwrap()
-}
-
 fn assert_success(b: &Value) {
     assert_eq!(
         b["header"],
@@ -42,10 +23,9 @@ fn assert_success(b: &Value) {
     );
 }
 
+/// A failure envelope with `code` and a message; returns the message.
 fn assert_failure(b: &Value, code: i64) -> String {
-    assert_eq!(b["header"]["isSuccessful"], false, "{b}");
-    assert_eq!(b["header"]["resultCode"], code, "{b}");
-    let msg = b["header"]["resultMessage"].as_str().unwrap().to_string();
+    let msg = assert_v1_failure(b, code);
     assert!(!msg.is_empty());
     msg
 }
@@ -55,18 +35,31 @@ fn last_upstream(env: &Env) -> RecordedRequest {
     env.compute_requests().pop().expect("an upstream request")
 }
 
+/// Asserts the last compute request was `method` on the web tenant's
+/// `path` (after `/v2/{tenant}`); returns it.
+fn assert_last_upstream(env: &Env, method: &str, path: &str) -> RecordedRequest {
+    let r = last_upstream(env);
+    let expected = format!("/v2/{WEB_TENANT}{path}");
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str()),
+        (method, expected.as_str())
+    );
+    r
+}
+
 fn upstream_body(r: &RecordedRequest) -> Value {
     serde_json::from_slice(&r.body).unwrap()
 }
 
 async fn create_keypair(env: &Env, name: &str) -> Value {
-    let b = v1(
-        env,
-        Method::POST,
-        "/keypairs",
-        Some(json!({"keypair": {"name": name}})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/keypairs",
+            Some(json!({"keypair": {"name": name}})),
+        )
+        .await;
     assert_success(&b);
     b
 }
@@ -82,13 +75,14 @@ async fn create_instance(env: &Env, name: &str, flavor: &str, volume: Option<i64
     if let Some(size) = volume {
         inst["volumes"] = json!([{"size": size}]);
     }
-    let b = v1(
-        env,
-        Method::POST,
-        "/instances",
-        Some(json!({"instance": inst})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/instances",
+            Some(json!({"instance": inst})),
+        )
+        .await;
     assert_success(&b);
     b["instance"]["id"].as_str().unwrap().to_string()
 }
@@ -96,7 +90,7 @@ async fn create_instance(env: &Env, name: &str, flavor: &str, volume: Option<i64
 #[tokio::test]
 async fn availability_zones() {
     let env = Env::start().await;
-    let b = v1(&env, Method::GET, "/availability-zones", None).await;
+    let b = env.v1(TEAM, Method::GET, "/availability-zones", None).await;
     assert_success(&b);
     assert_eq!(
         b["zones"],
@@ -105,14 +99,7 @@ async fn availability_zones() {
             {"zoneName": "kr-pub-b", "zoneState": {"available": true}}
         ])
     );
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        (
-            "GET",
-            format!("/v2/{WEB_TENANT}/os-availability-zone").as_str()
-        )
-    );
+    assert_last_upstream(&env, "GET", "/os-availability-zone");
     env.stop().await;
 }
 
@@ -120,18 +107,19 @@ async fn availability_zones() {
 async fn create_instance_translates_every_field() {
     let env = Env::start().await;
     create_keypair(&env, "db-key").await;
-    let b = v1(
-        &env,
-        Method::POST,
-        "/instances",
-        Some(json!({"instance": {
-            "name": "db-01", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_R2_C2M4,
-            "networks": [{"id": NETWORK_VPC1}], "availabilityZone": "kr-pub-b",
-            "keyName": "db-key", "count": 2, "volumes": [{"size": 30}],
-            "securityGroups": [{"name": "default"}, {"name": "web"}]
-        }})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/instances",
+            Some(json!({"instance": {
+                "name": "db-01", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_R2_C2M4,
+                "networks": [{"id": NETWORK_VPC1}], "availabilityZone": "kr-pub-b",
+                "keyName": "db-key", "count": 2, "volumes": [{"size": 30}],
+                "securityGroups": [{"name": "default"}, {"name": "web"}]
+            }})),
+        )
+        .await;
     assert_success(&b);
     let inst = b["instance"].as_object().unwrap();
     assert_eq!(
@@ -141,11 +129,7 @@ async fn create_instance_translates_every_field() {
     assert_eq!(inst["name"], "db-01");
     assert_eq!(inst["status"], "BUILD");
 
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        ("POST", format!("/v2/{WEB_TENANT}/servers").as_str())
-    );
+    let r = assert_last_upstream(&env, "POST", "/servers");
     assert_eq!(
         upstream_body(&r),
         json!({"server": {
@@ -160,7 +144,7 @@ async fn create_instance_translates_every_field() {
         }})
     );
     // Two instances exist upstream.
-    let list = v1(&env, Method::GET, "/instances", None).await;
+    let list = env.v1(TEAM, Method::GET, "/instances", None).await;
     assert_eq!(list["instances"].as_array().unwrap().len(), 2);
     env.stop().await;
 }
@@ -171,16 +155,17 @@ async fn instances_brief_and_detail_by_list_and_by_id() {
     let id = create_instance(&env, "web-01", FLAVOR_R2_C2M4, Some(20)).await;
     let u2 = create_instance(&env, "web-02", FLAVOR_U2_C1M1, None).await;
     // A data volume and a floating IP so every detail field has content.
-    let a = v1(
-        &env,
-        Method::POST,
-        &format!("/instances/{id}/attachments"),
-        Some(json!({"attachment": {"volumeId": WEB_VOLUMES[0]}})),
-    )
-    .await;
+    let a = env
+        .v1(
+            TEAM,
+            Method::POST,
+            &format!("/instances/{id}/attachments"),
+            Some(json!({"attachment": {"volumeId": WEB_VOLUMES[0]}})),
+        )
+        .await;
     assert_success(&a);
 
-    let brief = v1(&env, Method::GET, "/instances", None).await;
+    let brief = env.v1(TEAM, Method::GET, "/instances", None).await;
     assert_success(&brief);
     let list = brief["instances"].as_array().unwrap();
     assert_eq!(list.len(), 2);
@@ -192,7 +177,9 @@ async fn instances_brief_and_detail_by_list_and_by_id() {
         );
         assert_eq!(i["status"], "ACTIVE");
     }
-    let one = v1(&env, Method::GET, &format!("/instances?id={id}"), None).await;
+    let one = env
+        .v1(TEAM, Method::GET, &format!("/instances?id={id}"), None)
+        .await;
     assert_eq!(
         one["instances"],
         json!([{"id": id, "name": "web-01", "status": "ACTIVE"}])
@@ -202,13 +189,14 @@ async fn instances_brief_and_detail_by_list_and_by_id() {
         format!("/v2/{WEB_TENANT}/servers/{id}")
     );
 
-    let detail = v1(
-        &env,
-        Method::GET,
-        &format!("/instances-detail?id={id}"),
-        None,
-    )
-    .await;
+    let detail = env
+        .v1(
+            TEAM,
+            Method::GET,
+            &format!("/instances-detail?id={id}"),
+            None,
+        )
+        .await;
     assert_success(&detail);
     let d = &detail["instances"][0];
     let mut keys: Vec<&str> = d.as_object().unwrap().keys().map(String::as_str).collect();
@@ -276,7 +264,7 @@ async fn instances_brief_and_detail_by_list_and_by_id() {
     }
     assert!(d["metadata"].is_object());
 
-    let all = v1(&env, Method::GET, "/instances-detail", None).await;
+    let all = env.v1(TEAM, Method::GET, "/instances-detail", None).await;
     let u2d = all["instances"]
         .as_array()
         .unwrap()
@@ -303,15 +291,15 @@ async fn instances_brief_and_detail_by_list_and_by_id() {
 async fn delete_instance() {
     let env = Env::start().await;
     let id = create_instance(&env, "gone-01", FLAVOR_U2_C1M1, None).await;
-    let b = v1(&env, Method::DELETE, &format!("/instances?id={id}"), None).await;
+    let b = env
+        .v1(TEAM, Method::DELETE, &format!("/instances?id={id}"), None)
+        .await;
     assert_success(&b);
     assert_eq!(b.as_object().unwrap().len(), 1, "only the header: {b}");
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        ("DELETE", format!("/v2/{WEB_TENANT}/servers/{id}").as_str())
-    );
-    let b = v1(&env, Method::GET, &format!("/instances?id={id}"), None).await;
+    assert_last_upstream(&env, "DELETE", &format!("/servers/{id}"));
+    let b = env
+        .v1(TEAM, Method::GET, &format!("/instances?id={id}"), None)
+        .await;
     assert!(assert_failure(&b, 10404).contains("could not be found"));
     env.stop().await;
 }
@@ -321,13 +309,14 @@ async fn attach_and_detach_block_storage() {
     let env = Env::start().await;
     let id = create_instance(&env, "vol-01", FLAVOR_R2_C2M4, Some(20)).await;
     let vol = WEB_VOLUMES[1];
-    let b = v1(
-        &env,
-        Method::POST,
-        &format!("/instances/{id}/attachments"),
-        Some(json!({"attachment": {"volumeId": vol}})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            &format!("/instances/{id}/attachments"),
+            Some(json!({"attachment": {"volumeId": vol}})),
+        )
+        .await;
     assert_success(&b);
     let a = b["attachment"].as_object().unwrap();
     assert_eq!(a.len(), 3);
@@ -344,21 +333,19 @@ async fn attach_and_detach_block_storage() {
         json!({"volumeAttachment": {"volumeId": vol}})
     );
 
-    let b = v1(
-        &env,
-        Method::DELETE,
-        &format!("/instances/{id}/attachments?volumeId={vol}"),
-        None,
-    )
-    .await;
-    assert_success(&b);
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        (
-            "DELETE",
-            format!("/v2/{WEB_TENANT}/servers/{id}/os-volume_attachments/{vol}").as_str()
+    let b = env
+        .v1(
+            TEAM,
+            Method::DELETE,
+            &format!("/instances/{id}/attachments?volumeId={vol}"),
+            None,
         )
+        .await;
+    assert_success(&b);
+    assert_last_upstream(
+        &env,
+        "DELETE",
+        &format!("/servers/{id}/os-volume_attachments/{vol}"),
     );
     env.stop().await;
 }
@@ -368,13 +355,14 @@ async fn every_action_of_the_common_action_endpoint() {
     let env = Env::start().await;
     let id = create_instance(&env, "act-01", FLAVOR_U2_C1M1, None).await;
     let path = format!("/instances/{id}/action");
-    let detail = v1(
-        &env,
-        Method::GET,
-        &format!("/instances-detail?id={id}"),
-        None,
-    )
-    .await;
+    let detail = env
+        .v1(
+            TEAM,
+            Method::GET,
+            &format!("/instances-detail?id={id}"),
+            None,
+        )
+        .await;
     let fixed = detail["instances"][0]["addresses"][0]["ipAddress"]
         .as_str()
         .unwrap()
@@ -424,7 +412,7 @@ async fn every_action_of_the_common_action_endpoint() {
         ),
     ];
     for (body, v2, status_after) in cases {
-        let b = v1(&env, Method::POST, &path, Some(body.clone())).await;
+        let b = env.v1(TEAM, Method::POST, &path, Some(body.clone())).await;
         assert_success(&b);
         assert_eq!(b.as_object().unwrap().len(), 1, "{body}: only the header");
         let r = last_upstream(&env);
@@ -434,30 +422,34 @@ async fn every_action_of_the_common_action_endpoint() {
             "{body}"
         );
         assert_eq!(upstream_body(&r), v2, "{body}");
-        let now = v1(&env, Method::GET, &format!("/instances?id={id}"), None).await;
+        let now = env
+            .v1(TEAM, Method::GET, &format!("/instances?id={id}"), None)
+            .await;
         assert_eq!(now["instances"][0]["status"], status_after, "{body}");
     }
     // The floating IP showed up in the detail while attached (checked via a fresh add).
-    v1(&env, Method::POST, &path, Some(json!({"action": "addFloatingIp", "parameters": {"address": "133.186.1.21", "ipAddress": fixed}}))).await;
-    let d = v1(
-        &env,
-        Method::GET,
-        &format!("/instances-detail?id={id}"),
-        None,
-    )
-    .await;
+    env.v1(TEAM, Method::POST, &path, Some(json!({"action": "addFloatingIp", "parameters": {"address": "133.186.1.21", "ipAddress": fixed}}))).await;
+    let d = env
+        .v1(
+            TEAM,
+            Method::GET,
+            &format!("/instances-detail?id={id}"),
+            None,
+        )
+        .await;
     assert_eq!(
         d["instances"][0]["addresses"][0]["floatingIpAddress"],
         "133.186.1.21"
     );
 
-    let b = v1(
-        &env,
-        Method::POST,
-        &path,
-        Some(json!({"action": "uploadImage", "parameters": {"name": "act-01-img"}})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            &path,
+            Some(json!({"action": "uploadImage", "parameters": {"name": "act-01-img"}})),
+        )
+        .await;
     assert_success(&b);
     assert_eq!(b["createdImage"]["name"], "act-01-img");
     let image_id = b["createdImage"]["id"].as_str().unwrap();
@@ -473,30 +465,33 @@ async fn every_action_of_the_common_action_endpoint() {
 async fn conflicting_state_and_unknown_instance_map_to_instance_api_codes() {
     let env = Env::start().await;
     let id = create_instance(&env, "c-01", FLAVOR_U2_C1M1, None).await;
-    let b = v1(
-        &env,
-        Method::POST,
-        &format!("/instances/{id}/action"),
-        Some(json!({"action": "start"})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            &format!("/instances/{id}/action"),
+            Some(json!({"action": "start"})),
+        )
+        .await;
     let msg = assert_failure(&b, 10409);
     assert!(msg.contains("Cannot"), "{msg}");
-    let b = v1(
-        &env,
-        Method::POST,
-        "/instances/00000000-0000-0000-0000-000000000000/action",
-        Some(json!({"action": "stop"})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/instances/00000000-0000-0000-0000-000000000000/action",
+            Some(json!({"action": "stop"})),
+        )
+        .await;
     assert_failure(&b, 10404);
-    let b = v1(
-        &env,
-        Method::POST,
-        &format!("/instances/{id}/action"),
-        Some(json!({"action": "resize", "parameters": {"flavor": FLAVOR_U2_C1M1}})),
-    )
-    .await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            &format!("/instances/{id}/action"),
+            Some(json!({"action": "resize", "parameters": {"flavor": FLAVOR_U2_C1M1}})),
+        )
+        .await;
     assert_failure(&b, 10400);
     let _ = FLAVOR_M2_C2M4;
     env.stop().await;
@@ -505,7 +500,7 @@ async fn conflicting_state_and_unknown_instance_map_to_instance_api_codes() {
 #[tokio::test]
 async fn flavors() {
     let env = Env::start().await;
-    let b = v1(&env, Method::GET, "/flavors", None).await;
+    let b = env.v1(TEAM, Method::GET, "/flavors", None).await;
     assert_success(&b);
     let flavors = b["flavors"].as_array().unwrap();
     assert!(flavors.len() >= 9);
@@ -552,13 +547,14 @@ async fn keypairs_list_by_name_create_upload_delete() {
     );
 
     let public = kp["publicKey"].as_str().unwrap().to_string();
-    let up = v1(
-        &env,
-        Method::POST,
-        "/keypairs",
-        Some(json!({"keypair": {"name": "my key", "publicKey": public}})),
-    )
-    .await;
+    let up = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/keypairs",
+            Some(json!({"keypair": {"name": "my key", "publicKey": public}})),
+        )
+        .await;
     assert_success(&up);
     assert!(
         up["keypair"].get("privateKey").is_none(),
@@ -569,7 +565,7 @@ async fn keypairs_list_by_name_create_upload_delete() {
         json!({"keypair": {"name": "my key", "public_key": public}})
     );
 
-    let all = v1(&env, Method::GET, "/keypairs", None).await;
+    let all = env.v1(TEAM, Method::GET, "/keypairs", None).await;
     assert_success(&all);
     let list = all["keypairs"].as_array().unwrap();
     assert_eq!(list.len(), 2);
@@ -580,7 +576,9 @@ async fn keypairs_list_by_name_create_upload_delete() {
         );
         assert!(k["publicKey"].is_string() && k["fingerprint"].is_string());
     }
-    let one = v1(&env, Method::GET, "/keypairs?name=my%20key", None).await;
+    let one = env
+        .v1(TEAM, Method::GET, "/keypairs?name=my%20key", None)
+        .await;
     assert_success(&one);
     assert_eq!(one["keypairs"][0]["name"], "my key");
     assert!(one["keypairs"][0]["createdAt"].is_string());
@@ -589,17 +587,14 @@ async fn keypairs_list_by_name_create_upload_delete() {
         format!("/v2/{WEB_TENANT}/os-keypairs/my%20key")
     );
 
-    let del = v1(&env, Method::DELETE, "/keypairs?name=my%20key", None).await;
+    let del = env
+        .v1(TEAM, Method::DELETE, "/keypairs?name=my%20key", None)
+        .await;
     assert_success(&del);
-    let r = last_upstream(&env);
-    assert_eq!(
-        (r.method.as_str(), r.path.as_str()),
-        (
-            "DELETE",
-            format!("/v2/{WEB_TENANT}/os-keypairs/my%20key").as_str()
-        )
-    );
-    let gone = v1(&env, Method::GET, "/keypairs?name=my%20key", None).await;
+    assert_last_upstream(&env, "DELETE", "/os-keypairs/my%20key");
+    let gone = env
+        .v1(TEAM, Method::GET, "/keypairs?name=my%20key", None)
+        .await;
     assert_failure(&gone, 10404);
     env.stop().await;
 }
@@ -609,15 +604,16 @@ async fn the_token_api_is_refused_and_caller_keys_never_forwarded() {
     let env = Env::start().await;
     env.sim.clear_requests();
     for (method, path) in [(Method::POST, "/tokens"), (Method::GET, "/tokens?id=abc")] {
-        let resp = env
-            .http
-            .request(method, env.url(&format!("{BASE}{path}")))
-            .json(&json!({"auth": {"username": "my-access-key", "password": "my-secret-key"}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let b: Value = resp.json().await.unwrap();
+        let body = json!({"auth": {"username": "my-access-key", "password": "my-secret-key"}});
+        let (s, _, b) = env
+            .raw(
+                method,
+                &format!("{BASE}{path}"),
+                &[("content-type", "application/json")],
+                body.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(s, 200);
         let msg = assert_failure(&b, 50403);
         assert!(msg.contains("tokens are managed by toastgate"), "{msg}");
         assert!(!msg.contains("my-secret-key"));
@@ -758,17 +754,18 @@ async fn malformed_input_for_every_body_is_refused_before_the_upstream() {
         (Method::PUT, "/instances", "", -7),
     ];
     for (method, path, body, code) in cases {
-        let resp = env
-            .http
-            .request(method.clone(), env.url(&format!("{BASE}{path}")))
-            .header("X-Auth-Token", env.token(TEAM))
-            .header("Content-Type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200, "{method} {path} {body}");
-        let b: Value = resp.json().await.unwrap();
+        let (s, _, b) = env
+            .raw(
+                method.clone(),
+                &format!("{BASE}{path}"),
+                &[
+                    ("X-Auth-Token", &env.token(TEAM)),
+                    ("Content-Type", "application/json"),
+                ],
+                body.as_bytes().to_vec(),
+            )
+            .await;
+        assert_eq!(s, 200, "{method} {path} {body}");
         let msg = assert_failure(&b, code);
         assert!(msg.len() > 10, "{method} {path}: unhelpful message {msg}");
     }
@@ -783,54 +780,34 @@ async fn malformed_input_for_every_body_is_refused_before_the_upstream() {
 async fn gateway_refusals_use_the_envelope() {
     let env = Env::start().await;
     // No credential.
-    let b: Value = env
-        .http
-        .get(env.url(&format!("{BASE}/flavors")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, b) = env
+        .raw(Method::GET, &format!("{BASE}/flavors"), &[], Vec::new())
+        .await;
     assert!(assert_failure(&b, -3).contains("authentication required"));
     // A team that may not use this project.
-    let b: Value = env
-        .http
-        .get(env.url(&format!("{BASE}/flavors")))
-        .header("X-Auth-Token", env.token("batch-team"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let b = env.v1("batch-team", Method::GET, "/flavors", None).await;
     assert!(assert_failure(&b, -3).contains("may not use project `web`"));
     // An appkey toastgate does not know.
-    let b: Value = env
-        .http
-        .get(env.url("/v1.0/appkeys/UnknownKey/flavors"))
-        .bearer_auth(env.token(TEAM))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let auth = format!("Bearer {}", env.token(TEAM));
+    let (_, _, b) = env
+        .raw(
+            Method::GET,
+            "/v1.0/appkeys/UnknownKey/flavors",
+            &[("authorization", &auth)],
+            Vec::new(),
+        )
+        .await;
     assert!(assert_failure(&b, -3).contains("UnknownKey"));
     // Unknown v1.0 paths.
-    let resp = env
-        .http
-        .get(env.url("/v1.0/projects"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let b: Value = resp.json().await.unwrap();
+    let (s, _, b) = env
+        .raw(Method::GET, "/v1.0/projects", &[], Vec::new())
+        .await;
+    assert_eq!(s, 200);
     assert_failure(&b, -5);
     // Upstream unreachable.
     env.sim.shutdown();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let b = v1(&env, Method::GET, "/flavors", None).await;
+    let b = env.v1(TEAM, Method::GET, "/flavors", None).await;
     assert_failure(&b, 10502);
     env.stop().await;
 }
@@ -841,19 +818,12 @@ async fn same_decision_for_the_same_action_on_both_surfaces() {
     // batch-team may not touch web, whichever surface it uses.
     let (s, _) = env.get("batch-team", "/v2/web/servers/detail").await;
     assert_eq!(s, 403);
-    let b: Value = env
-        .http
-        .get(env.url(&format!("{BASE}/instances-detail")))
-        .header("X-Auth-Token", env.token("batch-team"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let b = env
+        .v1("batch-team", Method::GET, "/instances-detail", None)
+        .await;
     assert_failure(&b, -3);
     // web-team may, on both.
     assert_eq!(env.get(TEAM, "/v2/web/servers/detail").await.0, 200);
-    assert_success(&v1(&env, Method::GET, "/instances-detail", None).await);
+    assert_success(&env.v1(TEAM, Method::GET, "/instances-detail", None).await);
     env.stop().await;
 }

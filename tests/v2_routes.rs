@@ -3,12 +3,11 @@
 
 mod common;
 
-use common::{Env, WEB_TENANT, assert_nova_error};
+use common::{Env, WEB_TENANT, assert_nova_error, first_fixed_ip};
 use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{
-    FLAVOR_M2_C2M4, FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, SUBNET_VPC1,
-    WEB_VOLUMES,
+    FLAVOR_M2_C2M4, FLAVOR_R2_C2M4, IMAGE_CENTOS_7_8, SUBNET_VPC1, WEB_VOLUMES,
 };
 
 const TEAM: &str = "web-team";
@@ -22,19 +21,8 @@ fn self_href(v: &Value) -> String {
         .to_string()
 }
 
-async fn create_keypair(env: &Env, name: &str) {
-    let (s, b) = env
-        .post(
-            TEAM,
-            "/v2/web/os-keypairs",
-            json!({"keypair": {"name": name}}),
-        )
-        .await;
-    assert_eq!(s, 200, "{b}");
-}
-
 async fn create_server(env: &Env, name: &str) -> String {
-    create_keypair(env, &format!("{name}-key")).await;
+    env.web_keypair(TEAM, &format!("{name}-key")).await;
     let (s, b) = env
         .post(
             TEAM,
@@ -61,22 +49,6 @@ async fn create_server(env: &Env, name: &str) -> String {
     b["server"]["id"].as_str().unwrap().to_string()
 }
 
-async fn create_u2_server(env: &Env, name: &str) -> String {
-    create_keypair(env, &format!("{name}-key")).await;
-    let (s, b) = env
-        .post(
-            TEAM,
-            "/v2/web/servers",
-            json!({"server": {
-                "name": name, "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_U2_C1M1,
-                "networks": [{"uuid": NETWORK_VPC1}], "key_name": format!("{name}-key")
-            }}),
-        )
-        .await;
-    assert_eq!(s, 202, "{b}");
-    b["server"]["id"].as_str().unwrap().to_string()
-}
-
 async fn server_status(env: &Env, id: &str) -> Value {
     let (s, b) = env.get(TEAM, &format!("/v2/web/servers/{id}")).await;
     assert_eq!(s, 200, "{b}");
@@ -92,15 +64,7 @@ async fn action(env: &Env, id: &str, body: Value) -> (u16, Value) {
 async fn version_documents_are_answered_by_the_gateway_without_a_token() {
     let env = Env::start().await;
     let host = env.gw.trim_start_matches("http://").to_string();
-    let v: Value = env
-        .http
-        .get(env.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, v) = env.raw(Method::GET, "/", &[], Vec::new()).await;
     let first = &v["versions"][0];
     assert_eq!(first["id"], "v2.0");
     assert!(
@@ -110,15 +74,7 @@ async fn version_documents_are_answered_by_the_gateway_without_a_token() {
     );
     assert_eq!(self_href(first), format!("http://{host}/v2/"));
     for path in ["/v2/", "/v2"] {
-        let v: Value = env
-            .http
-            .get(env.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, _, v) = env.raw(Method::GET, path, &[], Vec::new()).await;
         assert_eq!(v["version"]["id"], "v2.0", "{path}");
         assert_eq!(self_href(&v["version"]), format!("http://{host}/v2/"));
     }
@@ -351,18 +307,18 @@ async fn servers_lifecycle_through_every_route_and_action() {
     assert_eq!(s, 400, "{b}");
     assert_nova_error(&b, "badRequest", 400);
     // ...and a u2 one answers with the image id and a Location at the gateway.
-    let u2 = create_u2_server(&env, "u2-01").await;
+    let u2 = env.web_u2_server(TEAM, "u2-01-key", "u2-01").await;
     let resp = env
-        .http
-        .post(env.url(&format!("/v2/web/servers/{u2}/action")))
-        .bearer_auth(env.token(TEAM))
-        .json(&json!({"createImage": {"name": "u2-01-img", "metadata": {"k": "v"}}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 202);
-    let location = resp.headers()["location"].to_str().unwrap().to_string();
-    let body: Value = resp.json().await.unwrap();
+        .request(
+            TEAM,
+            Method::POST,
+            &format!("/v2/web/servers/{u2}/action"),
+            Some(json!({"createImage": {"name": "u2-01-img", "metadata": {"k": "v"}}})),
+        )
+        .await;
+    assert_eq!(resp.status, 202);
+    let location = resp.headers["location"].to_str().unwrap().to_string();
+    let body = resp.body;
     let image_id = body["image_id"].as_str().unwrap();
     assert_eq!(location, env.url(&format!("/v2/web/images/{image_id}")));
 
@@ -381,15 +337,7 @@ async fn servers_lifecycle_through_every_route_and_action() {
         202
     );
 
-    let fixed = detail["addresses"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()[0]["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let fixed = first_fixed_ip(detail);
     let (s, b) = action(
         &env,
         &id,
@@ -581,12 +529,11 @@ async fn upstream_errors_pass_through_with_their_status_and_body() {
 
 #[tokio::test]
 async fn oversized_bodies_are_refused_before_reaching_the_upstream() {
-    let env = Env::start_with(common::fast_sim(), |y| {
-        *y = y.replace(
-            "request_timeout: 10s",
-            "request_timeout: 10s\n  body_limit_bytes: 1024",
-        );
-    })
+    let env = Env::start_with_overlays(
+        common::fast_sim(),
+        &["overlays/small-body-limit.yaml"],
+        json!({}),
+    )
     .await;
     env.sim.clear_requests();
     let big = "x".repeat(4096);

@@ -1,16 +1,29 @@
 //! Shared test harness: the real simulator and the real gateway, each on an
-//! ephemeral port, talking HTTP.
+//! ephemeral port, talking HTTP (`Env`), configured from tests/fixtures
+//! (`fixtures`). Beside it: one way to send a request and read the answer
+//! (`http`), the simulator on its own (`sim`), a real redis-server
+//! (`redis`), /metrics readers (`metrics`), captured logs (`logs`), temp
+//! folders (`tempdir`) and the toastgate binary (`process`).
 #![allow(dead_code)]
 
+pub mod fixtures;
+pub mod http;
+pub mod logs;
+pub mod metrics;
+pub mod process;
 pub mod redis;
+pub mod sim;
+pub mod tempdir;
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use toastgate::config::{Config, SecretSource};
 use toastgate::server::{self, Listeners};
 use toastgate::shutdown::{StopHandle, stop_pair};
-use toastgate::simulator::{SimConfig, SimHandle, Simulator};
+use toastgate::simulator::{
+    FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, SimConfig, SimHandle, Simulator,
+};
 
 pub const WEB_TENANT: &str = "6cdebe3eb0094910bc41f1d42ebe4cb7";
 pub const BATCH_TENANT: &str = "9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e";
@@ -18,46 +31,7 @@ pub const JWT_SECRET: &str = "integration-test-hs256-secret-0123456789";
 pub const WEB_API_PASSWORD: &str = "demo-web-api-password";
 pub const BATCH_SECRET_KEY: &str = "demo-batch-secret-key";
 
-/// The gateway config used by the tests; `{SIM}` is the simulator's base URL.
-pub const CONFIG: &str = r#"
-listen: { public: "127.0.0.1:0", admin: "127.0.0.1:0" }
-upstream:
-  identity_url: "{SIM}"
-  compute_url: "{SIM}"
-  compute_v1_url: "{SIM}"
-  connect_timeout: 1s
-  request_timeout: 5s
-token:
-  retry_min_backoff: 50ms
-  retry_max_backoff: 500ms
-server:
-  request_timeout: 10s
-auth:
-  issuer: toastgate-test
-  audience: toastgate
-  algorithms: [HS256]
-  keys: { type: hs_secret, secret_env: TG_JWT_SECRET }
-projects:
-  web:
-    tenant_id: 6cdebe3eb0094910bc41f1d42ebe4cb7
-    appkey: WebAppKey0001
-    credentials: { type: keystone, username: web-admin@example.com, password_env: TG_WEB_PW }
-  batch:
-    tenant_id: 9a1f3c5e7b2d4f6a8c0e1b3d5f7a9c2e
-    appkey: BatchAppKey002
-    credentials: { type: appkey, access_key_id: demo-batch-access-key, secret_access_key_env: TG_BATCH_SK }
-teams:
-  web-team:
-    projects: [web]
-    allow: [{ actions: ["*"] }]
-  batch-team:
-    projects: [batch]
-    allow: [{ actions: ["*"] }]
-  platform:
-    projects: [web, batch]
-    allow: [{ actions: ["*"] }]
-"#;
-
+/// The secrets tests/fixtures/gateway.yaml names.
 pub fn secrets() -> SecretSource {
     SecretSource::default()
         .with_override("TG_JWT_SECRET", JWT_SECRET)
@@ -75,6 +49,7 @@ pub struct Env {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// The demo simulator without build or action delays.
 pub fn fast_sim() -> SimConfig {
     SimConfig {
         build_delay: Duration::ZERO,
@@ -83,24 +58,80 @@ pub fn fast_sim() -> SimConfig {
     }
 }
 
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The simulator on an ephemeral loopback port.
+pub async fn start_sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(listener, config).await.unwrap()
+}
+
+/// The first fixed address of a v2 server document.
+pub fn first_fixed_ip(server: &Value) -> String {
+    server["addresses"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()[0]["addr"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits until `/readyz` of the admin listener at `admin` (a base URL)
+/// answers 200, as a readiness probe would.
+pub async fn wait_ready(http: &reqwest::Client, admin: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if matches!(status, Ok(200)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after 30 s: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Env {
+    /// A fast simulator and the gateway on tests/fixtures/gateway.yaml.
     pub async fn start() -> Env {
-        Env::start_with(fast_sim(), |_| {}).await
+        Env::start_with_overlays(fast_sim(), &[], json!({})).await
     }
 
-    /// Starts a simulator with `sim`, then the gateway on the test config
-    /// after `edit` has changed its YAML text.
-    pub async fn start_with(sim: SimConfig, edit: impl FnOnce(&mut String)) -> Env {
-        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = Simulator::start(sim_listener, sim).await.unwrap();
-        let mut yaml = CONFIG.replace("{SIM}", &sim.base_url());
-        edit(&mut yaml);
-        Env::start_on(sim, &yaml, &secrets()).await
+    /// Starts a simulator with `sim`, then the gateway on
+    /// tests/fixtures/gateway.yaml with the fixtures named in `overlays`
+    /// (e.g. "overlays/builders-team.yaml") and then `extra` merged onto it
+    /// (see fixtures.rs).
+    pub async fn start_with_overlays(sim: SimConfig, overlays: &[&str], extra: Value) -> Env {
+        let sim = start_sim(sim).await;
+        Env::start_on(sim, overlays, extra, &secrets()).await
     }
 
-    /// Starts another gateway (a replica) in front of an existing simulator.
-    pub async fn start_on(sim: SimHandle, yaml: &str, secrets: &SecretSource) -> Env {
-        let config = Config::from_yaml(yaml, secrets, None).expect("test config is valid");
+    /// Starts another gateway (a replica) in front of an existing simulator,
+    /// configured as `start_with_overlays` does, with `secrets`.
+    pub async fn start_on(
+        sim: SimHandle,
+        overlays: &[&str],
+        extra: Value,
+        secrets: &SecretSource,
+    ) -> Env {
+        let config = fixtures::gateway_config(&sim.base_url(), overlays, extra);
+        let yaml = fixtures::to_text(&config);
+        let config = Config::from_yaml(&yaml, secrets, None).expect("test config is valid");
         let listeners = Listeners::bind(config.listen.public, config.listen.admin)
             .await
             .unwrap();
@@ -141,13 +172,14 @@ impl Env {
         format!("{}{}", self.gw, path)
     }
 
-    pub async fn call(
+    /// A v2-style call as `team` (a bearer JWT): the whole answer.
+    pub async fn request(
         &self,
         team: &str,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> (u16, Value) {
+    ) -> http::Answer {
         let mut req = self
             .http
             .request(method, self.url(path))
@@ -155,15 +187,19 @@ impl Env {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.expect("gateway answers");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, value)
+        http::send(req).await
+    }
+
+    /// A v2-style call as `team` (a bearer JWT): status and body.
+    pub async fn call(
+        &self,
+        team: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let a = self.request(team, method, path, body).await;
+        (a.status, a.body)
     }
 
     /// A v1.0 call for `team` on the web project's appkey: always HTTP 200,
@@ -197,18 +233,15 @@ impl Env {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.expect("gateway answers");
-        assert_eq!(
-            resp.status().as_u16(),
-            200,
-            "the v1.0 surface always answers 200"
-        );
-        resp.json().await.expect("a v1.0 answer is JSON")
+        let a = http::send(req).await;
+        assert_eq!(a.status, 200, "the v1.0 surface always answers 200");
+        assert!(a.body.is_object(), "a v1.0 answer is JSON: {}", a.body);
+        a.body
     }
 
     /// Any request, exactly as given: raw body bytes, headers as listed
     /// (repeats included). Returns status, headers and the body (JSON when
-    /// it parses, else a string).
+    /// it parses, else a string; null when empty).
     pub async fn raw(
         &self,
         method: reqwest::Method,
@@ -216,16 +249,54 @@ impl Env {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut req = self.http.request(method, self.url(path)).body(body);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
+        let req = self.http.request(method, self.url(path)).body(body);
+        let a = http::send(http::with_headers(req, headers)).await;
+        (a.status, a.headers, a.body)
+    }
+
+    /// Creates key pair `name` in the web project as `team`; asserts 200.
+    pub async fn web_keypair(&self, team: &str, name: &str) -> Value {
+        let (s, b) = self
+            .post(
+                team,
+                "/v2/web/os-keypairs",
+                json!({"keypair": {"name": name}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+        b
+    }
+
+    /// Creates key pair `key` and then a u2 server `name` (CentOS on vpc1)
+    /// with it in the web project as `team`; asserts 202; returns its id.
+    pub async fn web_u2_server(&self, team: &str, key: &str, name: &str) -> String {
+        self.web_keypair(team, key).await;
+        let (s, b) = self
+            .post(
+                team,
+                "/v2/web/servers",
+                json!({"server": {"name": name, "imageRef": IMAGE_CENTOS_7_8,
+                                  "flavorRef": FLAVOR_U2_C1M1,
+                                  "networks": [{"uuid": NETWORK_VPC1}], "key_name": key}}),
+            )
+            .await;
+        assert_eq!(s, 202, "{b}");
+        b["server"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// `n` concurrent GETs of `path` as `team`; their statuses.
+    pub async fn concurrent_statuses(&self, n: usize, team: &str, path: &str) -> Vec<u16> {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let req = self.http.get(self.url(path)).bearer_auth(self.token(team));
+                tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for c in calls {
+            statuses.push(c.await.unwrap());
         }
-        let resp = req.send().await.expect("gateway answers");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, headers, value)
+        statuses
     }
 
     pub async fn get(&self, team: &str, path: &str) -> (u16, Value) {
@@ -261,35 +332,18 @@ impl Env {
     /// Waits until `/readyz` answers 200 (the refreshers hold a token for
     /// every project), as a readiness probe would.
     pub async fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = self
-                .http
-                .get(format!("{}/readyz", self.admin))
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
-            if matches!(status, Ok(200)) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not ready after 30 s: {status:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_ready(&self.http, &self.admin).await;
     }
 
     /// The admin listener's /metrics text.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        metrics::fetch(&self.http, &self.admin).await
+    }
+
+    /// The admin listener's /readyz: status and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        let a = http::send(self.http.get(format!("{}/readyz", self.admin))).await;
+        (a.status, a.body)
     }
 }
 

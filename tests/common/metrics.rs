@@ -1,0 +1,54 @@
+//! Reading a Prometheus text exposition (the admin listener's /metrics).
+
+use std::time::Duration;
+
+/// The value of the unlabelled series `name`; panics if there is none.
+pub fn value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// The sum over every series of `name`, labelled or not (0 if none).
+pub fn sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The /metrics text of the admin listener at `admin` (a base URL).
+pub async fn fetch(http: &reqwest::Client, admin: &str) -> String {
+    http.get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Reads /metrics up to `tries` times, `every` apart, until it contains
+/// `needle`; says whether it did.
+pub async fn eventually_contains(
+    http: &reqwest::Client,
+    admin: &str,
+    needle: &str,
+    tries: usize,
+    every: Duration,
+) -> bool {
+    for _ in 0..tries {
+        if fetch(http, admin).await.contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(every).await;
+    }
+    false
+}
