@@ -276,9 +276,19 @@ async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_d
     let http = env.http.clone();
     let admin = env.admin.clone();
     let stopping = tokio::spawn(env.stop_gateway());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = http.get(format!("{admin}/readyz")).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 503, "readiness goes first");
+    // Readiness goes first (the stop signal is asynchronous: poll for it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = http.get(format!("{admin}/readyz")).send().await.unwrap();
+        if r.status().as_u16() == 503 {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readiness never turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["draining"], true);
     let s = http

@@ -211,8 +211,9 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     assert_eq!(s, 200);
 
     redis.kill();
-    // Reads fail open (local limiter), writes fail closed; each answer comes quickly.
-    let t = Instant::now();
+    // Reads fail open (local limiter), writes fail closed. (That a decision
+    // never waits for a dead Redis is shown by tests/ratelimit_backend.rs,
+    // which counts the calls that reach Redis.)
     let (s, b) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(s, 200, "{b}");
     let (s, b) = env
@@ -225,11 +226,6 @@ async fn redis_dying_mid_traffic_applies_the_fail_mode_and_recovers() {
     assert_eq!(s, 503, "{b}");
     assert!(
         assert_nova_error(&b, "serviceUnavailable", 503).contains("cannot be checked right now")
-    );
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "a dead Redis added {:?}",
-        t.elapsed()
     );
     let m = env.metrics().await;
     assert!(

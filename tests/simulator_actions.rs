@@ -43,7 +43,7 @@ async fn stop_start_and_reboot_follow_the_spec_state_rules() {
     let msg = fault_message(&busy, "conflictingRequest", 409);
     assert!(msg.contains("task_state powering-off"), "{msg}");
 
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "SHUTOFF");
     assert_eq!(s["OS-EXT-STS:vm_state"], "stopped");
@@ -71,7 +71,7 @@ async fn stop_start_and_reboot_follow_the_spec_state_rules() {
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "HARD_REBOOT");
     assert_eq!(s["OS-EXT-STS:task_state"], "reboot_started_hard");
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "ACTIVE");
     assert_eq!(s["OS-EXT-STS:power_state"], 1);
@@ -85,14 +85,14 @@ async fn stop_start_and_reboot_follow_the_spec_state_rules() {
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "REBOOT");
     assert_eq!(s["OS-EXT-STS:task_state"], "rebooting");
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     assert_eq!(sim.server(&t, &id).await["status"], "ACTIVE");
 
     assert_eq!(
         sim.action(&t, &id, json!({"os-stop": null})).await.status,
         202
     );
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     assert_eq!(
         sim.action(&t, &id, json!({"os-start": null})).await.status,
         202
@@ -100,7 +100,7 @@ async fn stop_start_and_reboot_follow_the_spec_state_rules() {
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "SHUTOFF");
     assert_eq!(s["OS-EXT-STS:task_state"], "powering-on");
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "ACTIVE");
     // launched_at is the boot of the build, not of a start.
@@ -205,7 +205,7 @@ async fn resize_goes_through_verify_resize_and_confirms_by_itself() {
     assert_eq!(s["OS-EXT-STS:task_state"], "resize_migrating");
     assert_eq!(s["flavor"]["id"], simulator::FLAVOR_R2_C2M4);
 
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "VERIFY_RESIZE");
     assert_eq!(s["OS-EXT-STS:vm_state"], "resized");
@@ -214,7 +214,7 @@ async fn resize_goes_through_verify_resize_and_confirms_by_itself() {
     let stop = sim.action(&t, &id, json!({"os-stop": null})).await;
     assert!(fault_message(&stop, "conflictingRequest", 409).contains("vm_state resized"));
 
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "ACTIVE");
     assert_eq!(s["flavor"]["id"], simulator::FLAVOR_M2_C2M4);
@@ -225,7 +225,7 @@ async fn resize_goes_through_verify_resize_and_confirms_by_itself() {
         sim.action(&t, &id, json!({"os-stop": null})).await.status,
         202
     );
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let a = sim
         .action(
             &t,
@@ -234,7 +234,7 @@ async fn resize_goes_through_verify_resize_and_confirms_by_itself() {
         )
         .await;
     assert_eq!(a.status, 202);
-    wait_steps(2).await;
+    wait_steps(&sim, 2).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "SHUTOFF");
     assert_eq!(s["flavor"]["id"], simulator::FLAVOR_C2_C2M2);
@@ -269,7 +269,7 @@ async fn create_image_makes_a_snapshot_that_can_boot_a_server() {
         .action(&t, &id, json!({"createImage": {"name": "foo-image"}}))
         .await;
     assert!(fault_message(&early, "conflictingRequest", 409).contains("vm_state building"));
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
 
     let missing_name = sim.action(&t, &id, json!({"createImage": {}})).await;
     fault_message(&missing_name, "badRequest", 400);
@@ -300,7 +300,7 @@ async fn create_image_makes_a_snapshot_that_can_boot_a_server() {
     assert_eq!(image.body["image"]["name"], "foo-image");
     assert_eq!(image.body["image"]["metadata"]["meta_var"], "meta_val");
 
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let image = sim.get(&format!("/v2/{WEB}/images/{image_id}"), &t).await;
     assert_eq!(image.body["image"]["status"], "ACTIVE");
     assert_eq!(
@@ -325,7 +325,7 @@ async fn create_image_makes_a_snapshot_that_can_boot_a_server() {
 
     // Only u2 instances may create an image through this API.
     let m2 = sim.spec_server(&t).await;
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let refused = sim
         .action(&t, &m2, json!({"createImage": {"name": "nope"}}))
         .await;

@@ -45,7 +45,7 @@ async fn the_spec_create_example_builds_a_server_with_every_documented_field() {
     assert_eq!(building["OS-EXT-STS:power_state"], 0);
     assert_eq!(building["OS-SRV-USG:launched_at"], Value::Null);
 
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let s = sim.server(&t, &id).await;
     assert_eq!(s["status"], "ACTIVE");
     assert_eq!(s["OS-EXT-STS:vm_state"], "active");
@@ -587,7 +587,7 @@ async fn delete_shows_deleting_then_the_server_is_gone() {
     assert!(fault_message(&stop, "conflictingRequest", 409).contains("task_state deleting"));
     assert_eq!(sim.call(Method::DELETE, &path, &t, None).await.status, 204);
 
-    wait_steps(1).await;
+    wait_steps(&sim, 1).await;
     let gone = sim.get(&path, &t).await;
     assert_eq!(
         gone.body,

@@ -97,7 +97,7 @@ fn is_json_content_type(v: &http::HeaderValue) -> bool {
 }
 
 fn handle_inner(shared: &Shared, req: &Request<'_>) -> Reply {
-    let now = Utc::now();
+    let now = shared.now();
     // keystonemiddleware runs before routing: any path under /v2 needs a valid token.
     let token = req
         .headers

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 
 use axum::response::Response;
 use bytes::Bytes;
-use chrono::Utc;
 use http::StatusCode;
 use serde_json::{Value, json};
 
@@ -66,7 +65,7 @@ pub(crate) fn versions(shared: &Shared) -> Response {
 }
 
 fn issue(shared: &Shared, account: &SimAccount) -> (String, Token) {
-    let now = Utc::now();
+    let now = shared.now();
     let token = Token {
         tenant_id: account.tenant_id.clone(),
         user_id: account.user_id.clone(),
@@ -272,7 +271,7 @@ pub(crate) fn v1_info(shared: &Shared, appkey: &str, query: Option<&str>) -> Res
     };
     let world = lock(&shared.world);
     match world.tokens.get(token_id) {
-        Some(t) if t.tenant_id == account.tenant_id && t.expires > Utc::now() => {
+        Some(t) if t.tenant_id == account.tenant_id && t.expires > shared.now() => {
             envelope_token(token_id, t)
         }
         _ => envelope_error(

@@ -147,6 +147,9 @@ pub struct SimConfig {
     pub action_delay: Duration,
     /// Base of every `links[].href` and catalog URL; default `http://{bound addr}`.
     pub public_url: Option<String>,
+    /// The clock stands still unless [`SimHandle::advance`] moves it (tests
+    /// that watch transitional states); default false (the wall clock).
+    pub manual_clock: bool,
 }
 
 impl SimConfig {
@@ -158,6 +161,7 @@ impl SimConfig {
             build_delay: Duration::from_secs(3),
             action_delay: Duration::from_secs(1),
             public_url: None,
+            manual_clock: false,
         }
     }
 }
@@ -201,6 +205,18 @@ impl RecordedRequest {
     }
 }
 
+impl Shared {
+    /// The simulator's clock: the wall clock (or, with `manual_clock`, the
+    /// start time) plus what tests advanced it by.
+    pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        let offset = chrono::Duration::milliseconds(self.clock_offset_ms.load(Ordering::SeqCst));
+        match self.frozen_at {
+            Some(start) => start + offset,
+            None => chrono::Utc::now() + offset,
+        }
+    }
+}
+
 /// State shared by the server task and every handle.
 pub(crate) struct Shared {
     pub accounts: Vec<SimAccount>,
@@ -216,6 +232,11 @@ pub(crate) struct Shared {
     latency: Mutex<Duration>,
     /// While true, compute requests are recorded and then wait (test hook).
     hold: tokio::sync::watch::Sender<bool>,
+    /// Added to the clock for every simulated time (test hook: moves
+    /// builds, actions and token expiry forward without waiting).
+    clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// `manual_clock`: the clock stands at this instant (plus the offset).
+    frozen_at: Option<chrono::DateTime<chrono::Utc>>,
     injections: Mutex<Vec<ErrorInjection>>,
     requests: Mutex<Recorded>,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -249,6 +270,8 @@ impl Simulator {
             outage: AtomicBool::new(false),
             latency: Mutex::new(Duration::ZERO),
             hold: tokio::sync::watch::Sender::new(false),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            frozen_at: config.manual_clock.then(chrono::Utc::now),
             injections: Mutex::new(Vec::new()),
             requests: Mutex::new(Recorded::default()),
             shutdown,
@@ -313,6 +336,15 @@ impl SimHandle {
         self.shared.hold.send_replace(on);
     }
 
+    /// Moves the simulator's clock forward by `by`: builds and actions that
+    /// would have finished by then have finished, tokens age. Lets a test
+    /// see every transitional state, and then the next one, without depending
+    /// on how fast the machine runs.
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.shared.clock_offset_ms.fetch_add(ms, Ordering::SeqCst);
+    }
+
     /// Queues an injected error (see [`ErrorInjection`]); earlier injections match first.
     pub fn inject_error(&self, e: ErrorInjection) {
         if e.times > 0 {
@@ -346,12 +378,12 @@ impl SimHandle {
     /// task), as a failed operation would. Returns false if no such server exists.
     pub fn fail_server(&self, server_id: &str) -> bool {
         let mut world = lock(&self.shared.world);
-        world.settle(chrono::Utc::now());
+        world.settle(self.shared.now());
         for tenant in world.tenants.values_mut() {
             if let Some(s) = tenant.server_mut(server_id) {
                 s.pending = None;
                 s.vm = state::VmState::Error;
-                s.updated = chrono::Utc::now();
+                s.updated = self.shared.now();
                 return true;
             }
         }

@@ -15,13 +15,15 @@ use super::{fast_sim, http, start_sim};
 pub const WEB: &str = DEMO_WEB_TENANT_ID;
 pub const BATCH: &str = DEMO_BATCH_TENANT_ID;
 
-/// The delay of every transition in the state machine tests: long enough that a busy
-/// 2-core CI machine still observes the transitional state right after an action.
-pub const STEP: Duration = Duration::from_millis(300);
+/// The delay of every transition in the state machine tests. Their
+/// simulator's clock stands still until the test moves it with
+/// [`wait_steps`], so a transitional state is always seen however slow the
+/// machine, and then the next one.
+pub const STEP: Duration = Duration::from_secs(300);
 
-/// Waits until `steps` transitions have surely completed.
-pub async fn wait_steps(steps: u32) {
-    tokio::time::sleep(STEP * steps + Duration::from_millis(60)).await;
+/// Moves the simulator's clock until `steps` transitions have completed.
+pub async fn wait_steps(sim: &Sim, steps: u32) {
+    sim.h.advance(STEP * steps);
 }
 
 /// Builds and actions both take one `STEP`, long enough to observe each
@@ -30,6 +32,7 @@ pub fn observable() -> SimConfig {
     SimConfig {
         build_delay: STEP,
         action_delay: STEP,
+        manual_clock: true,
         ..SimConfig::demo()
     }
 }
