@@ -31,6 +31,10 @@ use crate::error::GatewayError;
 /// Reads the whole request body, refusing more than `limit` bytes and a body
 /// that has not fully arrived within `deadline`.
 pub async fn read(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, GatewayError> {
+    // Most requests have no body: no timer, no collecting for them.
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(Bytes::new());
+    }
     match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
         Err(_) => Err(GatewayError::BodyTimeout(deadline)),
         Ok(Ok(c)) => Ok(c.to_bytes()),

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ConnectInfo;
 use http::request::Parts;
 use serde_json::Value;
 
@@ -84,17 +83,13 @@ impl Judged {
 }
 
 impl Exchange {
-    pub fn start(surface: Surface, parts: &Parts) -> Exchange {
+    pub fn start(surface: Surface, parts: &Parts, client: Option<SocketAddr>) -> Exchange {
         let request_id = parts
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let client = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0);
         Exchange {
             surface,
             request_id,

@@ -24,6 +24,7 @@
 //! Each phase returns a [`GatewayError`] on refusal; `error.rs` alone decides
 //! what the caller sees.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -164,9 +165,14 @@ impl Gateway {
     /// a request is seen through to its "completed" audit record and metrics
     /// even if the caller hangs up half way (the upstream call may already
     /// have been made).
-    pub async fn handle(self: Arc<Self>, surface: Surface, req: Request<Body>) -> Response {
+    pub async fn handle(
+        self: Arc<Self>,
+        surface: Surface,
+        req: Request<Body>,
+        client: Option<SocketAddr>,
+    ) -> Response {
         // Boxed: the task then moves a pointer, not the whole (large) future.
-        match tokio::spawn(Box::pin(self.serve(surface, req))).await {
+        match tokio::spawn(Box::pin(self.serve(surface, req, client))).await {
             Ok(resp) => resp,
             Err(_) => render_error(
                 surface,
@@ -175,10 +181,15 @@ impl Gateway {
         }
     }
 
-    async fn serve(self: Arc<Self>, surface: Surface, req: Request<Body>) -> Response {
+    async fn serve(
+        self: Arc<Self>,
+        surface: Surface,
+        req: Request<Body>,
+        client: Option<SocketAddr>,
+    ) -> Response {
         let snap = self.snapshot();
         let (parts, body) = req.into_parts();
-        let mut x = Exchange::start(surface, &parts);
+        let mut x = Exchange::start(surface, &parts, client);
         let _in_flight = InFlight::new(&self.metrics, surface.label());
         let limit = snap.config.server.request_timeout;
         let answer = tokio::time::timeout(limit, self.phases(&snap, &mut x, parts, body))

@@ -30,9 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::ConnectInfo;
-use http::{HeaderValue, Version, header};
+use std::convert::Infallible;
+
+use axum::response::Response;
+use http::{HeaderValue, Request, Version, header};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -97,13 +99,37 @@ fn parse_open_files_limit(limits: &str) -> Option<usize> {
 /// TLS for a listener: the acceptor (certificate reloads happen behind it).
 pub type Tls = Option<tokio_rustls::TlsAcceptor>;
 
-/// Serves `app` on `listener` until `stop_accepting`, then waits for the
+/// What a listener serves: a service per connection, made from the peer's
+/// address.
+pub trait MakeService: Send + Sync + 'static {
+    type Service: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static;
+    fn for_peer(&self, peer: SocketAddr) -> Self::Service;
+}
+
+impl<F, S> MakeService for F
+where
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static,
+{
+    type Service = S;
+    fn for_peer(&self, peer: SocketAddr) -> S {
+        self(peer)
+    }
+}
+
+/// Serves `make` on `listener` until `stop_accepting`, then waits for the
 /// open connections to finish their in-flight requests (the caller bounds
 /// that wait). `metrics`, when given, counts open connections.
-pub async fn serve(
+pub async fn serve<M: MakeService>(
     listener: TcpListener,
     tls: Tls,
-    app: Router,
+    make: M,
     limits: ConnLimits,
     metrics: Option<Arc<Metrics>>,
     draining: Stop,
@@ -145,7 +171,7 @@ pub async fn serve(
         let conn = Connection {
             peer,
             tls: tls.clone(),
-            app: app.clone(),
+            service: make.for_peer(peer),
             builder: builder.clone(),
             limits: limits.clone(),
             draining: draining.clone(),
@@ -181,10 +207,10 @@ fn http_builder(limits: &ConnLimits) -> Builder<TokioExecutor> {
 }
 
 /// One accepted connection, before its protocol is known.
-struct Connection {
+struct Connection<S> {
     peer: SocketAddr,
     tls: Tls,
-    app: Router,
+    service: S,
     builder: Arc<Builder<TokioExecutor>>,
     limits: ConnLimits,
     draining: Stop,
@@ -192,7 +218,13 @@ struct Connection {
     shutdown: Stop,
 }
 
-impl Connection {
+impl<S> Connection<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static,
+{
     async fn run(self, tcp: TcpStream) {
         let activity = Arc::new(Activity::new());
         let io = Tracked {
@@ -224,15 +256,15 @@ impl Connection {
         let seen_h2 = http2.clone();
         let draining = self.draining.clone();
         let service = self
-            .app
-            .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+            .service
+            .clone()
+            .map_request(move |req: Request<Incoming>| {
                 if req.version() == Version::HTTP_2 {
                     seen_h2.store(true, Ordering::Relaxed);
                 }
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
                 req
             })
-            .map_response(move |mut resp: axum::response::Response| {
+            .map_response(move |mut resp: Response| {
                 // Draining: HTTP/1.1 clients learn from the answer itself
                 // that this connection ends, instead of racing its close.
                 if draining.is_stopped() {

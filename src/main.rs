@@ -1,4 +1,3 @@
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -61,7 +60,7 @@ enum Command {
     #[cfg(feature = "simulator")]
     Simulate {
         #[arg(long, default_value = "127.0.0.1:18774")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// BUILD -> ACTIVE delay of new instances.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         build_delay: Duration,
@@ -76,12 +75,12 @@ enum Command {
         config: PathBuf,
         /// Public listener (default: listen.public of the config).
         #[arg(long)]
-        listen: Option<SocketAddr>,
+        listen: Option<std::net::SocketAddr>,
         /// Admin listener (default: listen.admin of the config).
         #[arg(long)]
-        admin_listen: Option<SocketAddr>,
+        admin_listen: Option<std::net::SocketAddr>,
         #[arg(long, default_value = "127.0.0.1:18774")]
-        sim_listen: SocketAddr,
+        sim_listen: std::net::SocketAddr,
     },
     /// Read and check the audit log: verify, query, tail.
     Audit {

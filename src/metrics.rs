@@ -6,7 +6,10 @@
 //! catalog, projects from the config, reasons and outcomes from fixed lists,
 //! statuses from HTTP. Never ids, paths or raw client input.
 
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use crate::action::Action;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -49,8 +52,41 @@ impl Outcome {
     }
 }
 
+/// Series resolved once and then used directly: a labelled series costs a
+/// hash of its labels and a lock on every `with_label_values`, and these are
+/// touched by every request. One slot per Action, plus one for "none".
+struct Resolved {
+    in_flight: [OnceLock<IntGauge>; 2],
+    request_duration: [[OnceLock<prometheus::Histogram>; Action::ALL.len() + 1]; 2],
+    upstream_duration: [OnceLock<prometheus::Histogram>; Action::ALL.len() + 1],
+}
+
+impl Default for Resolved {
+    fn default() -> Self {
+        Resolved {
+            in_flight: Default::default(),
+            request_duration: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            upstream_duration: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+}
+
+/// The index of a surface label in [`Resolved`].
+fn surface_slot(surface: &str) -> usize {
+    usize::from(surface != "v2")
+}
+
+/// The index of an Action label in [`Resolved`] ("none" last).
+fn action_slot(action: &str) -> usize {
+    Action::ALL
+        .iter()
+        .position(|a| a.name() == action)
+        .unwrap_or(Action::ALL.len())
+}
+
 pub struct Metrics {
     registry: Registry,
+    resolved: Resolved,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
@@ -141,6 +177,7 @@ impl Metrics {
             .expect("metric registered once");
 
         let m = Metrics {
+            resolved: Resolved::default(),
             open_connections,
             accept_errors,
             requests: counter(
@@ -256,16 +293,16 @@ impl Metrics {
     pub fn observe_request(
         &self,
         team: &str,
-        surface: &str,
-        action: &str,
+        surface: &'static str,
+        action: &'static str,
         outcome: Outcome,
         took: Duration,
     ) {
         self.requests
             .with_label_values(&[team, surface, action, outcome.label()])
             .inc();
-        self.request_duration
-            .with_label_values(&[surface, action])
+        self.resolved.request_duration[surface_slot(surface)][action_slot(action)]
+            .get_or_init(|| self.request_duration.with_label_values(&[surface, action]))
             .observe(took.as_secs_f64());
     }
 
@@ -273,12 +310,12 @@ impl Metrics {
     /// (a bounded label).
     pub fn observe_upstream(
         &self,
-        action: &str,
+        action: &'static str,
         answer: Result<http::StatusCode, &'static str>,
         took: Duration,
     ) {
-        self.upstream_duration
-            .with_label_values(&[action])
+        self.resolved.upstream_duration[action_slot(action)]
+            .get_or_init(|| self.upstream_duration.with_label_values(&[action]))
             .observe(took.as_secs_f64());
         match answer {
             Ok(status) => self
@@ -301,24 +338,20 @@ impl Default for Metrics {
 
 /// Counts a request in `toastgate_in_flight_requests` until dropped,
 /// however the request ends.
-pub struct InFlight<'a> {
-    metrics: &'a Metrics,
-    surface: &'static str,
-}
+pub struct InFlight<'a>(&'a IntGauge);
 
 impl<'a> InFlight<'a> {
     pub fn new(metrics: &'a Metrics, surface: &'static str) -> Self {
-        metrics.in_flight.with_label_values(&[surface]).inc();
-        InFlight { metrics, surface }
+        let gauge = metrics.resolved.in_flight[surface_slot(surface)]
+            .get_or_init(|| metrics.in_flight.with_label_values(&[surface]));
+        gauge.inc();
+        InFlight(gauge)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.metrics
-            .in_flight
-            .with_label_values(&[self.surface])
-            .dec();
+        self.0.dec();
     }
 }
 

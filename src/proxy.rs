@@ -10,17 +10,18 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1),
-/// plus the ones toastgate owns on each side.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// plus the ones toastgate owns on each side. (Names, not strings: a
+/// `HeaderName` is looked up without being parsed again.)
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// The only caller headers that reach the upstream. An allow list, not a
@@ -28,14 +29,14 @@ const HOP_BY_HOP: &[&str] = &[
 /// `X-Auth-Token` instead), cookies, and headers an upstream might trust
 /// (`X-Roles`, `X-Service-Token`, `X-Identity-Status`, forwarding headers)
 /// never pass. `Accept-Encoding` stays out so links can be rewritten.
-const FORWARDED: &[&str] = &[
-    "accept",
-    "accept-language",
-    "content-type",
-    "user-agent",
-    "openstack-api-version",
-    "x-openstack-nova-api-version",
-    "x-openstack-request-id",
+const FORWARDED: [HeaderName; 7] = [
+    header::ACCEPT,
+    header::ACCEPT_LANGUAGE,
+    header::CONTENT_TYPE,
+    header::USER_AGENT,
+    HeaderName::from_static("openstack-api-version"),
+    HeaderName::from_static("x-openstack-nova-api-version"),
+    HeaderName::from_static("x-openstack-request-id"),
 ];
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
@@ -50,8 +51,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    if headers.is_empty() {
+        return;
+    }
     for name in HOP_BY_HOP {
-        headers.remove(*name);
+        headers.remove(&name);
     }
 }
 
@@ -61,8 +65,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn upstream_request_headers(caller: &HeaderMap, json_body: bool) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(FORWARDED.len());
     for name in FORWARDED {
-        for value in caller.get_all(*name) {
-            out.append(HeaderName::from_static(name), value.clone());
+        for value in caller.get_all(&name) {
+            out.append(name.clone(), value.clone());
         }
     }
     if json_body {

@@ -313,6 +313,11 @@ fn is_safe_segment(s: &str) -> bool {
     if s.is_empty() || s.len() > 255 {
         return false;
     }
+    // The common case (ids, route words) holds none of `%`, `.`, `\`: no
+    // decoding to worry about, no copy to make.
+    if !s.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
+        return true;
+    }
     let lower = s.to_ascii_lowercase();
     let decoded_dots = lower.replace("%2e", ".");
     if decoded_dots == "." || decoded_dots == ".." {

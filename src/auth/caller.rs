@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use super::{AuthError, Authenticator, Identity};
+use crate::upstream::X_AUTH_TOKEN;
 
 /// The caller's JWT: `Authorization: Bearer <jwt>`, or the bare JWT in
 /// `X-Auth-Token` as unmodified OpenStack/TOAST clients send it.
@@ -15,7 +16,7 @@ use super::{AuthError, Authenticator, Identity};
 /// (a proxy, a log, the cache) could read one token while another read the
 /// other. Both headers with the same token are one credential.
 pub fn caller_token(headers: &HeaderMap) -> Result<&str, AuthError> {
-    let bearer = match only_one(headers, header::AUTHORIZATION.as_str())? {
+    let bearer = match only_one(headers, &header::AUTHORIZATION)? {
         Some(v) => {
             let v = v.to_str().map_err(|_| AuthError::Malformed)?;
             let (scheme, token) = v.split_once(' ').ok_or(AuthError::Malformed)?;
@@ -26,7 +27,7 @@ pub fn caller_token(headers: &HeaderMap) -> Result<&str, AuthError> {
         }
         None => None,
     };
-    let x_auth = match only_one(headers, "x-auth-token")? {
+    let x_auth = match only_one(headers, &X_AUTH_TOKEN)? {
         Some(v) => Some(
             v.to_str()
                 .map(str::trim)
@@ -41,7 +42,10 @@ pub fn caller_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     }
 }
 
-fn only_one<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h HeaderValue>, AuthError> {
+fn only_one<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'h HeaderValue>, AuthError> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
         (first, None) => Ok(first),

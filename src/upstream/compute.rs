@@ -116,7 +116,7 @@ impl Compute {
             UpstreamError::Body("the cloud token is not a valid header value".into())
         })?;
         value.set_sensitive(true);
-        req.headers_mut().insert("x-auth-token", value);
+        req.headers_mut().insert(super::X_AUTH_TOKEN, value);
         let started = Instant::now();
         let result = self
             .client

@@ -28,6 +28,10 @@ use crate::config;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// The token header of the OpenStack and TOAST APIs: toastgate sends the
+/// cloud token in it, and callers may send their JWT in it.
+pub const X_AUTH_TOKEN: http::HeaderName = http::HeaderName::from_static("x-auth-token");
+
 /// Upstream failures, classified by what the caller should be told.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
