@@ -138,23 +138,37 @@ fn name_fact(v: &serde_json::Value) -> Fact<String> {
     }
 }
 
-/// Why an action is allowed: the rule that allows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Allowed {
-    pub rule: String,
+/// Why an action is allowed: the rule that allows it (described only when
+/// asked: the request path needs only the yes).
+#[derive(Debug, Clone, Copy)]
+pub struct Allowed<'c> {
+    team: &'c str,
+    rule: &'c crate::config::AllowRule,
+}
+
+impl Allowed<'_> {
+    /// `teams.<team>.allow[<i>] (actions: ...)`.
+    pub fn rule(&self) -> String {
+        format!(
+            "teams.{}.allow[{}] (actions: {})",
+            self.team,
+            self.rule.index,
+            self.rule.patterns.join(", ")
+        )
+    }
 }
 
 /// Deny by default: the team must exist, the project must be the team's,
 /// an allow rule must cover the Action on that project, and the request must
 /// meet the team's constraints.
-pub fn authorize(
-    config: &Config,
+pub fn authorize<'c>(
+    config: &'c Config,
     team: &str,
     project: &str,
     action: Action,
     facts: &RequestFacts,
-) -> Result<Allowed, Refusal> {
-    let Some(t) = config.teams.get(team) else {
+) -> Result<Allowed<'c>, Refusal> {
+    let Some((team_name, t)) = config.teams.get_key_value(team) else {
         return Err(Refusal::UnknownTeam {
             team: team.to_string(),
         });
@@ -181,11 +195,8 @@ pub fn authorize(
         })?;
     check_constraints(t, action, facts)?;
     Ok(Allowed {
-        rule: format!(
-            "teams.{team}.allow[{}] (actions: {})",
-            rule.index,
-            rule.patterns.join(", ")
-        ),
+        team: team_name,
+        rule,
     })
 }
 
@@ -269,7 +280,7 @@ pub fn explain(config: &Config, team: &str, action: &str, project: &str) -> Stri
         Ok(allowed) => {
             let mut text = format!(
                 "ALLOWED: team `{team}` may do `{action}` on project `{project}`, by {}",
-                allowed.rule
+                allowed.rule()
             );
             if let Some(t) = config.teams.get(team) {
                 let c = &t.constraints;
@@ -360,7 +371,12 @@ teams:
         Config::from_yaml(&yaml, &secrets, None).expect("valid test config")
     }
 
-    fn decide(c: &Config, team: &str, project: &str, action: Action) -> Result<Allowed, Refusal> {
+    fn decide<'c>(
+        c: &'c Config,
+        team: &str,
+        project: &str,
+        action: Action,
+    ) -> Result<Allowed<'c>, Refusal> {
         authorize(c, team, project, action, &RequestFacts::default())
     }
 
@@ -405,7 +421,7 @@ teams:
         assert_eq!(
             decide(&c, "operators", "web", Action::InstanceReboot)
                 .unwrap()
-                .rule,
+                .rule(),
             "teams.operators.allow[0] (actions: instance.read, instance.power)"
         );
         assert_eq!(

@@ -36,12 +36,17 @@ impl V2Route<'_> {
         compute_url: &str,
         tenant_id: &str,
     ) -> Result<http::Uri, GatewayError> {
-        let mut uri = format!("{compute_url}/v2/{tenant_id}/{}", self.rest);
+        let mut uri = String::with_capacity(
+            compute_url.len() + tenant_id.len() + self.rest.len() + self.query.len() + 6,
+        );
+        for part in [compute_url, "/v2/", tenant_id, "/", self.rest] {
+            uri.push_str(part);
+        }
         if !self.query.is_empty() {
             uri.push('?');
             uri.push_str(&self.query);
         }
-        uri.parse()
+        http::Uri::try_from(uri)
             .map_err(|_| GatewayError::BadRequest("the request path is not a valid URI".into()))
     }
 }

@@ -59,7 +59,10 @@ fn only_one<'h>(
 /// exactly what verifying again would say, minus a key removed from a JWKS
 /// in the last minute.
 pub struct VerifiedTokens {
-    cache: moka::sync::Cache<String, (Identity, i64)>,
+    /// foldhash rather than SipHash: the key is the whole token (hundreds of
+    /// bytes), hashed on every request; an attacker gains nothing by
+    /// colliding keys of a bounded cache that only holds verified tokens.
+    cache: moka::sync::Cache<String, (Identity, i64), foldhash::fast::RandomState>,
     leeway_secs: i64,
 }
 
@@ -69,7 +72,7 @@ impl VerifiedTokens {
             cache: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(60))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             leeway_secs: leeway.as_secs() as i64,
         }
     }

@@ -203,6 +203,42 @@ pub struct Project {
     pub appkey: Option<String>,
     pub region: String,
     pub credentials: Credentials,
+    /// What identifies this project's cloud token (made once, at load).
+    pub token_key: TokenKey,
+}
+
+/// What identifies a cloud token: where it comes from and for whom. Never
+/// less, so a token is never reused for another user or another identity
+/// endpoint (for example after a reload that changes the credentials).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenKey {
+    pub identity_url: String,
+    pub tenant_id: String,
+    pub user: String,
+}
+
+impl TokenKey {
+    pub fn of(upstream: &Upstream, tenant_id: &str, credentials: &Credentials) -> TokenKey {
+        match credentials {
+            Credentials::Keystone { username, .. } => TokenKey {
+                identity_url: upstream.identity_url.clone(),
+                tenant_id: tenant_id.to_string(),
+                user: username.clone(),
+            },
+            Credentials::Appkey {
+                appkey,
+                access_key_id,
+                ..
+            } => TokenKey {
+                identity_url: format!(
+                    "{}/v1.0/appkeys/{appkey}",
+                    upstream.compute_v1_url.as_deref().unwrap_or_default()
+                ),
+                tenant_id: tenant_id.to_string(),
+                user: access_key_id.clone(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -15,8 +15,8 @@ use super::file::{
 use super::{
     AllowRule, Audit, AuditFileConfig, AuditLevel, Auth, Backend, Config, ConfigError,
     ConfigProblem, Constraints, Credentials, KeySource, Listen, Project, Rate, RateLimits,
-    RateRule, SecretSource, Server, Team, TlsFiles, TokenPolicy, Upstream, parse_algorithm,
-    parse_rate,
+    RateRule, SecretSource, Server, Team, TlsFiles, TokenKey, TokenPolicy, Upstream,
+    parse_algorithm, parse_rate,
 };
 use crate::action::Action;
 use crate::secret::Secret;
@@ -514,6 +514,7 @@ impl Validator<'_> {
                     }
                 }
             };
+            let token_key = TokenKey::of(upstream, &p.tenant_id, &credentials);
             out.insert(
                 alias.clone(),
                 Arc::new(Project {
@@ -522,6 +523,7 @@ impl Validator<'_> {
                     appkey: p.appkey,
                     region: p.region,
                     credentials,
+                    token_key,
                 }),
             );
         }

@@ -47,13 +47,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::shutdown::Stop;
 
-/// What identifies a token: where it came from and for whom.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TokenKey {
-    pub identity_url: String,
-    pub tenant_id: String,
-    pub user: String,
-}
+pub use crate::config::TokenKey;
 
 /// A cloud token as cached.
 #[derive(Clone)]
@@ -151,7 +145,9 @@ struct Slot {
 }
 
 pub struct TokenBroker {
-    slots: RwLock<HashMap<TokenKey, Arc<Slot>>>,
+    /// foldhash: the keys are config strings, not attacker-chosen, and this
+    /// map is read on every request.
+    slots: RwLock<HashMap<TokenKey, Arc<Slot>, foldhash::fast::RandomState>>,
     client: UpstreamClient,
     upstream: Upstream,
     policy: TokenPolicy,
@@ -177,7 +173,7 @@ impl TokenBroker {
         metrics: Arc<Metrics>,
     ) -> Self {
         TokenBroker {
-            slots: RwLock::new(HashMap::new()),
+            slots: RwLock::new(HashMap::default()),
             client,
             upstream,
             policy,
@@ -187,31 +183,9 @@ impl TokenBroker {
         }
     }
 
-    pub fn key_for(&self, project: &Project) -> TokenKey {
-        match &project.credentials {
-            Credentials::Keystone { username, .. } => TokenKey {
-                identity_url: self.upstream.identity_url.clone(),
-                tenant_id: project.tenant_id.clone(),
-                user: username.clone(),
-            },
-            Credentials::Appkey {
-                appkey,
-                access_key_id,
-                ..
-            } => TokenKey {
-                identity_url: format!(
-                    "{}/v1.0/appkeys/{appkey}",
-                    self.upstream.compute_v1_url.as_deref().unwrap_or_default()
-                ),
-                tenant_id: project.tenant_id.clone(),
-                user: access_key_id.clone(),
-            },
-        }
-    }
-
     fn slot(&self, project: &Project) -> Arc<Slot> {
-        let key = self.key_for(project);
-        if let Some(slot) = self.slots.read().ok().and_then(|s| s.get(&key).cloned()) {
+        let key = &project.token_key;
+        if let Some(slot) = self.slots.read().ok().and_then(|s| s.get(key).cloned()) {
             return slot;
         }
         let mut slots = match self.slots.write() {
@@ -219,7 +193,7 @@ impl TokenBroker {
             Err(poisoned) => poisoned.into_inner(),
         };
         slots
-            .entry(key)
+            .entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(Slot {
                     state: watch::Sender::new(SlotState::default()),
