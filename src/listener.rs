@@ -197,7 +197,8 @@ fn http_builder(limits: &ConnLimits) -> Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(8192);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, header};
 use serde_json::Value;
 
-use super::exec::{V2Answer, V2Caller};
+use super::exec::{RawAnswer, V2Caller};
 use super::response::{self, FlavorInfo};
 use crate::action::Action;
 use crate::audit;
@@ -62,12 +62,12 @@ impl ProjectApi<'_> {
 }
 
 impl V2Caller for ProjectApi<'_> {
-    async fn call(
+    async fn call_raw(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<V2Answer, GatewayError> {
+    ) -> Result<RawAnswer, GatewayError> {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let sent = match &body {
@@ -100,24 +100,18 @@ impl V2Caller for ProjectApi<'_> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let bytes = resp.into_body();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(|_| GatewayError::UpstreamAnswer {
-                status: 502,
-                message: format!("the upstream answered {status} with a body that is not JSON"),
-            })?
-        };
         if let Ok(mut learned) = self.learned.lock() {
             learned.status = Some(status);
+            // What a mutating call produced (small answers: parsed here).
             if method != Method::GET && (200..300).contains(&status) {
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 learned.result = audit::result_ids(self.action, &body, location.as_deref())
                     .or(learned.result.take());
             }
         }
-        Ok(V2Answer {
+        Ok(RawAnswer {
             status,
-            body,
+            bytes,
             location,
         })
     }

@@ -26,14 +26,67 @@ pub struct V2Answer {
     pub location: Option<String>,
 }
 
+/// An upstream v2 answer as received, for parsing into a shape of one's own
+/// (a server list read for its brief fields need not become a whole tree).
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub bytes: bytes::Bytes,
+    pub location: Option<String>,
+}
+
+impl RawAnswer {
+    /// The body as a JSON value (`null` when empty).
+    pub fn into_json(self) -> Result<V2Answer, GatewayError> {
+        let body = if self.bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&self.bytes).map_err(|_| not_json(self.status))?
+        };
+        Ok(V2Answer {
+            status: self.status,
+            body,
+            location: self.location,
+        })
+    }
+
+    /// A 2xx answer parsed as `T`, or the upstream's error with its Nova message.
+    fn parse_ok<T: serde::de::DeserializeOwned>(self) -> Result<T, GatewayError> {
+        if !(200..300).contains(&self.status) {
+            return Err(expect_ok(self.into_json()?)
+                .err()
+                .unwrap_or_else(|| not_json(502)));
+        }
+        serde_json::from_slice(&self.bytes).map_err(|_| not_json(self.status))
+    }
+}
+
+fn not_json(status: u16) -> GatewayError {
+    GatewayError::UpstreamAnswer {
+        status: 502,
+        message: format!(
+            "the upstream answered {status} with a body that is not the expected JSON"
+        ),
+    }
+}
+
 /// Calls the project's v2 API; `path` is relative to `/v2/{tenant}/`.
 pub trait V2Caller: Sync {
+    fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> impl Future<Output = Result<RawAnswer, GatewayError>> + Send;
+
     fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
-    ) -> impl Future<Output = Result<V2Answer, GatewayError>> + Send;
+    ) -> impl Future<Output = Result<V2Answer, GatewayError>> + Send {
+        async move { self.call_raw(method, path, body).await?.into_json() }
+    }
 
     /// Flavor id -> details, cached per project.
     fn flavors(
@@ -216,17 +269,24 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
             out.insert("zones".into(), Value::Array(response::zones(&a.body)));
         }
         Step::Instances { id, detail } => {
-            let servers = match id {
-                Some(id) => {
-                    let a = expect_ok(v2.call(Method::GET, &format!("servers/{id}"), None).await?)?;
-                    vec![a.body["server"].clone()]
+            let instances = match (id, detail) {
+                (Some(id), _) => {
+                    let mut a =
+                        expect_ok(v2.call(Method::GET, &format!("servers/{id}"), None).await?)?;
+                    let server = a.body["server"].take();
+                    if *detail {
+                        detail_instances(v2, vec![server]).await?
+                    } else {
+                        vec![response::instance_brief(&server)]
+                    }
                 }
-                None => list_all_servers(v2).await?,
-            };
-            let instances = if *detail {
-                detail_instances(v2, servers).await?
-            } else {
-                servers.iter().map(response::instance_brief).collect()
+                (None, true) => detail_instances(v2, list_all_servers::<Value>(v2).await?).await?,
+                // Only id, name and status are read: no tree of every field.
+                (None, false) => list_all_servers::<response::BriefServer>(v2)
+                    .await?
+                    .iter()
+                    .map(response::BriefServer::to_v1)
+                    .collect(),
             };
             out.insert("instances".into(), Value::Array(instances));
         }
@@ -311,22 +371,39 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
     Ok(out)
 }
 
+/// One page of `GET servers/detail`, its servers read as `S`.
+#[derive(serde::Deserialize)]
+struct ServersPage<S> {
+    #[serde(default = "Vec::new")]
+    servers: Vec<S>,
+    #[serde(default)]
+    servers_links: Vec<PageLink>,
+}
+
+#[derive(serde::Deserialize)]
+struct PageLink {
+    #[serde(default)]
+    rel: Option<String>,
+    #[serde(default)]
+    href: Option<String>,
+}
+
 /// Every server, following `servers_links` (bounded, so a misbehaving
 /// upstream cannot keep us paging forever).
-async fn list_all_servers(v2: &impl V2Caller) -> Result<Vec<Value>, GatewayError> {
+async fn list_all_servers<S: serde::de::DeserializeOwned>(
+    v2: &impl V2Caller,
+) -> Result<Vec<S>, GatewayError> {
     let mut servers = Vec::new();
     let mut path = "servers/detail".to_string();
     for _ in 0..100 {
-        let a = expect_ok(v2.call(Method::GET, &path, None).await?)?;
-        let page = a.body["servers"].as_array().cloned().unwrap_or_default();
-        let empty = page.is_empty();
-        servers.extend(page);
-        let next = a.body["servers_links"]
-            .as_array()
+        let page: ServersPage<S> = v2.call_raw(Method::GET, &path, None).await?.parse_ok()?;
+        let empty = page.servers.is_empty();
+        servers.extend(page.servers);
+        let next = page
+            .servers_links
             .into_iter()
-            .flatten()
-            .find(|l| l["rel"] == "next")
-            .and_then(|l| l["href"].as_str())
+            .find(|l| l.rel.as_deref() == Some("next"))
+            .and_then(|l| l.href)
             .and_then(|href| href.split_once('?').map(|(_, q)| q.to_string()));
         match next {
             Some(q) if !empty => path = format!("servers/detail?{q}"),

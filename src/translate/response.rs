@@ -51,6 +51,34 @@ fn status_of(server: &Value) -> &'static str {
     )
 }
 
+/// What a brief listing reads of a v2 server (everything else is skipped
+/// while parsing, never built).
+#[derive(Debug, serde::Deserialize)]
+pub struct BriefServer {
+    #[serde(default)]
+    id: Value,
+    #[serde(default)]
+    name: Value,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(rename = "OS-EXT-STS:task_state", default)]
+    task_state: Option<String>,
+}
+
+impl BriefServer {
+    /// The same answer as [`instance_brief`] gives for the whole server.
+    pub fn to_v1(&self) -> Value {
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "status": v1_status(
+                self.status.as_deref().unwrap_or("UNKNOWN"),
+                self.task_state.as_deref()
+            ),
+        })
+    }
+}
+
 /// `instances` (brief): id, name, status.
 pub fn instance_brief(server: &Value) -> Value {
     json!({
@@ -284,6 +312,19 @@ pub fn attachment(v2: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_brief_server_reads_as_the_whole_one_does() {
+        for server in [
+            json!({"id": "s1", "name": "web-1", "status": "ACTIVE", "OS-EXT-STS:task_state": null, "flavor": {"id": "f"}}),
+            json!({"id": "s2", "name": "web-2", "status": "ACTIVE", "OS-EXT-STS:task_state": "rebooting"}),
+            json!({"id": "s3", "name": "web-3", "status": "SHUTOFF"}),
+            json!({"id": "s4", "status": "WEIRD"}),
+        ] {
+            let brief: BriefServer = serde_json::from_value(server.clone()).unwrap();
+            assert_eq!(brief.to_v1(), instance_brief(&server), "{server}");
+        }
+    }
 
     #[test]
     fn status_table_row_by_row() {
