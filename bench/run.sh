@@ -240,7 +240,7 @@ HREFS=$(grep -o '"href"' "$TMP/www/servers-detail.json" | wc -l)
 if grep -q 'kr1-api-compute' <<<"$body" || [ "$links" -ne "$HREFS" ]; then
     die "toastgate rewrote $links of the $HREFS links"
 fi
-log "all four targets answer; toastgate rewrites all $HREFS links"
+log "all eight targets answer; toastgate rewrites all $HREFS links"
 
 # --- measurements -----------------------------------------------------------
 

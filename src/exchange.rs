@@ -16,6 +16,7 @@ use crate::audit::{AuditRecord, Decision as AuditDecision, Stage};
 use crate::auth::Identity;
 use crate::config::{AuditLevel, Config, Project};
 use crate::error::Ending;
+use crate::metrics::Outcome;
 use crate::policy::RequestFacts;
 
 /// Which API the caller speaks; it decides only how answers are rendered.
@@ -171,5 +172,32 @@ impl Exchange {
             r.latency_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
         }
         r
+    }
+
+    /// One line per request; a warning when the gateway, identity or the
+    /// upstream failed, so failures stand out at the default level.
+    pub fn log_line(&self, ending: &Ending, status: u16, took: std::time::Duration) {
+        let x = self;
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    request_id = %x.request_id,
+                    surface = x.surface.label(),
+                    team = x.team().unwrap_or("-"),
+                    action = x.action_label(),
+                    project = x.project.as_ref().map(|p| p.alias.as_str()).unwrap_or("-"),
+                    status,
+                    upstream_status = x.upstream_status.unwrap_or(0),
+                    outcome = ending.outcome.label(),
+                    reason = ending.reason.as_deref().unwrap_or("-"),
+                    latency_ms = took.as_secs_f64() * 1000.0,
+                    "request"
+                )
+            };
+        }
+        match ending.outcome {
+            Outcome::GatewayError | Outcome::UpstreamError => line!(warn),
+            _ => line!(info),
+        }
     }
 }

@@ -145,19 +145,8 @@ impl Gateway {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    /// `GET /` and `GET /v2/`: version discovery, no credential needed.
-    pub fn versions(&self, headers: &HeaderMap, single: bool) -> Response {
-        let snap = self.snapshot();
-        let base = self.public_base(&snap.config, headers);
-        let doc = if single {
-            proxy::version_document(&base)
-        } else {
-            proxy::versions_document(&base)
-        };
-        axum::Json(doc).into_response()
-    }
-
-    fn public_base(&self, config: &Config, headers: &HeaderMap) -> String {
+    /// The base URL callers reach the gateway at (for links).
+    pub fn public_base(&self, config: &Config, headers: &HeaderMap) -> String {
         proxy::public_base(config.server.public_url.as_deref(), self.scheme, headers)
     }
 
@@ -445,7 +434,7 @@ impl Gateway {
             ending.outcome,
             took,
         );
-        log_request(x, &ending, resp.status().as_u16(), took);
+        x.log_line(&ending, resp.status().as_u16(), took);
         resp
     }
 
@@ -462,31 +451,5 @@ impl Gateway {
             tracing::debug!(error = %e, "audit record could not be written");
         }
         result
-    }
-}
-
-/// One line per request; a warning when the gateway, identity or the
-/// upstream failed, so failures stand out at the default level.
-fn log_request(x: &Exchange, ending: &Ending, status: u16, took: std::time::Duration) {
-    macro_rules! line {
-        ($level:ident) => {
-            tracing::$level!(
-                request_id = %x.request_id,
-                surface = x.surface.label(),
-                team = x.team().unwrap_or("-"),
-                action = x.action_label(),
-                project = x.project.as_ref().map(|p| p.alias.as_str()).unwrap_or("-"),
-                status,
-                upstream_status = x.upstream_status.unwrap_or(0),
-                outcome = ending.outcome.label(),
-                reason = ending.reason.as_deref().unwrap_or("-"),
-                latency_ms = took.as_secs_f64() * 1000.0,
-                "request"
-            )
-        };
-    }
-    match ending.outcome {
-        Outcome::GatewayError | Outcome::UpstreamError => line!(warn),
-        _ => line!(info),
     }
 }

@@ -1,27 +1,45 @@
 //! toastgate: an authenticating API gateway for the NHN Cloud (TOAST) Compute API.
 //!
+//! # The request path
+//! A listener ([`listener`]: connection cap, timeouts, TLS, drain) hands each
+//! request to the outer shell ([`server`]: request id, sensitive headers,
+//! trace span, panic catch, routing), then to one pipeline of phases written
+//! once for both surfaces ([`gateway`]) over one per-request context
+//! ([`exchange::Exchange`]): classify ([`router`]), authenticate ([`auth`]),
+//! read the body ([`body`]), judge it ([`router`] / [`translate::exec`]),
+//! admit ([`policy`], [`ratelimit`], [`audit`]), execute
+//! ([`upstream::compute`] + [`proxy`], or [`translate`]), finish (audit,
+//! [`metrics`], one log line). The surface supplies only classification,
+//! judging and rendering ([`surface`]); failures have one classification and
+//! one rendering per surface ([`error`]). Phases rather than tower layers:
+//! the Action they all speak can depend on the body.
+//!
 //! # Layout
-//! - [`config`]: the typed YAML config, validated at load with key paths.
-//! - [`server`]: listeners and the layer stack; [`server::run`] is what
-//!   `main`, `demo` and every integration test start.
-//! - [`gateway`]: the request path, phase by phase (classify, authenticate,
-//!   authorize, forward).
-//! - [`router`]: method + path -> surface, project, [`action::Action`].
-//! - [`auth`]: caller JWT verification.
-//! - [`policy`]: the Action catalog and team/project authorization.
+//! - [`action`]: the Action catalog and its groups.
+//! - [`config`]: the file schema, the validated model, validation with key paths.
+//! - [`server`]: listeners, the outer shell, reload, drain; [`server::run`] is
+//!   what `main`, `demo` and every integration test start.
+//! - [`listener`]: the one accept loop, connection limits and timeouts.
+//! - [`gateway`]: the pipeline, phase by phase.
+//! - [`surface`]: what differs between v2 and v1.0.
+//! - [`exchange`]: the per-request context: feeds audit, metrics, the log line.
+//! - [`router`]: method + path + query -> project, route, Action (both surfaces).
+//! - [`body`]: reading request bodies; strict JSON.
+//! - [`auth`]: the caller's one credential and its JWT verification.
+//! - [`policy`]: team/project authorization and constraints.
 //! - [`ratelimit`]: per-team GCRA rate limits, in process or shared through Redis.
-//! - [`upstream`]: the pooled HTTPS client and the token broker.
-//! - [`proxy`]: header filtering, link rewriting, version documents.
-//! - [`metrics`]: the Prometheus registry, bounded labels.
-//! - [`exchange`]: one request as learned: feeds audit, metrics and the log line.
-//! - [`error`]: one error type, one mapping to each surface.
+//! - [`upstream`]: the one HTTPS client builder, compute calls with the token
+//!   retry rule, and the token broker.
+//! - [`proxy`]: header filtering, the upstream's answer for the caller, links.
 //! - [`translate`]: the v1.0 surface onto the v2 upstream.
-//! - [`tls`]: TLS on the public listener, certificate reload.
+//! - [`audit`]: the hash-chained audit log of instance actions and `toastgate audit`.
+//! - [`metrics`]: the Prometheus registry, bounded labels.
+//! - [`error`]: one error type, one classification, one rendering per surface.
+//! - [`tls`]: TLS certificates and their reload.
 //! - `simulator`: a stateful fake of the TOAST identity and compute APIs, and
 //!   `demo`: the simulator and the gateway in one process. Both behind the
 //!   default-on `simulator` feature: a production build
 //!   (`--no-default-features`, as the Dockerfile builds) carries neither.
-//! - [`audit`]: the hash-chained audit log of instance actions and `toastgate audit`.
 #![forbid(unsafe_code)]
 
 pub mod action;

@@ -1,6 +1,6 @@
-//! Listeners and the layer stack, in one place: a reader learns the whole
-//! gateway from [`public_app`] and [`run`].
-
+//! Listeners, the outer shell and routing, reload and drain, in one place:
+//! a reader learns the whole gateway from `public` (the shell every request
+//! passes) and [`run`].
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -438,8 +438,8 @@ async fn route(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Body>) -> R
     let path = req.uri().path();
     let get = req.method() == http::Method::GET;
     match path {
-        "/" if get => gateway.versions(req.headers(), false),
-        "/v2" | "/v2/" if get => gateway.versions(req.headers(), true),
+        "/" if get => versions(&gateway, req.headers(), false),
+        "/v2" | "/v2/" if get => versions(&gateway, req.headers(), true),
         "/" | "/v2" | "/v2/" => no_route(&req, RouteKind::BadMethod).v2_response(),
         p if p.starts_with("/v2/") => gateway.handle(Surface::V2, req, Some(peer)).await,
         p if p.starts_with("/v1.0/appkeys/") => gateway.handle(Surface::V1, req, Some(peer)).await,
@@ -448,6 +448,17 @@ async fn route(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Body>) -> R
         }
         _ => no_route(&req, RouteKind::NotFound).v2_response(),
     }
+}
+
+/// `GET /` and `GET /v2/`: version discovery, no credential needed.
+fn versions(gateway: &Gateway, headers: &http::HeaderMap, single: bool) -> Response {
+    let base = gateway.public_base(&gateway.snapshot().config, headers);
+    let doc = if single {
+        crate::proxy::version_document(&base)
+    } else {
+        crate::proxy::versions_document(&base)
+    };
+    axum::Json(doc).into_response()
 }
 
 enum RouteKind {

@@ -16,7 +16,7 @@
 //! exactly the line with its final `,"hash":"H"` member cut off.
 //!
 //! # Checking
-//! [`check_line`] works on the bytes as stored: it cuts the final
+//! `check_line` works on the bytes as stored: it cuts the final
 //! `,"hash":"<64 hex>"}`, puts the `}` back, recomputes `H` and compares. Any
 //! change to any byte of a line (a field, even whitespace) breaks that line's
 //! hash; removing, inserting or reordering lines breaks the `prev_hash` link
