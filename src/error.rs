@@ -329,6 +329,8 @@ pub struct Ending {
     /// Refused by the gateway's rules: always audited.
     pub refused: bool,
     pub reason: Option<Cow<'static, str>>,
+    /// What the caller was told, for the log line (never holds a secret:
+    /// error texts name keys, paths and statuses, not values).
     pub message: Option<String>,
 }
 

@@ -190,6 +190,7 @@ impl Exchange {
                     upstream_status = x.upstream_status.unwrap_or(0),
                     outcome = ending.outcome.label(),
                     reason = ending.reason.as_deref().unwrap_or("-"),
+                    error = ending.message.as_deref().unwrap_or("-"),
                     latency_ms = took.as_secs_f64() * 1000.0,
                     "request"
                 )

@@ -18,8 +18,8 @@
 //! authentication speaks) can depend on the request body, so the concerns
 //! must run after the body is read and judged, in this order, on one shared
 //! context. The outer concerns that do not need the Action (request id,
-//! sensitive headers, connection limits, panics) are tower layers in
-//! the server module. The surface supplies only what differs: classification,
+//! sensitive headers, a trace span, panics) are one shell function in the
+//! server module, connection limits are in the listener. The surface supplies only what differs: classification,
 //! judging and rendering ([`crate::surface`]).
 //! Each phase returns a [`GatewayError`] on refusal; `error.rs` alone decides
 //! what the caller sees.
@@ -146,8 +146,13 @@ impl Gateway {
     }
 
     /// The base URL callers reach the gateway at (for links).
-    pub fn public_base(&self, config: &Config, headers: &HeaderMap) -> String {
-        proxy::public_base(config.server.public_url.as_deref(), self.scheme, headers)
+    pub fn public_base(&self, config: &Config, parts: &Parts) -> String {
+        proxy::public_base(
+            config.server.public_url.as_deref(),
+            self.scheme,
+            &parts.headers,
+            parts.uri.authority().map(|a| a.as_str()),
+        )
     }
 
     /// Every request of either surface. Runs in its own task: once admitted,
@@ -163,10 +168,13 @@ impl Gateway {
         // Boxed: the task then moves a pointer, not the whole (large) future.
         match tokio::spawn(Box::pin(self.serve(surface, req, client))).await {
             Ok(resp) => resp,
-            Err(_) => render_error(
-                surface,
-                &GatewayError::Internal("the request task failed; see the gateway log".into()),
-            ),
+            Err(e) => {
+                tracing::error!(error = %e, "a request task failed (a bug): answered 500");
+                render_error(
+                    surface,
+                    &GatewayError::Internal("the request task failed; see the gateway log".into()),
+                )
+            }
         }
     }
 
@@ -222,11 +230,7 @@ impl Gateway {
                 action,
                 body,
             } => {
-                let base = format!(
-                    "{}/v2/{}",
-                    self.public_base(config, &parts.headers),
-                    route.project
-                );
+                let base = format!("{}/v2/{}", self.public_base(config, &parts), route.project);
                 let forward = Forward {
                     method: parts.method.clone(),
                     uri: route.upstream_uri(&config.upstream.compute_url, &project.tenant_id)?,
@@ -312,7 +316,8 @@ impl Gateway {
             let record = x.audit_record(Stage::Received, level, None);
             // The failure's detail (a file path) is logged by write_audit,
             // never shown to the caller.
-            if self.write_audit(record).await.is_err() && config.audit.fail_closed {
+            let deadline = config.server.request_timeout;
+            if self.write_audit(record, deadline).await.is_err() && config.audit.fail_closed {
                 return Err(GatewayError::AuditUnavailable(
                     "the audit sink is not writable".into(),
                 ));
@@ -395,7 +400,10 @@ impl Gateway {
         };
         if level != AuditLevel::None && self.audit.is_enabled() {
             let written = self
-                .write_audit(x.audit_record(Stage::Completed, level, Some(&ending)))
+                .write_audit(
+                    x.audit_record(Stage::Completed, level, Some(&ending)),
+                    config.server.request_timeout,
+                )
                 .await
                 .is_ok();
             // A mutating Action is never answered as a success without its
@@ -438,11 +446,17 @@ impl Gateway {
         resp
     }
 
+    /// Writes one record, waiting at most `deadline` for the writer to
+    /// confirm it: a hung disk must not hang the request (the "completed"
+    /// record is written after the request's own deadline has been spent).
     async fn write_audit(
         &self,
         record: crate::audit::AuditRecord,
+        deadline: std::time::Duration,
     ) -> Result<(), crate::audit::AuditError> {
-        let result = self.audit.write(record).await;
+        let result = tokio::time::timeout(deadline, self.audit.write(record))
+            .await
+            .unwrap_or(Err(crate::audit::AuditError::NotConfirmed(deadline)));
         let label = if result.is_ok() { "written" } else { "failed" };
         self.metrics.audit_records.with_label_values(&[label]).inc();
         // The sink logs when it starts failing and when it recovers; one line

@@ -12,10 +12,13 @@
 //!   `server.header_read_timeout`; hyper counts that time from when it starts
 //!   waiting for a request, so it also closes an HTTP/1.1 connection left
 //!   idle between requests;
-//! - a connection with no bytes in either direction for
-//!   `server.idle_timeout` (checked twice per timeout, so at most 1.5 of
-//!   them) is shut down gracefully (HTTP/2 included; a request in flight
-//!   still gets its answer);
+//! - a connection (HTTP/2 included) must start its first request within
+//!   `server.header_read_timeout`; one with no request in flight and no new
+//!   one for `server.idle_timeout` (checked twice per timeout, so at most
+//!   1.5 of them) is shut down gracefully, and dropped if still open one
+//!   more `idle_timeout` later (a client that stopped reading). Requests,
+//!   not bytes, are counted: HTTP/2 PINGs keep bytes moving without asking
+//!   for anything;
 //! - HTTP/2 connections carry at most `server.http2_max_streams` concurrent
 //!   streams and bounded header lists.
 //!
@@ -25,10 +28,8 @@
 //! in-flight requests.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::convert::Infallible;
@@ -39,7 +40,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -136,11 +137,16 @@ pub async fn serve<M: MakeService>(
     draining: Stop,
     stop_accepting: Stop,
 ) -> std::io::Result<()> {
-    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS) as u32;
-    let slots = Arc::new(Semaphore::new(max as usize));
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
     let builder = Arc::new(http_builder(&limits));
+    // The connection tasks belong to this loop: if it is dropped (the
+    // shutdown grace ran out), they are aborted with it.
+    let mut connections = tokio::task::JoinSet::new();
     let mut backoff = Duration::ZERO;
     loop {
+        while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
             _ = stop_accepting.stopped() => break,
             slot = slots.clone().acquire_owned() => match slot {
@@ -179,16 +185,16 @@ pub async fn serve<M: MakeService>(
             shutdown: stop_accepting.clone(),
         };
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let _open = metrics.as_ref().map(|m| OpenConnection::new(m.clone()));
             conn.run(tcp).await;
         });
     }
     drop(listener);
-    // Every connection holds a slot until it ends: all slots back means all
-    // connections have finished their in-flight requests.
-    let _all = slots.acquire_many(max).await;
+    // Open connections finish their in-flight requests (the caller bounds
+    // the wait).
+    while connections.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -228,18 +234,13 @@ where
         + 'static,
 {
     async fn run(self, tcp: TcpStream) {
-        let activity = Arc::new(Activity::new());
-        let io = Tracked {
-            inner: tcp,
-            activity: activity.clone(),
-        };
         match self.tls.clone() {
-            None => self.serve_http(io, activity).await,
+            None => self.serve_http(tcp).await,
             Some(acceptor) => {
                 // A client that never finishes its handshake must not hold a slot.
-                let handshake = acceptor.accept(io);
+                let handshake = acceptor.accept(tcp);
                 match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
-                    Ok(Ok(tls)) => self.serve_http(tls, activity).await,
+                    Ok(Ok(tls)) => self.serve_http(tls).await,
                     Ok(Err(e)) => {
                         tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed")
                     }
@@ -249,27 +250,49 @@ where
         }
     }
 
-    async fn serve_http<I>(self, io: I, activity: Arc<Activity>)
+    /// Serves one connection until it ends, or until it is judged idle or
+    /// stuck. Idleness is counted in requests, not bytes: HTTP/2 control
+    /// frames (PING, WINDOW_UPDATE) keep bytes moving without asking for
+    /// anything.
+    /// - the first request must start within `header_read_timeout` of the
+    ///   connection (HTTP/1 and HTTP/2 alike, protocol detection included);
+    /// - no request in flight and no new one for `idle_timeout` (checked
+    ///   twice per timeout, so between 1 and 1.5 of them): a graceful shutdown (a request in
+    ///   flight is still answered; HTTP/2 gets a GOAWAY);
+    /// - a connection still open `idle_timeout` after a graceful shutdown
+    ///   (a client that stops reading) is dropped.
+    async fn serve_http<I>(self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
-        let http2 = Arc::new(AtomicBool::new(false));
-        let seen_h2 = http2.clone();
+        let state = Arc::new(ConnState::default());
+        let seen = state.clone();
+        let counted = state.clone();
+        let answered = state.clone();
         let draining = self.draining.clone();
         let service = self
             .service
             .clone()
             .map_request(move |req: Request<Incoming>| {
                 if req.version() == Version::HTTP_2 {
-                    seen_h2.store(true, Ordering::Relaxed);
+                    seen.http2.store(true, Ordering::Relaxed);
                 }
                 req
+            })
+            .map_future(move |answer| {
+                // Counted until answered or abandoned: a request in flight
+                // keeps its connection from being judged idle.
+                let in_flight = InFlight::start(counted.clone());
+                async move {
+                    let _in_flight = in_flight;
+                    answer.await
+                }
             })
             .map_response(move |mut resp: Response| {
                 // Draining: HTTP/1.1 clients learn from the answer itself
                 // that this connection ends, instead of racing its close.
-                if draining.is_stopped() {
+                if draining.is_stopped() && !answered.http2.load(Ordering::Relaxed) {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -279,11 +302,12 @@ where
             .builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         tokio::pin!(conn);
-        // Checked twice per idle_timeout: a connection is closed once two
-        // checks in a row saw no bytes move, i.e. after between 1 and 1.5
-        // idle_timeouts of silence (no clock read per read or write).
-        let check_every = (self.limits.idle_timeout / 2).max(Duration::from_millis(50));
+        let idle = self.limits.idle_timeout;
+        let check = tokio::time::sleep(self.limits.header_read_timeout);
+        tokio::pin!(check);
+        let mut seen_requests = 0;
         let mut quiet_checks = 0;
+        let mut first_check = true;
         let mut shut_down = false;
         loop {
             tokio::select! {
@@ -299,102 +323,63 @@ where
                     conn.as_mut().graceful_shutdown();
                     shut_down = true;
                 }
-                _ = self.draining.stopped(), if !shut_down && http2.load(Ordering::Relaxed) => {
-                    // HTTP/2: GOAWAY; streams in flight finish.
+                _ = self.draining.stopped(), if !shut_down && state.http2.load(Ordering::Relaxed) => {
                     conn.as_mut().graceful_shutdown();
                     shut_down = true;
                 }
-                _ = tokio::time::sleep(check_every), if !shut_down => {
-                    if activity.take() {
-                        quiet_checks = 0;
-                    } else {
-                        quiet_checks += 1;
+                _ = &mut check => {
+                    if shut_down {
+                        tracing::debug!(%peer, "connection still open after its shutdown; dropped");
+                        return;
                     }
-                    if quiet_checks >= 2 {
+                    let requests = state.started.load(Ordering::Relaxed);
+                    let busy = state.finished.load(Ordering::Relaxed) != requests;
+                    if first_check && requests == 0 {
+                        tracing::debug!(%peer, "no request within header_read_timeout; closed");
+                        return;
+                    }
+                    first_check = false;
+                    quiet_checks = if requests == seen_requests && !busy { quiet_checks + 1 } else { 0 };
+                    seen_requests = requests;
+                    let next = if quiet_checks >= 2 {
                         tracing::debug!(%peer, "idle connection closed");
                         conn.as_mut().graceful_shutdown();
                         shut_down = true;
-                    }
+                        idle
+                    } else {
+                        (idle / 2).max(Duration::from_millis(50))
+                    };
+                    check.as_mut().reset(tokio::time::Instant::now() + next);
                 }
             }
         }
     }
 }
 
-/// Whether bytes moved on a connection since the idle check last looked.
-struct Activity(AtomicBool);
+/// What the service of one connection has seen.
+#[derive(Default)]
+struct ConnState {
+    /// Requests started on the connection.
+    started: AtomicU64,
+    /// Requests answered or abandoned.
+    finished: AtomicU64,
+    /// It speaks HTTP/2.
+    http2: AtomicBool,
+}
 
-impl Activity {
-    fn new() -> Self {
-        Activity(AtomicBool::new(true))
-    }
+/// One request in flight on a connection, however its future ends.
+struct InFlight(Arc<ConnState>);
 
-    fn touch(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether bytes moved since the last call.
-    fn take(&self) -> bool {
-        self.0.swap(false, Ordering::Relaxed)
+impl InFlight {
+    fn start(state: Arc<ConnState>) -> Self {
+        state.started.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
     }
 }
 
-/// A socket that notes when bytes move, for the idle timeout.
-struct Tracked {
-    inner: TcpStream,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        poll
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -129,14 +129,21 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// The base URL callers reach the gateway at: `server.public_url`, else the
-/// request's `Host` (checked, since it is echoed into links).
-pub fn public_base(public_url: Option<&str>, scheme: &str, headers: &HeaderMap) -> String {
+/// request's `Host`, or its `:authority` on HTTP/2 (checked, since it is
+/// echoed into links).
+pub fn public_base(
+    public_url: Option<&str>,
+    scheme: &str,
+    headers: &HeaderMap,
+    authority: Option<&str>,
+) -> String {
     if let Some(url) = public_url {
         return url.to_string();
     }
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or(authority)
         .filter(|h| is_plausible_host(h))
         .unwrap_or("localhost");
     format!("{scheme}://{host}")

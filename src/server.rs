@@ -315,10 +315,11 @@ fn reload_once(
     }
 }
 
-/// Settings the running process cannot change (sockets, the upstream client
-/// and token broker, the audit sink) keep their running values until the
-/// next restart, so a reload never leaves a half-applied mix; a change to
-/// them is logged.
+/// Settings the running process cannot change (sockets and their
+/// connection limits, the drain timings, the upstream client and token
+/// broker, the audit sink) keep their running values until the next
+/// restart, so a reload never leaves a half-applied mix; a change to them is
+/// logged.
 fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     let changed = |what: &str| {
         tracing::warn!(
@@ -338,6 +339,21 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     if new.audit.file != running.audit.file || new.audit.stdout != running.audit.stdout {
         changed("audit sinks");
     }
+    if ConnLimits::of(&new.server) != ConnLimits::of(&running.server) {
+        changed("server connection limits");
+    }
+    if (new.server.drain_delay, new.server.shutdown_grace)
+        != (running.server.drain_delay, running.server.shutdown_grace)
+    {
+        changed("server drain timings");
+    }
+    let server = &running.server;
+    new.server.max_connections = server.max_connections;
+    new.server.header_read_timeout = server.header_read_timeout;
+    new.server.idle_timeout = server.idle_timeout;
+    new.server.http2_max_streams = server.http2_max_streams;
+    new.server.drain_delay = server.drain_delay;
+    new.server.shutdown_grace = server.shutdown_grace;
     new.listen = running.listen.clone();
     new.upstream = running.upstream.clone();
     new.token = running.token.clone();
@@ -438,8 +454,8 @@ async fn route(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Body>) -> R
     let path = req.uri().path();
     let get = req.method() == http::Method::GET;
     match path {
-        "/" if get => versions(&gateway, req.headers(), false),
-        "/v2" | "/v2/" if get => versions(&gateway, req.headers(), true),
+        "/" if get => versions(&gateway, req, false),
+        "/v2" | "/v2/" if get => versions(&gateway, req, true),
         "/" | "/v2" | "/v2/" => no_route(&req, RouteKind::BadMethod).v2_response(),
         p if p.starts_with("/v2/") => gateway.handle(Surface::V2, req, Some(peer)).await,
         p if p.starts_with("/v1.0/appkeys/") => gateway.handle(Surface::V1, req, Some(peer)).await,
@@ -451,8 +467,9 @@ async fn route(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Body>) -> R
 }
 
 /// `GET /` and `GET /v2/`: version discovery, no credential needed.
-fn versions(gateway: &Gateway, headers: &http::HeaderMap, single: bool) -> Response {
-    let base = gateway.public_base(&gateway.snapshot().config, headers);
+fn versions(gateway: &Gateway, req: Request<Body>, single: bool) -> Response {
+    let (parts, _) = req.into_parts();
+    let base = gateway.public_base(&gateway.snapshot().config, &parts);
     let doc = if single {
         crate::proxy::version_document(&base)
     } else {
@@ -537,4 +554,42 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SecretSource;
+    use std::path::Path;
+
+    /// The demo config with `server` set to `server` (the demo has none).
+    fn demo_with(server: serde_json::Value) -> Config {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let mut doc: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
+        doc["server"] = server;
+        let yaml = serde_json::to_string(&doc).unwrap();
+        Config::from_yaml(&yaml, &SecretSource::process_env(), path.parent())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_reload_applies_request_settings_and_keeps_connection_settings_until_restart() {
+        let running = demo_with(serde_json::json!({}));
+        let edited = demo_with(serde_json::json!({
+            "request_timeout": "7s", "idle_timeout": "7s", "max_connections": 7,
+            "http2_max_streams": 7, "header_read_timeout": "7s", "drain_delay": "7s",
+            "shutdown_grace": "7s",
+        }));
+        let applied = keep_restart_only_settings(edited, &running);
+        assert_eq!(applied.server.request_timeout, Duration::from_secs(7));
+        assert_eq!(
+            ConnLimits::of(&applied.server),
+            ConnLimits::of(&running.server)
+        );
+        assert_eq!(applied.server.drain_delay, running.server.drain_delay);
+        assert_eq!(applied.server.shutdown_grace, running.server.shutdown_grace);
+        assert_ne!(running.server.request_timeout, Duration::from_secs(7));
+        assert_ne!(running.server.idle_timeout, Duration::from_secs(7));
+    }
 }

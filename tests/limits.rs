@@ -1,5 +1,7 @@
 //! Nobody ties the gateway up: slow and half-open connections are closed on
-//! their timeouts while good requests are served, the connection cap holds;
+//! their timeouts while good requests are served, the connection cap holds,
+//! HTTP/2 streams are capped per connection and idle HTTP/2 connections
+//! closed, while a slow request is never cut by the idle timeout;
 //! every upstream exchange ends within its deadline (a body that never
 //! finishes, an identity service that never answers), and while identity
 //! hangs callers get a prompt 503, not one timeout each.
@@ -238,5 +240,142 @@ async fn while_identity_hangs_callers_get_a_prompt_503_not_one_timeout_each() {
         (1..10).contains(&n),
         "{n} identity connections for 31 requests"
     );
+    env.stop().await;
+}
+
+/// Waits until the simulator has recorded `n` compute requests.
+async fn until_upstream_has(env: &Env, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.compute_requests().len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream never got {n} requests"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_in_flight_longer_than_the_idle_timeout_is_still_answered() {
+    // The upstream deadline is longer than the hold below.
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/connection-limits.yaml"],
+        json!({"upstream": {"request_timeout": "60s"}, "server": {"request_timeout": "60s"}}),
+    )
+    .await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+    env.sim.clear_requests();
+    env.sim.hold_compute(true);
+    let mut conn = TcpStream::connect(&addr).await.unwrap();
+    let token = env.token("web-team");
+    conn.write_all(
+        format!(
+            "GET /v2/web/flavors HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    until_upstream_has(&env, 1).await;
+    // Three idle timeouts (3 s each) with the request in flight: a
+    // connection judged idle would be shut down, then dropped, by now.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    env.sim.hold_compute(false);
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&answer).contains("\"flavors\"") {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no answer ({other:?}); got {:?}",
+                String::from_utf8_lossy(&answer)
+            ),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    env.stop().await;
+}
+
+/// An HTTP/2 (prior knowledge) connection to the gateway.
+async fn h2_connect(
+    addr: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, driver)
+}
+
+fn h2_get(token: &str, path: &str) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    hyper::Request::get(format!("http://gw{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::default())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_streams_are_capped_per_connection_and_an_idle_http2_connection_is_closed() {
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/connection-limits.yaml"],
+        json!({"server": {"http2_max_streams": 2}}),
+    )
+    .await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+    let token = env.token("web-team");
+    let (mut send, driver) = h2_connect(&addr).await;
+    // One exchange first: the client has the gateway's SETTINGS by then.
+    send.ready().await.unwrap();
+    let first = send
+        .send_request(h2_get(&token, "/v2/web/flavors"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    env.sim.clear_requests();
+    env.sim.hold_compute(true);
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut send = send.clone();
+            let req = h2_get(&token, "/v2/web/flavors");
+            tokio::spawn(async move {
+                send.ready().await.unwrap();
+                send.send_request(req).await.map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // Two streams reach the upstream; the other three wait for a free
+    // stream (the client obeys the advertised limit): however long we
+    // look, no third one arrives while the two are held.
+    until_upstream_has(&env, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.compute_requests().len(), 2);
+    env.sim.hold_compute(false);
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap(), 200);
+    }
+    assert_eq!(env.compute_requests().len(), 5);
+
+    // No new request for the idle timeout (3 s): GOAWAY, the connection ends.
+    tokio::time::timeout(Duration::from_secs(30), driver)
+        .await
+        .expect("the idle HTTP/2 connection was never closed")
+        .unwrap();
+    drop(send);
     env.stop().await;
 }

@@ -1,6 +1,7 @@
 //! One log line per request, at the level its outcome deserves: a success
 //! or a caller's mistake at INFO, a failure of the gateway, identity or the
-//! upstream at WARN; and no second line from the trace layer for a 5xx.
+//! upstream at WARN, with what went wrong; and no second line from the trace
+//! layer for a 5xx.
 
 mod common;
 
@@ -59,6 +60,12 @@ async fn one_line_per_request_at_the_right_level() {
         assert!(
             lines[0].contains(" WARN ") && lines[0].contains("reason=\"audit_unavailable\"")
                 || lines[0].contains(" WARN ") && lines[0].contains("reason=audit_unavailable"),
+            "{}",
+            lines[0]
+        );
+        // The operator reads what went wrong on the same line.
+        assert!(
+            lines[0].contains("error=\"the audit log cannot record this action"),
             "{}",
             lines[0]
         );

@@ -164,6 +164,10 @@ pub enum AuditError {
     /// The writer thread is gone.
     #[error("audit log: the writer has stopped")]
     Closed,
+    /// The writer did not confirm the record in time (a hung disk): it may
+    /// still be written, but nobody may count on it.
+    #[error("audit log: the record was not confirmed written within {0:?}")]
+    NotConfirmed(std::time::Duration),
 }
 
 impl AuditError {

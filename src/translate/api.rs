@@ -137,9 +137,59 @@ impl V2Caller for ProjectApi<'_> {
             .0
             .try_get_with(self.project.tenant_id.clone(), load)
             .await
-            .map_err(|e: Arc<GatewayError>| GatewayError::UpstreamAnswer {
-                status: 502,
-                message: format!("flavor details unavailable: {e}"),
-            })
+            .map_err(unshared)
+    }
+}
+
+/// The error of a flavor load shared by every request that waited for it,
+/// keeping its classification (a token outage stays a 503, a timeout a 504).
+fn unshared(error: Arc<GatewayError>) -> GatewayError {
+    let shared = match Arc::try_unwrap(error) {
+        Ok(only_waiter) => return only_waiter,
+        Err(shared) => shared,
+    };
+    match &*shared {
+        GatewayError::TokenUnavailable { project, source } => GatewayError::TokenUnavailable {
+            project: project.clone(),
+            source: source.clone(),
+        },
+        GatewayError::UpstreamUnauthorized(project) => {
+            GatewayError::UpstreamUnauthorized(project.clone())
+        }
+        GatewayError::Upstream(e) => GatewayError::Upstream(e.clone()),
+        GatewayError::UpstreamAnswer { status, message } => GatewayError::UpstreamAnswer {
+            status: *status,
+            message: message.clone(),
+        },
+        GatewayError::Timeout(d) => GatewayError::Timeout(*d),
+        other => GatewayError::Internal(format!("flavor details unavailable: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::UpstreamError;
+
+    /// Every waiter of a failed flavor load gets the failure as it was
+    /// classified, not a generic 502.
+    #[test]
+    fn a_shared_flavor_load_error_keeps_its_status_for_every_waiter() {
+        let cases = [
+            GatewayError::Upstream(UpstreamError::Timeout(Duration::from_secs(3))),
+            GatewayError::UpstreamAnswer {
+                status: 503,
+                message: "busy".into(),
+            },
+            GatewayError::UpstreamUnauthorized("web".into()),
+        ];
+        for error in cases {
+            let (status, code) = (error.status(), error.result_code());
+            let shared = Arc::new(error);
+            let waiters = [unshared(shared.clone()), unshared(shared)];
+            for e in waiters {
+                assert_eq!((e.status(), e.result_code()), (status, code), "{e}");
+            }
+        }
     }
 }

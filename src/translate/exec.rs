@@ -273,7 +273,11 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
                 (Some(id), _) => {
                     let mut a =
                         expect_ok(v2.call(Method::GET, &format!("servers/{id}"), None).await?)?;
-                    let server = a.body["server"].take();
+                    let server = a
+                        .body
+                        .get_mut("server")
+                        .map(Value::take)
+                        .unwrap_or_default();
                     if *detail {
                         detail_instances(v2, vec![server]).await?
                     } else {

@@ -33,7 +33,7 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub const X_AUTH_TOKEN: http::HeaderName = http::HeaderName::from_static("x-auth-token");
 
 /// Upstream failures, classified by what the caller should be told.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
@@ -75,9 +75,6 @@ impl std::fmt::Debug for UpstreamClient {
         f.debug_struct("UpstreamClient").finish_non_exhaustive()
     }
 }
-
-/// Largest upstream body toastgate buffers (JSON answers it rewrites or translates).
-pub const MAX_BUFFERED_BODY: usize = 32 * 1024 * 1024;
 
 /// What the one client builder needs: the extra CA, timeouts and the pool.
 #[derive(Debug, Clone)]

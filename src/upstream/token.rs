@@ -32,7 +32,6 @@
 //!   once; a second 401 is an error, never a loop (gophercloud's).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -151,7 +150,6 @@ pub struct TokenBroker {
     client: UpstreamClient,
     upstream: Upstream,
     policy: TokenPolicy,
-    identity_calls: AtomicU64,
     records: Mutex<BTreeMap<String, ProjectRecord>>,
     metrics: Arc<Metrics>,
 }
@@ -177,7 +175,6 @@ impl TokenBroker {
             client,
             upstream,
             policy,
-            identity_calls: AtomicU64::new(0),
             records: Mutex::new(BTreeMap::new()),
             metrics,
         }
@@ -200,11 +197,6 @@ impl TokenBroker {
                 })
             })
             .clone()
-    }
-
-    /// Identity calls made so far (both token APIs).
-    pub fn identity_calls(&self) -> u64 {
-        self.identity_calls.load(Ordering::Relaxed)
     }
 
     /// The token to use for `project` now. Waits only when there is no
@@ -275,6 +267,13 @@ impl TokenBroker {
         let slot = slot.clone();
         let project = project.clone();
         tokio::spawn(async move {
+            // Should this task end without publishing (a panic), the slot
+            // must not stay "in flight" for ever.
+            let guard = FetchGuard {
+                slot: slot.clone(),
+                retry_after: broker.policy.retry_min_backoff,
+                armed: true,
+            };
             let deadline = broker.upstream.identity_timeout;
             let result = match tokio::time::timeout(deadline, broker.fetch(&project)).await {
                 Ok(r) => r,
@@ -286,6 +285,8 @@ impl TokenBroker {
                     Err(e)
                 }
             };
+            let mut guard = guard;
+            guard.armed = false;
             slot.state.send_modify(|s| {
                 s.fetching = false;
                 match result {
@@ -374,7 +375,6 @@ impl TokenBroker {
 
     /// One identity call for `project`.
     async fn fetch(&self, project: &Project) -> Result<Arc<UpstreamToken>, IdentityError> {
-        self.identity_calls.fetch_add(1, Ordering::Relaxed);
         let result = match &project.credentials {
             Credentials::Keystone { username, password } => {
                 self.fetch_keystone(project, username, password).await
@@ -521,13 +521,16 @@ impl TokenBroker {
         let lifetime = lifetime(issued, expires, Utc::now()).ok_or_else(|| {
             IdentityError::BadResponse("token already expired when issued".into())
         })?;
-        let margin = expiry_margin(lifetime);
+        let usable_for = lifetime.saturating_sub(expiry_margin(lifetime));
+        // Never at or past the end of the usable window (a short token with
+        // a late `refresh_at` would otherwise make callers wait).
         let refresh_after =
-            refresh_after(lifetime, &self.policy, rand::rng().random_range(-1.0..=1.0));
+            refresh_after(lifetime, &self.policy, rand::rng().random_range(-1.0..=1.0))
+                .min(usable_for.mul_f64(0.9));
         Ok(UpstreamToken {
             id: Secret::new(id),
             expires_at: expires,
-            usable_until: received + lifetime.saturating_sub(margin),
+            usable_until: received + usable_for,
             refresh_at: received + refresh_after,
         })
     }
@@ -567,6 +570,31 @@ pub fn parse_identity_time(s: &str) -> Option<DateTime<Utc>> {
     NaiveDateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S%.f")
         .ok()
         .map(|n| n.and_utc())
+}
+
+/// Publishes the end of an identity call that ended without publishing it.
+struct FetchGuard {
+    slot: Arc<Slot>,
+    retry_after: Duration,
+    armed: bool,
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let retry_at = Instant::now() + self.retry_after;
+            self.slot.state.send_modify(|s| {
+                s.fetching = false;
+                s.failures_in_a_row = s.failures_in_a_row.saturating_add(1);
+                s.failure = Some(Failure {
+                    error: IdentityError::Unavailable(
+                        "the identity call failed unexpectedly".into(),
+                    ),
+                    retry_at,
+                });
+            });
+        }
+    }
 }
 
 /// Jittered exponential backoff ("equal jitter": half fixed, half random)
