@@ -15,8 +15,9 @@
 //! - a connection (HTTP/2 included) must start its first request within
 //!   `server.header_read_timeout`; one with no request in flight and no new
 //!   one for `server.idle_timeout` (checked twice per timeout, so at most
-//!   1.5 of them) is shut down gracefully, and dropped if still open one
-//!   more `idle_timeout` later (a client that stopped reading). Requests,
+//!   1.5 of them) is shut down gracefully, and dropped if still open, with
+//!   nothing in flight, one more `idle_timeout` later (a client that
+//!   stopped reading). Requests,
 //!   not bytes, are counted: HTTP/2 PINGs keep bytes moving without asking
 //!   for anything;
 //! - HTTP/2 connections carry at most `server.http2_max_streams` concurrent
@@ -259,8 +260,10 @@ where
     /// - no request in flight and no new one for `idle_timeout` (checked
     ///   twice per timeout, so between 1 and 1.5 of them): a graceful shutdown (a request in
     ///   flight is still answered; HTTP/2 gets a GOAWAY);
-    /// - a connection still open `idle_timeout` after a graceful shutdown
-    ///   (a client that stops reading) is dropped.
+    /// - a connection still open, with no request in flight, `idle_timeout`
+    ///   after its graceful shutdown (a client that stopped reading its
+    ///   answer) is dropped; a request in flight is bounded by
+    ///   `server.request_timeout` instead.
     async fn serve_http<I>(self, io: I)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -275,9 +278,7 @@ where
             .service
             .clone()
             .map_request(move |req: Request<Incoming>| {
-                if req.version() == Version::HTTP_2 {
-                    seen.http2.store(true, Ordering::Relaxed);
-                }
+                seen.saw_request(req.version());
                 req
             })
             .map_future(move |answer| {
@@ -305,35 +306,41 @@ where
         let idle = self.limits.idle_timeout;
         let check = tokio::time::sleep(self.limits.header_read_timeout);
         tokio::pin!(check);
+        // Draining: an HTTP/2 connection gets its GOAWAY as soon as both are
+        // true, whichever comes first (HTTP/1.1 is told by `Connection:
+        // close` on its answers instead).
+        let draining_http2 = async {
+            self.draining.stopped().await;
+            state.until_http2().await;
+        };
+        tokio::pin!(draining_http2);
         let mut seen_requests = 0;
         let mut quiet_checks = 0;
         let mut first_check = true;
         let mut shut_down = false;
         loop {
-            tokio::select! {
+            let shut_down_now = tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     return;
                 }
-                _ = self.shutdown.stopped(), if !shut_down => {
-                    // Idle HTTP/1.1 connections close now, busy ones after
-                    // their answer; HTTP/2 gets a GOAWAY.
-                    conn.as_mut().graceful_shutdown();
-                    shut_down = true;
-                }
-                _ = self.draining.stopped(), if !shut_down && state.http2.load(Ordering::Relaxed) => {
-                    conn.as_mut().graceful_shutdown();
-                    shut_down = true;
-                }
+                // Idle HTTP/1.1 connections close now, busy ones after their
+                // answer; HTTP/2 gets a GOAWAY.
+                _ = self.shutdown.stopped(), if !shut_down => true,
+                _ = &mut draining_http2, if !shut_down => true,
                 _ = &mut check => {
-                    if shut_down {
-                        tracing::debug!(%peer, "connection still open after its shutdown; dropped");
-                        return;
-                    }
                     let requests = state.started.load(Ordering::Relaxed);
                     let busy = state.finished.load(Ordering::Relaxed) != requests;
+                    if shut_down {
+                        if !busy {
+                            tracing::debug!(%peer, "connection still open after its shutdown; dropped");
+                            return;
+                        }
+                        check.as_mut().reset(tokio::time::Instant::now() + idle);
+                        continue;
+                    }
                     if first_check && requests == 0 {
                         tracing::debug!(%peer, "no request within header_read_timeout; closed");
                         return;
@@ -341,16 +348,22 @@ where
                     first_check = false;
                     quiet_checks = if requests == seen_requests && !busy { quiet_checks + 1 } else { 0 };
                     seen_requests = requests;
-                    let next = if quiet_checks >= 2 {
+                    if quiet_checks >= 2 {
                         tracing::debug!(%peer, "idle connection closed");
-                        conn.as_mut().graceful_shutdown();
-                        shut_down = true;
-                        idle
+                        true
                     } else {
-                        (idle / 2).max(Duration::from_millis(50))
-                    };
-                    check.as_mut().reset(tokio::time::Instant::now() + next);
+                        let next = (idle / 2).max(Duration::from_millis(50));
+                        check.as_mut().reset(tokio::time::Instant::now() + next);
+                        false
+                    }
                 }
+            };
+            if shut_down_now {
+                conn.as_mut().graceful_shutdown();
+                shut_down = true;
+                // A client still holding the connection, with nothing in
+                // flight, `idle_timeout` from now is dropped.
+                check.as_mut().reset(tokio::time::Instant::now() + idle);
             }
         }
     }
@@ -365,6 +378,24 @@ struct ConnState {
     finished: AtomicU64,
     /// It speaks HTTP/2.
     http2: AtomicBool,
+    /// Told when `http2` turns true.
+    http2_seen: tokio::sync::Notify,
+}
+
+impl ConnState {
+    fn saw_request(&self, version: Version) {
+        if version == Version::HTTP_2 && !self.http2.swap(true, Ordering::Relaxed) {
+            // A permit is kept if nobody waits yet.
+            self.http2_seen.notify_one();
+        }
+    }
+
+    /// Resolves once the connection is known to speak HTTP/2.
+    async fn until_http2(&self) {
+        if !self.http2.load(Ordering::Relaxed) {
+            self.http2_seen.notified().await;
+        }
+    }
 }
 
 /// One request in flight on a connection, however its future ends.

@@ -1,6 +1,7 @@
 //! Running it for real: config reload (file change, SIGHUP) with no failed
 //! request, a broken reload refused, SIGTERM draining slow in-flight
-//! requests without losing an audit record.
+//! requests without losing an audit record, HTTP/1.1 and HTTP/2 clients told
+//! promptly that their connection ends.
 
 mod common;
 
@@ -322,5 +323,55 @@ async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_d
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
     stopping.await.unwrap();
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn draining_sends_http2_connections_a_goaway_while_the_listener_still_serves() {
+    let sim = start_sim(fast_sim()).await;
+    // A drain delay far longer than the test: whatever closes the HTTP/2
+    // connection below, it is not the listener stopping; nor any connection
+    // timeout (all far longer than the test too).
+    let env = common::Env::start_on(
+        sim.clone(),
+        &[],
+        json!({"server": {"drain_delay": "600s", "header_read_timeout": "600s", "idle_timeout": "600s"}}),
+        &secrets(),
+    )
+    .await;
+    let token = env.token("web-team");
+    let tcp = tokio::net::TcpStream::connect(env.gw.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::get("http://gw/v2/web/flavors")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    send.ready().await.unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+
+    let (gw, http) = (env.gw.clone(), env.http.clone());
+    let _stopping = tokio::spawn(env.stop_gateway());
+    tokio::time::timeout(Duration::from_secs(30), driver)
+        .await
+        .expect("the HTTP/2 connection got no GOAWAY")
+        .unwrap()
+        .expect("the HTTP/2 connection ended cleanly");
+    // Still inside the drain delay: new connections are served.
+    let s = http
+        .get(format!("{gw}/v2/web/flavors"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s.as_u16(), 200);
     sim.shutdown();
 }
