@@ -601,4 +601,180 @@ mod tests {
             );
         }
     }
+
+    /// Finds `variant` among [`every_variant`].
+    fn variant(pick: impl Fn(&GatewayError) -> bool) -> GatewayError {
+        every_variant()
+            .into_iter()
+            .find(|e| pick(e))
+            .expect("a variant")
+    }
+
+    /// Each situation the README's tables name is answered with the code or
+    /// status on its row (not only "somewhere in the table"): in the v1.0
+    /// table, the code is the last one written before the phrase.
+    #[test]
+    fn each_situation_in_the_readme_tables_has_the_code_of_its_row() {
+        use GatewayError as G;
+        let v1: Vec<(&str, GatewayError)> = vec![
+            (
+                "expired JWT",
+                variant(|e| matches!(e, G::Unauthenticated(AuthError::Expired))),
+            ),
+            (
+                "JWT keys unreachable",
+                variant(|e| matches!(e, G::Unauthenticated(AuthError::KeysUnavailable))),
+            ),
+            ("unknown team", variant(|e| matches!(e, G::Forbidden(_)))),
+            (
+                "unexpected gateway error",
+                variant(|e| matches!(e, G::Internal(_))),
+            ),
+            ("not strict JSON", variant(|e| matches!(e, G::Json(_)))),
+            (
+                "did not arrive within",
+                variant(|e| matches!(e, G::BodyTimeout(_))),
+            ),
+            (
+                "request body too large",
+                variant(|e| matches!(e, G::BodyTooLarge(_))),
+            ),
+            (
+                "rate limited",
+                variant(|e| matches!(e, G::RateLimited { .. })),
+            ),
+            (
+                "rate-limit store down",
+                variant(|e| matches!(e, G::RateLimitUnavailable { .. })),
+            ),
+            (
+                "audit sink not writable",
+                variant(|e| matches!(e, G::AuditUnavailable(_))),
+            ),
+            (
+                "audit record could not be written",
+                variant(|e| matches!(e, G::AuditIncomplete { .. })),
+            ),
+            (
+                "no cloud token",
+                variant(|e| matches!(e, G::TokenUnavailable { .. })),
+            ),
+            (
+                "upstream unreachable",
+                variant(|e| matches!(e, G::Upstream(UpstreamError::Unreachable(_)))),
+            ),
+            (
+                "upstream or request timeout",
+                variant(|e| matches!(e, G::Upstream(UpstreamError::Timeout(_)))),
+            ),
+            (
+                "upstream or request timeout",
+                variant(|e| matches!(e, G::Timeout(_))),
+            ),
+            (
+                "tokens are managed by toastgate",
+                variant(|e| matches!(e, G::TokenApi)),
+            ),
+        ];
+        let rows: Vec<String> = readme_rows("### v1.0 result codes")
+            .iter()
+            .map(|r| r.join(" | "))
+            .collect();
+        for (phrase, e) in v1 {
+            let row = rows
+                .iter()
+                .find(|r| r.contains(phrase))
+                .unwrap_or_else(|| panic!("`{phrase}` is not in the README's v1.0 table"));
+            let before = &row[..row.find(phrase).unwrap()];
+            let code = *backticked_numbers(before)
+                .last()
+                .unwrap_or_else(|| panic!("no code before `{phrase}`: {row}"));
+            assert_eq!(code, e.result_code(), "`{phrase}`: {e:?}");
+        }
+
+        let v2: Vec<(&str, GatewayError)> = vec![
+            (
+                "expired",
+                variant(|e| matches!(e, G::Unauthenticated(AuthError::Expired))),
+            ),
+            (
+                "JWT keys cannot be fetched",
+                variant(|e| matches!(e, G::Unauthenticated(AuthError::KeysUnavailable))),
+            ),
+            (
+                "team not configured",
+                variant(|e| matches!(e, G::Forbidden(_))),
+            ),
+            (
+                "unknown project",
+                variant(|e| matches!(e, G::UnknownProject(_))),
+            ),
+            (
+                "method not allowed",
+                variant(|e| matches!(e, G::NoRoute(RouteError::MethodNotAllowed { .. }))),
+            ),
+            (
+                "did not arrive within",
+                variant(|e| matches!(e, G::BodyTimeout(_))),
+            ),
+            (
+                "over `server.body_limit_bytes`",
+                variant(|e| matches!(e, G::BodyTooLarge(_))),
+            ),
+            (
+                "rate limit is exhausted",
+                variant(|e| matches!(e, G::RateLimited { .. })),
+            ),
+            (
+                "rate-limit store (Redis) is down",
+                variant(|e| matches!(e, G::RateLimitUnavailable { .. })),
+            ),
+            (
+                "cannot record a mutating Action",
+                variant(|e| matches!(e, G::AuditUnavailable(_))),
+            ),
+            (
+                "audit record could not be written",
+                variant(|e| matches!(e, G::AuditIncomplete { .. })),
+            ),
+            (
+                "no cloud token can be had",
+                variant(|e| matches!(e, G::TokenUnavailable { .. })),
+            ),
+            (
+                "upstream unreachable",
+                variant(|e| matches!(e, G::Upstream(UpstreamError::Unreachable(_)))),
+            ),
+            (
+                "refused a freshly obtained token",
+                variant(|e| matches!(e, G::UpstreamUnauthorized(_))),
+            ),
+            (
+                "upstream too slow",
+                variant(|e| matches!(e, G::Upstream(UpstreamError::Timeout(_)))),
+            ),
+            (
+                "request over `server.request_timeout`",
+                variant(|e| matches!(e, G::Timeout(_))),
+            ),
+            (
+                "a bug in toastgate",
+                variant(|e| matches!(e, G::Internal(_))),
+            ),
+        ];
+        let rows = readme_rows("### Errors on the v2 surface");
+        for (phrase, e) in v2 {
+            let row = rows
+                .iter()
+                .find(|r| r[0].contains(phrase))
+                .unwrap_or_else(|| panic!("`{phrase}` is not in the README's v2 table"));
+            let status: u16 = row[1].split_whitespace().next().unwrap().parse().unwrap();
+            assert_eq!(status, e.status().as_u16(), "`{phrase}`: {e:?}");
+            assert_eq!(
+                row[2].trim_matches('`'),
+                GatewayError::nova_fault(e.status()),
+                "`{phrase}`"
+            );
+        }
+    }
 }
