@@ -270,27 +270,10 @@ where
     {
         let peer = self.peer;
         let state = Arc::new(ConnState::default());
-        let seen = state.clone();
-        let counted = state.clone();
         let answered = state.clone();
         let draining = self.draining.clone();
-        let service = self
-            .service
-            .clone()
-            .map_request(move |req: Request<Incoming>| {
-                seen.saw_request(req.version());
-                req
-            })
-            .map_future(move |answer| {
-                // Counted until answered or abandoned: a request in flight
-                // keeps its connection from being judged idle.
-                let in_flight = InFlight::start(counted.clone());
-                async move {
-                    let _in_flight = in_flight;
-                    answer.await
-                }
-            })
-            .map_response(move |mut resp: Response| {
+        let service = TowerToHyperService::new(self.service.clone().map_response(
+            move |mut resp: Response| {
                 // Draining: HTTP/1.1 clients learn from the answer itself
                 // that this connection ends, instead of racing its close.
                 if draining.is_stopped() && !answered.http2.load(Ordering::Relaxed) {
@@ -298,10 +281,23 @@ where
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 resp
-            });
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+            },
+        ));
+        // Counted the moment hyper hands the request over (an HTTP/2 stream's
+        // future runs later, in a task of its own), until answered or
+        // abandoned: a request in flight keeps its connection from being
+        // judged idle.
+        let counted = state.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            counted.saw_request(req.version());
+            let in_flight = InFlight::start(counted.clone());
+            let answer = hyper::service::Service::call(&service, req);
+            async move {
+                let _in_flight = in_flight;
+                answer.await
+            }
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle = self.limits.idle_timeout;
         let check = tokio::time::sleep(self.limits.header_read_timeout);
@@ -314,7 +310,7 @@ where
             state.until_http2().await;
         };
         tokio::pin!(draining_http2);
-        let mut seen_requests = 0;
+        let mut seen = (0, 0);
         let mut quiet_checks = 0;
         let mut first_check = true;
         let mut shut_down = false;
@@ -332,7 +328,8 @@ where
                 _ = &mut draining_http2, if !shut_down => true,
                 _ = &mut check => {
                     let requests = state.started.load(Ordering::Relaxed);
-                    let busy = state.finished.load(Ordering::Relaxed) != requests;
+                    let finished = state.finished.load(Ordering::Relaxed);
+                    let busy = finished != requests;
                     if shut_down {
                         if !busy {
                             tracing::debug!(%peer, "connection still open after its shutdown; dropped");
@@ -346,8 +343,11 @@ where
                         return;
                     }
                     first_check = false;
-                    quiet_checks = if requests == seen_requests && !busy { quiet_checks + 1 } else { 0 };
-                    seen_requests = requests;
+                    // Quiet: nothing started or finished since the last
+                    // check, and nothing in flight.
+                    let now = (requests, finished);
+                    quiet_checks = if now == seen && !busy { quiet_checks + 1 } else { 0 };
+                    seen = now;
                     if quiet_checks >= 2 {
                         tracing::debug!(%peer, "idle connection closed");
                         true

@@ -640,3 +640,145 @@ fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+/// One `toastgate serve` process writing its audit log to `file`, which
+/// cannot grow past `limit` bytes (`None`: no limit): writes past it fail
+/// as on a full disk (EFBIG, the signal that would kill the process
+/// ignored), a write across it is cut short. Creates keypairs
+/// (`{prefix}-{i}`, names of one length) until one is not a success, at
+/// most `max`; returns every answer as (name, status, body).
+async fn create_keypairs_until_refused(
+    sim: &toastgate::simulator::SimHandle,
+    dir: &Path,
+    limit: Option<u64>,
+    prefix: &str,
+    max: usize,
+) -> Vec<(String, u16, Value)> {
+    let file = dir.join("audit.jsonl");
+    let limit_arg = limit.map(|l| l.to_string());
+    let wrapper: Vec<&str> = match &limit_arg {
+        None => vec![],
+        Some(l) => vec![
+            "sh",
+            "-c",
+            r#"trap "" XFSZ; exec prlimit --fsize="$0" "$@""#,
+            l.as_str(),
+        ],
+    };
+    let (_gateway, gw, admin) = common::process::serve(
+        dir,
+        sim,
+        &["overlays/audit-fsync-always.yaml"],
+        json!({"audit": {"file": {"path": file}}}),
+        &wrapper,
+    );
+    let http = reqwest::Client::new();
+    common::wait_ready(&http, &admin).await;
+    let config =
+        toastgate::config::Config::load(&dir.join("toastgate.yaml"), &common::secrets()).unwrap();
+    let token = toastgate::auth::mint_token(
+        &config.auth,
+        "web-team",
+        "t",
+        std::time::Duration::from_secs(600),
+    )
+    .unwrap();
+    let mut answers = Vec::new();
+    for i in 0..max {
+        let name = format!("{prefix}-{i:02}");
+        let r = http
+            .post(format!("{gw}/v2/web/os-keypairs"))
+            .bearer_auth(&token)
+            .json(&json!({"keypair": {"name": name}}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        answers.push((name, status, r.json::<Value>().await.unwrap()));
+        if status != 200 {
+            break;
+        }
+    }
+    answers
+}
+
+/// The disk fills at every point of a mutating request's two records in
+/// turn (the file's size limit swept across them): a request whose
+/// `received` record does not fit is refused and never performed; one whose
+/// `completed` record does not fit ran, and says so (never a plain
+/// success); every success has its completed record; the log is never left
+/// with a torn line and its chain verifies.
+#[tokio::test]
+async fn a_full_disk_at_either_audit_record_never_yields_an_unrecorded_success() {
+    let sim = common::start_sim(fast_sim()).await;
+    // Where the records of the first and second request end, unlimited.
+    let dir = TempDir::new("audit-full-measure");
+    let answers = create_keypairs_until_refused(&sim, dir.path(), None, "m", 2).await;
+    assert!(answers.iter().all(|a| a.1 == 200), "{answers:?}");
+    let lines: Vec<usize> = std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| l.len() + 1)
+        .collect();
+    // Received + completed per request (a new file has no other line).
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let after_first: usize = lines[..2].iter().sum();
+    let after_second: usize = lines.iter().sum();
+
+    let mut refused_before = 0;
+    let mut performed_unrecorded = 0;
+    let steps = 12;
+    for step in 0..steps {
+        let limit = after_first + (after_second - after_first) * step / steps;
+        let dir = TempDir::new("audit-full");
+        let prefix = format!("f{step:02}");
+        let answers =
+            create_keypairs_until_refused(&sim, dir.path(), Some(limit as u64), &prefix, 2).await;
+        let file = dir.join("audit.jsonl");
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.ends_with('\n'), "a torn line at {limit} bytes");
+        let report = toastgate::audit::verify(&file, false).unwrap();
+        assert!(report.is_intact(), "limit {limit}: {report:?}");
+        let recs = records(&file);
+        let kept = |name: &str| {
+            sim.requests()
+                .iter()
+                .any(|r| r.method == "POST" && String::from_utf8_lossy(&r.body).contains(name))
+        };
+        for (name, status, body) in &answers {
+            match status {
+                200 => assert!(
+                    recs.iter().any(|r| r["stage"] == "completed"
+                        && r["result"].to_string().contains(name.as_str())),
+                    "{name} succeeded without its completed record (limit {limit})"
+                ),
+                503 => {
+                    common::assert_nova_error(body, "serviceUnavailable", 503);
+                    assert!(!kept(name), "{name} was refused but performed");
+                    refused_before += 1;
+                }
+                500 => {
+                    let msg = common::assert_nova_error(body, "computeFault", 500);
+                    assert!(
+                        msg.contains("was performed") && msg.contains(name.as_str()),
+                        "{msg}"
+                    );
+                    assert!(kept(name), "{name} said performed but was not");
+                    performed_unrecorded += 1;
+                }
+                other => panic!("limit {limit}: {name} answered {other}: {body}"),
+            }
+        }
+        assert_eq!(
+            answers.iter().filter(|a| a.1 != 200).count(),
+            1,
+            "limit {limit}: the disk was full, yet: {answers:?}"
+        );
+    }
+    // The sweep met both boundaries.
+    assert!(
+        refused_before > 0 && performed_unrecorded > 0,
+        "refused {refused_before}, performed but unrecorded {performed_unrecorded}"
+    );
+    sim.shutdown();
+}

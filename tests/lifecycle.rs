@@ -6,15 +6,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::process::{KillOnDrop, spawn_toastgate};
+use common::process::KillOnDrop;
 use common::tempdir::TempDir;
-use common::{
-    BATCH_SECRET_KEY, JWT_SECRET, WEB_API_PASSWORD, fast_sim, fixtures, free_port, metrics,
-    secrets, start_sim, wait_ready,
-};
+use common::{fast_sim, fixtures, metrics, secrets, start_sim, wait_ready};
 use serde_json::{Value, json};
 use toastgate::config::Config;
 use toastgate::server::{Listeners, ReloadSource, run_with_reload};
@@ -146,36 +142,14 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     sim.shutdown();
 }
 
-/// Writes the test config for `sim` with `overlays` and `extra`, its
-/// secrets in files and fixed ports, and starts `toastgate serve` on it.
+/// `toastgate serve` on the test config (see [`common::process::serve`]).
 fn serve(
     dir: &Path,
     sim: &SimHandle,
     overlays: &[&str],
     extra: Value,
 ) -> (KillOnDrop, String, String) {
-    std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
-    std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
-    std::fs::write(dir.join("batch.sk"), BATCH_SECRET_KEY).unwrap();
-    let ports = [free_port(), free_port()];
-    let overlays = [overlays, &["overlays/secrets-in-files.yaml"]].concat();
-    let mut config = fixtures::gateway_config(&sim.base_url(), &overlays, extra);
-    fixtures::merge(
-        &mut config,
-        json!({"listen": {"public": format!("127.0.0.1:{}", ports[0]),
-                          "admin": format!("127.0.0.1:{}", ports[1])}}),
-    );
-    std::fs::write(dir.join("toastgate.yaml"), fixtures::to_text(&config)).unwrap();
-    let config_path = dir.join("toastgate.yaml");
-    let child = spawn_toastgate(
-        ["serve", "--config", config_path.to_str().unwrap()],
-        Stdio::null(),
-    );
-    (
-        child,
-        format!("http://127.0.0.1:{}", ports[0]),
-        format!("http://127.0.0.1:{}", ports[1]),
-    )
+    common::process::serve(dir, sim, overlays, extra, &[])
 }
 
 #[tokio::test]

@@ -1,7 +1,13 @@
 //! The `toastgate` binary as a user runs it.
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::{Value, json};
+use toastgate::simulator::SimHandle;
+
+use super::{BATCH_SECRET_KEY, JWT_SECRET, WEB_API_PASSWORD, fixtures, free_port};
 
 /// The binary cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_toastgate");
@@ -66,4 +72,44 @@ pub fn send_signal(pid: u32, signal: &str) {
         .expect("kill runs")
         .success();
     assert!(ok, "kill {signal} {pid}");
+}
+
+/// Writes the test config for `sim` with `overlays` and `extra` into `dir`,
+/// its secrets in files and fixed ports, and starts `toastgate serve` on it
+/// (behind `wrapper`, a command that runs the rest of its arguments, if
+/// given). Returns the process and the public and admin base URLs.
+pub fn serve(
+    dir: &Path,
+    sim: &SimHandle,
+    overlays: &[&str],
+    extra: Value,
+    wrapper: &[&str],
+) -> (KillOnDrop, String, String) {
+    std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
+    std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
+    std::fs::write(dir.join("batch.sk"), BATCH_SECRET_KEY).unwrap();
+    let ports = [free_port(), free_port()];
+    let overlays = [overlays, &["overlays/secrets-in-files.yaml"]].concat();
+    let mut config = fixtures::gateway_config(&sim.base_url(), &overlays, extra);
+    fixtures::merge(
+        &mut config,
+        json!({"listen": {"public": format!("127.0.0.1:{}", ports[0]),
+                          "admin": format!("127.0.0.1:{}", ports[1])}}),
+    );
+    let config_path = dir.join("toastgate.yaml");
+    std::fs::write(&config_path, fixtures::to_text(&config)).unwrap();
+    let serve = [BIN, "serve", "--config", config_path.to_str().unwrap()];
+    let command: Vec<&str> = wrapper.iter().copied().chain(serve).collect();
+    let child = Command::new(command[0])
+        .args(&command[1..])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    (
+        KillOnDrop(child),
+        format!("http://127.0.0.1:{}", ports[0]),
+        format!("http://127.0.0.1:{}", ports[1]),
+    )
 }
