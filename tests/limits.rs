@@ -379,3 +379,82 @@ async fn http2_streams_are_capped_per_connection_and_an_idle_http2_connection_is
     drop(send);
     env.stop().await;
 }
+
+/// `toastgate serve` limited to `files` open files, `extra` merged onto the
+/// connection-limits overlay; 160 connections that send half a request
+/// head; then a good request. Every slow connection must be closed by the
+/// gateway; returns the good request's status and the accept errors counted.
+async fn half_open_flood_under_a_file_limit(files: u32, extra: serde_json::Value) -> (u16, f64) {
+    let sim = common::start_sim(fast_sim()).await;
+    let dir = common::tempdir::TempDir::new("limits-files");
+    let nofile = format!("--nofile={files}");
+    let (_gateway, gw, admin) = common::process::serve(
+        dir.path(),
+        &sim,
+        &["overlays/connection-limits.yaml"],
+        extra,
+        &["prlimit", &nofile],
+    );
+    let http = reqwest::Client::new();
+    common::wait_ready(&http, &admin).await;
+    let addr = gw.trim_start_matches("http://").to_string();
+    let mut slow = Vec::new();
+    for _ in 0..160 {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /v2/web/flavors HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    let config =
+        toastgate::config::Config::load(&dir.join("toastgate.yaml"), &common::secrets()).unwrap();
+    let token =
+        toastgate::auth::mint_token(&config.auth, "web-team", "t", Duration::from_secs(600))
+            .unwrap();
+    let good = http
+        .get(format!("{gw}/v2/web/flavors"))
+        .bearer_auth(&token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("the good request was answered")
+        .status()
+        .as_u16();
+    for (i, c) in slow.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(c, Duration::from_secs(60)).await,
+            "slow connection {i} was never closed"
+        );
+    }
+    let m = metrics::fetch(&http, &admin).await;
+    sim.shutdown();
+    (good, metrics::value(&m, "toastgate_accept_errors_total"))
+}
+
+/// With the process limited to 128 open files and no `max_connections`
+/// set, the default cap stays below the limit: 160 half-open connections
+/// never exhaust the descriptors (no accept error), they wait in the
+/// backlog, time out in turn, and a good request is served.
+#[tokio::test]
+async fn the_default_connection_cap_stays_below_the_file_limit() {
+    let (good, accept_errors) =
+        half_open_flood_under_a_file_limit(128, json!({"server": {"max_connections": null}})).await;
+    assert_eq!(good, 200);
+    assert_eq!(accept_errors, 0.0);
+}
+
+/// A cap set just under the file limit leaves no room for the gateway's
+/// other descriptors: accepting fails with EMFILE. The loop backs off (5 ms
+/// doubling to 1 s) instead of spinning, and serves again once the slow
+/// connections have timed out.
+#[tokio::test]
+async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
+    let (good, accept_errors) =
+        half_open_flood_under_a_file_limit(128, json!({"server": {"max_connections": 127}})).await;
+    assert_eq!(good, 200);
+    assert!(accept_errors >= 1.0, "EMFILE never happened");
+    // Backing off, the loop tries at most about once per 5 ms while the
+    // descriptors are out, and the flood lasts seconds; a spinning loop
+    // counts millions.
+    assert!(accept_errors < 10_000.0, "{accept_errors} accept errors");
+}
