@@ -36,6 +36,7 @@ use std::time::Duration;
 use std::convert::Infallible;
 
 use axum::response::Response;
+use futures_util::FutureExt;
 use http::{HeaderValue, Request, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -44,7 +45,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use futures_util::FutureExt;
 use tower::ServiceExt;
 
 use crate::metrics::Metrics;
