@@ -674,15 +674,7 @@ async fn create_keypairs_until_refused(
     );
     let http = reqwest::Client::new();
     common::wait_ready(&http, &admin).await;
-    let config =
-        toastgate::config::Config::load(&dir.join("toastgate.yaml"), &common::secrets()).unwrap();
-    let token = toastgate::auth::mint_token(
-        &config.auth,
-        "web-team",
-        "t",
-        std::time::Duration::from_secs(600),
-    )
-    .unwrap();
+    let token = common::process::team_token(dir, "web-team");
     let mut answers = Vec::new();
     for i in 0..max {
         let name = format!("{prefix}-{i:02}");

@@ -159,10 +159,7 @@ async fn sighup_reloads_the_config() {
     let (p, gw, admin) = serve(dir.path(), &sim, &[BATCH_READ_ONLY], json!({}));
     let http = reqwest::Client::new();
     wait_ready(&http, &admin).await;
-    let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
-    let batch =
-        toastgate::auth::mint_token(&config.auth, "batch-team", "t", Duration::from_secs(600))
-            .unwrap();
+    let batch = common::process::team_token(dir.path(), "batch-team");
     assert_eq!(keypair(&http, &gw, &batch, "batch", "a").await, 403);
     p.signal("-HUP");
     let reloaded = metrics::eventually_contains(
@@ -193,9 +190,7 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
     );
     let http = reqwest::Client::new();
     wait_ready(&http, &admin).await;
-    let config = Config::load(&dir.join("toastgate.yaml"), &secrets()).unwrap();
-    let web = toastgate::auth::mint_token(&config.auth, "web-team", "t", Duration::from_secs(600))
-        .unwrap();
+    let web = common::process::team_token(dir.path(), "web-team");
 
     sim.set_latency(Duration::from_millis(1500));
     let mut inflight = Vec::new();

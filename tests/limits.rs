@@ -406,11 +406,7 @@ async fn half_open_flood_under_a_file_limit(files: u32, extra: serde_json::Value
             .unwrap();
         slow.push(c);
     }
-    let config =
-        toastgate::config::Config::load(&dir.join("toastgate.yaml"), &common::secrets()).unwrap();
-    let token =
-        toastgate::auth::mint_token(&config.auth, "web-team", "t", Duration::from_secs(600))
-            .unwrap();
+    let token = common::process::team_token(dir.path(), "web-team");
     let good = http
         .get(format!("{gw}/v2/web/flavors"))
         .bearer_auth(&token)

@@ -113,3 +113,12 @@ pub fn serve(
         format!("http://127.0.0.1:{}", ports[1]),
     )
 }
+
+/// A JWT for `team`, signed with the key of the config [`serve`] wrote
+/// into `dir`.
+pub fn team_token(dir: &Path, team: &str) -> String {
+    let config =
+        toastgate::config::Config::load(&dir.join("toastgate.yaml"), &super::secrets()).unwrap();
+    toastgate::auth::mint_token(&config.auth, team, "t", std::time::Duration::from_secs(600))
+        .unwrap()
+}
