@@ -26,20 +26,38 @@ pub enum TlsError {
 
 /// Loads a certificate chain and its private key into a signing identity.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| TlsError::Cert(cert.display().to_string(), e.to_string()))?;
-    if chain.is_empty() {
-        return Err(TlsError::Cert(
-            cert.display().to_string(),
-            "no certificate in the file".into(),
-        ));
-    }
+    let chain = read_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| TlsError::Key(key.display().to_string(), e.to_string()))?;
     let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
         .map_err(|e| TlsError::Key(key.display().to_string(), e.to_string()))?;
     Ok(CertifiedKey::new(chain, signing))
+}
+
+/// Installs aws-lc-rs as the process-wide rustls provider, once. Our own
+/// configs name their provider; the redis client's TLS uses the process
+/// default, which rustls cannot pick by itself when another dependency
+/// enables its `ring` feature too.
+pub fn install_default_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // Err: one is installed already (whoever did it first keeps it).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// Every certificate of a PEM file; at least one.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| TlsError::Cert(path.display().to_string(), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert(
+            path.display().to_string(),
+            "no certificate in the file".into(),
+        ));
+    }
+    Ok(certs)
 }
 
 /// Serves whatever certificate was loaded last.

@@ -88,9 +88,9 @@ async fn exact_limits_through_redis() {
     );
 
     // The key lives until its quota is whole again: tat - now <= 800 ms.
-    let ttl = redis.pttl("exact:rl:web-team:reads");
+    let ttl = redis.pttl("{exact}:rl:web-team:reads");
     assert!(ttl > 0 && ttl <= 800, "PTTL {ttl}");
-    assert!(redis.pttl("exact:rl:global") > 0);
+    assert!(redis.pttl("{exact}:rl:global") > 0);
 
     tokio::time::sleep(retry_after + Duration::from_millis(30)).await;
     let d = timed(&rl, "web-team", Action::InstanceList).await;
@@ -118,7 +118,7 @@ async fn exact_limits_through_redis() {
 
     // Idle keys vanish by themselves.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert_eq!(redis.pttl("exact:rl:web-team:reads"), -2, "expired");
+    assert_eq!(redis.pttl("{exact}:rl:web-team:reads"), -2, "expired");
 
     let stats = rl.stats();
     assert_eq!(
@@ -192,7 +192,7 @@ async fn redis_killed_then_restarted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        redis.pttl("outage:rl:web-team:writes") > 0,
+        redis.pttl("{outage}:rl:web-team:writes") > 0,
         "decided by the new Redis"
     );
     let d = timed(&rl, "web-team", Action::InstanceList).await;

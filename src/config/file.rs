@@ -330,6 +330,22 @@ pub struct RedisFile {
     pub replicas: u32,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// The URL names one node of a Redis Cluster; the others are discovered.
+    #[serde(default)]
+    pub cluster: bool,
+    /// Certificates for a `rediss://` URL (default: the system's and the web
+    /// PKI roots, no client certificate).
+    pub tls: Option<RedisTlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTlsFile {
+    /// PEM bundle of the CA(s) that signed the Redis servers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for Redis servers that require one, with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,8 +35,8 @@ use crate::secret::Secret;
 pub use file::{
     AllowRuleFile, AuditFile, AuditFileSink, AuditRuleFile, AuthFile, BackendKind, ConfigFile,
     ConstraintsFile, CredentialsFile, GlobalRateFile, KeysFile, ListenFile, OneOrMany, PemKeyFile,
-    ProjectFile, RateLimitFile, RateRuleFile, RedisFile, ServerFile, TeamFile, TlsFile, TokenFile,
-    UpstreamFile,
+    ProjectFile, RateLimitFile, RateRuleFile, RedisFile, RedisTlsFile, ServerFile, TeamFile,
+    TlsFile, TokenFile, UpstreamFile,
 };
 
 /// Where `*_env` references are resolved. The process environment in
@@ -369,7 +369,34 @@ pub enum Backend {
         timeout: Duration,
         replicas: u32,
         key_prefix: String,
+        cluster: bool,
+        /// Read and checked at load (`check-config` and `serve` agree).
+        tls: Option<RedisTls>,
     },
+}
+
+/// PEM contents for a `rediss://` connection.
+#[derive(Clone)]
+pub struct RedisTls {
+    /// The CA bundle to trust instead of the system's roots.
+    pub root_cert: Option<Vec<u8>>,
+    /// Client certificate chain and its private key (a secret).
+    pub client: Option<(Vec<u8>, Secret)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("root_cert", &self.root_cert.as_ref().map(|_| "<pem>"))
+            .field(
+                "client",
+                &self
+                    .client
+                    .as_ref()
+                    .map(|_| "<certificate and [redacted] key>"),
+            )
+            .finish()
+    }
 }
 
 impl Config {

@@ -215,14 +215,14 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
     team["rate_limits"] = json!([{"name": "reads", "actions": ["instance.read"], "rate": "10/s"}]);
     every["rate_limit"] = json!({
         "backend": "redis",
-        "redis": {"url_env": "REDIS_URL"},
+        "redis": {"url_env": "REDIS_URL", "tls": {"ca_file": "tls-cert.pem"}},
         "global": {"rate": "100/s"},
     });
     every["audit"] = json!({
         "file": {"path": "audit.log"},
         "rules": [{"actions": ["instance.read"], "level": "metadata"}],
     });
-    let s = secrets().with_override("REDIS_URL", "redis://127.0.0.1:6379");
+    let s = secrets().with_override("REDIS_URL", "rediss://127.0.0.1:6380");
 
     let check = |place: &str, reported: &str, keys: Option<&Value>| {
         let mut config = every.clone();
@@ -264,6 +264,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
         "teams.web-team.rate_limits[0]",
         "rate_limit",
         "rate_limit.redis",
+        "rate_limit.redis.tls",
         "rate_limit.global",
         "audit",
         "audit.file",
@@ -292,5 +293,114 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
     for (reported, under, keys) in tagged {
         let place = format!("{reported}.{under}");
         check(place.trim_end_matches('.'), reported, keys);
+    }
+}
+
+#[test]
+fn redis_tls_and_cluster_settings_are_checked_at_load() {
+    let dir = TempDir::new();
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .and_then(|params| params.self_signed(&key))
+        .expect("certificate");
+    std::fs::write(dir.0.join("ca.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.0.join("client.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.0.join("client.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.0.join("not-pem.txt"), "hello").unwrap();
+    let load = |url: &str, redis: Value| {
+        let mut config: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+        let mut block = json!({"url_env": "REDIS_URL"});
+        block
+            .as_object_mut()
+            .unwrap()
+            .extend(redis.as_object().unwrap().clone());
+        config["rate_limit"] = json!({"backend": "redis", "redis": block});
+        let s = secrets().with_override("REDIS_URL", url);
+        Config::from_yaml(&config.to_string(), &s, Some(&dir.0)).map_err(|e| {
+            e.problems()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+
+    // Valid: TLS with a CA and a client certificate; a cluster seed.
+    let ok = load(
+        "rediss://:pw@127.0.0.1:6380",
+        json!({"tls": {"ca_file": "ca.pem", "cert_file": "client.pem", "key_file": "client.key"}}),
+    )
+    .expect("valid");
+    match &ok.rate_limit.backend {
+        Backend::Redis {
+            tls: Some(tls),
+            cluster: false,
+            ..
+        } => {
+            assert!(tls.root_cert.is_some() && tls.client.is_some());
+            let shown = format!("{tls:?}");
+            assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let cluster = load("redis://127.0.0.1:7000", json!({"cluster": true})).expect("valid");
+    assert!(matches!(
+        cluster.rate_limit.backend,
+        Backend::Redis {
+            cluster: true,
+            tls: None,
+            ..
+        }
+    ));
+
+    // Each mistake is named by its key, and never echoes the URL.
+    let rows: [(&str, Value, &str); 8] = [
+        (
+            "rediss://h:6379/#insecure",
+            json!({}),
+            "rate_limit.redis: `#insecure` (no server certificate check) is not supported",
+        ),
+        (
+            "redis://h:6379",
+            json!({"tls": {"ca_file": "ca.pem"}}),
+            "rate_limit.redis.tls: is only used with a rediss:// URL",
+        ),
+        (
+            "rediss://h:6379",
+            json!({"tls": {"cert_file": "client.pem"}}),
+            "rate_limit.redis.tls: `cert_file` and `key_file` go together",
+        ),
+        (
+            "rediss://h:6379",
+            json!({"tls": {"ca_file": "missing.pem"}}),
+            "rate_limit.redis.tls.ca_file: cannot read certificate file",
+        ),
+        (
+            "rediss://h:6379",
+            json!({"tls": {"ca_file": "not-pem.txt"}}),
+            "rate_limit.redis.tls.ca_file: cannot read certificate file",
+        ),
+        (
+            "rediss://h:6379",
+            json!({"tls": {"cert_file": "client.pem", "key_file": "ca.pem"}}),
+            "rate_limit.redis.tls.key_file: cannot read key file",
+        ),
+        (
+            "redis://:hunter2@h:notaport",
+            json!({}),
+            "rate_limit.redis: the Redis URL is not valid",
+        ),
+        (
+            "redis://h:6379",
+            json!({"key_prefix": "{tg}"}),
+            "rate_limit.redis.key_prefix: must be non-empty, without braces",
+        ),
+    ];
+    for (url, redis, expected) in rows {
+        let problems = load(url, redis.clone()).expect_err(expected);
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "{url} {redis}: {problems:?}"
+        );
+        assert!(!problems.join(" ").contains("hunter2"), "{problems:?}");
     }
 }

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use super::file::{
     AllowRuleFile, AuditFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile, CredentialsFile,
-    KeysFile, ProjectFile, RateLimitFile, ServerFile, TeamFile, TlsFile, TokenFile, UpstreamFile,
+    KeysFile, ProjectFile, RateLimitFile, RedisTlsFile, ServerFile, TeamFile, TlsFile, TokenFile,
+    UpstreamFile,
 };
 use super::{
     AllowRule, Audit, AuditFileConfig, AuditLevel, Auth, Backend, Config, ConfigError,
     ConfigProblem, Constraints, Credentials, KeySource, Listen, Project, Rate, RateLimits,
-    RateRule, SecretSource, Server, Team, TlsFiles, TokenKey, TokenPolicy, Upstream,
+    RateRule, RedisTls, SecretSource, Server, Team, TlsFiles, TokenKey, TokenPolicy, Upstream,
     parse_algorithm, parse_rate,
 };
 use crate::action::Action;
@@ -772,12 +773,59 @@ impl Validator<'_> {
             }
             (BackendKind::Redis, Some(redis)) => {
                 let url = self.secret("rate_limit.redis", "url", redis.url_env, redis.url_file);
-                let scheme_ok =
-                    url.expose().starts_with("redis://") || url.expose().starts_with("rediss://");
+                let tls_url = url.expose().starts_with("rediss://");
+                let scheme_ok = url.expose().starts_with("redis://") || tls_url;
                 if !url.is_empty() && !scheme_ok {
                     // Never echo the value: it may hold a password.
-                    self.problem("rate_limit.redis", "the Redis URL must start with redis://");
+                    self.problem(
+                        "rate_limit.redis",
+                        "the Redis URL must start with redis:// or rediss:// (TLS)",
+                    );
+                } else if !url.is_empty() {
+                    match redis::IntoConnectionInfo::into_connection_info(url.expose()) {
+                        // The redis crate's parse errors are static text, never the input.
+                        Err(e) => self.problem(
+                            "rate_limit.redis",
+                            format!(
+                                "the Redis URL is not valid: {}",
+                                e.detail().unwrap_or("malformed")
+                            ),
+                        ),
+                        Ok(info)
+                            if matches!(
+                                info.addr(),
+                                redis::ConnectionAddr::TcpTls { insecure: true, .. }
+                            ) =>
+                        {
+                            self.problem(
+                                "rate_limit.redis",
+                                "`#insecure` (no server certificate check) is not supported: \
+                                 name the server's CA in `tls.ca_file`",
+                            )
+                        }
+                        Ok(_) => {}
+                    }
                 }
+                let key_prefix_ok = !redis.key_prefix.is_empty()
+                    && !redis.key_prefix.contains(['{', '}'])
+                    && !redis
+                        .key_prefix
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control());
+                if !key_prefix_ok {
+                    self.problem(
+                        "rate_limit.redis.key_prefix",
+                        "must be non-empty, without braces (toastgate adds the cluster hash tag) or spaces",
+                    );
+                }
+                let tls = match redis.tls {
+                    Some(_) if !url.is_empty() && !tls_url => {
+                        self.problem("rate_limit.redis.tls", "is only used with a rediss:// URL");
+                        None
+                    }
+                    Some(t) => self.redis_tls(t),
+                    None => None,
+                };
                 if redis.replicas == 0 {
                     self.problem("rate_limit.redis.replicas", "must be at least 1");
                 }
@@ -789,6 +837,8 @@ impl Validator<'_> {
                     timeout: redis.timeout,
                     replicas: redis.replicas.max(1),
                     key_prefix: redis.key_prefix,
+                    cluster: redis.cluster,
+                    tls,
                 }
             }
         };
@@ -797,6 +847,57 @@ impl Validator<'_> {
             global,
             fail_open,
         }
+    }
+}
+
+impl Validator<'_> {
+    /// Reads the Redis TLS files now, so that a bad file is a config problem
+    /// naming its key rather than a connection failure later.
+    fn redis_tls(&mut self, t: RedisTlsFile) -> Option<RedisTls> {
+        let root_cert = t.ca_file.and_then(|ca| {
+            let path = self.resolve_path(&ca);
+            match crate::tls::read_certificates(&path) {
+                Ok(_) => std::fs::read(&path).ok(),
+                Err(e) => {
+                    self.problem("rate_limit.redis.tls.ca_file", e.to_string());
+                    None
+                }
+            }
+        });
+        let client = match (t.cert_file, t.key_file) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                self.problem(
+                    "rate_limit.redis.tls",
+                    "`cert_file` and `key_file` go together (a client certificate and its key)",
+                );
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (self.resolve_path(&cert), self.resolve_path(&key));
+                match crate::tls::load_certified_key(&cert, &key) {
+                    Ok(_) => match (std::fs::read(&cert), std::fs::read_to_string(&key)) {
+                        (Ok(c), Ok(k)) => Some((c, Secret::new(k))),
+                        _ => {
+                            self.problem(
+                                "rate_limit.redis.tls",
+                                "the client certificate files could not be read",
+                            );
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        let key_name = match e {
+                            crate::tls::TlsError::Key(..) => "rate_limit.redis.tls.key_file",
+                            _ => "rate_limit.redis.tls.cert_file",
+                        };
+                        self.problem(key_name, e.to_string());
+                        None
+                    }
+                }
+            }
+        };
+        Some(RedisTls { root_cert, client })
     }
 }
 

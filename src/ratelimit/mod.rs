@@ -355,8 +355,17 @@ impl RateLimiter {
                 timeout,
                 replicas,
                 key_prefix,
+                cluster,
+                tls,
             } => (
-                Some(Arc::new(RedisBackend::new(url, *timeout)?)),
+                Some(Arc::new(RedisBackend::new(
+                    &remote::Target {
+                        url,
+                        cluster: *cluster,
+                        tls: tls.as_ref(),
+                    },
+                    *timeout,
+                )?)),
                 (*replicas).max(1),
                 key_prefix.as_str(),
             ),
@@ -379,9 +388,12 @@ impl RateLimiter {
             let (local, remote) = if redis.is_some() {
                 let (c, b) = ((count / replicas).max(1), (burst / replicas).max(1));
                 let share = Gcra::new(c, per, b).ok_or_else(|| unrepresentable(c, b))?;
+                // One hash tag for every key: on a Redis Cluster they all
+                // live in one slot, so that one decision (the team's rules
+                // and the global budget) stays one atomic script call.
                 let key = match team {
-                    Some(t) => format!("{prefix}:rl:{t}:{}", rule.name),
-                    None => format!("{prefix}:rl:{GLOBAL_RULE}"),
+                    Some(t) => format!("{{{prefix}}}:rl:{t}:{}", rule.name),
+                    None => format!("{{{prefix}}}:rl:{GLOBAL_RULE}"),
                 };
                 (pool.slot(share), Some(RemoteSlot::new(key, gcra)))
             } else {

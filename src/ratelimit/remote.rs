@@ -10,6 +10,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::RateLimitSetupError;
 use super::local::{Gcra, MIN_RETRY};
+use crate::config::RedisTls;
 use crate::secret::Secret;
 
 /// After a failure, requests skip Redis for this long (deciding by the
@@ -96,8 +97,8 @@ pub(super) enum Failure {
 }
 
 pub(super) struct RedisBackend {
-    client: redis::Client,
-    manager: tokio::sync::OnceCell<ConnectionManager>,
+    client: Client,
+    connection: tokio::sync::OnceCell<Connection>,
     script: redis::Script,
     timeout: Duration,
     epoch: Instant,
@@ -106,6 +107,52 @@ pub(super) struct RedisBackend {
     errors: AtomicU64,
     /// Script invocations sent (what a decision with the circuit open skips).
     calls: AtomicU64,
+}
+
+/// One Redis server (`redis://`, `rediss://`) or a Redis Cluster reached
+/// through one of its nodes.
+enum Client {
+    Single(Box<redis::Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+/// Both reconnect by themselves after I/O errors and are cheap to clone
+/// (one multiplexed connection per server, shared by every request).
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -119,24 +166,28 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
+/// Where and how to reach Redis (from `rate_limit.redis`).
+pub(super) struct Target<'a> {
+    pub url: &'a Secret,
+    pub cluster: bool,
+    pub tls: Option<&'a RedisTls>,
+}
+
 impl RedisBackend {
-    /// Parses the URL; connects nothing (the connection is made lazily, in
-    /// the runtime, by the first decision or by [`RedisBackend::warm_up`]).
-    pub fn new(url: &Secret, timeout: Duration) -> Result<RedisBackend, RateLimitSetupError> {
-        let client = redis::Client::open(url.expose()).map_err(|e| {
-            // URL errors of the redis crate are static text, never the
-            // input (a test below holds it to that).
-            let reason = if url.expose().starts_with("rediss://") {
-                "rediss:// needs TLS support, which this build of the redis client lacks"
-                    .to_string()
-            } else {
-                e.to_string()
-            };
-            RateLimitSetupError::RedisUrl(reason)
-        })?;
+    /// Parses the URL and certificates; connects nothing (the connection is
+    /// made lazily, in the runtime, by the first decision or by
+    /// [`RedisBackend::warm_up`]).
+    pub fn new(
+        target: &Target<'_>,
+        timeout: Duration,
+    ) -> Result<RedisBackend, RateLimitSetupError> {
+        // The redis crate's URL errors are static text, never the input (a
+        // test below holds it to that).
+        let client =
+            open_client(target).map_err(|e| RateLimitSetupError::RedisUrl(e.to_string()))?;
         Ok(RedisBackend {
             client,
-            manager: tokio::sync::OnceCell::new(),
+            connection: tokio::sync::OnceCell::new(),
             script: redis::Script::new(GCRA_LUA),
             timeout,
             epoch: Instant::now(),
@@ -162,23 +213,32 @@ impl RedisBackend {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The connection manager, created on first use. `new_lazy_with_config`
-    /// is synchronous and connects on the first command; the manager then
-    /// reconnects by itself after I/O errors.
-    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        let manager = self
-            .manager
+    /// The connection, created on first use. A single server's manager is
+    /// created without I/O and connects on the first command; a cluster
+    /// connection reads the slot map first (within the caller's timeout).
+    /// Both then reconnect by themselves after I/O errors.
+    async fn connection(&self) -> redis::RedisResult<Connection> {
+        let connection = self
+            .connection
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_number_of_retries(2)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_millis(500))
-                    .set_connection_timeout(Some(PROBE_TIMEOUT))
-                    .set_response_timeout(Some(PROBE_TIMEOUT));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                match &self.client {
+                    Client::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_number_of_retries(2)
+                            .set_min_delay(Duration::from_millis(50))
+                            .set_max_delay(Duration::from_millis(500))
+                            .set_connection_timeout(Some(PROBE_TIMEOUT))
+                            .set_response_timeout(Some(PROBE_TIMEOUT));
+                        ConnectionManager::new_lazy_with_config((**client).clone(), config)
+                            .map(Connection::Single)
+                    }
+                    Client::Cluster(client) => {
+                        client.get_async_connection().await.map(Connection::Cluster)
+                    }
+                }
             })
             .await?;
-        Ok(manager.clone())
+        Ok(connection.clone())
     }
 
     /// Runs the script for `slots` (in order), within the timeout.
@@ -289,6 +349,39 @@ impl RedisBackend {
     }
 }
 
+fn open_client(target: &Target<'_>) -> redis::RedisResult<Client> {
+    crate::tls::install_default_provider();
+    let url = target.url.expose();
+    let certificates = || {
+        target.tls.map(|tls| redis::TlsCertificates {
+            client_tls: tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.expose().as_bytes().to_vec(),
+                }),
+            root_cert: tls.root_cert.clone(),
+        })
+    };
+    if target.cluster {
+        let mut builder = redis::cluster::ClusterClientBuilder::new([url])
+            .connection_timeout(PROBE_TIMEOUT)
+            .response_timeout(PROBE_TIMEOUT)
+            .retries(2);
+        if let Some(certs) = certificates() {
+            builder = builder.certs(certs);
+        }
+        builder.build().map(|c| Client::Cluster(Box::new(c)))
+    } else {
+        match certificates() {
+            Some(certs) => redis::Client::build_with_tls(url, certs),
+            None => redis::Client::open(url),
+        }
+        .map(|c| Client::Single(Box::new(c)))
+    }
+}
+
 /// 4 integers per evaluated rule; every rule but the last allowed; at least one.
 fn parse_reply(reply: &[i64], slots: &[&RemoteSlot]) -> Option<Vec<Verdict>> {
     if reply.is_empty() || !reply.len().is_multiple_of(4) || reply.len() / 4 > slots.len() {
@@ -368,18 +461,33 @@ mod tests {
 
     #[test]
     fn url_errors_never_echo_the_url() {
-        let e = RedisBackend::new(
-            &Secret::new("redis://:hunter2@[bad"),
-            Duration::from_millis(50),
-        )
-        .unwrap_err();
-        assert!(!format!("{e} {e:?}").contains("hunter2"), "{e}");
-        let e = RedisBackend::new(
-            &Secret::new("rediss://:hunter2@h:6379"),
-            Duration::from_millis(50),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("TLS"), "{e}");
-        assert!(!format!("{e} {e:?}").contains("hunter2"));
+        for cluster in [false, true] {
+            let url = Secret::new("redis://:hunter2@[bad");
+            let target = Target {
+                url: &url,
+                cluster,
+                tls: None,
+            };
+            let e = RedisBackend::new(&target, Duration::from_millis(50)).unwrap_err();
+            assert!(!format!("{e} {e:?}").contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn tls_and_cluster_urls_are_accepted() {
+        for (url, cluster) in [
+            ("rediss://:pw@redis.example:6380/0", false),
+            ("rediss://:pw@redis.example:6380", true),
+            ("redis://127.0.0.1:7000", true),
+        ] {
+            let url = Secret::new(url);
+            let target = Target {
+                url: &url,
+                cluster,
+                tls: None,
+            };
+            let backend = RedisBackend::new(&target, Duration::from_millis(50)).unwrap();
+            assert_eq!(matches!(backend.client, Client::Cluster(_)), cluster);
+        }
     }
 }
