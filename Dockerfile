@@ -34,6 +34,9 @@ WORKDIR /src
 # Cargo features beyond the production set: empty for production (no
 # simulator code in the binary), `simulator` for a demo image.
 ARG FEATURES=""
+# The commit built, for the `toastgate_build_info` metric (the build context
+# has no .git): docker build --build-arg REVISION=$(git rev-parse HEAD) .
+ARG REVISION=unknown
 
 # The whole build context, minus .dockerignore (target/, .git/, helm/, ...).
 # Copying everything rather than a hand-picked list keeps any target that
@@ -47,6 +50,7 @@ COPY . .
 # part of any layer, so the binary is copied out in the same step.
 RUN --mount=type=cache,id=toastgate-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=toastgate-target,target=/src/target,sharing=locked \
+    TOASTGATE_COMMIT="${REVISION}" \
     cargo build --release --locked --no-default-features --features "${FEATURES}" --bin toastgate \
  && install -D -m 0755 target/release/toastgate /out/toastgate \
  && /out/toastgate --version

@@ -99,6 +99,7 @@ pub enum StartError {
 impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, StartError> {
         let metrics = Arc::new(Metrics::new());
+        metrics.init_projects(config.projects.keys().map(String::as_str));
         let client = UpstreamClient::new(&crate::upstream::ClientSettings::of(&config.upstream))?;
         let broker = Arc::new(TokenBroker::new(
             client.clone(),
@@ -142,6 +143,8 @@ impl Gateway {
     /// Replaces the running config; requests already in flight finish on the
     /// snapshot they started with.
     pub fn swap(&self, snapshot: Snapshot) {
+        self.metrics
+            .init_projects(snapshot.config.projects.keys().map(String::as_str));
         self.snapshot.store(Arc::new(snapshot));
     }
 
@@ -166,7 +169,8 @@ impl Gateway {
         client: Option<SocketAddr>,
     ) -> Response {
         // Boxed: the task then moves a pointer, not the whole (large) future.
-        match tokio::spawn(Box::pin(self.serve(surface, req, client))).await {
+        let request = crate::metrics::with_upstream_clock(self.serve(surface, req, client));
+        match tokio::spawn(Box::pin(request)).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::error!(error = %e, "a request task failed (a bug): answered 500");
@@ -285,6 +289,11 @@ impl Gateway {
         }
 
         let decision = snap.limiter.check(&caller.team, action).await;
+        if let Some(round_trip) = decision.redis_round_trip {
+            self.metrics
+                .ratelimit_redis
+                .observe(round_trip.as_secs_f64());
+        }
         if decision.degraded {
             self.metrics
                 .ratelimit_degraded
@@ -435,13 +444,15 @@ impl Gateway {
             rate.apply_headers(resp.headers_mut());
         }
         let took = x.started.elapsed();
-        self.metrics.observe_request(
-            x.team_label(config),
-            x.surface.label(),
-            x.action_label(),
-            ending.outcome,
+        self.metrics.observe_request(&crate::metrics::Observed {
+            team: x.team_label(config),
+            surface: x.surface.label(),
+            action: x.action_label(),
+            outcome: ending.outcome,
+            status: resp.status().as_u16(),
             took,
-        );
+            upstream: crate::metrics::upstream_wait(),
+        });
         x.log_line(&ending, resp.status().as_u16(), took);
         resp
     }

@@ -52,11 +52,53 @@ impl Outcome {
     }
 }
 
+/// Every upstream call by what came of it, without the Action: few series,
+/// all present from the start, so an error-ratio alert needs no fallbacks.
+struct UpstreamOutcomes {
+    vec: IntCounterVec,
+}
+
+impl UpstreamOutcomes {
+    /// The answer's status class, or the kind of failure.
+    const CLASSES: [&'static str; 7] =
+        ["2xx", "3xx", "4xx", "5xx", "timeout", "unreachable", "body"];
+
+    fn new(vec: IntCounterVec) -> Self {
+        for class in Self::CLASSES {
+            vec.with_label_values(&[class]).inc_by(0);
+        }
+        UpstreamOutcomes { vec }
+    }
+
+    fn count(&self, answer: Result<http::StatusCode, &'static str>) {
+        let class = match answer {
+            Ok(status) => status_class(status.as_u16()),
+            Err(kind) => kind,
+        };
+        self.vec.with_label_values(&[class]).inc();
+    }
+}
+
+/// One answered request, for [`Metrics::observe_request`].
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub team: &'a str,
+    pub surface: &'static str,
+    pub action: &'static str,
+    pub outcome: Outcome,
+    /// The HTTP status the caller got.
+    pub status: u16,
+    pub took: Duration,
+    /// Of `took`, the time spent waiting for upstream calls.
+    pub upstream: Duration,
+}
+
 /// Series resolved once and then used directly: a labelled series costs a
 /// hash of its labels and a lock on every `with_label_values`, and these are
 /// touched by every request. One slot per Action, plus one for "none".
 struct Resolved {
     in_flight: [OnceLock<IntGauge>; 2],
+    overhead: [OnceLock<prometheus::Histogram>; 2],
     request_duration: [[OnceLock<prometheus::Histogram>; Action::ALL.len() + 1]; 2],
     upstream_duration: [OnceLock<prometheus::Histogram>; Action::ALL.len() + 1],
 }
@@ -65,6 +107,7 @@ impl Default for Resolved {
     fn default() -> Self {
         Resolved {
             in_flight: Default::default(),
+            overhead: Default::default(),
             request_duration: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             upstream_duration: std::array::from_fn(|_| OnceLock::new()),
         }
@@ -89,9 +132,13 @@ pub struct Metrics {
     resolved: Resolved,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    pub overhead: HistogramVec,
     pub upstream_duration: HistogramVec,
+    pub ratelimit_redis: prometheus::Histogram,
     pub upstream_responses: IntCounterVec,
     pub upstream_errors: IntCounterVec,
+    /// `toastgate_upstream_outcomes_total` by class, every class from the start.
+    upstream_outcomes: UpstreamOutcomes,
     pub token_waits: IntCounterVec,
     pub token_refreshes: IntCounterVec,
     pub token_expiry: IntGaugeVec,
@@ -115,9 +162,57 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// From 100 µs (a request the gateway answers itself) to 30 s (the longest
+/// upstream deadline).
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
 ];
+
+/// The gateway's own time and a Redis round trip: tens of microseconds to
+/// the 2 s ceiling of `rate_limit.redis.timeout`.
+const FINE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.0,
+];
+
+/// The commit toastgate was built from (build.rs; `unknown` outside git).
+pub const COMMIT: &str = env!("TOASTGATE_COMMIT");
+
+tokio::task_local! {
+    /// Time the current request spent waiting for upstream calls (compute
+    /// and identity), summed; what the rest of its duration is the gateway's.
+    static UPSTREAM_WAIT: std::cell::Cell<Duration>;
+}
+
+/// Runs `request` with an upstream-wait clock that [`add_upstream_wait`]
+/// adds to and [`upstream_wait`] reads.
+pub async fn with_upstream_clock<F: std::future::Future>(request: F) -> F::Output {
+    UPSTREAM_WAIT
+        .scope(std::cell::Cell::new(Duration::ZERO), request)
+        .await
+}
+
+/// Adds `waited` to the current request's upstream wait (no-op outside one).
+pub fn add_upstream_wait(waited: Duration) {
+    let _ = UPSTREAM_WAIT.try_with(|w| w.set(w.get() + waited));
+}
+
+/// The current request's upstream wait so far (zero outside one).
+pub fn upstream_wait() -> Duration {
+    UPSTREAM_WAIT.try_with(|w| w.get()).unwrap_or_default()
+}
+
+/// `2xx` .. `5xx`: the class of the HTTP status a caller was answered.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -138,9 +233,9 @@ impl Metrics {
                 .expect("metric registered once");
             g
         };
-        let histogram = |name: &str, help: &str, labels: &[&str]| {
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
                 labels,
             )
             .expect("valid metric definition");
@@ -176,25 +271,51 @@ impl Metrics {
             .register(Box::new(accept_errors.clone()))
             .expect("metric registered once");
 
+        let ratelimit_redis = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "toastgate_ratelimit_redis_seconds",
+                "Rate-limit decisions sent to Redis: the script call's round trip (timeouts included).",
+            )
+            .buckets(FINE_BUCKETS.to_vec()),
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(ratelimit_redis.clone()))
+            .expect("metric registered once");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric registered once");
         let m = Metrics {
             resolved: Resolved::default(),
             open_connections,
             accept_errors,
             requests: counter(
                 "toastgate_requests_total",
-                "Requests by team, surface, Action and outcome.",
-                &["team", "surface", "action", "outcome"],
+                "Requests by team, surface, Action, outcome and the class of the answered HTTP status.",
+                &["team", "surface", "action", "outcome", "status_class"],
             ),
             request_duration: histogram(
                 "toastgate_request_duration_seconds",
                 "Time from request received to response ready, by surface and Action.",
                 &["surface", "action"],
+                LATENCY_BUCKETS,
+            ),
+            overhead: histogram(
+                "toastgate_gateway_overhead_seconds",
+                "A request's duration minus its time waiting for upstream calls (compute and identity): the gateway's own time, by surface.",
+                &["surface"],
+                FINE_BUCKETS,
             ),
             upstream_duration: histogram(
                 "toastgate_upstream_request_duration_seconds",
                 "Time waiting for the upstream compute API, by Action.",
                 &["action"],
+                LATENCY_BUCKETS,
             ),
+            ratelimit_redis,
             upstream_responses: counter(
                 "toastgate_upstream_responses_total",
                 "Upstream compute API answers by Action and HTTP status.",
@@ -205,6 +326,11 @@ impl Metrics {
                 "Upstream compute API calls that got no answer, by Action and kind (timeout, unreachable, body).",
                 &["action", "kind"],
             ),
+            upstream_outcomes: UpstreamOutcomes::new(counter(
+                "toastgate_upstream_outcomes_total",
+                "Upstream compute API calls by outcome: the answer's status class (2xx..5xx) or the failure (timeout, unreachable, body).",
+                &["class"],
+            )),
             token_waits: counter(
                 "toastgate_token_waits_total",
                 "Requests that had to wait for an identity call (no valid cloud token cached), by project.",
@@ -263,14 +389,19 @@ impl Metrics {
             build_info: gauge(
                 "toastgate_build_info",
                 "Build information; the value is always 1.",
-                &["version"],
+                &["version", "commit"],
             ),
             up_since,
             registry,
         };
         m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), COMMIT])
             .set(1);
+        // Series that alerts use exist from the start: `increase()` over a
+        // series that appears with its first event misses that event.
+        for mode in ["fail_open", "fail_closed"] {
+            m.ratelimit_degraded.with_label_values(&[mode]).inc_by(0);
+        }
         for result in ["written", "failed"] {
             m.audit_records.with_label_values(&[result]).inc_by(0);
         }
@@ -290,20 +421,39 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    pub fn observe_request(
-        &self,
-        team: &str,
-        surface: &'static str,
-        action: &'static str,
-        outcome: Outcome,
-        took: Duration,
-    ) {
+    /// Series a config's projects use in alerts, at zero (startup and reload).
+    pub fn init_projects<'a>(&self, projects: impl IntoIterator<Item = &'a str>) {
+        for project in projects {
+            for result in ["success", "failure"] {
+                self.token_refreshes
+                    .with_label_values(&[project, result])
+                    .inc_by(0);
+            }
+        }
+    }
+
+    /// One answered request: `took` in all, of which `upstream` waiting for
+    /// upstream calls.
+    pub fn observe_request(&self, request: &Observed<'_>) {
+        let surface = request.surface;
         self.requests
-            .with_label_values(&[team, surface, action, outcome.label()])
+            .with_label_values(&[
+                request.team,
+                surface,
+                request.action,
+                request.outcome.label(),
+                status_class(request.status),
+            ])
             .inc();
-        self.resolved.request_duration[surface_slot(surface)][action_slot(action)]
-            .get_or_init(|| self.request_duration.with_label_values(&[surface, action]))
-            .observe(took.as_secs_f64());
+        self.resolved.request_duration[surface_slot(surface)][action_slot(request.action)]
+            .get_or_init(|| {
+                self.request_duration
+                    .with_label_values(&[surface, request.action])
+            })
+            .observe(request.took.as_secs_f64());
+        self.resolved.overhead[surface_slot(surface)]
+            .get_or_init(|| self.overhead.with_label_values(&[surface]))
+            .observe(request.took.saturating_sub(request.upstream).as_secs_f64());
     }
 
     /// One upstream attempt: its answer's status, or the kind of failure
@@ -317,6 +467,7 @@ impl Metrics {
         self.resolved.upstream_duration[action_slot(action)]
             .get_or_init(|| self.upstream_duration.with_label_values(&[action]))
             .observe(took.as_secs_f64());
+        self.upstream_outcomes.count(answer);
         match answer {
             Ok(status) => self
                 .upstream_responses
@@ -362,13 +513,15 @@ mod tests {
     #[test]
     fn renders_families_with_help_and_type() {
         let m = Metrics::new();
-        m.observe_request(
-            "web-team",
-            "v2",
-            "instance.list",
-            Outcome::Ok,
-            Duration::from_millis(3),
-        );
+        m.observe_request(&Observed {
+            team: "web-team",
+            surface: "v2",
+            action: "instance.list",
+            outcome: Outcome::Ok,
+            status: 200,
+            took: Duration::from_millis(3),
+            upstream: Duration::from_millis(2),
+        });
         m.observe_upstream(
             "instance.list",
             Ok(http::StatusCode::OK),
@@ -378,7 +531,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("# TYPE toastgate_requests_total counter"));
         assert!(text.contains(
-            r#"toastgate_requests_total{action="instance.list",outcome="ok",surface="v2",team="web-team"} 1"#
+            r#"toastgate_requests_total{action="instance.list",outcome="ok",status_class="2xx",surface="v2",team="web-team"} 1"#
         ));
         assert!(text.contains(
             r#"toastgate_upstream_responses_total{action="instance.list",status="200"} 1"#
@@ -387,6 +540,52 @@ mod tests {
             r#"toastgate_upstream_errors_total{action="instance.list",kind="timeout"} 1"#
         ));
         assert!(text.contains("# TYPE toastgate_request_duration_seconds histogram"));
-        assert!(text.contains("toastgate_build_info{version="));
+        // 3 ms in all, 2 ms of it upstream: 1 ms is the gateway's.
+        assert!(
+            text.contains(
+                r#"toastgate_gateway_overhead_seconds_bucket{surface="v2",le="0.0005"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"toastgate_gateway_overhead_seconds_bucket{surface="v2",le="0.001"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            r#"toastgate_build_info{{commit="{COMMIT}",version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(text.contains(r#"toastgate_ratelimit_degraded_total{mode="fail_closed"} 0"#));
+        for (class, n) in [("2xx", 1), ("timeout", 1), ("5xx", 0), ("unreachable", 0)] {
+            let line = format!(r#"toastgate_upstream_outcomes_total{{class="{class}"}} {n}"#);
+            assert!(text.contains(&line), "{line}");
+        }
+    }
+
+    #[test]
+    fn status_classes() {
+        let classes: Vec<&str> = [101, 200, 204, 302, 400, 429, 500, 503]
+            .into_iter()
+            .map(status_class)
+            .collect();
+        assert_eq!(
+            classes,
+            ["1xx", "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "5xx"]
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_wait_is_summed_per_request_and_zero_outside_one() {
+        add_upstream_wait(Duration::from_secs(5));
+        assert_eq!(upstream_wait(), Duration::ZERO);
+        let inside = with_upstream_clock(async {
+            add_upstream_wait(Duration::from_millis(2));
+            add_upstream_wait(Duration::from_millis(3));
+            upstream_wait()
+        })
+        .await;
+        assert_eq!(inside, Duration::from_millis(5));
     }
 }

@@ -91,9 +91,9 @@ async fn metrics_pass_promtool_and_cover_the_documented_families() {
     let text = resp.text().await.unwrap();
     promtool_check(&text);
     for expected in [
-        r#"toastgate_requests_total{action="flavor.list",outcome="ok",surface="v2",team="web-team"} 1"#,
-        r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",surface="v2",team="batch-team"} 1"#,
-        r#"toastgate_requests_total{action="flavor.list",outcome="auth_refused",surface="v2",team="none"} 1"#,
+        r#"toastgate_requests_total{action="flavor.list",outcome="ok",status_class="2xx",surface="v2",team="web-team"} 1"#,
+        r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",status_class="4xx",surface="v2",team="batch-team"} 1"#,
+        r#"toastgate_requests_total{action="flavor.list",outcome="auth_refused",status_class="4xx",surface="v2",team="none"} 1"#,
         r#"toastgate_policy_refusals_total{reason="project",team="batch-team"} 1"#,
         r#"toastgate_auth_failures_total{reason="malformed"} 1"#,
         r#"toastgate_upstream_responses_total{action="keypair.create",status="200"} 1"#,
@@ -102,8 +102,17 @@ async fn metrics_pass_promtool_and_cover_the_documented_families() {
         r#"toastgate_in_flight_requests{surface="v2"} 0"#,
         r#"toastgate_audit_records_total{result="written"}"#,
         r#"toastgate_config_reloads_total{result="success"}"#,
-        "toastgate_build_info{version=",
+        "toastgate_build_info{commit=",
         "toastgate_request_duration_seconds_bucket",
+        r#"toastgate_request_duration_seconds_bucket{action="flavor.list",surface="v2",le="0.0001"}"#,
+        r#"toastgate_gateway_overhead_seconds_bucket{surface="v2",le="0.00005"}"#,
+        r#"toastgate_gateway_overhead_seconds_count{surface="v2"} 4"#,
+        // Series alerts use, there before their first event.
+        r#"toastgate_token_refreshes_total{project="batch",result="failure"} 0"#,
+        r#"toastgate_ratelimit_degraded_total{mode="fail_closed"} 0"#,
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
         "toastgate_upstream_request_duration_seconds_bucket",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in\n{text}");
@@ -204,10 +213,10 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
         "new series appeared: {:?}",
         after.difference(&before).collect::<Vec<_>>()
     );
-    assert!(text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",surface="v2",team="web-team"} 10003"#));
-    assert!(text.contains(r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",surface="v2",team="unknown"} 200"#), "{text}");
+    assert!(text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",status_class="4xx",surface="v2",team="web-team"} 10003"#));
+    assert!(text.contains(r#"toastgate_requests_total{action="flavor.list",outcome="policy_refused",status_class="4xx",surface="v2",team="unknown"} 200"#), "{text}");
     assert!(
-        text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",surface="v1.0",team="web-team"} 503"#),
+        text.contains(r#"toastgate_requests_total{action="instance.get",outcome="upstream_rejected",status_class="2xx",surface="v1.0",team="web-team"} 503"#),
         "{text}"
     );
     assert!(

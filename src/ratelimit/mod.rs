@@ -137,6 +137,8 @@ pub struct Decision {
     /// Redis could not answer and the Action is in `fail_open`: decided by
     /// this replica's local share of the limits.
     pub degraded: bool,
+    /// How long the Redis script call took, when one was sent.
+    pub redis_round_trip: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +196,7 @@ impl Decision {
             outcome: Outcome::Allowed,
             policies: Vec::new(),
             degraded: false,
+            redis_round_trip: None,
         }
     }
 
@@ -299,6 +302,7 @@ impl<'a> Applied<'a> {
                             outcome,
                             policies,
                             degraded,
+                            redis_round_trip: None,
                         },
                         Some(pos),
                     );
@@ -309,6 +313,7 @@ impl<'a> Applied<'a> {
             outcome: Outcome::Allowed,
             policies,
             degraded,
+            redis_round_trip: None,
         };
         (decision, None)
     }
@@ -328,6 +333,7 @@ impl<'a> Applied<'a> {
                         outcome,
                         policies,
                         degraded: false,
+                        redis_round_trip: None,
                     },
                     Some(pos),
                 );
@@ -337,6 +343,7 @@ impl<'a> Applied<'a> {
             outcome: Outcome::Allowed,
             policies,
             degraded: false,
+            redis_round_trip: None,
         };
         (decision, None)
     }
@@ -487,13 +494,20 @@ impl RateLimiter {
         let (decision, refused_at) = match &self.redis {
             None => applied.decide_local(false),
             Some(redis) => {
-                match redis
+                let sent = std::time::Instant::now();
+                let answer = redis
                     .decide(applied.slots().filter_map(|s| s.remote.as_ref()))
-                    .await
-                {
+                    .await;
+                let round_trip = match answer {
+                    Err(remote::Failure::CircuitOpen) => None,
+                    _ => Some(sent.elapsed()),
+                };
+                let (mut decision, refused_at) = match answer {
                     Ok(verdicts) => applied.decide_by_verdicts(&verdicts),
                     Err(_) => self.failure_mode(&applied, action),
-                }
+                };
+                decision.redis_round_trip = round_trip;
+                (decision, refused_at)
             }
         };
         if let Some(pos) = refused_at {
@@ -531,6 +545,7 @@ impl RateLimiter {
             outcome: Outcome::Unavailable { rule, retry_after },
             policies,
             degraded: false,
+            redis_round_trip: None,
         };
         (decision, None)
     }

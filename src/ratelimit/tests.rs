@@ -242,6 +242,7 @@ fn headers_render_exactly() {
             status("global", 50, 60, 44, 7_200),
         ],
         degraded: false,
+        redis_round_trip: None,
     };
     assert_eq!(
         rendered(&allowed),
@@ -261,6 +262,7 @@ fn headers_render_exactly() {
         },
         policies: vec![status("reads", 20, 1, 0, 3_000)],
         degraded: false,
+        redis_round_trip: None,
     };
     assert_eq!(
         rendered(&limited),
@@ -279,6 +281,7 @@ fn headers_render_exactly() {
         },
         policies: vec![status("writes", 30, 3600, 0, 1_000)],
         degraded: false,
+        redis_round_trip: None,
     };
     assert_eq!(
         rendered(&unavailable),

@@ -68,8 +68,21 @@ impl Compute {
         }
     }
 
-    /// Sends `forward` for `project` and returns the whole answer.
+    /// Sends `forward` for `project` and returns the whole answer. The time
+    /// it takes (a token wait included) counts as the request's upstream wait.
     pub async fn call(
+        &self,
+        project: &Arc<Project>,
+        forward: &Forward,
+        action: Action,
+    ) -> Result<Response<Bytes>, CallError> {
+        let started = Instant::now();
+        let result = self.call_with_retry(project, forward, action).await;
+        crate::metrics::add_upstream_wait(started.elapsed());
+        result
+    }
+
+    async fn call_with_retry(
         &self,
         project: &Arc<Project>,
         forward: &Forward,
