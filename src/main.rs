@@ -49,17 +49,29 @@ enum LogFormat {
 enum Command {
     /// Run the gateway.
     Serve {
+        /// The config file (YAML; see config/toastgate.example.yaml).
         #[arg(long, env = "TOASTGATE_CONFIG")]
         config: PathBuf,
     },
     /// Validate a config file: prints "ok" or every problem with its key path.
     CheckConfig {
-        #[arg(long)]
-        config: PathBuf,
+        /// The config file to check (its secrets are resolved too).
+        #[arg(long, required_unless_present = "schema")]
+        config: Option<PathBuf>,
+        /// Print the JSON Schema of the config file instead (for editors).
+        #[arg(long, conflicts_with = "config")]
+        schema: bool,
+    },
+    /// Print a shell completion script, e.g.
+    /// `toastgate completions bash > /etc/bash_completion.d/toastgate`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
     },
     /// Run the built-in TOAST simulator alone.
     #[cfg(feature = "simulator")]
     Simulate {
+        /// Address the simulator listens on (identity and compute APIs).
         #[arg(long, default_value = "127.0.0.1:18774")]
         listen: std::net::SocketAddr,
         /// BUILD -> ACTIVE delay of new instances.
@@ -72,6 +84,7 @@ enum Command {
     /// Run the simulator and the gateway together on config/demo.yaml.
     #[cfg(feature = "simulator")]
     Demo {
+        /// The gateway's config (its upstream URLs are pointed at the simulator).
         #[arg(long, default_value = "config/demo.yaml")]
         config: PathBuf,
         /// Public listener (default: listen.public of the config).
@@ -80,20 +93,25 @@ enum Command {
         /// Admin listener (default: listen.admin of the config).
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Address of the built-in simulator the demo gateway calls.
         #[arg(long, default_value = "127.0.0.1:18774")]
         sim_listen: std::net::SocketAddr,
     },
     /// Read and check the audit log: verify, query, tail.
     Audit {
+        /// What to do with the audit log.
         #[command(subcommand)]
         cmd: toastgate::audit::AuditCommand,
     },
     /// Say whether TEAM may do ACTION on PROJECT, and by which rule.
     Explain {
+        /// The config whose rules are explained.
         #[arg(long)]
         config: PathBuf,
+        /// The team (as its JWTs name it).
         #[arg(long, required_unless_present = "list")]
         team: Option<String>,
+        /// An Action name, e.g. instance.reboot (`--list` shows them all).
         #[arg(long, required_unless_present = "list")]
         action: Option<String>,
         /// Project alias or tenant id.
@@ -105,12 +123,16 @@ enum Command {
     },
     /// Print a JWT for TEAM signed with the config's HS secret (dev and tests).
     MintToken {
+        /// The config with the HS secret (`auth.keys.type: hs_secret`) and the team.
         #[arg(long)]
         config: PathBuf,
+        /// The team the token is for (a key of `teams`).
         #[arg(long)]
         team: String,
+        /// How long the token is valid ("15m", "1h", "7days").
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// The token's `sub` claim: who the caller is within the team (shown in audit records).
         #[arg(long, default_value = "dev")]
         subject: String,
     },
@@ -144,7 +166,6 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { config: path } => {
             let config = load_or_explain(&path)?;
             let listeners = Listeners::bind(config.listen.public, config.listen.admin).await?;
-            tracing::info!(public = %config.listen.public, admin = %config.listen.admin, "toastgate listening");
             let reload = server::ReloadSource {
                 path,
                 secrets: SecretSource::process_env(),
@@ -153,7 +174,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             server::run_with_reload(config, listeners, signal_stop(), Some(reload)).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { schema: true, .. } => {
+            println!("{}", toastgate::config::json_schema());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "toastgate",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config, .. } => {
+            let config = config.unwrap_or_default();
             match Config::load(&config, &SecretSource::process_env()) {
                 Ok(_) => {
                     println!("ok");
@@ -304,11 +340,48 @@ fn give_memory_back() {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a file or a log collector
+    // would get the escape codes as text. NO_COLOR (no-color.org) wins.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "toastgate", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+        Cli::command().debug_assert();
     }
 }

@@ -120,6 +120,8 @@ pub async fn run_with_reload(
         }
         None => None,
     };
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (public_addr, admin_addr) = (addr(&listeners.public), addr(&listeners.admin));
     // Draining starts at `stop`; listeners stop accepting only after the drain delay.
     let (drain, drain_signal) = stop_pair();
     let (accepting, stop_accepting) = stop_pair();
@@ -152,6 +154,15 @@ pub async fn run_with_reload(
         admin_stop,
     ));
 
+    // The one line that says the gateway is up, and where.
+    tracing::info!(
+        public = %public_addr,
+        admin = %admin_addr,
+        tls = tls.is_some(),
+        version = env!("CARGO_PKG_VERSION"),
+        commit = crate::metrics::COMMIT,
+        "toastgate ready: serving (readiness at /readyz once a cloud token is held for every project)"
+    );
     tokio::select! {
         _ = stop.stopped() => {}
         r = &mut public => return finished("public", r).and(Err(RunError::Stopped("public"))),

@@ -220,3 +220,88 @@ fn explain_says_which_rule_allows_or_why_not() {
         "{text}"
     );
 }
+
+/// `check-config --schema` prints a JSON Schema that a standard validator
+/// (python3-jsonschema, Draft 2020-12) accepts as a schema, that every
+/// shipped config satisfies, and that refuses what `check-config` refuses
+/// structurally. (Needs python3 with `jsonschema`: .ci/run installs it.)
+#[test]
+fn the_config_schema_accepts_the_shipped_configs_and_refuses_mistakes() {
+    let out = toastgate(["check-config", "--schema"]);
+    assert_success(&out);
+    let dir = TempDir::new("schema");
+    std::fs::write(dir.join("schema.json"), &out.stdout).unwrap();
+
+    let yaml = |path: &str| -> serde_json::Value {
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let mut bad_key = yaml("config/demo.yaml");
+    bad_key["listen"]["bogus"] = json!(1);
+    let mut bad_type = yaml("config/demo.yaml");
+    bad_type["teams"]["web-team"]["projects"] = json!("web");
+    let mut bad_variant = yaml("config/demo.yaml");
+    bad_variant["rate_limit"] = json!({"backend": "memcached"});
+    let cases = [
+        ("demo", yaml("config/demo.yaml"), true),
+        ("example", yaml("config/toastgate.example.yaml"), true),
+        ("fixture", yaml("tests/fixtures/gateway.yaml"), true),
+        ("bad_key", bad_key, false),
+        ("bad_type", bad_type, false),
+        ("bad_variant", bad_variant, false),
+    ];
+    let mut args = vec![dir.join("schema.json").display().to_string()];
+    for (name, doc, _) in &cases {
+        let path = dir.join(&format!("{name}.json"));
+        std::fs::write(&path, doc.to_string()).unwrap();
+        args.push(path.display().to_string());
+    }
+    let script = r#"
+import json, sys
+try:
+    import jsonschema
+except ImportError:
+    sys.exit("python3 module `jsonschema` missing: apt-get install python3-jsonschema (.ci/run does)")
+schema = json.load(open(sys.argv[1]))
+jsonschema.Draft202012Validator.check_schema(schema)
+validator = jsonschema.Draft202012Validator(schema)
+for path in sys.argv[2:]:
+    errors = list(validator.iter_errors(json.load(open(path))))
+    print("valid" if not errors else "invalid: " + errors[0].message)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(&args)
+        .output()
+        .expect("python3 runs");
+    assert_success(&out);
+    let verdicts: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(verdicts.len(), cases.len(), "{verdicts:?}");
+    for ((name, _, valid), verdict) in cases.iter().zip(&verdicts) {
+        assert_eq!(verdict == "valid", *valid, "{name}: {verdict}");
+    }
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_toastgate()"),
+        ("zsh", "#compdef toastgate"),
+        ("fish", "complete -c toastgate"),
+    ] {
+        let out = toastgate(["completions", shell]);
+        assert_success(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: {text}");
+        assert!(
+            text.contains("check-config") && text.contains("schema"),
+            "{shell}"
+        );
+    }
+    let out = toastgate(["completions", "tcsh"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'tcsh'"));
+}

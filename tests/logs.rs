@@ -80,3 +80,41 @@ async fn one_line_per_request_at_the_right_level() {
         1
     );
 }
+
+/// `toastgate serve` with its text log going to a file (not a terminal):
+/// no colour escape codes, and one line saying it is up and where.
+#[tokio::test]
+async fn a_log_written_to_a_file_has_no_colour_and_one_ready_line() {
+    let sim = common::start_sim(fast_sim()).await;
+    let dir = TempDir::new("ready-line");
+    let (_gateway, gw, admin) = common::process::serve(dir.path(), &sim, &[], json!({}), &[]);
+    let http = reqwest::Client::new();
+    common::wait_ready(&http, &admin).await;
+    let token = common::process::team_token(dir.path(), "web-team");
+    let status = http
+        .get(format!("{gw}/v2/web/flavors"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("answered")
+        .status();
+    assert_eq!(status, 200);
+
+    let log = std::fs::read_to_string(dir.join("toastgate.log")).unwrap();
+    assert!(!log.contains('\x1b'), "escape codes in a file:\n{log}");
+    let ready: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("toastgate ready: serving"))
+        .collect();
+    assert_eq!(ready.len(), 1, "{log}");
+    for expected in [
+        format!("public={}", gw.trim_start_matches("http://")),
+        format!("admin={}", admin.trim_start_matches("http://")),
+        "tls=false".to_string(),
+    ] {
+        assert!(ready[0].contains(&expected), "{expected} in {}", ready[0]);
+    }
+    // The request's own line came after it.
+    assert!(log.contains("flavor.list"), "{log}");
+    sim.shutdown();
+}

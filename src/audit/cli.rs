@@ -39,12 +39,15 @@ pub enum AuditCommand {
         /// The audit file (audit.file.path).
         #[arg(long)]
         file: PathBuf,
+        /// Only this team's records (the `team` claim of the caller's JWT).
         #[arg(long)]
         team: Option<String>,
         /// An Action name (instance.reboot), a prefix (instance.*), a group
         /// (instance.power, read, write) or `*`.
         #[arg(long)]
         action: Option<String>,
+        /// Only records for this project (its alias in the config, or its
+        /// tenant id).
         #[arg(long)]
         project: Option<String>,
         /// An instance / volume / keypair id, or the start of one.
@@ -67,8 +70,11 @@ pub enum AuditCommand {
         /// The audit file (audit.file.path).
         #[arg(long)]
         file: PathBuf,
+        /// How many of the last records to print first.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        /// Keep printing new records as they are written (across
+        /// rotations) until interrupted.
         #[arg(long)]
         follow: bool,
     },

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::{AuditLevel, ConfigError, ConfigProblem, FsyncPolicy};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub listen: ListenFile,
@@ -28,17 +29,20 @@ pub struct ConfigFile {
     pub audit: AuditFile,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenFile {
     pub public: String,
+    /// `/metrics`, `/healthz`, `/readyz`: a private address (default
+    /// 127.0.0.1:9090), never the public port.
+    #[serde(default = "default_admin_listen")]
     pub admin: String,
     /// TLS on the public listener (the admin listener stays plain HTTP on
     /// its private address).
     pub tls: Option<TlsFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
     /// PEM certificate chain (leaf first); re-read when it changes.
@@ -47,7 +51,7 @@ pub struct TlsFile {
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     /// Keystone v2.0 base; toastgate calls `{identity_url}/v2.0/tokens`.
@@ -56,25 +60,29 @@ pub struct UpstreamFile {
     pub compute_url: String,
     /// v1.0 base for the appkey token API: `{compute_v1_url}/v1.0/appkeys/{appkey}/tokens`.
     pub compute_v1_url: Option<String>,
+    #[schemars(with = "String")]
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// One compute call: the answer's head and whole body.
+    #[schemars(with = "String")]
     #[serde(default = "default_upstream_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     /// One identity call (either token API). Short: while identity hangs,
     /// callers get a prompt 503, and only one call is ever in flight.
+    #[schemars(with = "String")]
     #[serde(default = "default_identity_timeout", with = "humantime_serde")]
     pub identity_timeout: Duration,
     /// Extra PEM CA bundle trusted on top of the built-in web PKI roots and
     /// the system store (compute, identity and JWKS calls alike).
     pub ca_file: Option<PathBuf>,
+    #[schemars(with = "String")]
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenFile {
     /// Fraction of a token's lifetime after which it is refreshed in the background.
@@ -83,8 +91,10 @@ pub struct TokenFile {
     /// +/- spread applied to `refresh_at`, so replicas do not refresh in lockstep.
     #[serde(default = "default_refresh_jitter")]
     pub refresh_jitter: f64,
+    #[schemars(with = "String")]
     #[serde(default = "default_retry_min", with = "humantime_serde")]
     pub retry_min_backoff: Duration,
+    #[schemars(with = "String")]
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max_backoff: Duration,
 }
@@ -100,32 +110,38 @@ impl Default for TokenFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
+    #[schemars(with = "String")]
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     #[serde(default = "default_body_limit")]
     pub body_limit_bytes: usize,
+    #[schemars(with = "String")]
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// After SIGTERM, how long /readyz reports unready while the listener
     /// still accepts, so load balancers stop routing here first.
+    #[schemars(with = "String")]
     #[serde(default, with = "humantime_serde")]
     pub drain_delay: Duration,
     /// Public base URL callers use (for `links[].href` and version documents).
     /// When absent, derived from the request's `Host` header.
     pub public_url: Option<String>,
     /// A request body must have fully arrived within this.
+    #[schemars(with = "String")]
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
     /// A TLS handshake and an HTTP/1.1 request head must complete within
     /// this, counted from when the gateway starts waiting for them (so it is
     /// also how long an HTTP/1.1 connection may sit idle between requests).
+    #[schemars(with = "String")]
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A connection with no bytes moving either way for this long is closed
     /// (gracefully: a request in flight is answered first).
+    #[schemars(with = "String")]
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Most connections open at once on the public listener; further
@@ -154,7 +170,7 @@ impl Default for ServerFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
     pub issuer: String,
@@ -162,12 +178,13 @@ pub struct AuthFile {
     pub algorithms: Vec<String>,
     #[serde(default = "default_team_claim")]
     pub team_claim: String,
+    #[schemars(with = "String")]
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
     pub keys: KeysFile,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -183,7 +200,7 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KeysFile {
     /// Shared HMAC secret (HS256/384/512).
@@ -194,8 +211,10 @@ pub enum KeysFile {
     /// A JWKS document fetched over HTTPS, cached, refetched on unknown `kid`.
     JwksUrl {
         url: String,
+        #[schemars(with = "String")]
         #[serde(default = "default_jwks_ttl", with = "humantime_serde")]
         cache_ttl: Duration,
+        #[schemars(with = "String")]
         #[serde(default = "default_jwks_refetch", with = "humantime_serde")]
         min_refetch_interval: Duration,
     },
@@ -205,14 +224,14 @@ pub enum KeysFile {
     Pem { files: Vec<PemKeyFile> },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PemKeyFile {
     pub path: PathBuf,
     pub kid: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectFile {
     pub tenant_id: String,
@@ -222,7 +241,7 @@ pub struct ProjectFile {
     pub credentials: CredentialsFile,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CredentialsFile {
     /// Keystone v2.0 `POST {identity}/v2.0/tokens` with the account's API password.
@@ -239,7 +258,7 @@ pub enum CredentialsFile {
     },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TeamFile {
     pub projects: Vec<String>,
@@ -252,7 +271,7 @@ pub struct TeamFile {
     pub rate_limits: Vec<RateRuleFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllowRuleFile {
     /// Action names, groups (`instance.read`), prefixes (`keypair.*`) or `*`.
@@ -261,7 +280,7 @@ pub struct AllowRuleFile {
     pub projects: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConstraintsFile {
     /// Flavor ids allowed for instance.create and instance.resize.
@@ -272,7 +291,7 @@ pub struct ConstraintsFile {
     pub name_prefix: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateRuleFile {
     pub name: String,
@@ -283,7 +302,7 @@ pub struct RateRuleFile {
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitFile {
     #[serde(default)]
@@ -308,7 +327,7 @@ impl Default for RateLimitFile {
     }
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, JsonSchema, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     #[default]
@@ -316,13 +335,14 @@ pub enum BackendKind {
     Redis,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisFile {
     /// `redis://[:password@]host:port/db` (may hold a password: by reference).
     pub url_env: Option<String>,
     pub url_file: Option<PathBuf>,
     /// Longest wait for one decision before the failure mode applies.
+    #[schemars(with = "String")]
     #[serde(default = "default_redis_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Replicas sharing the limits; a fail-open fallback allows limit/replicas locally.
@@ -338,7 +358,7 @@ pub struct RedisFile {
     pub tls: Option<RedisTlsFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisTlsFile {
     /// PEM bundle of the CA(s) that signed the Redis servers' certificates.
@@ -348,14 +368,14 @@ pub struct RedisTlsFile {
     pub key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GlobalRateFile {
     pub rate: String,
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditFile {
     /// JSON Lines file sink (hash-chained, rotated by size).
@@ -383,7 +403,7 @@ impl Default for AuditFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditFileSink {
     pub path: PathBuf,
@@ -396,13 +416,16 @@ pub struct AuditFileSink {
     pub fsync: FsyncPolicy,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditRuleFile {
     pub actions: Vec<String>,
     pub level: AuditLevel,
 }
 
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".to_string()
+}
 fn default_true() -> bool {
     true
 }
@@ -506,12 +529,184 @@ impl ConfigFile {
                 message: "the config file is empty".to_string(),
             }]));
         }
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            ConfigError::Invalid(vec![ConfigProblem {
-                path: if path == "." { String::new() } else { path },
-                message: e.into_inner().to_string(),
-            }])
-        })
+        structural_problems(value).map_err(ConfigError::Invalid)
+    }
+}
+
+/// How many structural problems one check reports at most.
+const MAX_STRUCTURAL_PROBLEMS: usize = 50;
+
+/// Deserializes `value`; on failure, reports every structural problem, not
+/// just the first. serde stops at the first one, so each top-level section
+/// (and each project and team) is read on its own, and within one, the key
+/// of a problem is taken out and the rest read again. A missing required key
+/// cannot be taken out: it ends the search in its section (as does the
+/// "missing" error that taking out a required key causes, not reported).
+fn structural_problems(value: serde_json::Value) -> Result<ConfigFile, Vec<ConfigProblem>> {
+    let first = match serde_path_to_error::deserialize::<_, ConfigFile>(value.clone()) {
+        Ok(file) => return Ok(file),
+        Err(e) => problem_of(String::new(), e),
+    };
+    let Some(sections) = value.as_object() else {
+        return Err(vec![first]);
+    };
+    let mut problems = Vec::new();
+    for (key, section) in sections {
+        let found = match key.as_str() {
+            "listen" => section_problems::<ListenFile>(key, section),
+            "upstream" => section_problems::<UpstreamFile>(key, section),
+            "token" => section_problems::<TokenFile>(key, section),
+            "server" => section_problems::<ServerFile>(key, section),
+            "auth" => section_problems::<AuthFile>(key, section),
+            "projects" => entry_problems::<ProjectFile>(key, section),
+            "teams" => entry_problems::<TeamFile>(key, section),
+            "rate_limit" => section_problems::<RateLimitFile>(key, section),
+            "audit" => section_problems::<AuditFile>(key, section),
+            other => vec![ConfigProblem {
+                path: other.to_string(),
+                message: format!(
+                    "unknown field `{other}`, expected one of {}",
+                    SECTIONS.map(|s| format!("`{s}`")).join(", ")
+                ),
+            }],
+        };
+        problems.extend(found);
+    }
+    for required in ["listen", "upstream", "auth", "projects", "teams"] {
+        if !sections.contains_key(required) {
+            problems.push(ConfigProblem {
+                path: String::new(),
+                message: format!("missing field `{required}`"),
+            });
+        }
+    }
+    if problems.is_empty() {
+        problems.push(first);
+    }
+    Err(problems)
+}
+
+/// The top-level keys of the config file.
+const SECTIONS: [&str; 9] = [
+    "listen",
+    "upstream",
+    "token",
+    "server",
+    "auth",
+    "projects",
+    "teams",
+    "rate_limit",
+    "audit",
+];
+
+fn problem_of(prefix: String, e: serde_path_to_error::Error<serde_json::Error>) -> ConfigProblem {
+    let inner = e.path().to_string();
+    let path = match (prefix.is_empty(), inner == ".") {
+        (_, true) => prefix,
+        (true, false) => inner,
+        (false, false) => format!("{prefix}.{inner}"),
+    };
+    ConfigProblem {
+        path,
+        message: e.into_inner().to_string(),
+    }
+}
+
+/// Every problem of a map section, entry by entry (`projects.web`, ...).
+fn entry_problems<T: serde::de::DeserializeOwned>(
+    key: &str,
+    section: &serde_json::Value,
+) -> Vec<ConfigProblem> {
+    match section.as_object() {
+        Some(entries) => entries
+            .iter()
+            .flat_map(|(name, entry)| section_problems::<T>(&format!("{key}.{name}"), entry))
+            .collect(),
+        None => section_problems::<BTreeMap<String, T>>(key, section),
+    }
+}
+
+/// Every problem of one section read as `T`, its paths under `prefix`.
+fn section_problems<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    section: &serde_json::Value,
+) -> Vec<ConfigProblem> {
+    let mut value = section.clone();
+    let mut problems: Vec<ConfigProblem> = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    while problems.len() < MAX_STRUCTURAL_PROBLEMS {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let inner = e.path().to_string();
+        let inner = if inner == "." { String::new() } else { inner };
+        let problem = problem_of(prefix.to_string(), e);
+        if let Some(field) = missing_field(&problem.message) {
+            let full = if inner.is_empty() {
+                field.to_string()
+            } else {
+                format!("{inner}.{field}")
+            };
+            // Our own doing: the key was taken out for a problem reported.
+            if !removed.contains(&full) {
+                problems.push(problem);
+            }
+            break;
+        }
+        problems.push(problem);
+        if !remove_at(&mut value, &inner) {
+            break;
+        }
+        removed.push(inner);
+    }
+    problems
+}
+
+/// `x` of serde's "missing field `x`".
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")?
+        .split_once('`')
+        .map(|(field, _)| field)
+}
+
+/// Takes the key at `path` (`a.b[2].c`, as serde_path_to_error prints it)
+/// out of `doc`. False if there is no such key (or `path` is the whole
+/// document, or ends at an array element).
+fn remove_at(doc: &mut serde_json::Value, path: &str) -> bool {
+    let mut segments: Vec<(&str, Option<usize>)> = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        match part.split_once('[') {
+            Some((key, rest)) => {
+                let index = rest.trim_end_matches(']').parse().ok();
+                if index.is_none() {
+                    return false;
+                }
+                segments.push((key, None));
+                segments.push(("", index));
+            }
+            None => segments.push((part, None)),
+        }
+    }
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut at = doc;
+    for (key, index) in parents {
+        let next = match index {
+            Some(i) => at.get_mut(*i),
+            None => at.get_mut(*key),
+        };
+        match next {
+            Some(v) => at = v,
+            None => return false,
+        }
+    }
+    // An array element is not taken out: the elements after it would move
+    // and later problems would name the wrong index.
+    match (last, at) {
+        ((key, None), serde_json::Value::Object(map)) => map.remove(*key).is_some(),
+        _ => false,
     }
 }

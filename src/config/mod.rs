@@ -317,7 +317,7 @@ pub struct AuditFileConfig {
 }
 
 /// When written records are forced to disk.
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, schemars::JsonSchema, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum FsyncPolicy {
     /// Before the request that wrote it is answered (group commit).
@@ -330,7 +330,18 @@ pub enum FsyncPolicy {
 }
 
 /// How much of a request is recorded (after Kubernetes' audit levels).
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug,
+    Deserialize,
+    schemars::JsonSchema,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AuditLevel {
     /// Not recorded (refusals are recorded all the same).
@@ -468,3 +479,15 @@ pub fn parse_algorithm(name: &str) -> Option<jsonwebtoken::Algorithm> {
 
 #[cfg(test)]
 mod tests;
+
+/// The JSON Schema (draft 2020-12) of the config file, generated from the
+/// types it is read into: what editors use to complete and check it
+/// (`toastgate check-config --schema`). Values are checked further at load.
+pub fn json_schema() -> String {
+    let mut schema = schemars::schema_for!(ConfigFile);
+    schema.insert(
+        "title".into(),
+        serde_json::Value::from("toastgate configuration"),
+    );
+    serde_json::to_string_pretty(&schema).expect("a schema is JSON")
+}

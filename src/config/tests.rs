@@ -404,3 +404,47 @@ fn redis_tls_and_cluster_settings_are_checked_at_load() {
         assert!(!problems.join(" ").contains("hunter2"), "{problems:?}");
     }
 }
+
+#[test]
+fn every_structural_problem_is_reported_not_just_the_first() {
+    let yaml = GOOD
+        .replace(
+            "listen: { public: \"127.0.0.1:8080\", admin: \"127.0.0.1:9090\" }",
+            "listen: { public: \"127.0.0.1:8080\", admin: \"127.0.0.1:9090\", bogus: 1 }",
+        )
+        .replace("password_env: WEB_PW", "password: hunter2")
+        .replace("algorithms: [HS256]", "algorithms: HS256")
+        .replace(
+            "    projects: [web]\n",
+            "    projects: [web]\n    colour: blue\n",
+        );
+    let p = problems(&yaml, &secrets());
+    let expected = [
+        "listen.bogus: unknown field `bogus`",
+        "projects.web.credentials: unknown field `password`",
+        "auth.algorithms: invalid type: string \"HS256\", expected a sequence",
+        "teams.web-team.colour: unknown field `colour`",
+    ];
+    assert_eq!(p.len(), expected.len(), "{p:#?}");
+    for e in expected {
+        assert!(
+            p.iter().any(|p| p.starts_with(e)),
+            "missing `{e}` in {p:#?}"
+        );
+    }
+    assert!(!p.join(" ").contains("missing field"), "{p:#?}");
+
+    // A missing required key is reported, and ends the search.
+    let yaml = GOOD.replace("  audience: toastgate\n", "");
+    let p = problems(&yaml, &secrets());
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].starts_with("auth: missing field `audience`"), "{p:#?}");
+}
+
+#[test]
+fn the_admin_listener_defaults_to_loopback_9090() {
+    let yaml = GOOD.replace(", admin: \"127.0.0.1:9090\"", "");
+    assert!(!yaml.contains("admin:"));
+    let c = Config::from_yaml(&yaml, &secrets(), None).expect("valid");
+    assert_eq!(c.listen.admin.to_string(), "127.0.0.1:9090");
+}

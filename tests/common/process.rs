@@ -77,7 +77,8 @@ pub fn send_signal(pid: u32, signal: &str) {
 /// Writes the test config for `sim` with `overlays` and `extra` into `dir`,
 /// its secrets in files and fixed ports, and starts `toastgate serve` on it
 /// (behind `wrapper`, a command that runs the rest of its arguments, if
-/// given). Returns the process and the public and admin base URLs.
+/// given), its log (text, `info`) going to `dir/toastgate.log`. Returns the
+/// process and the public and admin base URLs.
 pub fn serve(
     dir: &Path,
     sim: &SimHandle,
@@ -100,11 +101,12 @@ pub fn serve(
     std::fs::write(&config_path, fixtures::to_text(&config)).unwrap();
     let serve = [BIN, "serve", "--config", config_path.to_str().unwrap()];
     let command: Vec<&str> = wrapper.iter().copied().chain(serve).collect();
+    let log = std::fs::File::create(dir.join("toastgate.log")).unwrap();
     let child = Command::new(command[0])
         .args(&command[1..])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     (
