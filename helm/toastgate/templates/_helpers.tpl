@@ -26,12 +26,37 @@ app.kubernetes.io/name: {{ include "toastgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "toastgate.labels" -}}
+{{/* Labels without app.kubernetes.io/component, for objects that are not
+the gateway itself (the admin Service: component "admin"). */}}
+{{- define "toastgate.commonLabels" -}}
 helm.sh/chart: {{ include "toastgate.chart" . }}
 {{ include "toastgate.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
-app.kubernetes.io/component: gateway
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "toastgate.labels" -}}
+{{ include "toastgate.commonLabels" . }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/* The admin Service's labels: the ServiceMonitor selects on component
+"admin", which the public Service does not carry. */}}
+{{- define "toastgate.adminServiceLabels" -}}
+{{ include "toastgate.commonLabels" . }}
+app.kubernetes.io/component: admin
+{{- end }}
+
+{{- define "toastgate.adminServiceName" -}}
+{{- printf "%s-admin" (include "toastgate.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The `helm test` pod's labels. Its app.kubernetes.io/name differs from
+the gateway's, so no Service, PDB or NetworkPolicy of the release selects
+it; the NetworkPolicy lets it reach the admin port by these labels. */}}
+{{- define "toastgate.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-test" (include "toastgate.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- define "toastgate.serviceAccountName" -}}
@@ -111,10 +136,32 @@ a map, or, while it is empty, the chart's files/example-config.yaml. */}}
 listen:
   public: "{{ $host }}:{{ .Values.ports.public }}"
   admin: "{{ $host }}:{{ .Values.ports.admin }}"
+{{- if .Values.tls.enabled }}
+  # From the Secret `tls.secretName` mounted as a folder (no subPath), so a
+  # renewed certificate reaches the pod and toastgate re-reads the files.
+  tls:
+    cert_file: "{{ include "toastgate.tlsMountPath" . }}/tls.crt"
+    key_file: "{{ include "toastgate.tlsMountPath" . }}/tls.key"
+{{- end }}
+{{- end }}
+
+{{/* TLS on the public listener ---------------------------------------- */}}
+
+{{/* The kubernetes.io/tls Secret for the public listener, or "" when TLS is
+off. */}}
+{{- define "toastgate.tlsSecretName" -}}
+{{- if .Values.tls.enabled }}
+{{- required "tls.enabled needs tls.secretName: a Secret of type kubernetes.io/tls (keys tls.crt and tls.key), e.g. the one a cert-manager Certificate writes" .Values.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{- define "toastgate.tlsMountPath" -}}
+{{- .Values.tls.mountPath | trimSuffix "/" }}
 {{- end }}
 
 {{/* The config file as mounted: the user's config followed by the chart's
-listen block. A string config is kept verbatim (with its comments). */}}
+listen block (with listen.tls when tls.enabled). A string config is kept
+verbatim (with its comments). */}}
 {{- define "toastgate.configFile" -}}
 {{- $parsed := include "toastgate.configMap" . | fromYaml }}
 {{- if not (kindIs "map" $parsed) }}
@@ -128,7 +175,7 @@ listen block. A string config is kept verbatim (with its comments). */}}
 {{- end }}
 {{- include "toastgate.configText" . | trimSuffix "\n" }}
 
-# Written by the Helm chart from listenAddress and ports.public / ports.admin:
+# Written by the Helm chart from listenAddress, ports.public / ports.admin and tls:
 {{ include "toastgate.listen" . }}
 {{ end }}
 
