@@ -326,10 +326,16 @@ impl Gateway {
             // The failure's detail (a file path) is logged by write_audit,
             // never shown to the caller.
             let deadline = config.server.request_timeout;
-            if self.write_audit(record, deadline).await.is_err() && config.audit.fail_closed {
-                return Err(GatewayError::AuditUnavailable(
-                    "the audit sink is not writable".into(),
-                ));
+            if let Err(e) = self.write_audit(record, deadline).await
+                && config.audit.fail_closed
+            {
+                let why = match e {
+                    crate::audit::AuditError::Backlog => {
+                        "the audit webhook's receiver is behind (its unsent backlog is full)"
+                    }
+                    _ => "the audit sink is not writable",
+                };
+                return Err(GatewayError::AuditUnavailable(why.into()));
             }
         }
         Ok(())

@@ -148,6 +148,9 @@ pub struct Metrics {
     pub policy_refusals: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub audit_records: IntCounterVec,
+    pub audit_webhook_batches: IntCounterVec,
+    pub audit_webhook_records: prometheus::IntCounter,
+    pub audit_webhook_backlog: IntGauge,
     pub in_flight: IntGaugeVec,
     pub open_connections: IntGauge,
     pub accept_errors: prometheus::IntCounter,
@@ -288,8 +291,31 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("metric registered once");
+        let audit_webhook_records = prometheus::IntCounter::new(
+            "toastgate_audit_webhook_records_total",
+            "Audit records delivered to the audit webhook (at least once).",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(audit_webhook_records.clone()))
+            .expect("metric registered once");
+        let audit_webhook_backlog = IntGauge::new(
+            "toastgate_audit_webhook_backlog_bytes",
+            "Bytes of the audit file not yet delivered to the audit webhook.",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(audit_webhook_backlog.clone()))
+            .expect("metric registered once");
         let m = Metrics {
             resolved: Resolved::default(),
+            audit_webhook_records,
+            audit_webhook_backlog,
+            audit_webhook_batches: counter(
+                "toastgate_audit_webhook_batches_total",
+                "Batches POSTed to the audit webhook, by result (sent, failed).",
+                &["result"],
+            ),
             open_connections,
             accept_errors,
             requests: counter(

@@ -84,6 +84,26 @@ fn admin_limits(public: &ConnLimits) -> ConnLimits {
     }
 }
 
+/// Ships the audit file to `audit.webhook`, if configured. It is stopped
+/// only after the listeners have drained (`stop`), so it sends what the last
+/// requests wrote before the process exits.
+fn start_audit_webhook(
+    gateway: &Arc<Gateway>,
+    stop: Stop,
+) -> Result<Option<tokio::task::JoinHandle<()>>, RunError> {
+    let config = gateway.snapshot().config.clone();
+    if config.audit.webhook.is_none() {
+        return Ok(None);
+    }
+    let client = crate::upstream::UpstreamClient::new(&crate::upstream::ClientSettings::of(
+        &config.upstream,
+    ))
+    .map_err(crate::gateway::StartError::from)?;
+    Ok(gateway
+        .audit
+        .start_webhook(&config.audit, client, gateway.metrics.clone(), stop))
+}
+
 /// [`run`], plus config reload on SIGHUP and when the file changes.
 pub async fn run_with_reload(
     config: Config,
@@ -101,6 +121,8 @@ pub async fn run_with_reload(
         &gateway, &stop,
     )));
     gateway.snapshot().limiter.spawn_maintenance(stop.clone());
+    let (webhook_handle, webhook_stop) = stop_pair();
+    let shipper = start_audit_webhook(&gateway, webhook_stop)?;
     if let Some(source) = reload {
         tokio::spawn(reload_loop(
             gateway.clone(),
@@ -195,6 +217,17 @@ pub async fn run_with_reload(
     }
     if let Err(e) = gateway.audit.flush().await {
         tracing::error!(error = %e, "audit log flush failed at shutdown");
+    }
+    // The webhook sends what the last requests wrote; what it cannot send
+    // in time stays in the file and goes out after the restart.
+    webhook_handle.stop();
+    if let Some(mut shipper) = shipper
+        && tokio::time::timeout(Duration::from_secs(5), &mut shipper)
+            .await
+            .is_err()
+    {
+        tracing::warn!("audit webhook: records left unsent at shutdown are sent after the restart");
+        shipper.abort();
     }
     tracing::info!("stopped");
     Ok(())
@@ -347,7 +380,10 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     if new.token != running.token {
         changed("token");
     }
-    if new.audit.file != running.audit.file || new.audit.stdout != running.audit.stdout {
+    if new.audit.file != running.audit.file
+        || new.audit.stdout != running.audit.stdout
+        || new.audit.webhook != running.audit.webhook
+    {
         changed("audit sinks");
     }
     if ConnLimits::of(&new.server) != ConnLimits::of(&running.server) {
@@ -370,6 +406,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new.token = running.token.clone();
     new.audit.file = running.audit.file.clone();
     new.audit.stdout = running.audit.stdout;
+    new.audit.webhook = running.audit.webhook.clone();
     new
 }
 

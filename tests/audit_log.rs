@@ -29,6 +29,7 @@ fn cfg(path: &Path, max_bytes: u64, keep: u32, fsync: FsyncPolicy) -> Audit {
             fsync,
         }),
         stdout: false,
+        webhook: None,
         fail_closed: true,
         rules: Vec::new(),
     }
@@ -557,6 +558,7 @@ async fn disabled_log_accepts_and_drops() {
     let none = Audit {
         file: None,
         stdout: false,
+        webhook: None,
         fail_closed: true,
         rules: Vec::new(),
     };

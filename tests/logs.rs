@@ -87,7 +87,8 @@ async fn one_line_per_request_at_the_right_level() {
 async fn a_log_written_to_a_file_has_no_colour_and_one_ready_line() {
     let sim = common::start_sim(fast_sim()).await;
     let dir = TempDir::new("ready-line");
-    let (_gateway, gw, admin) = common::process::serve(dir.path(), &sim, &[], json!({}), &[]);
+    let (_gateway, gw, admin) =
+        common::process::serve_logged(dir.path(), &sim, &[], json!({}), "info");
     let http = reqwest::Client::new();
     common::wait_ready(&http, &admin).await;
     let token = common::process::team_token(dir.path(), "web-team");

@@ -42,6 +42,7 @@ pub mod chain;
 mod cli;
 mod sink;
 mod summary;
+mod webhook;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -168,6 +169,11 @@ pub enum AuditError {
     /// still be written, but nobody may count on it.
     #[error("audit log: the record was not confirmed written within {0:?}")]
     NotConfirmed(std::time::Duration),
+    /// The webhook receiver is so far behind that the spool is full.
+    #[error(
+        "audit log: the audit webhook's unsent backlog is over its bound (audit.webhook.max_backlog_bytes)"
+    )]
+    Backlog,
 }
 
 impl AuditError {
@@ -192,6 +198,8 @@ pub struct AuditLog {
 struct Inner {
     tx: Sender<sink::Msg>,
     counters: Arc<sink::Counters>,
+    /// The audit webhook's unsent backlog (unbounded without a webhook).
+    backlog: Arc<webhook::Backlog>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -213,8 +221,37 @@ impl AuditLog {
         let counters = Arc::new(sink::Counters::default());
         let tx = sink::start(cfg, counters.clone())?;
         Ok(AuditLog {
-            inner: Some(Arc::new(Inner { tx, counters })),
+            inner: Some(Arc::new(Inner {
+                tx,
+                counters,
+                backlog: Arc::default(),
+            })),
         })
+    }
+
+    /// Starts shipping the file's records to `cfg.webhook`, if configured,
+    /// until `stop` (a task in the current runtime).
+    pub fn start_webhook(
+        &self,
+        cfg: &Audit,
+        client: crate::upstream::UpstreamClient,
+        metrics: Arc<crate::metrics::Metrics>,
+        stop: crate::shutdown::Stop,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (Some(inner), Some(webhook), Some(file)) = (&self.inner, &cfg.webhook, &cfg.file)
+        else {
+            return None;
+        };
+        let shipper = webhook::Shipper::new(
+            webhook.clone(),
+            file.clone(),
+            client,
+            metrics,
+            inner.backlog.clone(),
+            inner.counters.clone(),
+            cfg.fail_closed,
+        );
+        Some(tokio::spawn(shipper.run(stop)))
     }
 
     /// No sinks: `write` is Ok and does nothing.
@@ -232,6 +269,17 @@ impl AuditLog {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
+        // A full webhook backlog stops new actions, never the `completed`
+        // record of one already admitted (that would turn a performed
+        // action into an unrecorded one).
+        if record.stage == Stage::Received
+            && inner
+                .backlog
+                .is_full(inner.counters.bytes.load(Ordering::Acquire))
+        {
+            inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(AuditError::Backlog);
+        }
         let body = match serde_json::to_string(&record) {
             Ok(b) => b,
             Err(e) => {

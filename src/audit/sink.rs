@@ -33,6 +33,8 @@ pub(crate) enum Msg {
 pub(crate) struct Counters {
     pub written: AtomicU64,
     pub failed: AtomicU64,
+    /// Bytes appended to the file since the log was opened.
+    pub bytes: AtomicU64,
 }
 
 /// The numbers `n` of every `FILE.n` in FILE's folder, gaps included.
@@ -296,10 +298,14 @@ impl Writer {
             }
         }
         let acks = std::mem::take(&mut self.pending_acks);
+        let appended = self.pending.len() as u64;
         self.pending.clear();
         match result {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
+                if self.file.is_some() {
+                    self.counters.bytes.fetch_add(appended, Ordering::Release);
+                }
                 if self.failing {
                     self.failing = false;
                     tracing::info!("audit: records are written again");

@@ -383,6 +383,9 @@ pub struct AuditFile {
     /// Also write every record to standard output.
     #[serde(default)]
     pub stdout: bool,
+    /// Ship the file's records to an HTTP receiver (needs `file`: the
+    /// durable spool the webhook is fed from).
+    pub webhook: Option<AuditWebhookFile>,
     /// Refuse mutating requests when no sink can write (recommended).
     #[serde(default = "default_true")]
     pub fail_closed: bool,
@@ -397,10 +400,32 @@ impl Default for AuditFile {
         AuditFile {
             file: None,
             stdout: false,
+            webhook: None,
             fail_closed: true,
             rules: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuditWebhookFile {
+    /// `https://...` (or `http://` on a private network): batches are POSTed here.
+    pub url: String,
+    /// Optional `Authorization: Bearer` token (by reference).
+    pub bearer_token_env: Option<String>,
+    pub bearer_token_file: Option<PathBuf>,
+    /// Most records per POST.
+    #[serde(default = "default_webhook_batch")]
+    pub batch_max: usize,
+    /// One POST, answer included.
+    #[schemars(with = "String")]
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Unsent bytes in the spool beyond which mutating requests are refused
+    /// (nothing is ever rotated away unsent). Default: 64 MiB, or half of
+    /// what the file's rotation keeps (`max_bytes` x `keep`) if less.
+    pub max_backlog_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -423,6 +448,12 @@ pub struct AuditRuleFile {
     pub level: AuditLevel,
 }
 
+fn default_webhook_batch() -> usize {
+    100
+}
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_admin_listen() -> String {
     "127.0.0.1:9090".to_string()
 }

@@ -33,10 +33,10 @@ use crate::secret::Secret;
 
 // The schema types keep the public paths they had before the split.
 pub use file::{
-    AllowRuleFile, AuditFile, AuditFileSink, AuditRuleFile, AuthFile, BackendKind, ConfigFile,
-    ConstraintsFile, CredentialsFile, GlobalRateFile, KeysFile, ListenFile, OneOrMany, PemKeyFile,
-    ProjectFile, RateLimitFile, RateRuleFile, RedisFile, RedisTlsFile, ServerFile, TeamFile,
-    TlsFile, TokenFile, UpstreamFile,
+    AllowRuleFile, AuditFile, AuditFileSink, AuditRuleFile, AuditWebhookFile, AuthFile,
+    BackendKind, ConfigFile, ConstraintsFile, CredentialsFile, GlobalRateFile, KeysFile,
+    ListenFile, OneOrMany, PemKeyFile, ProjectFile, RateLimitFile, RateRuleFile, RedisFile,
+    RedisTlsFile, ServerFile, TeamFile, TlsFile, TokenFile, UpstreamFile,
 };
 
 /// Where `*_env` references are resolved. The process environment in
@@ -304,8 +304,19 @@ pub struct RateLimits {
 pub struct Audit {
     pub file: Option<AuditFileConfig>,
     pub stdout: bool,
+    pub webhook: Option<AuditWebhook>,
     pub fail_closed: bool,
     pub rules: Vec<(BTreeSet<Action>, AuditLevel)>,
+}
+
+/// Shipping the audit file's records to an HTTP receiver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditWebhook {
+    pub url: String,
+    pub bearer_token: Option<Secret>,
+    pub batch_max: usize,
+    pub timeout: Duration,
+    pub max_backlog_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

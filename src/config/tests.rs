@@ -220,6 +220,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
     });
     every["audit"] = json!({
         "file": {"path": "audit.log"},
+        "webhook": {"url": "https://audit.example.com/in"},
         "rules": [{"actions": ["instance.read"], "level": "metadata"}],
     });
     let s = secrets().with_override("REDIS_URL", "rediss://127.0.0.1:6380");
@@ -268,6 +269,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
         "rate_limit.global",
         "audit",
         "audit.file",
+        "audit.webhook",
         "audit.rules[0]",
     ];
     for place in structs {
@@ -447,4 +449,65 @@ fn the_admin_listener_defaults_to_loopback_9090() {
     assert!(!yaml.contains("admin:"));
     let c = Config::from_yaml(&yaml, &secrets(), None).expect("valid");
     assert_eq!(c.listen.admin.to_string(), "127.0.0.1:9090");
+}
+
+#[test]
+fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
+    let dir = TempDir::new();
+    let load = |audit: Value| {
+        let mut config: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+        config["audit"] = audit;
+        let s = secrets().with_override("HOOK_TOKEN", "hook-secret-123");
+        Config::from_yaml(&config.to_string(), &s, Some(&dir.0)).map_err(|e| {
+            e.problems()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    let file = json!({"path": "audit.jsonl", "max_bytes": 1_000_000, "keep": 4});
+    let ok = load(json!({"file": file, "webhook": {
+        "url": "https://audit.example.com/ingest", "bearer_token_env": "HOOK_TOKEN",
+    }}))
+    .expect("valid");
+    let hook = ok.audit.webhook.as_ref().expect("webhook");
+    assert_eq!(
+        hook.bearer_token.as_ref().unwrap().expose(),
+        "hook-secret-123"
+    );
+    assert_eq!(
+        (hook.batch_max, hook.timeout),
+        (100, Duration::from_secs(5))
+    );
+    assert!(!format!("{ok:?}").contains("hook-secret-123"));
+
+    let rows = [
+        (
+            json!({"stdout": true, "webhook": {"url": "https://a.example"}}),
+            "audit.webhook: needs `audit.file`",
+        ),
+        (
+            json!({"file": file, "webhook": {"url": "https://a.example", "max_backlog_bytes": 4_000_001}}),
+            "audit.webhook.max_backlog_bytes: must be at most audit.file.max_bytes x keep (4000000)",
+        ),
+        (
+            json!({"file": file, "webhook": {"url": "ftp://a.example"}}),
+            "audit.webhook.url: must be an http:// or https:// URL",
+        ),
+        (
+            json!({"file": file, "webhook": {"url": "https://a.example", "batch_max": 0}}),
+            "audit.webhook.batch_max: must be between 1 and 10000",
+        ),
+        (
+            json!({"file": file, "webhook": {"url": "https://a.example", "bearer_token_env": "NOPE"}}),
+            "audit.webhook.bearer_token_env: environment variable `NOPE` is not set",
+        ),
+    ];
+    for (audit, expected) in rows {
+        let problems = load(audit.clone()).expect_err(expected);
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "{audit}: {problems:?}"
+        );
+    }
 }

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::file::{
-    AllowRuleFile, AuditFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile, CredentialsFile,
-    KeysFile, ProjectFile, RateLimitFile, RedisTlsFile, ServerFile, TeamFile, TlsFile, TokenFile,
-    UpstreamFile,
+    AllowRuleFile, AuditFile, AuditWebhookFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile,
+    CredentialsFile, KeysFile, ProjectFile, RateLimitFile, RedisTlsFile, ServerFile, TeamFile,
+    TlsFile, TokenFile, UpstreamFile,
 };
 use super::{
-    AllowRule, Audit, AuditFileConfig, AuditLevel, Auth, Backend, Config, ConfigError,
-    ConfigProblem, Constraints, Credentials, KeySource, Listen, Project, Rate, RateLimits,
-    RateRule, RedisTls, SecretSource, Server, Team, TlsFiles, TokenKey, TokenPolicy, Upstream,
-    parse_algorithm, parse_rate,
+    AllowRule, Audit, AuditFileConfig, AuditLevel, AuditWebhook, Auth, Backend, Config,
+    ConfigError, ConfigProblem, Constraints, Credentials, KeySource, Listen, Project, Rate,
+    RateLimits, RateRule, RedisTls, SecretSource, Server, Team, TlsFiles, TokenKey, TokenPolicy,
+    Upstream, parse_algorithm, parse_rate,
 };
 use crate::action::Action;
 use crate::secret::Secret;
@@ -741,9 +741,11 @@ impl Validator<'_> {
             }
             rules.push((actions, r.level));
         }
+        let webhook = a.webhook.map(|w| self.audit_webhook(w, file.as_ref()));
         Audit {
             file,
             stdout: a.stdout,
+            webhook,
             fail_closed: a.fail_closed,
             rules,
         }
@@ -851,6 +853,57 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    fn audit_webhook(
+        &mut self,
+        w: AuditWebhookFile,
+        file: Option<&AuditFileConfig>,
+    ) -> AuditWebhook {
+        // What rotation keeps: a backlog beyond it would be deleted unsent.
+        let kept = file.map(|f| f.max_bytes.saturating_mul(u64::from(f.keep)));
+        let max_backlog_bytes = w
+            .max_backlog_bytes
+            .unwrap_or_else(|| (64 * 1024 * 1024).min(kept.unwrap_or(0) / 2));
+        match kept {
+            None => self.problem(
+                "audit.webhook",
+                "needs `audit.file`: the durable spool the webhook is fed from",
+            ),
+            Some(0) => self.problem(
+                "audit.file.keep",
+                "must be at least 1 with `audit.webhook` (rotated files hold what is not sent yet)",
+            ),
+            Some(kept) if max_backlog_bytes > kept => self.problem(
+                "audit.webhook.max_backlog_bytes",
+                format!(
+                    "must be at most audit.file.max_bytes x keep ({kept}): rotation would delete records not yet sent"
+                ),
+            ),
+            Some(_) => {}
+        }
+        let url_ok = url::Url::parse(&w.url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !url_ok {
+            self.problem("audit.webhook.url", "must be an http:// or https:// URL");
+        }
+        if w.batch_max == 0 || w.batch_max > 10_000 {
+            self.problem("audit.webhook.batch_max", "must be between 1 and 10000");
+        }
+        if w.timeout.is_zero() {
+            self.problem("audit.webhook.timeout", "must be positive");
+        }
+        let bearer_token = match (w.bearer_token_env, w.bearer_token_file) {
+            (None, None) => None,
+            (env, file) => Some(self.secret("audit.webhook", "bearer_token", env, file)),
+        };
+        AuditWebhook {
+            url: w.url,
+            bearer_token,
+            batch_max: w.batch_max,
+            timeout: w.timeout,
+            max_backlog_bytes,
+        }
+    }
+
     /// Reads the Redis TLS files now, so that a bad file is a config problem
     /// naming its key rather than a connection failure later.
     fn redis_tls(&mut self, t: RedisTlsFile) -> Option<RedisTls> {

@@ -77,14 +77,37 @@ pub fn send_signal(pid: u32, signal: &str) {
 /// Writes the test config for `sim` with `overlays` and `extra` into `dir`,
 /// its secrets in files and fixed ports, and starts `toastgate serve` on it
 /// (behind `wrapper`, a command that runs the rest of its arguments, if
-/// given), its log (text, `info`) going to `dir/toastgate.log`. Returns the
-/// process and the public and admin base URLs.
+/// given), its log discarded. Returns the process and the public and admin
+/// base URLs.
 pub fn serve(
     dir: &Path,
     sim: &SimHandle,
     overlays: &[&str],
     extra: Value,
     wrapper: &[&str],
+) -> (KillOnDrop, String, String) {
+    serve_with_log(dir, sim, overlays, extra, wrapper, None)
+}
+
+/// [`serve`], with the log (text, at `level`) in `dir/toastgate.log`. Not
+/// under a file size limit: the log is a file too.
+pub fn serve_logged(
+    dir: &Path,
+    sim: &SimHandle,
+    overlays: &[&str],
+    extra: Value,
+    level: &str,
+) -> (KillOnDrop, String, String) {
+    serve_with_log(dir, sim, overlays, extra, &[], Some(level))
+}
+
+fn serve_with_log(
+    dir: &Path,
+    sim: &SimHandle,
+    overlays: &[&str],
+    extra: Value,
+    wrapper: &[&str],
+    log_level: Option<&str>,
 ) -> (KillOnDrop, String, String) {
     std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
     std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
@@ -101,12 +124,18 @@ pub fn serve(
     std::fs::write(&config_path, fixtures::to_text(&config)).unwrap();
     let serve = [BIN, "serve", "--config", config_path.to_str().unwrap()];
     let command: Vec<&str> = wrapper.iter().copied().chain(serve).collect();
-    let log = std::fs::File::create(dir.join("toastgate.log")).unwrap();
+    let (level, stderr) = match log_level {
+        Some(level) => (
+            level,
+            Stdio::from(std::fs::File::create(dir.join("toastgate.log")).unwrap()),
+        ),
+        None => ("warn", Stdio::null()),
+    };
     let child = Command::new(command[0])
         .args(&command[1..])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
-        .stderr(log)
+        .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     (
