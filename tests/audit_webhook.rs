@@ -223,6 +223,9 @@ async fn records_reach_the_receiver_through_an_outage_and_a_slow_spell() {
         for (header, body) in &received.batches {
             assert!(!header.is_empty(), "X-Toastgate-Replica");
             assert_eq!(body["replica"], header.as_str());
+            for record in body["records"].as_array().unwrap() {
+                assert_eq!(record["replica"], header.as_str(), "{record}");
+            }
         }
     }
 

@@ -83,6 +83,8 @@ pub struct AuditRecord {
     /// uuid v4, one per record.
     pub event_id: String,
     pub request_id: String,
+    /// Which gateway process wrote it: [`replica_name`].
+    pub replica: &'static str,
     pub stage: Stage,
     pub level: AuditLevel,
     /// `"v2"` | `"v1.0"`.
@@ -130,6 +132,7 @@ impl AuditRecord {
                 .to_string(),
             event_id: uuid::Uuid::new_v4().to_string(),
             request_id: request_id.to_string(),
+            replica: replica_name(),
             stage,
             level,
             surface,
@@ -147,6 +150,25 @@ impl AuditRecord {
             latency_ms: None,
         }
     }
+}
+
+/// This process's name in audit records and webhook batches: `$HOSTNAME`
+/// (a pod's name in Kubernetes) when it is a plain name, else `unknown`.
+/// Records of several replicas merged by a log collector or a webhook
+/// receiver still say where each came from.
+pub fn replica_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| {
+                !h.is_empty()
+                    && h.len() <= 253
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            })
+            .unwrap_or_else(|| "unknown".to_string())
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -269,10 +291,12 @@ impl AuditLog {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
-        // A full webhook backlog stops new actions, never the `completed`
-        // record of one already admitted (that would turn a performed
-        // action into an unrecorded one).
-        if record.stage == Stage::Received
+        // A full webhook backlog stops new actions and their refusal
+        // records, never the `completed` record of an action already
+        // admitted (that would turn a performed action into an unrecorded one).
+        let admitted_completion =
+            record.stage == Stage::Completed && record.decision == Decision::Allowed;
+        if !admitted_completion
             && inner
                 .backlog
                 .is_full(inner.counters.bytes.load(Ordering::Acquire))

@@ -18,7 +18,8 @@
 //!
 //! Each POST body is `{"replica": NAME, "records": [RECORD, ...]}` with the
 //! records exactly as in the file, oldest first; `NAME` (also in the
-//! `X-Toastgate-Replica` header) is `$HOSTNAME` (a pod's name) or `unknown`.
+//! `X-Toastgate-Replica` header, and in every record) is
+//! [`super::replica_name`].
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -152,10 +153,7 @@ impl Shipper {
                 .store(webhook.max_backlog_bytes.max(1), Ordering::Release);
         }
         let cursor_path = PathBuf::from(format!("{}.webhook-cursor", file.path.display()));
-        let replica = std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty() && HeaderValue::from_str(h).is_ok())
-            .unwrap_or_else(|| "unknown".to_string());
+        let replica = super::replica_name().to_string();
         Shipper {
             webhook,
             file,
