@@ -304,3 +304,80 @@ impl Tally {
         self.last_answered = pick(self.last_answered, other.last_answered, Instant::max);
     }
 }
+
+/// A rule weighing Actions against one budget: a keypair create costs 4 of
+/// the team's 10 an hour, a read 1, on both surfaces; a request that does not
+/// fit is refused without taking anything. Hourly: nothing refills meanwhile.
+#[tokio::test]
+async fn weighted_actions_share_one_budget() {
+    let rules = json!({"teams": {"web-team": {"rate_limits": [{
+        "name": "budget", "actions": ["*"], "rate": "10/h", "burst": 10,
+        "costs": [{"actions": ["keypair.create"], "cost": 4}],
+    }]}}});
+    let env = Env::start_with_overlays(fast_sim(), &[], rules).await;
+    let remaining = |h: &reqwest::header::HeaderMap| h["ratelimit"].to_str().unwrap().to_string();
+
+    let (s, h) = create_keypair(&env, "w1").await;
+    assert_eq!(s, 200);
+    assert_eq!(h["ratelimit-policy"], r#""budget";q=10;w=3600"#);
+    assert!(
+        remaining(&h).starts_with(r#""budget";r=6;"#),
+        "{}",
+        remaining(&h)
+    );
+    let (s, h, _) = get_with_headers(&env, "web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 200);
+    assert!(
+        remaining(&h).starts_with(r#""budget";r=5;"#),
+        "{}",
+        remaining(&h)
+    );
+    let (s, h) = create_keypair(&env, "w2").await;
+    assert_eq!(s, 200);
+    assert!(
+        remaining(&h).starts_with(r#""budget";r=1;"#),
+        "{}",
+        remaining(&h)
+    );
+
+    // 4 do not fit in the 1 left: refused, and nothing taken.
+    let (s, h) = create_keypair(&env, "w3").await;
+    assert_eq!(s, 429);
+    assert!(h.contains_key("retry-after"));
+    let b = env
+        .v1(
+            "web-team",
+            reqwest::Method::POST,
+            "/keypairs",
+            Some(json!({"keypair": {"name": "w3-v1"}})),
+        )
+        .await;
+    assert_eq!(b["header"]["resultCode"], 10429, "{b}");
+    let (s, h, _) = get_with_headers(&env, "web-team", "/v2/web/flavors").await;
+    assert_eq!(s, 200, "the read still fits");
+    assert!(
+        remaining(&h).starts_with(r#""budget";r=0;"#),
+        "{}",
+        remaining(&h)
+    );
+    assert_eq!(
+        get_with_headers(&env, "web-team", "/v2/web/flavors")
+            .await
+            .0,
+        429
+    );
+    env.stop().await;
+}
+
+async fn create_keypair(env: &Env, name: &str) -> (u16, reqwest::header::HeaderMap) {
+    let body = json!({"keypair": {"name": name}});
+    let a = env
+        .request(
+            "web-team",
+            reqwest::Method::POST,
+            "/v2/web/os-keypairs",
+            Some(body),
+        )
+        .await;
+    (a.status, a.headers)
+}

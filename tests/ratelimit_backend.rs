@@ -260,3 +260,45 @@ async fn maintenance_warms_up_and_notices_a_missing_redis() {
     );
     handle.stop();
 }
+
+/// The Redis script takes each request's cost: a create costs 4 of 10 an
+/// hour, a read 1; a request that does not fit takes nothing. Two limiters
+/// (replicas) share the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_costs_through_redis() {
+    let redis = RedisServer::start();
+    let extra = json!({
+        "teams": {"web-team": {"rate_limits": [{
+            "name": "budget", "actions": ["*"], "rate": "10/h", "burst": 10,
+            "costs": [{"actions": ["instance.create"], "cost": 4}],
+        }]}},
+        "rate_limit": {"redis": {"key_prefix": "weighted", "replicas": 2}},
+    });
+    let secrets = common::secrets().with_override("TG_REDIS_URL", &redis.url());
+    let config =
+        fixtures::parse_config(&["overlays/redis-rate-limits.yaml"], extra, &secrets).unwrap();
+    let a = RateLimiter::new(&config).expect("builds");
+    let b = RateLimiter::new(&config).expect("builds");
+    let steps = [
+        (&a, Action::InstanceCreate, Some(6)),
+        (&b, Action::InstanceList, Some(5)),
+        (&b, Action::InstanceCreate, Some(1)),
+        (&a, Action::InstanceCreate, None),
+        (&a, Action::InstanceGet, Some(0)),
+        (&b, Action::InstanceGet, None),
+    ];
+    for (i, (rl, action, expected)) in steps.into_iter().enumerate() {
+        let d = timed(rl, "web-team", action).await;
+        assert!(!d.degraded, "step {i}: {d:?}");
+        match expected {
+            Some(left) => {
+                assert!(d.allowed(), "step {i}: {d:?}");
+                assert_eq!(remaining(&d), [left], "step {i}");
+            }
+            None => {
+                limited_by(&d, "budget");
+            }
+        }
+    }
+    assert!(redis.pttl("{weighted}:rl:web-team:budget") > 0);
+}

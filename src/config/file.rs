@@ -298,6 +298,10 @@ pub struct RateRuleFile {
     pub actions: Vec<String>,
     /// `N/s`, `N/m` or `N/h` (also `second`, `minute`, `hour`).
     pub rate: String,
+    /// What a request of some Actions costs from the budget (first match
+    /// wins; every other Action costs 1).
+    #[serde(default)]
+    pub costs: Vec<RateCostFile>,
     /// Requests allowed at once on top of the steady rate; default: N.
     pub burst: Option<u32>,
 }
@@ -373,6 +377,18 @@ pub struct RedisTlsFile {
 pub struct GlobalRateFile {
     pub rate: String,
     pub burst: Option<u32>,
+    /// As in a team rule: what a request of some Actions costs.
+    #[serde(default)]
+    pub costs: Vec<RateCostFile>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateCostFile {
+    /// Action names, groups, prefixes or `*`, as in `allow`.
+    pub actions: Vec<String>,
+    /// Units of the budget one request takes: 1 to the rule's burst.
+    pub cost: u32,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -291,6 +291,15 @@ pub struct RateRule {
     pub actions: BTreeSet<Action>,
     pub rate: Rate,
     pub burst: u32,
+    /// Units one request of an Action takes (Actions not listed: 1).
+    pub costs: BTreeMap<Action, u32>,
+}
+
+impl RateRule {
+    /// What one request of `action` takes from this rule's budget.
+    pub fn cost_of(&self, action: Action) -> u32 {
+        self.costs.get(&action).copied().unwrap_or(1)
+    }
 }
 
 #[derive(Debug, Clone)]

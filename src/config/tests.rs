@@ -511,3 +511,49 @@ fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
         );
     }
 }
+
+#[test]
+fn rate_rule_costs_are_checked_against_the_burst() {
+    let with_costs = |costs: Value| {
+        let mut config: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+        config["teams"]["web-team"]["rate_limits"] = json!([{
+            "name": "budget", "actions": ["*"], "rate": "10/h", "burst": 8, "costs": costs,
+        }]);
+        Config::from_yaml(&config.to_string(), &secrets(), None).map_err(|e| {
+            e.problems()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    let ok = with_costs(json!([
+        {"actions": ["instance.create"], "cost": 8},
+        {"actions": ["instance.*"], "cost": 2},
+    ]))
+    .expect("valid");
+    let rule = &ok.teams["web-team"].rate_limits[0];
+    assert_eq!(rule.cost_of(Action::InstanceCreate), 8, "first match wins");
+    assert_eq!(rule.cost_of(Action::InstanceReboot), 2);
+    assert_eq!(rule.cost_of(Action::KeypairList), 1, "unlisted: 1");
+
+    for (costs, expected) in [
+        (
+            json!([{"actions": ["read"], "cost": 9}]),
+            "teams.web-team.rate_limits[0].costs[0].cost: must be between 1 and the rule's burst (8)",
+        ),
+        (
+            json!([{"actions": ["read"], "cost": 0}]),
+            "teams.web-team.rate_limits[0].costs[0].cost: must be between 1",
+        ),
+        (
+            json!([{"actions": ["instance.explode"], "cost": 2}]),
+            "teams.web-team.rate_limits[0].costs[0].actions[0]",
+        ),
+    ] {
+        let problems = with_costs(costs.clone()).expect_err(expected);
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "{costs}: {problems:?}"
+        );
+    }
+}

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use super::file::{
     AllowRuleFile, AuditFile, AuditWebhookFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile,
-    CredentialsFile, KeysFile, ProjectFile, RateLimitFile, RedisTlsFile, ServerFile, TeamFile,
-    TlsFile, TokenFile, UpstreamFile,
+    CredentialsFile, KeysFile, ProjectFile, RateCostFile, RateLimitFile, RedisTlsFile, ServerFile,
+    TeamFile, TlsFile, TokenFile, UpstreamFile,
 };
 use super::{
     AllowRule, Audit, AuditFileConfig, AuditLevel, AuditWebhook, Auth, Backend, Config,
@@ -580,11 +580,13 @@ impl Validator<'_> {
                 let actions = self.action_patterns(&format!("{path}.actions"), &r.actions);
                 let rate = self.rate(&format!("{path}.rate"), &r.rate);
                 let burst = self.burst(&format!("{path}.burst"), r.burst, &rate);
+                let costs = self.costs(&path, r.costs, burst);
                 rate_limits.push(RateRule {
                     name: r.name,
                     actions,
                     rate,
                     burst,
+                    costs,
                 });
             }
             out.insert(
@@ -756,11 +758,13 @@ impl Validator<'_> {
         let global = r.global.map(|g| {
             let rate = self.rate("rate_limit.global.rate", &g.rate);
             let burst = self.burst("rate_limit.global.burst", g.burst, &rate);
+            let costs = self.costs("rate_limit.global", g.costs, burst);
             RateRule {
                 name: "global".to_string(),
                 actions: Action::ALL.iter().copied().collect(),
                 rate,
                 burst,
+                costs,
             }
         });
         let backend = match (r.backend, r.redis) {
@@ -853,6 +857,25 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
+    /// Cost per Action, first match wins. A cost over the burst could
+    /// never be paid: refused here rather than refusing every such request.
+    fn costs(&mut self, path: &str, costs: Vec<RateCostFile>, burst: u32) -> BTreeMap<Action, u32> {
+        let mut out = BTreeMap::new();
+        for (i, c) in costs.into_iter().enumerate() {
+            let at = format!("{path}.costs[{i}]");
+            if c.cost == 0 || c.cost > burst {
+                self.problem(
+                    format!("{at}.cost"),
+                    format!("must be between 1 and the rule's burst ({burst})"),
+                );
+            }
+            for action in self.action_patterns(&format!("{at}.actions"), &c.actions) {
+                out.entry(action).or_insert(c.cost.clamp(1, burst.max(1)));
+            }
+        }
+        out
+    }
+
     fn audit_webhook(
         &mut self,
         w: AuditWebhookFile,

@@ -75,9 +75,21 @@ pub(super) struct LocalSlot {
 }
 
 impl LocalSlot {
-    /// Takes one cell if the limit allows it.
-    pub fn check(&self) -> Step {
-        match self.limiter.check_key(&self.key) {
+    /// Takes `cost` cells if the limit allows it (a cost beyond the burst,
+    /// possible only in a replica's fail-open share, is always refused).
+    pub fn check(&self, cost: u32) -> Step {
+        let cost = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
+        let checked = match self.limiter.check_key_n(&self.key, cost) {
+            Ok(checked) => checked,
+            Err(_insufficient) => {
+                let never = self.gcra.interval.saturating_mul(self.gcra.burst);
+                return Step::Refused {
+                    retry_after: never.max(MIN_RETRY),
+                    reset: never,
+                };
+            }
+        };
+        match checked {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity().min(self.gcra.burst);
                 // governor does not expose the new TAT; remaining = floor((tau + T - reset) / T)
@@ -167,9 +179,30 @@ mod tests {
         assert!(!Arc::ptr_eq(&a.limiter, &c.limiter));
         assert_eq!(pool.into_limiters().len(), 2);
         // Slots sharing a limiter do not share a budget.
-        assert!(matches!(a.check(), Step::Allowed { remaining: 1, .. }));
-        assert!(matches!(a.check(), Step::Allowed { remaining: 0, .. }));
-        assert!(matches!(a.check(), Step::Refused { .. }));
-        assert!(matches!(b.check(), Step::Allowed { remaining: 1, .. }));
+        assert!(matches!(a.check(1), Step::Allowed { remaining: 1, .. }));
+        assert!(matches!(a.check(1), Step::Allowed { remaining: 0, .. }));
+        assert!(matches!(a.check(1), Step::Refused { .. }));
+        assert!(matches!(b.check(1), Step::Allowed { remaining: 1, .. }));
+    }
+
+    #[test]
+    fn a_request_takes_its_cost_from_the_budget() {
+        let mut pool = LocalPool::default();
+        // 5 an hour, burst 5: nothing refills while the test runs.
+        let slot = pool.slot(Gcra::new(5, Duration::from_secs(3600), 5).unwrap());
+        assert!(matches!(slot.check(3), Step::Allowed { remaining: 2, .. }));
+        // 3 more do not fit in the 2 left; that refusal takes nothing.
+        assert!(matches!(slot.check(3), Step::Refused { .. }));
+        assert!(matches!(slot.check(2), Step::Allowed { remaining: 0, .. }));
+        assert!(matches!(slot.check(1), Step::Refused { .. }));
+        // Beyond the burst: never.
+        let other = pool.slot(Gcra::new(5, Duration::from_secs(3600), 5).unwrap());
+        match other.check(6) {
+            Step::Refused { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(3600))
+            }
+            s => panic!("{s:?}"),
+        }
+        assert!(matches!(other.check(5), Step::Allowed { remaining: 0, .. }));
     }
 }

@@ -114,9 +114,15 @@ struct Slot {
     local: LocalSlot,
     /// Redis backend only.
     remote: Option<RemoteSlot>,
+    /// Units one request takes, by `Action as usize` (mostly 1).
+    costs: Box<[u32]>,
 }
 
 impl Slot {
+    fn cost_of(&self, action: Action) -> u32 {
+        self.costs.get(action as usize).copied().unwrap_or(1)
+    }
+
     fn status(&self, remaining: u32, reset: Duration) -> PolicyStatus {
         PolicyStatus {
             name: self.name.clone(),
@@ -267,6 +273,8 @@ fn push_sf_string(out: &mut String, s: &str) {
 
 /// The limits one decision consults, in order.
 struct Applied<'a> {
+    /// What the request does (its cost in each limit).
+    action: Action,
     team: Option<&'a TeamLimits>,
     rules: &'a [usize],
     global: Option<&'a Slot>,
@@ -289,7 +297,7 @@ impl<'a> Applied<'a> {
     fn decide_local(&self, degraded: bool) -> (Decision, Option<usize>) {
         let mut policies = Vec::with_capacity(self.len());
         for (pos, slot) in self.slots().enumerate() {
-            match slot.local.check() {
+            match slot.local.check(slot.cost_of(self.action)) {
                 Step::Allowed { remaining, reset } => policies.push(slot.status(remaining, reset)),
                 Step::Refused { retry_after, reset } => {
                     policies.push(slot.status(0, reset));
@@ -415,6 +423,7 @@ impl RateLimiter {
                 window: per,
                 local,
                 remote,
+                costs: Action::ALL.iter().map(|&a| rule.cost_of(a)).collect(),
             })
         };
 
@@ -487,6 +496,7 @@ impl RateLimiter {
             return Decision::unlimited();
         }
         let applied = Applied {
+            action,
             team: team_limits,
             rules,
             global: self.global.as_ref(),
@@ -496,7 +506,11 @@ impl RateLimiter {
             Some(redis) => {
                 let sent = std::time::Instant::now();
                 let answer = redis
-                    .decide(applied.slots().filter_map(|s| s.remote.as_ref()))
+                    .decide(
+                        applied
+                            .slots()
+                            .filter_map(|s| s.remote.as_ref().map(|r| (r, s.cost_of(action)))),
+                    )
                     .await;
                 let round_trip = match answer {
                     Err(remote::Failure::CircuitOpen) => None,

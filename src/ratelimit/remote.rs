@@ -23,8 +23,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// GCRA over every applied rule of one decision, atomically, on the server's clock.
 ///
 /// KEYS[i]: one rule's state, its theoretical arrival time (TAT) in server
-/// microseconds. ARGV[2i-1], ARGV[2i]: that rule's emission interval T and
-/// tolerance tau = T * (burst - 1), in microseconds.
+/// microseconds. ARGV[3i-2], ARGV[3i-1]: that rule's emission interval T and
+/// tolerance tau = T * (burst - 1), in microseconds; ARGV[3i]: the request's
+/// cost n in that rule (1 unless weighted). n units fit when the TAT after
+/// taking them, tat + n*T, is within tau + T of now.
 /// Returns 4 integers per rule evaluated, in order, stopping after the first
 /// refusal: allowed (1/0), remaining, retry_after_us, reset_us.
 const GCRA_LUA: &str = r#"
@@ -33,11 +35,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local tau = tonumber(ARGV[2 * i])
+  local interval = tonumber(ARGV[3 * i - 2])
+  local tau = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if tat < now then tat = now end
-  local wait = tat - tau - now
+  local new_tat = tat + interval * cost
+  local wait = new_tat - tau - interval - now
   if wait > 0 then
     out[#out + 1] = 0
     out[#out + 1] = 0
@@ -45,7 +49,6 @@ for i = 1, #KEYS do
     out[#out + 1] = tat - now
     return out
   end
-  local new_tat = tat + interval
   local reset = new_tat - now
   redis.call('SET', KEYS[i], string.format('%d', new_tat),
     'PX', string.format('%d', math.ceil(reset / 1000)))
@@ -244,7 +247,7 @@ impl RedisBackend {
     /// Runs the script for `slots` (in order), within the timeout.
     pub async fn decide<'a>(
         self: &Arc<Self>,
-        slots: impl Iterator<Item = &'a RemoteSlot>,
+        slots: impl Iterator<Item = (&'a RemoteSlot, u32)>,
     ) -> Result<Vec<Verdict>, Failure> {
         let until = self.down_until_ms.load(Ordering::Acquire);
         if until != 0 {
@@ -266,11 +269,12 @@ impl RedisBackend {
         }
         let mut invocation = self.script.prepare_invoke();
         let mut slots_seen: Vec<&RemoteSlot> = Vec::with_capacity(4);
-        for slot in slots {
+        for (slot, cost) in slots {
             invocation
                 .key(slot.key.as_str())
                 .arg(slot.interval_us)
-                .arg(slot.tau_us);
+                .arg(slot.tau_us)
+                .arg(cost.max(1));
             slots_seen.push(slot);
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
