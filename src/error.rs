@@ -63,6 +63,25 @@ pub enum GatewayError {
     RateLimitUnavailable { rule: String },
     #[error("the audit log cannot record this action right now, so it was not performed: {0}")]
     AuditUnavailable(String),
+    /// An `Idempotency-Key` that cannot be used (ill-formed, or on an Action
+    /// that does not create anything).
+    #[error("Idempotency-Key: {0}")]
+    IdempotencyKey(String),
+    /// The first request with this key is still running.
+    #[error(
+        "a request with this Idempotency-Key is still in progress; retry once it has finished to get its answer"
+    )]
+    IdempotencyInFlight,
+    /// The key was first used for another request.
+    #[error(
+        "this Idempotency-Key was used for a different request (another Action, project, surface or body); use a new key"
+    )]
+    IdempotencyMismatch,
+    /// The shared idempotency store cannot be reached.
+    #[error(
+        "the Idempotency-Key cannot be checked right now (shared store unavailable), so the request was not performed; retry shortly"
+    )]
+    IdempotencyUnavailable,
     /// The action ran upstream but its `completed` audit record could not be
     /// written; with `audit.fail_closed` the success is not passed on.
     #[error(
@@ -142,8 +161,12 @@ impl GatewayError {
             | TokenApi
             | BodyTooLarge(_)
             | BodyTimeout(_)
+            | IdempotencyKey(_)
+            | IdempotencyInFlight
+            | IdempotencyMismatch
             | RateLimited { .. } => Origin::Caller,
-            RateLimitUnavailable { .. }
+            IdempotencyUnavailable
+            | RateLimitUnavailable { .. }
             | AuditUnavailable(_)
             | AuditIncomplete { .. }
             | Timeout(_)
@@ -163,6 +186,9 @@ impl GatewayError {
                 | GatewayError::RateLimited { .. }
                 | GatewayError::RateLimitUnavailable { .. }
                 | GatewayError::AuditUnavailable(_)
+                | GatewayError::IdempotencyInFlight
+                | GatewayError::IdempotencyMismatch
+                | GatewayError::IdempotencyUnavailable
         )
     }
 
@@ -192,6 +218,10 @@ impl GatewayError {
             RateLimitUnavailable { rule } => format!("rate_limit_unavailable:{rule}").into(),
             AuditUnavailable(_) => "audit_unavailable".into(),
             AuditIncomplete { .. } => "audit_incomplete".into(),
+            IdempotencyKey(_) => "bad_request".into(),
+            IdempotencyInFlight => "idempotency:in_flight".into(),
+            IdempotencyMismatch => "idempotency:mismatch".into(),
+            IdempotencyUnavailable => "idempotency:unavailable".into(),
             UnknownProject(_) | NoRoute(_) | BadRequest(_) | Invalid(_) | Json(_)
             | NotSupported(_) | TokenApi | BodyTooLarge(_) | BodyTimeout(_) => "bad_request".into(),
             TokenUnavailable { .. } => "token_unavailable".into(),
@@ -214,7 +244,12 @@ impl GatewayError {
             Forbidden(_) | TokenApi => StatusCode::FORBIDDEN,
             UnknownProject(_) | NoRoute(RouteError::NotFound { .. }) => StatusCode::NOT_FOUND,
             NoRoute(RouteError::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
-            BadRequest(_) | Invalid(_) | Json(_) | NotSupported(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | Invalid(_) | Json(_) | NotSupported(_) | IdempotencyKey(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            IdempotencyInFlight => StatusCode::CONFLICT,
+            IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            IdempotencyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -240,7 +275,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             Json(_) => -8,
-            Invalid(_) | BadRequest(_) => -4,
+            Invalid(_) | BadRequest(_) | IdempotencyKey(_) => -4,
             NoRoute(RouteError::NotFound { .. }) => -5,
             NoRoute(RouteError::MethodNotAllowed { .. }) | NotSupported(_) => -7,
             TokenApi => 50403,
@@ -261,7 +296,9 @@ impl GatewayError {
             GatewayError::TokenUnavailable { .. }
             | GatewayError::Unauthenticated(AuthError::KeysUnavailable)
             | GatewayError::RateLimitUnavailable { .. }
+            | GatewayError::IdempotencyUnavailable
             | GatewayError::AuditUnavailable(_) => Some(5),
+            GatewayError::IdempotencyInFlight => Some(1),
             _ => None,
         }
     }
@@ -276,6 +313,7 @@ impl GatewayError {
             405 => "badMethod",
             408 => "requestTimeout",
             409 => "conflictingRequest",
+            422 => "unprocessableEntity",
             413 => "requestEntityTooLarge",
             429 => "overLimit",
             503 => "serviceUnavailable",
@@ -395,6 +433,10 @@ mod tests {
             },
             RateLimitUnavailable { rule: "r".into() },
             AuditUnavailable("x".into()),
+            IdempotencyKey("k".into()),
+            IdempotencyInFlight,
+            IdempotencyMismatch,
+            IdempotencyUnavailable,
             AuditIncomplete {
                 upstream_status: 202,
                 result: None,
@@ -437,6 +479,10 @@ mod tests {
             (Caller, 408, 10408, O::BadRequest, false),
             (Caller, 429, 10429, O::RateLimited, true),
             (Gateway, 503, 10503, O::GatewayError, true),
+            (Gateway, 503, 10503, O::GatewayError, true),
+            (Caller, 400, -4, O::BadRequest, false),
+            (Caller, 409, 10409, O::BadRequest, true),
+            (Caller, 422, 10422, O::BadRequest, true),
             (Gateway, 503, 10503, O::GatewayError, true),
             (Gateway, 500, 10500, O::GatewayError, false),
             (Gateway, 504, 10504, O::GatewayError, false),
@@ -498,6 +544,8 @@ mod tests {
                     | GatewayError::Unauthenticated(AuthError::KeysUnavailable)
                     | GatewayError::RateLimitUnavailable { .. }
                     | GatewayError::AuditUnavailable(_)
+                    | GatewayError::IdempotencyInFlight
+                    | GatewayError::IdempotencyUnavailable
             );
             assert_eq!(e.retry_after_secs().is_some(), expected, "{e:?}");
             let has = |r: Response| r.headers().contains_key(header::RETRY_AFTER);
@@ -648,6 +696,22 @@ mod tests {
                 variant(|e| matches!(e, G::RateLimitUnavailable { .. })),
             ),
             (
+                "misplaced `Idempotency-Key`",
+                variant(|e| matches!(e, G::IdempotencyKey(_))),
+            ),
+            (
+                "idempotency key still in progress",
+                variant(|e| matches!(e, G::IdempotencyInFlight)),
+            ),
+            (
+                "idempotency key used for a different request",
+                variant(|e| matches!(e, G::IdempotencyMismatch)),
+            ),
+            (
+                "idempotency store down",
+                variant(|e| matches!(e, G::IdempotencyUnavailable)),
+            ),
+            (
                 "audit sink not writable",
                 variant(|e| matches!(e, G::AuditUnavailable(_))),
             ),
@@ -728,6 +792,22 @@ mod tests {
             (
                 "rate-limit store (Redis) is down",
                 variant(|e| matches!(e, G::RateLimitUnavailable { .. })),
+            ),
+            (
+                "an ill-formed `Idempotency-Key`",
+                variant(|e| matches!(e, G::IdempotencyKey(_))),
+            ),
+            (
+                "whose first request is still running",
+                variant(|e| matches!(e, G::IdempotencyInFlight)),
+            ),
+            (
+                "first used for a different request",
+                variant(|e| matches!(e, G::IdempotencyMismatch)),
+            ),
+            (
+                "idempotency store (Redis) is down",
+                variant(|e| matches!(e, G::IdempotencyUnavailable)),
             ),
             (
                 "cannot record a mutating Action",

@@ -61,6 +61,12 @@ pub struct Exchange {
     pub upstream_status: Option<u16>,
     pub result: Option<Value>,
     pub rate: Option<crate::ratelimit::Decision>,
+    /// The request's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<String>,
+    /// Held while this request is the first with its key.
+    pub idempotency_ticket: Option<crate::idempotency::Ticket>,
+    /// Answered from the idempotency store, not by the upstream.
+    pub replayed: bool,
 }
 
 /// What policy, audit and the upstream all see of a request.
@@ -104,6 +110,9 @@ impl Exchange {
             upstream_status: None,
             result: None,
             rate: None,
+            idempotency_key: None,
+            idempotency_ticket: None,
+            replayed: false,
         }
     }
 
@@ -166,7 +175,12 @@ impl Exchange {
             r.request = Some(crate::audit::summarize(action, body));
         }
         if let Some(e) = ending {
-            r.reason = e.reason.as_ref().map(|r| r.to_string());
+            r.reason = match (&e.reason, self.replayed) {
+                (Some(reason), _) => Some(reason.to_string()),
+                // Answered from the idempotency store: nothing went upstream.
+                (None, true) => Some("idempotent_replay".to_string()),
+                (None, false) => None,
+            };
             r.upstream_status = self.upstream_status;
             r.result = self.result.clone();
             r.latency_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);

@@ -41,6 +41,7 @@ use crate::body;
 use crate::config::{AuditLevel, Config, Project};
 use crate::error::{Ending, GatewayError};
 use crate::exchange::{Exchange, Judged, Surface};
+use crate::idempotency::{self, Claim, IdempotencyStore, Refused};
 use crate::metrics::{InFlight, Metrics, Outcome};
 use crate::policy;
 use crate::proxy;
@@ -80,6 +81,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     compute: Compute,
     flavors: FlavorCache,
+    /// `Idempotency-Key` answers (in process; on Redis when the limits are).
+    idempotency: IdempotencyStore,
     /// Scheme the public listener speaks, for links when no public_url is set.
     scheme: &'static str,
 }
@@ -94,6 +97,14 @@ pub enum StartError {
     RateLimit(#[from] crate::ratelimit::RateLimitSetupError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+}
+
+/// What admission decided, short of a refusal.
+enum Admitted {
+    /// Go upstream.
+    Proceed,
+    /// Answered before under this request's `Idempotency-Key`.
+    Replay(crate::idempotency::Stored),
 }
 
 impl Gateway {
@@ -121,7 +132,15 @@ impl Gateway {
             );
             AuditLog::disabled()
         };
+        // A replica that dies mid-request frees its keys after this.
+        let in_flight = config.server.request_timeout + std::time::Duration::from_secs(30);
+        let idempotency = IdempotencyStore::new(
+            config.idempotency.window,
+            in_flight,
+            config.idempotency.max_entries,
+        );
         Ok(Arc::new(Gateway {
+            idempotency,
             scheme: if config.listen.tls.is_some() {
                 "https"
             } else {
@@ -213,6 +232,8 @@ impl Gateway {
         x.target = route.target();
 
         x.caller = Some(self.authenticate(snap, &parts.headers).await?);
+        x.idempotency_key =
+            idempotency::parse_key(&parts.headers).map_err(GatewayError::IdempotencyKey)?;
         let project = route.project(config)?;
         x.project = Some(project.clone());
 
@@ -226,7 +247,12 @@ impl Gateway {
         x.action = Some(judged.action());
         x.judged = Some(Judged::new(judged.action(), judged.v2_body().cloned()));
 
-        self.admit(snap, x).await?;
+        if let Admitted::Replay(stored) = self.admit(snap, x).await? {
+            x.replayed = true;
+            x.upstream_status = None;
+            x.result = stored.result.clone();
+            return Ok(Answer::Replayed(stored));
+        }
 
         match judged {
             JudgedRequest::V2 {
@@ -269,7 +295,7 @@ impl Gateway {
     /// order: policy, rate limits, then the "received" audit record of a
     /// mutating Action (an action must never happen unrecorded, so when that
     /// record cannot be written the request stops here, fail-closed).
-    async fn admit(&self, snap: &Snapshot, x: &mut Exchange) -> Result<(), GatewayError> {
+    async fn admit(&self, snap: &Snapshot, x: &mut Exchange) -> Result<Admitted, GatewayError> {
         let config = &snap.config;
         let (Some(caller), Some(project), Some(action), Some(judged)) =
             (&x.caller, &x.project, x.action, &x.judged)
@@ -286,6 +312,24 @@ impl Gateway {
                 .with_label_values(&[x.team_label(config), refusal.reason()])
                 .inc();
             return Err(refusal.into());
+        }
+        // After policy (a caller learns nothing of keys it may not use),
+        // before the rate limit (a replay costs no budget).
+        if let Some(key) = &x.idempotency_key {
+            let fingerprint = idempotency::fingerprint(
+                x.surface.label(),
+                action,
+                &project.alias,
+                judged.v2_body.as_ref(),
+            );
+            match self
+                .claim_key(snap, &caller.team, action, key, &fingerprint)
+                .await?
+            {
+                Some(Claim::First(ticket)) => x.idempotency_ticket = Some(ticket),
+                Some(Claim::Replay(stored)) => return Ok(Admitted::Replay(stored)),
+                None => {}
+            }
         }
 
         let decision = snap.limiter.check(&caller.team, action).await;
@@ -338,7 +382,40 @@ impl Gateway {
                 return Err(GatewayError::AuditUnavailable(why.into()));
             }
         }
-        Ok(())
+        Ok(Admitted::Proceed)
+    }
+
+    /// The idempotency decision for `key`: None when the Action is a read
+    /// (the key means nothing there, and is not forwarded).
+    async fn claim_key(
+        &self,
+        snap: &Snapshot,
+        team: &str,
+        action: Action,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<Claim>, GatewayError> {
+        if !idempotency::creates(action) {
+            if action.is_mutating() {
+                return Err(GatewayError::IdempotencyKey(format!(
+                    "{} does not create anything; the header is honoured on instance.create, keypair.create and instance.create_image",
+                    action.name()
+                )));
+            }
+            return Ok(None);
+        }
+        let redis = match (&snap.config.rate_limit.backend, snap.limiter.redis()) {
+            (crate::config::Backend::Redis { key_prefix, .. }, Some(backend)) => {
+                Some((backend, key_prefix.as_str()))
+            }
+            _ => None,
+        };
+        match self.idempotency.claim(redis, team, key, fingerprint).await {
+            Ok(claim) => Ok(Some(claim)),
+            Err(Refused::InFlight) => Err(GatewayError::IdempotencyInFlight),
+            Err(Refused::Mismatch) => Err(GatewayError::IdempotencyMismatch),
+            Err(Refused::Unavailable) => Err(GatewayError::IdempotencyUnavailable),
+        }
     }
 
     /// v2: sends exactly what was judged (the re-serialized body, the judged
@@ -399,10 +476,17 @@ impl Gateway {
         answer: Result<Answer, GatewayError>,
     ) -> Response {
         let config = &snap.config;
+        // Nothing went upstream: the key is free for a retry.
+        let not_performed = matches!(
+            &answer,
+            Err(e) if e.is_refusal() || matches!(e, GatewayError::TokenUnavailable { .. })
+        );
         let (mut resp, mut ending) = match answer {
             Ok(a) => {
-                let ending = Ending::upstream(x.upstream_status.unwrap_or(200));
-                (a.into_response(), ending)
+                let resp = a.into_response();
+                // A replay: judged by the status it gives again.
+                let ending = Ending::upstream(x.upstream_status.unwrap_or(resp.status().as_u16()));
+                (resp, ending)
             }
             Err(e) => (render_error(x.surface, &e), Ending::from(&e)),
         };
@@ -460,7 +544,45 @@ impl Gateway {
             upstream: crate::metrics::upstream_wait(),
         });
         x.log_line(&ending, resp.status().as_u16(), took);
-        resp
+        match x.idempotency_ticket.take() {
+            Some(ticket) if not_performed => {
+                self.idempotency.release(ticket).await;
+                resp
+            }
+            Some(ticket) => self.keep_answer(ticket, resp, x.result.clone()).await,
+            None => resp,
+        }
+    }
+
+    /// Keeps the answer the caller gets for repeats of its key.
+    async fn keep_answer(
+        &self,
+        ticket: crate::idempotency::Ticket,
+        resp: Response,
+        result: Option<Value>,
+    ) -> Response {
+        let (parts, body) = resp.into_parts();
+        let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "idempotency: the answer could not be read to keep it");
+                self.idempotency.release(ticket).await;
+                return render_error(
+                    crate::exchange::Surface::V2,
+                    &GatewayError::Internal("the answer could not be read".into()),
+                );
+            }
+        };
+        match crate::idempotency::Stored::new(parts.status.as_u16(), &parts.headers, &bytes, result)
+        {
+            Some(stored) => self.idempotency.complete(ticket, stored).await,
+            None => {
+                // Too large to keep: repeats meet the running marker (409)
+                // until it expires, never a second run.
+                tracing::warn!("idempotency: an answer too large to keep");
+            }
+        }
+        Response::from_parts(parts, axum::body::Body::from(bytes))
     }
 
     /// Writes one record, waiting at most `deadline` for the writer to

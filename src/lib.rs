@@ -52,6 +52,7 @@ pub mod demo;
 pub mod error;
 pub mod exchange;
 pub mod gateway;
+pub mod idempotency;
 pub mod listener;
 pub mod metrics;
 pub mod policy;

@@ -386,6 +386,9 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     {
         changed("audit sinks");
     }
+    if new.idempotency != running.idempotency {
+        changed("idempotency");
+    }
     if ConnLimits::of(&new.server) != ConnLimits::of(&running.server) {
         changed("server connection limits");
     }
@@ -407,6 +410,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new.audit.file = running.audit.file.clone();
     new.audit.stdout = running.audit.stdout;
     new.audit.webhook = running.audit.webhook.clone();
+    new.idempotency = running.idempotency;
     new
 }
 
@@ -629,7 +633,13 @@ mod tests {
             "http2_max_streams": 7, "header_read_timeout": "7s", "drain_delay": "7s",
             "shutdown_grace": "7s",
         }));
+        let mut edited = edited;
+        edited.idempotency.window = Duration::from_secs(7);
         let applied = keep_restart_only_settings(edited, &running);
+        assert_eq!(
+            applied.idempotency, running.idempotency,
+            "the store is built once"
+        );
         assert_eq!(applied.server.request_timeout, Duration::from_secs(7));
         assert_eq!(
             ConnLimits::of(&applied.server),

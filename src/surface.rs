@@ -127,6 +127,8 @@ pub enum Answer {
     V2(Response),
     /// The v1.0 payload next to `header`.
     V1(Map<String, Value>),
+    /// The answer kept for an `Idempotency-Key`, given again.
+    Replayed(crate::idempotency::Stored),
 }
 
 impl IntoResponse for Answer {
@@ -134,6 +136,26 @@ impl IntoResponse for Answer {
         match self {
             Answer::V2(resp) => resp,
             Answer::V1(payload) => crate::translate::envelope_ok(payload),
+            Answer::Replayed(stored) => replayed(&stored),
         }
     }
+}
+
+fn replayed(stored: &crate::idempotency::Stored) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(stored.body_bytes()));
+    *resp.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    let headers = resp.headers_mut();
+    for (name, value) in &stored.headers {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    headers.insert(
+        crate::idempotency::REPLAYED,
+        http::HeaderValue::from_static("true"),
+    );
+    resp
 }

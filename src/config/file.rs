@@ -27,6 +27,38 @@ pub struct ConfigFile {
     pub rate_limit: RateLimitFile,
     #[serde(default)]
     pub audit: AuditFile,
+    #[serde(default)]
+    pub idempotency: IdempotencyFile,
+}
+
+/// `Idempotency-Key` on the creating Actions (always on; clients opt in by
+/// sending the header).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyFile {
+    /// How long an answer is kept for repeats of its key.
+    #[schemars(with = "String")]
+    #[serde(default = "default_idempotency_window", with = "humantime_serde")]
+    pub window: std::time::Duration,
+    /// Keys kept in process (without Redis) at most; the oldest go first.
+    #[serde(default = "default_idempotency_entries")]
+    pub max_entries: u64,
+}
+
+impl Default for IdempotencyFile {
+    fn default() -> Self {
+        IdempotencyFile {
+            window: default_idempotency_window(),
+            max_entries: default_idempotency_entries(),
+        }
+    }
+}
+
+fn default_idempotency_window() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
+}
+fn default_idempotency_entries() -> u64 {
+    100_000
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -609,6 +641,7 @@ fn structural_problems(value: serde_json::Value) -> Result<ConfigFile, Vec<Confi
             "teams" => entry_problems::<TeamFile>(key, section),
             "rate_limit" => section_problems::<RateLimitFile>(key, section),
             "audit" => section_problems::<AuditFile>(key, section),
+            "idempotency" => section_problems::<IdempotencyFile>(key, section),
             other => vec![ConfigProblem {
                 path: other.to_string(),
                 message: format!(
@@ -634,7 +667,7 @@ fn structural_problems(value: serde_json::Value) -> Result<ConfigFile, Vec<Confi
 }
 
 /// The top-level keys of the config file.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "listen",
     "upstream",
     "token",
@@ -644,6 +677,7 @@ const SECTIONS: [&str; 9] = [
     "teams",
     "rate_limit",
     "audit",
+    "idempotency",
 ];
 
 fn problem_of(prefix: String, e: serde_path_to_error::Error<serde_json::Error>) -> ConfigProblem {

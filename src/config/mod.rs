@@ -124,6 +124,14 @@ pub struct Config {
     pub teams: BTreeMap<String, Team>,
     pub rate_limit: RateLimits,
     pub audit: Audit,
+    pub idempotency: Idempotency,
+}
+
+/// `Idempotency-Key` settings (see [`crate::idempotency`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Idempotency {
+    pub window: Duration,
+    pub max_entries: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -218,6 +218,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
         "redis": {"url_env": "REDIS_URL", "tls": {"ca_file": "tls-cert.pem"}},
         "global": {"rate": "100/s"},
     });
+    every["idempotency"] = json!({"window": "1h"});
     every["audit"] = json!({
         "file": {"path": "audit.log"},
         "webhook": {"url": "https://audit.example.com/in"},
@@ -271,6 +272,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
         "audit.file",
         "audit.webhook",
         "audit.rules[0]",
+        "idempotency",
     ];
     for place in structs {
         let reported = format!("{place}.bogus");

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use super::file::{
     AllowRuleFile, AuditFile, AuditWebhookFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile,
-    CredentialsFile, KeysFile, ProjectFile, RateCostFile, RateLimitFile, RedisTlsFile, ServerFile,
-    TeamFile, TlsFile, TokenFile, UpstreamFile,
+    CredentialsFile, IdempotencyFile, KeysFile, ProjectFile, RateCostFile, RateLimitFile,
+    RedisTlsFile, ServerFile, TeamFile, TlsFile, TokenFile, UpstreamFile,
 };
 use super::{
     AllowRule, Audit, AuditFileConfig, AuditLevel, AuditWebhook, Auth, Backend, Config,
-    ConfigError, ConfigProblem, Constraints, Credentials, KeySource, Listen, Project, Rate,
-    RateLimits, RateRule, RedisTls, SecretSource, Server, Team, TlsFiles, TokenKey, TokenPolicy,
-    Upstream, parse_algorithm, parse_rate,
+    ConfigError, ConfigProblem, Constraints, Credentials, Idempotency, KeySource, Listen, Project,
+    Rate, RateLimits, RateRule, RedisTls, SecretSource, Server, Team, TlsFiles, TokenKey,
+    TokenPolicy, Upstream, parse_algorithm, parse_rate,
 };
 use crate::action::Action;
 use crate::secret::Secret;
@@ -50,6 +50,7 @@ impl ConfigFile {
         let teams = v.teams(self.teams, &projects);
         let rate_limit = v.rate_limit(self.rate_limit);
         let audit = v.audit(self.audit);
+        let idempotency = v.idempotency(self.idempotency);
         if v.problems.is_empty() {
             Ok(Config {
                 listen,
@@ -61,6 +62,7 @@ impl ConfigFile {
                 teams,
                 rate_limit,
                 audit,
+                idempotency,
             })
         } else {
             Err(ConfigError::Invalid(v.problems))
@@ -874,6 +876,19 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    fn idempotency(&mut self, i: IdempotencyFile) -> Idempotency {
+        if i.window < Duration::from_secs(1) || i.window > Duration::from_secs(7 * 24 * 3600) {
+            self.problem("idempotency.window", "must be between 1s and 7 days");
+        }
+        if i.max_entries == 0 {
+            self.problem("idempotency.max_entries", "must be at least 1");
+        }
+        Idempotency {
+            window: i.window,
+            max_entries: i.max_entries,
+        }
     }
 
     fn audit_webhook(

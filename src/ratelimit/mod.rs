@@ -34,6 +34,8 @@
 mod local;
 mod remote;
 
+pub(crate) use remote::RedisBackend;
+
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -47,7 +49,7 @@ use crate::config::{Backend, Config, RateRule};
 use crate::shutdown::Stop;
 
 use local::{Gcra, LocalPool, LocalSlot, Step};
-use remote::{RedisBackend, RemoteSlot, Verdict};
+use remote::{RemoteSlot, Verdict};
 
 /// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-11).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -481,6 +483,12 @@ impl RateLimiter {
             unavailable: AtomicU64::new(0),
             unknown_team_refused: AtomicU64::new(0),
         }))
+    }
+
+    /// The shared Redis, when the backend is Redis (also the idempotency
+    /// store's), and the key prefix.
+    pub(crate) fn redis(&self) -> Option<&Arc<RedisBackend>> {
+        self.redis.as_ref()
     }
 
     /// One decision for one request: every team rule whose `actions` contain

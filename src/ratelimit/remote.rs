@@ -99,7 +99,7 @@ pub(super) enum Failure {
     CircuitOpen,
 }
 
-pub(super) struct RedisBackend {
+pub(crate) struct RedisBackend {
     client: Client,
     connection: tokio::sync::OnceCell<Connection>,
     script: redis::Script,
@@ -180,7 +180,7 @@ impl RedisBackend {
     /// Parses the URL and certificates; connects nothing (the connection is
     /// made lazily, in the runtime, by the first decision or by
     /// [`RedisBackend::warm_up`]).
-    pub fn new(
+    pub(super) fn new(
         target: &Target<'_>,
         timeout: Duration,
     ) -> Result<RedisBackend, RateLimitSetupError> {
@@ -198,6 +198,30 @@ impl RedisBackend {
             errors: AtomicU64::new(0),
             calls: AtomicU64::new(0),
         })
+    }
+
+    /// One command of another toastgate feature on the same Redis (the
+    /// idempotency store), within `timeout`. Not subject to the limiter's
+    /// circuit: its callers decide what a failure means for them.
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        timeout: Duration,
+    ) -> Result<T, String> {
+        let call = async {
+            let mut con = self.connection().await?;
+            cmd.query_async::<T>(&mut con).await
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer from Redis within {timeout:?}")),
+        }
+    }
+
+    /// The configured per-decision timeout.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn calls(&self) -> u64 {
@@ -245,7 +269,7 @@ impl RedisBackend {
     }
 
     /// Runs the script for `slots` (in order), within the timeout.
-    pub async fn decide<'a>(
+    pub(super) async fn decide<'a>(
         self: &Arc<Self>,
         slots: impl Iterator<Item = (&'a RemoteSlot, u32)>,
     ) -> Result<Vec<Verdict>, Failure> {
