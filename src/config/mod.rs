@@ -127,7 +127,7 @@ pub struct Config {
     pub idempotency: Idempotency,
 }
 
-/// `Idempotency-Key` settings (see [`crate::idempotency`]).
+/// `Idempotency-Key` settings (the idempotency module uses them).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Idempotency {
     pub window: Duration,
