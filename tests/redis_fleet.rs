@@ -72,7 +72,10 @@ async fn limits_are_shared_through_redis_over_tls_with_a_client_certificate() {
     );
 
     let m = a.metrics().await;
-    assert!(!m.contains("toastgate_ratelimit_degraded_total{"), "{m}");
+    for mode in ["fail_open", "fail_closed"] {
+        let line = format!(r#"toastgate_ratelimit_degraded_total{{mode="{mode}"}} 0"#);
+        assert!(m.contains(&line), "no decision without Redis: {m}");
+    }
     a.stop().await;
     b.stop().await;
 }
