@@ -165,6 +165,7 @@ impl Exchange {
         r.action = self.action.map(Action::name);
         r.project = self.project.as_ref().map(|p| p.alias.clone());
         r.target = self.target.clone();
+        r.facts = self.judged.as_ref().and_then(|j| j.facts.to_record());
         // Every judged request carries its summary at level `request`, also
         // one without a body (`{}`), so a forwarded mutation is never
         // recorded without it.

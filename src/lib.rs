@@ -58,6 +58,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
+pub mod replay;
 pub mod router;
 pub mod secret;
 pub mod server;

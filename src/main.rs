@@ -121,6 +121,21 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// What a new config would have decided for the requests in audit logs:
+    /// every difference per team and Action, with examples. Exit 0: nothing
+    /// newly refused; 1: something would newly be refused (a CI gate for
+    /// config changes); 2: a log cannot be read. Needs no secret.
+    Replay {
+        /// The config to judge the recorded requests with.
+        #[arg(long)]
+        config: PathBuf,
+        /// Audit log files (FILE and its rotated FILE.1, ... in any order).
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// Examples shown per team and Action.
+        #[arg(long, default_value_t = 3)]
+        examples: usize,
+    },
     /// Print a JWT for TEAM signed with the config's HS secret (dev and tests).
     MintToken {
         /// The config with the HS secret (`auth.keys.type: hs_secret`) and the team.
@@ -244,6 +259,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { cmd } => toastgate::audit::run_cli(cmd),
+        Command::Replay {
+            config,
+            logs,
+            examples,
+        } => replay(&config, &logs, examples),
         Command::Explain {
             config,
             team,
@@ -289,6 +309,46 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `toastgate replay`: see the command's help.
+fn replay(config: &std::path::Path, logs: &[PathBuf], examples: usize) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config, &SecretSource::offline())
+        .map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", config.display()))?;
+    let mut records = Vec::new();
+    for path in logs {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", path.display());
+                return Ok(ExitCode::from(2));
+            }
+        };
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) if v.is_object() => records.push(v),
+                _ => {
+                    eprintln!(
+                        "error: {}:{}: not an audit record (a JSON object per line)",
+                        path.display(),
+                        i + 1
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+    }
+    let report = toastgate::replay::replay(&config, &records);
+    print!("{}", toastgate::replay::render(&report, examples));
+    Ok(if report.newly_refused() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn load_or_explain(path: &std::path::Path) -> anyhow::Result<Config> {

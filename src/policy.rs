@@ -93,6 +93,57 @@ impl RequestFacts {
     }
 }
 
+impl RequestFacts {
+    /// The facts as an audit record carries them (absent ones left out;
+    /// `{"unreadable": why}` for one the upstream could not read either).
+    pub fn to_record(&self) -> Option<serde_json::Value> {
+        fn put<T: Into<serde_json::Value> + Clone>(
+            m: &mut serde_json::Map<String, serde_json::Value>,
+            k: &str,
+            f: &Fact<T>,
+        ) {
+            match f {
+                Fact::Absent => {}
+                Fact::Value(v) => {
+                    m.insert(k.into(), v.clone().into());
+                }
+                Fact::Unreadable(why) => {
+                    m.insert(k.into(), serde_json::json!({"unreadable": why}));
+                }
+            }
+        }
+        let mut m = serde_json::Map::new();
+        put(&mut m, "flavor", &self.flavor);
+        put(&mut m, "count", &self.count);
+        put(&mut m, "name", &self.name);
+        (!m.is_empty()).then_some(serde_json::Value::Object(m))
+    }
+
+    /// Back from [`RequestFacts::to_record`].
+    pub fn from_record(v: &serde_json::Value) -> RequestFacts {
+        fn fact<T>(
+            v: &serde_json::Value,
+            read: impl Fn(&serde_json::Value) -> Option<T>,
+        ) -> Fact<T> {
+            match v {
+                serde_json::Value::Null => Fact::Absent,
+                serde_json::Value::Object(m) if m.contains_key("unreadable") => {
+                    Fact::Unreadable(m["unreadable"].as_str().unwrap_or_default().to_string())
+                }
+                other => read(other).map_or_else(
+                    || Fact::Unreadable(format!("{other} in the record")),
+                    Fact::Value,
+                ),
+            }
+        }
+        RequestFacts {
+            flavor: fact(&v["flavor"], |x| x.as_str().map(str::to_string)),
+            count: fact(&v["count"], serde_json::Value::as_i64),
+            name: fact(&v["name"], |x| x.as_str().map(str::to_string)),
+        }
+    }
+}
+
 /// A flavor id as Nova reads `flavorRef`: an id, or a link whose last path
 /// segment is the id. Anything with a query or fragment is not read at all.
 fn flavor_fact(v: &serde_json::Value) -> Fact<String> {
@@ -582,5 +633,23 @@ rate_limit: { fail_open: [nope] }
             "tenant id works too"
         );
         assert!(explain(&c, "ops", "instance.zap", "web").contains("unknown Action"));
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn facts_round_trip_through_the_audit_record() {
+        let body = serde_json::json!({"server": {"flavorRef": "https://x/flavors/f1",
+            "max_count": "3", "name": 7}});
+        let facts = RequestFacts::from_v2_body(Action::InstanceCreate, &body);
+        let record = facts.to_record().expect("some facts");
+        assert_eq!(record["flavor"], "f1");
+        assert_eq!(record["count"], 3);
+        assert!(record["name"]["unreadable"].is_string());
+        assert_eq!(RequestFacts::from_record(&record), facts);
+        assert_eq!(RequestFacts::default().to_record(), None);
     }
 }

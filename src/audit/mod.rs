@@ -99,6 +99,10 @@ pub struct AuditRecord {
     pub project: Option<String>,
     /// Instance / volume / keypair id.
     pub target: Option<String>,
+    /// What the request's constraints look at (flavor, count, name), for
+    /// any create / resize / rename: what `toastgate replay` judges again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facts: Option<serde_json::Value>,
     /// Redacted summary ([`summarize`]), level `request` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<serde_json::Value>,
@@ -142,6 +146,7 @@ impl AuditRecord {
             action: None,
             project: None,
             target: None,
+            facts: None,
             request: None,
             decision,
             reason: None,

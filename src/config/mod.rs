@@ -45,11 +45,24 @@ pub use file::{
 #[derive(Clone, Default)]
 pub struct SecretSource {
     overrides: HashMap<String, String>,
+    /// Judging rules only (`toastgate replay`): no secret is resolved and no
+    /// file the config names is read; each secret is a placeholder.
+    offline: bool,
 }
 
 impl SecretSource {
     pub fn process_env() -> Self {
         Self::default()
+    }
+
+    /// For tools that judge a config's rules without running it: secrets
+    /// and the files the config names (keys, certificates) are not needed,
+    /// so a config change can be checked where they are not (CI).
+    pub fn offline() -> Self {
+        SecretSource {
+            offline: true,
+            ..Self::default()
+        }
     }
 
     pub fn with_override(mut self, name: &str, value: &str) -> Self {
