@@ -83,6 +83,8 @@ pub struct Gateway {
     flavors: FlavorCache,
     /// `Idempotency-Key` answers (in process; on Redis when the limits are).
     idempotency: IdempotencyStore,
+    /// Trace context in and out; spans over OTLP when configured.
+    pub traces: crate::traces::Traces,
     /// Scheme the public listener speaks, for links when no public_url is set.
     scheme: &'static str,
 }
@@ -97,6 +99,8 @@ pub enum StartError {
     RateLimit(#[from] crate::ratelimit::RateLimitSetupError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("traces: {0}")]
+    Traces(String),
 }
 
 /// What admission decided, short of a refusal.
@@ -112,6 +116,18 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         metrics.init_projects(config.projects.keys().map(String::as_str));
         let client = UpstreamClient::new(&crate::upstream::ClientSettings::of(&config.upstream))?;
+        let traces = match &config.traces {
+            None => crate::traces::Traces::off(),
+            Some(settings) => {
+                let http = crate::upstream::OtlpHttp {
+                    client: client.clone(),
+                    runtime: tokio::runtime::Handle::try_current()
+                        .map_err(|_| StartError::Traces("traces need a tokio runtime".into()))?,
+                };
+                crate::traces::Traces::export(settings, http, crate::audit::replica_name())
+                    .map_err(StartError::Traces)?
+            }
+        };
         let broker = Arc::new(TokenBroker::new(
             client.clone(),
             config.upstream.clone(),
@@ -141,6 +157,7 @@ impl Gateway {
         );
         Ok(Arc::new(Gateway {
             idempotency,
+            traces,
             scheme: if config.listen.tls.is_some() {
                 "https"
             } else {
@@ -188,7 +205,11 @@ impl Gateway {
         client: Option<SocketAddr>,
     ) -> Response {
         // Boxed: the task then moves a pointer, not the whole (large) future.
+        let trace =
+            self.traces
+                .request_context(req.headers(), req.method().as_str(), req.uri().path());
         let request = crate::metrics::with_upstream_clock(self.serve(surface, req, client));
+        let request = opentelemetry::context::FutureExt::with_context(request, trace);
         match tokio::spawn(Box::pin(request)).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -534,6 +555,25 @@ impl Gateway {
             rate.apply_headers(resp.headers_mut());
         }
         let took = x.started.elapsed();
+        crate::traces::finish_request(
+            vec![
+                opentelemetry::KeyValue::new("toastgate.surface", x.surface.label()),
+                opentelemetry::KeyValue::new("toastgate.team", x.team_label(config).to_string()),
+                opentelemetry::KeyValue::new(
+                    "toastgate.project",
+                    x.project
+                        .as_ref()
+                        .map_or("-".to_string(), |p| p.alias.clone()),
+                ),
+                opentelemetry::KeyValue::new("toastgate.action", x.action_label()),
+                opentelemetry::KeyValue::new("toastgate.outcome", ending.outcome.label()),
+            ],
+            resp.status().as_u16(),
+            matches!(
+                ending.outcome,
+                Outcome::GatewayError | Outcome::UpstreamError
+            ),
+        );
         self.metrics.observe_request(&crate::metrics::Observed {
             team: x.team_label(config),
             surface: x.surface.label(),

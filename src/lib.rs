@@ -67,5 +67,6 @@ pub mod shutdown;
 pub mod simulator;
 pub mod surface;
 pub mod tls;
+pub mod traces;
 pub mod translate;
 pub mod upstream;

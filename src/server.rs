@@ -229,6 +229,10 @@ pub async fn run_with_reload(
         tracing::warn!("audit webhook: records left unsent at shutdown are sent after the restart");
         shipper.abort();
     }
+    // Blocking (it waits for the last export), and that export runs on
+    // this runtime: off the runtime's threads.
+    let traces = gateway.traces.clone();
+    let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -389,6 +393,9 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     if new.idempotency != running.idempotency {
         changed("idempotency");
     }
+    if new.traces != running.traces {
+        changed("traces");
+    }
     if ConnLimits::of(&new.server) != ConnLimits::of(&running.server) {
         changed("server connection limits");
     }
@@ -411,6 +418,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new.audit.stdout = running.audit.stdout;
     new.audit.webhook = running.audit.webhook.clone();
     new.idempotency = running.idempotency;
+    new.traces = running.traces.clone();
     new
 }
 

@@ -29,6 +29,26 @@ pub struct ConfigFile {
     pub audit: AuditFile,
     #[serde(default)]
     pub idempotency: IdempotencyFile,
+    #[serde(default)]
+    pub traces: TracesFile,
+}
+
+/// Spans over OTLP; off unless `otlp_endpoint` is set. W3C trace context
+/// is continued and passed upstream either way.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracesFile {
+    /// OTLP/HTTP traces URL, e.g. `http://otel-collector:4318/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans (default `toastgate`).
+    pub service_name: Option<String>,
+    /// Share of new traces sampled, 0 to 1 (default 1); a caller's sampled
+    /// flag is followed.
+    pub sample_ratio: Option<f64>,
+    /// How often batches are sent (default 5s).
+    #[schemars(with = "Option<String>")]
+    #[serde(default, with = "humantime_serde")]
+    pub batch_delay: Option<std::time::Duration>,
 }
 
 /// `Idempotency-Key` on the creating Actions (always on; clients opt in by
@@ -642,6 +662,7 @@ fn structural_problems(value: serde_json::Value) -> Result<ConfigFile, Vec<Confi
             "rate_limit" => section_problems::<RateLimitFile>(key, section),
             "audit" => section_problems::<AuditFile>(key, section),
             "idempotency" => section_problems::<IdempotencyFile>(key, section),
+            "traces" => section_problems::<TracesFile>(key, section),
             other => vec![ConfigProblem {
                 path: other.to_string(),
                 message: format!(
@@ -667,7 +688,7 @@ fn structural_problems(value: serde_json::Value) -> Result<ConfigFile, Vec<Confi
 }
 
 /// The top-level keys of the config file.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "listen",
     "upstream",
     "token",
@@ -678,6 +699,7 @@ const SECTIONS: [&str; 10] = [
     "rate_limit",
     "audit",
     "idempotency",
+    "traces",
 ];
 
 fn problem_of(prefix: String, e: serde_path_to_error::Error<serde_json::Error>) -> ConfigProblem {

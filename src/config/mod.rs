@@ -138,6 +138,17 @@ pub struct Config {
     pub rate_limit: RateLimits,
     pub audit: Audit,
     pub idempotency: Idempotency,
+    /// Span export; None: off.
+    pub traces: Option<TraceExport>,
+}
+
+/// How spans leave: the OTLP/HTTP endpoint and what the exporter needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceExport {
+    pub endpoint: String,
+    pub service_name: String,
+    pub sample_ratio: f64,
+    pub batch_delay: Duration,
 }
 
 /// `Idempotency-Key` settings (the idempotency module uses them).

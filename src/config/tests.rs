@@ -219,6 +219,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
         "global": {"rate": "100/s"},
     });
     every["idempotency"] = json!({"window": "1h"});
+    every["traces"] = json!({"otlp_endpoint": "http://collector:4318/v1/traces"});
     every["audit"] = json!({
         "file": {"path": "audit.log"},
         "webhook": {"url": "https://audit.example.com/in"},
@@ -273,6 +274,7 @@ fn unknown_keys_are_refused_in_every_section_with_their_path() {
         "audit.webhook",
         "audit.rules[0]",
         "idempotency",
+        "traces",
     ];
     for place in structs {
         let reported = format!("{place}.bogus");
@@ -556,6 +558,49 @@ fn rate_rule_costs_are_checked_against_the_burst() {
         assert!(
             problems.iter().any(|p| p.starts_with(expected)),
             "{costs}: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn traces_are_off_unless_an_endpoint_is_given_and_checked_when_it_is() {
+    let load = |traces: Value| {
+        let mut config: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+        config["traces"] = traces;
+        Config::from_yaml(&config.to_string(), &secrets(), None).map_err(|e| {
+            e.problems()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(load(json!({})).expect("valid").traces, None);
+    let on = load(json!({"otlp_endpoint": "http://collector:4318/v1/traces"})).expect("valid");
+    let t = on.traces.expect("on");
+    assert_eq!(
+        (t.service_name.as_str(), t.sample_ratio),
+        ("toastgate", 1.0)
+    );
+    assert_eq!(t.batch_delay, Duration::from_secs(5));
+    for (traces, expected) in [
+        (json!({"service_name": "x"}), "traces: set `otlp_endpoint`"),
+        (
+            json!({"otlp_endpoint": "collector:4318"}),
+            "traces.otlp_endpoint: must be an http",
+        ),
+        (
+            json!({"otlp_endpoint": "http://c", "sample_ratio": 1.5}),
+            "traces.sample_ratio: must be between 0 and 1",
+        ),
+        (
+            json!({"otlp_endpoint": "http://c", "batch_delay": "0s"}),
+            "traces.batch_delay",
+        ),
+    ] {
+        let problems = load(traces.clone()).expect_err(expected);
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "{traces}: {problems:?}"
         );
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::file::{
     AllowRuleFile, AuditFile, AuditWebhookFile, AuthFile, BackendKind, ConfigFile, ConstraintsFile,
     CredentialsFile, IdempotencyFile, KeysFile, ProjectFile, RateCostFile, RateLimitFile,
-    RedisTlsFile, ServerFile, TeamFile, TlsFile, TokenFile, UpstreamFile,
+    RedisTlsFile, ServerFile, TeamFile, TlsFile, TokenFile, TracesFile, UpstreamFile,
 };
 use super::{
     AllowRule, Audit, AuditFileConfig, AuditLevel, AuditWebhook, Auth, Backend, Config,
@@ -51,6 +51,7 @@ impl ConfigFile {
         let rate_limit = v.rate_limit(self.rate_limit);
         let audit = v.audit(self.audit);
         let idempotency = v.idempotency(self.idempotency);
+        let traces = v.traces(self.traces);
         if v.problems.is_empty() {
             Ok(Config {
                 listen,
@@ -63,6 +64,7 @@ impl ConfigFile {
                 rate_limit,
                 audit,
                 idempotency,
+                traces,
             })
         } else {
             Err(ConfigError::Invalid(v.problems))
@@ -890,6 +892,44 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    fn traces(&mut self, t: TracesFile) -> Option<super::TraceExport> {
+        let Some(endpoint) = t.otlp_endpoint else {
+            if t.service_name.is_some() || t.sample_ratio.is_some() || t.batch_delay.is_some() {
+                self.problem(
+                    "traces",
+                    "set `otlp_endpoint` to export spans (the other keys configure it)",
+                );
+            }
+            return None;
+        };
+        let url_ok = url::Url::parse(&endpoint)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !url_ok {
+            self.problem(
+                "traces.otlp_endpoint",
+                "must be an http:// or https:// URL (OTLP/HTTP)",
+            );
+        }
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            self.problem("traces.sample_ratio", "must be between 0 and 1");
+        }
+        let batch_delay = t.batch_delay.unwrap_or(Duration::from_secs(5));
+        if batch_delay.is_zero() || batch_delay > Duration::from_secs(60) {
+            self.problem("traces.batch_delay", "must be between 1ms and 60s");
+        }
+        let service_name = t.service_name.unwrap_or_else(|| "toastgate".to_string());
+        if service_name.trim().is_empty() {
+            self.problem("traces.service_name", "must not be empty");
+        }
+        Some(super::TraceExport {
+            endpoint,
+            service_name,
+            sample_ratio,
+            batch_delay,
+        })
     }
 
     fn idempotency(&mut self, i: IdempotencyFile) -> Idempotency {

@@ -130,6 +130,14 @@ impl Compute {
         })?;
         value.set_sensitive(true);
         req.headers_mut().insert(super::X_AUTH_TOKEN, value);
+        let span = crate::traces::CallSpan::start(
+            format!("compute {}", action.name()),
+            vec![opentelemetry::KeyValue::new(
+                "toastgate.action",
+                action.name(),
+            )],
+        );
+        span.inject(req.headers_mut());
         let started = Instant::now();
         let result = self
             .client
@@ -139,6 +147,7 @@ impl Compute {
             Ok(resp) => Ok(resp.status()),
             Err(e) => Err(e.kind()),
         };
+        span.end(answer.map(|s| s.as_u16()));
         self.metrics
             .observe_upstream(action.name(), answer, started.elapsed());
         result

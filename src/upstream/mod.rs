@@ -243,3 +243,40 @@ pub fn json_request(
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| UpstreamError::Unreachable(format!("invalid upstream URL: {e}")))
 }
+
+/// The exporter's HTTP client: the gateway's own (its roots, its CA file),
+/// driven on the gateway's runtime (the batch processor calls it from its
+/// own thread).
+#[derive(Clone)]
+pub struct OtlpHttp {
+    pub client: UpstreamClient,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for OtlpHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OtlpHttp")
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OtlpHttp {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+        let client = self.client.clone();
+        let (parts, body) = request.into_parts();
+        let request = http::Request::from_parts(parts, http_body_util::Full::new(body));
+        let call = self.runtime.spawn(async move {
+            client
+                .send_buffered(request, 4 * 1024 * 1024, Duration::from_secs(10))
+                .await
+        });
+        match call.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(Box::new(e)),
+            Err(e) => Err(Box::new(e)),
+        }
+    }
+}

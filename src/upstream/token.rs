@@ -40,7 +40,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{UpstreamClient, UpstreamError, json_request};
+use super::{UpstreamClient, json_request};
 use crate::config::{Credentials, Project, TokenPolicy, Upstream};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -266,7 +266,10 @@ impl TokenBroker {
         let broker = self.clone();
         let slot = slot.clone();
         let project = project.clone();
-        tokio::spawn(async move {
+        // The identity call's span is a child of the request that started
+        // the fetch (none when the refresher did).
+        let trace = opentelemetry::Context::current();
+        let fetch = async move {
             // Should this task end without publishing (a panic), the slot
             // must not stay "in flight" for ever.
             let guard = FetchGuard {
@@ -306,7 +309,10 @@ impl TokenBroker {
                     }
                 }
             });
-        });
+        };
+        tokio::spawn(opentelemetry::context::FutureExt::with_context(
+            fetch, trace,
+        ));
     }
 
     /// Drops `failed` if it is still the cached token for `project`. Returns
@@ -490,14 +496,23 @@ impl TokenBroker {
         url: &str,
         body: &serde_json::Value,
     ) -> Result<(u16, serde_json::Value), IdentityError> {
-        let req = json_request(http::Method::POST, url, body)
+        let mut req = json_request(http::Method::POST, url, body)
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
-        let resp = self
+        let span = crate::traces::CallSpan::start("identity token", Vec::new());
+        span.inject(req.headers_mut());
+        let resp = match self
             .client
             .send_buffered(req, 1024 * 1024, self.upstream.identity_timeout)
             .await
-            .map_err(|e: UpstreamError| IdentityError::Unavailable(e.to_string()))?;
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                span.end(Err(e.kind()));
+                return Err(IdentityError::Unavailable(e.to_string()));
+            }
+        };
         let status = resp.status().as_u16();
+        span.end(Ok(status));
         let value = serde_json::from_slice(resp.body()).unwrap_or(serde_json::Value::Null);
         Ok((status, value))
     }
