@@ -204,13 +204,17 @@ impl Gateway {
         req: Request<Body>,
         client: Option<SocketAddr>,
     ) -> Response {
-        // Boxed: the task then moves a pointer, not the whole (large) future.
         let trace =
             self.traces
                 .request_context(req.headers(), req.method().as_str(), req.uri().path());
-        let request = crate::metrics::with_upstream_clock(self.serve(surface, req, client));
+        // Boxed first: each wrapper and the task then move a pointer, not
+        // the whole (large) future (callgrind: wrapping it unboxed cost a
+        // 20 KiB memcpy per request).
+        let request: std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> =
+            Box::pin(self.serve(surface, req, client));
+        let request = crate::metrics::with_upstream_clock(request);
         let request = opentelemetry::context::FutureExt::with_context(request, trace);
-        match tokio::spawn(Box::pin(request)).await {
+        match tokio::spawn(request).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::error!(error = %e, "a request task failed (a bug): answered 500");
@@ -556,18 +560,23 @@ impl Gateway {
         }
         let took = x.started.elapsed();
         crate::traces::finish_request(
-            vec![
-                opentelemetry::KeyValue::new("toastgate.surface", x.surface.label()),
-                opentelemetry::KeyValue::new("toastgate.team", x.team_label(config).to_string()),
-                opentelemetry::KeyValue::new(
-                    "toastgate.project",
-                    x.project
-                        .as_ref()
-                        .map_or("-".to_string(), |p| p.alias.clone()),
-                ),
-                opentelemetry::KeyValue::new("toastgate.action", x.action_label()),
-                opentelemetry::KeyValue::new("toastgate.outcome", ending.outcome.label()),
-            ],
+            || {
+                vec![
+                    opentelemetry::KeyValue::new("toastgate.surface", x.surface.label()),
+                    opentelemetry::KeyValue::new(
+                        "toastgate.team",
+                        x.team_label(config).to_string(),
+                    ),
+                    opentelemetry::KeyValue::new(
+                        "toastgate.project",
+                        x.project
+                            .as_ref()
+                            .map_or("-".to_string(), |p| p.alias.clone()),
+                    ),
+                    opentelemetry::KeyValue::new("toastgate.action", x.action_label()),
+                    opentelemetry::KeyValue::new("toastgate.outcome", ending.outcome.label()),
+                ]
+            },
             resp.status().as_u16(),
             matches!(
                 ending.outcome,

@@ -134,9 +134,14 @@ impl Traces {
     }
 }
 
-/// Records the request's outcome on its span (no-op without one).
-pub fn finish_request(attributes: Vec<KeyValue>, status_code: u16, failed: bool) {
+/// Records the request's outcome on its span; without one (export off),
+/// nothing is built at all.
+pub fn finish_request(attributes: impl FnOnce() -> Vec<KeyValue>, status_code: u16, failed: bool) {
     let cx = Context::current();
+    if !cx.has_active_span() {
+        return;
+    }
+    let attributes = attributes();
     let span = cx.span();
     span.set_attributes(attributes);
     span.set_attribute(KeyValue::new(

@@ -201,6 +201,19 @@ async fn without_export_a_valid_traceparent_passes_through_and_a_bad_one_does_no
         .filter_map(|r| r.header("tracestate").map(str::to_string))
         .collect();
     assert_eq!(tracestates, ["vendor=x"]);
+    // The v1.0 surface continues it the same way.
+    env.sim.clear_requests();
+    let answer = env
+        .http
+        .post(env.url("/v1.0/appkeys/WebAppKey0001/keypairs"))
+        .header("X-Auth-Token", env.token("web-team"))
+        .header("traceparent", traceparent())
+        .json(&json!({"keypair": {"name": "passed-v1"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(traceparents_seen(&env, "/os-keypairs"), [traceparent()]);
 
     env.sim.clear_requests();
     for bad in [
