@@ -56,7 +56,8 @@ pub fn creates(action: Action) -> bool {
 /// as the draft defines the field) or the same characters unquoted; 1 to 255
 /// visible ASCII characters. Sent twice, or ill-formed: `Err` (a 400).
 pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, String> {
-    let mut values = headers.get_all(HEADER).iter();
+    static NAME: http::HeaderName = http::HeaderName::from_static(HEADER);
+    let mut values = headers.get_all(&NAME).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };

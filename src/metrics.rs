@@ -55,7 +55,8 @@ impl Outcome {
 /// Every upstream call by what came of it, without the Action: few series,
 /// all present from the start, so an error-ratio alert needs no fallbacks.
 struct UpstreamOutcomes {
-    vec: IntCounterVec,
+    /// One series per class, resolved once (in `CLASSES` order).
+    series: Vec<prometheus::IntCounter>,
 }
 
 impl UpstreamOutcomes {
@@ -64,10 +65,11 @@ impl UpstreamOutcomes {
         ["2xx", "3xx", "4xx", "5xx", "timeout", "unreachable", "body"];
 
     fn new(vec: IntCounterVec) -> Self {
-        for class in Self::CLASSES {
-            vec.with_label_values(&[class]).inc_by(0);
-        }
-        UpstreamOutcomes { vec }
+        let series = Self::CLASSES
+            .iter()
+            .map(|class| vec.with_label_values(&[*class]))
+            .collect();
+        UpstreamOutcomes { series }
     }
 
     fn count(&self, answer: Result<http::StatusCode, &'static str>) {
@@ -75,7 +77,9 @@ impl UpstreamOutcomes {
             Ok(status) => status_class(status.as_u16()),
             Err(kind) => kind,
         };
-        self.vec.with_label_values(&[class]).inc();
+        // A failure kind not in the list would be a bug: counted as unreachable.
+        let i = Self::CLASSES.iter().position(|c| *c == class).unwrap_or(5);
+        self.series[i].inc();
     }
 }
 

@@ -48,6 +48,9 @@ impl std::fmt::Debug for Traces {
     }
 }
 
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+
 /// The tracer a request's context carries (absent: nothing exported).
 #[derive(Clone)]
 struct RequestTracer(Tracer);
@@ -107,7 +110,11 @@ impl Traces {
     /// The request's context: the caller's trace continued (a valid
     /// `traceparent`), with the request's server span when exporting.
     pub fn request_context(&self, headers: &HeaderMap, method: &str, path: &str) -> Context {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let parent = if headers.contains_key(&TRACEPARENT) {
+            TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+        } else {
+            Context::new()
+        };
         let Some(tracer) = &self.tracer else {
             return parent;
         };
@@ -181,9 +188,11 @@ impl CallSpan {
     /// re-serialized from the parsed context (nothing when there is no
     /// valid trace).
     pub fn inject(&self, headers: &mut HeaderMap) {
-        headers.remove("traceparent");
-        headers.remove("tracestate");
-        TraceContextPropagator::new().inject_context(&self.cx, &mut HeaderInjector(headers));
+        headers.remove(&TRACEPARENT);
+        headers.remove(&TRACESTATE);
+        if self.cx.span().span_context().is_valid() {
+            TraceContextPropagator::new().inject_context(&self.cx, &mut HeaderInjector(headers));
+        }
     }
 
     /// What came of the call: an HTTP status, or a failure.
