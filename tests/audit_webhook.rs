@@ -188,13 +188,7 @@ async fn gateway(file: &Path, receiver: &Receiver, webhook: Value, overlays: &[&
 }
 
 async fn create_keypair(env: &Env, name: &str) -> u16 {
-    env.post(
-        "web-team",
-        "/v2/web/os-keypairs",
-        json!({"keypair": {"name": name}}),
-    )
-    .await
-    .0
+    env.create_keypair("web-team", name).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,12 +37,7 @@ async fn gateway(url: &str, extra: Value) -> Env {
 }
 
 async fn create_keypair(env: &Env, name: &str) -> (u16, Value) {
-    env.post(
-        "web-team",
-        "/v2/web/os-keypairs",
-        json!({"keypair": {"name": name}}),
-    )
-    .await
+    env.create_keypair("web-team", name).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

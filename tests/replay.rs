@@ -39,13 +39,7 @@ async fn a_config_change_is_judged_against_last_weeks_traffic() {
     let env =
         Env::start_with_overlays(fast_sim(), &[], json!({"audit": {"file": {"path": log}}})).await;
     for i in 0..3 {
-        let (s, _) = env
-            .post(
-                "web-team",
-                "/v2/web/os-keypairs",
-                json!({"keypair": {"name": format!("kp-{i}")}}),
-            )
-            .await;
+        let (s, _) = env.create_keypair("web-team", &format!("kp-{i}")).await;
         assert_eq!(s, 200);
     }
     // Refused then: web-team may not use the batch project.

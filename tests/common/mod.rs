@@ -308,6 +308,16 @@ impl Env {
             .await
     }
 
+    /// `POST /v2/web/os-keypairs` creating key pair `name` as `team`.
+    pub async fn create_keypair(&self, team: &str, name: &str) -> (u16, Value) {
+        self.post(
+            team,
+            "/v2/web/os-keypairs",
+            json!({"keypair": {"name": name}}),
+        )
+        .await
+    }
+
     /// Requests the simulator saw on its compute API (identity calls excluded).
     pub fn compute_requests(&self) -> Vec<toastgate::simulator::RecordedRequest> {
         self.sim
