@@ -225,92 +225,68 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c =
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("metric registered once");
-            c
+            registered(&registry, IntCounterVec::new(Opts::new(name, help), labels))
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g =
-                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("metric registered once");
-            g
+            registered(&registry, IntGaugeVec::new(Opts::new(name, help), labels))
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid metric definition");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("metric registered once");
-            h
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            registered(&registry, HistogramVec::new(opts, labels))
         };
-        let up_since = IntGauge::new(
-            "toastgate_start_time_seconds",
-            "Unix time at which this toastgate process started.",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(up_since.clone()))
-            .expect("metric registered once");
+        let up_since = registered(
+            &registry,
+            IntGauge::new(
+                "toastgate_start_time_seconds",
+                "Unix time at which this toastgate process started.",
+            ),
+        );
         up_since.set(chrono::Utc::now().timestamp());
-
-        let open_connections = IntGauge::new(
-            "toastgate_open_connections",
-            "Connections open on the public listener (at most server.max_connections).",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(open_connections.clone()))
-            .expect("metric registered once");
-        let accept_errors = prometheus::IntCounter::new(
-            "toastgate_accept_errors_total",
-            "Failed accepts on the public listener (EMFILE and the like); each backs off.",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(accept_errors.clone()))
-            .expect("metric registered once");
-
-        let ratelimit_redis = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "toastgate_ratelimit_redis_seconds",
-                "Rate-limit decisions sent to Redis: the script call's round trip (timeouts included).",
-            )
-            .buckets(FINE_BUCKETS.to_vec()),
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(ratelimit_redis.clone()))
-            .expect("metric registered once");
+        let open_connections = registered(
+            &registry,
+            IntGauge::new(
+                "toastgate_open_connections",
+                "Connections open on the public listener (at most server.max_connections).",
+            ),
+        );
+        let accept_errors = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "toastgate_accept_errors_total",
+                "Failed accepts on the public listener (EMFILE and the like); each backs off.",
+            ),
+        );
+        let ratelimit_redis = registered(
+            &registry,
+            prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "toastgate_ratelimit_redis_seconds",
+                    "Rate-limit decisions sent to Redis: the script call's round trip (timeouts included).",
+                )
+                .buckets(FINE_BUCKETS.to_vec()),
+            ),
+        );
+        // The process's CPU, memory and file descriptors (`process_*`).
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("metric registered once");
-        let audit_webhook_records = prometheus::IntCounter::new(
-            "toastgate_audit_webhook_records_total",
-            "Audit records delivered to the audit webhook (at least once).",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(audit_webhook_records.clone()))
-            .expect("metric registered once");
-        let audit_webhook_backlog = IntGauge::new(
-            "toastgate_audit_webhook_backlog_bytes",
-            "Bytes of the audit file not yet delivered to the audit webhook.",
-        )
-        .expect("valid metric definition");
-        registry
-            .register(Box::new(audit_webhook_backlog.clone()))
-            .expect("metric registered once");
+        let audit_webhook_records = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "toastgate_audit_webhook_records_total",
+                "Audit records delivered to the audit webhook (at least once).",
+            ),
+        );
+        let audit_webhook_backlog = registered(
+            &registry,
+            IntGauge::new(
+                "toastgate_audit_webhook_backlog_bytes",
+                "Bytes of the audit file not yet delivered to the audit webhook.",
+            ),
+        );
         let m = Metrics {
             resolved: Resolved::default(),
             audit_webhook_records,
@@ -515,6 +491,19 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// `metric`, registered in `registry`. The definitions are fixed in the
+/// code and each is registered once: a failure is a bug, found at start-up.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
 }
 
 /// Counts a request in `toastgate_in_flight_requests` until dropped,

@@ -18,7 +18,6 @@
 //! process, as the tests run them, each export their own).
 
 use std::borrow::Cow;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -216,6 +215,3 @@ impl CallSpan {
         span.end();
     }
 }
-
-/// Shared handle the gateway keeps (cheap to clone).
-pub type SharedTraces = Arc<Traces>;
