@@ -237,7 +237,11 @@ impl Gateway {
         let mut x = Exchange::start(surface, &parts, client);
         let _in_flight = InFlight::new(&self.metrics, surface.label());
         let limit = snap.config.server.request_timeout;
-        let answer = tokio::time::timeout(limit, self.phases(&snap, &mut x, parts, body))
+        // Boxed: an awaited future is stored in its caller's future, and
+        // rustc keeps room for it twice (rust-lang/rust#62958), so unboxed
+        // phases made this future 61 KiB, copied whole on every move.
+        let phases = Box::pin(self.phases(&snap, &mut x, parts, body));
+        let answer = tokio::time::timeout(limit, phases)
             .await
             .unwrap_or(Err(GatewayError::Timeout(limit)));
         self.finish(&snap, &mut x, answer).await
@@ -485,7 +489,8 @@ impl Gateway {
             action: plan.action,
             learned: Default::default(),
         };
-        let payload = exec::execute(plan, &api).await;
+        // Boxed: the plan's calls would add 13 KiB to every request's future.
+        let payload = Box::pin(exec::execute(plan, &api)).await;
         let learned = api.learned();
         x.upstream_status = learned.status;
         x.result = learned.result;
