@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::HeaderName;
 use http::request::Parts;
 use serde_json::Value;
 
@@ -18,6 +19,10 @@ use crate::config::{AuditLevel, Config, Project};
 use crate::error::Ending;
 use crate::metrics::Outcome;
 use crate::policy::RequestFacts;
+
+/// The request's id: the caller's, or one the gateway made, on the request
+/// and on its answer.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Which API the caller speaks; it decides only how answers are rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +98,7 @@ impl Exchange {
     pub fn start(surface: Surface, parts: &Parts, client: Option<SocketAddr>) -> Exchange {
         let request_id = parts
             .headers
-            .get("x-request-id")
+            .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();

@@ -10,20 +10,20 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1),
-/// plus the ones toastgate owns on each side.
+/// plus the ones toastgate owns on each side. The standard names compare
+/// as `HeaderName`s (an enum tag each), not as strings: this runs for every
+/// header of every answer.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+    const STANDARD: [HeaderName; 7] = [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ];
+    STANDARD.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// The only caller headers that reach the upstream. An allow list, not a
@@ -46,26 +46,37 @@ fn is_forwarded(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+    // One pass over the (few) headers present, comparing names with what
+    // `Connection` lists as they are: no header name parsed, no lookup per
+    // hop-by-hop name. Most answers list only `keep-alive` (hop-by-hop
+    // anyway), so the per-header comparison is skipped for them.
+    let connection = headers.get_all(header::CONNECTION);
+    let lists_more = connection_names(&connection).any(|n| !n.eq_ignore_ascii_case("keep-alive"));
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            is_hop_by_hop(k)
+                || (lists_more
+                    && connection_names(&connection).any(|n| n.eq_ignore_ascii_case(k.as_str())))
+        })
+        .cloned()
+        .collect();
+    for name in gone {
+        headers.remove(name);
+    }
+}
+
+/// The names the `Connection` values list (header names are
+/// case-insensitive; compare with `eq_ignore_ascii_case`).
+fn connection_names<'a>(
+    connection: &header::GetAll<'a, HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    connection
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    // One pass over the (few) headers present, then removals only for what
-    // is there: cheaper than a lookup per hop-by-hop name.
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_hop_by_hop(k))
-        .cloned()
-        .collect();
-    for name in present {
-        headers.remove(name);
-    }
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
 }
 
 /// The caller's headers as they may go upstream (before the token is added).
@@ -381,6 +392,26 @@ mod tests {
         ] {
             assert!(out.contains_key(kept), "{kept}");
         }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_leave_the_answer() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Custom-Hop"),
+        );
+        h.append("connection", HeaderValue::from_static("x-second"));
+        h.insert("x-custom-hop", HeaderValue::from_static("1"));
+        h.insert("x-second", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-custom", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-custom"]);
     }
 
     #[test]

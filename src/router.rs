@@ -109,7 +109,7 @@ pub fn classify_v2<'a>(
         V2Kind::ServerAction => &[],
     };
     let query =
-        judge_query(query, accepted, &route.kind.describe()).map_err(GatewayError::BadRequest)?;
+        judge_query(query, accepted, || route.kind.describe()).map_err(GatewayError::BadRequest)?;
     Ok(V2Route { query, ..route })
 }
 
@@ -387,7 +387,13 @@ impl QueryKind {
 /// Judges a query string against the parameters a route accepts and
 /// re-encodes it: unknown or repeated parameters and ill-formed values are
 /// refused with a message naming the parameter.
-fn judge_query(query: Option<&str>, accepted: &[QueryParam], what: &str) -> Result<String, String> {
+/// `what` names the caller of the refusal; only called when refusing (it
+/// formats a string, and most requests carry no query at all).
+fn judge_query(
+    query: Option<&str>,
+    accepted: &[QueryParam],
+    what: impl Fn() -> String,
+) -> Result<String, String> {
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return Ok(String::new());
     };
@@ -398,7 +404,8 @@ fn judge_query(query: Option<&str>, accepted: &[QueryParam], what: &str) -> Resu
         let Some((_, kind)) = accepted.iter().find(|(n, _)| *n == name) else {
             let names: Vec<&str> = accepted.iter().map(|(n, _)| *n).collect();
             return Err(format!(
-                "query parameter `{shown}` is not accepted by {what} (accepted: {})",
+                "query parameter `{shown}` is not accepted by {} (accepted: {})",
+                what(),
                 if names.is_empty() {
                     "none".to_string()
                 } else {
@@ -524,7 +531,8 @@ pub fn classify_v1(
         return Err(GatewayError::TokenApi);
     }
     let accepted = v1_query_params(method, &rest);
-    let judged = judge_query(query, accepted, "this v1.0 API").map_err(GatewayError::Invalid)?;
+    let judged =
+        judge_query(query, accepted, || "this v1.0 API".into()).map_err(GatewayError::Invalid)?;
     let q = |name: &str| query_param(&judged, name);
     let required = |name: &str| {
         q(name).ok_or_else(|| {

@@ -15,20 +15,18 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::FutureExt;
-use http::{HeaderName, Request, StatusCode, header};
+use http::{Request, StatusCode, header};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::config::{Config, SecretSource};
 use crate::error::GatewayError;
-use crate::exchange::Surface;
+use crate::exchange::{REQUEST_ID, Surface};
 use crate::gateway::{Gateway, Snapshot, StartError};
 use crate::listener::{self, ConnLimits};
 use crate::shutdown::{Stop, StopHandle, stop_pair};
 use crate::surface::render_error;
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The two bound sockets `run` serves on. Tests bind `127.0.0.1:0`.
 pub struct Listeners {

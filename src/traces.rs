@@ -166,11 +166,14 @@ pub struct CallSpan {
 }
 
 impl CallSpan {
-    /// `name` (e.g. `compute instance.create`), kind client.
-    pub fn start(name: impl Into<Cow<'static, str>>, attributes: Vec<KeyValue>) -> CallSpan {
+    /// A client span named and attributed by `describe` (e.g. `compute
+    /// instance.create`), which runs only when the request is traced: with
+    /// export off a call pays for no name or attribute it would not send.
+    pub fn start(describe: impl FnOnce() -> (Cow<'static, str>, Vec<KeyValue>)) -> CallSpan {
         let parent = Context::current();
         let cx = match parent.get::<RequestTracer>() {
             Some(RequestTracer(tracer)) => {
+                let (name, attributes) = describe();
                 let span = tracer
                     .span_builder(name)
                     .with_kind(SpanKind::Client)

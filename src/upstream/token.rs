@@ -498,7 +498,7 @@ impl TokenBroker {
     ) -> Result<(u16, serde_json::Value), IdentityError> {
         let mut req = json_request(http::Method::POST, url, body)
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
-        let span = crate::traces::CallSpan::start("identity token", Vec::new());
+        let span = crate::traces::CallSpan::start(|| ("identity token".into(), Vec::new()));
         span.inject(req.headers_mut());
         let resp = match self
             .client
