@@ -139,6 +139,7 @@ impl Gateway {
             broker.clone(),
             metrics.clone(),
             config.upstream.request_timeout,
+            &config.upstream.compute_url,
         );
         let audit = if config.audit.enabled() {
             AuditLog::open(&config.audit)?
@@ -289,7 +290,9 @@ impl Gateway {
                 action,
                 body,
             } => {
-                let base = format!("{}/v2/{}", self.public_base(config, &parts), route.project);
+                let mut base = self.public_base(config, &parts);
+                base.push_str("/v2/");
+                base.push_str(route.project);
                 let forward = Forward {
                     method: parts.method.clone(),
                     uri: route.upstream_uri(&config.upstream.compute_url, &project.tenant_id)?,
