@@ -11,23 +11,30 @@
 #   (h) (d) with 10,000 distinct caller JWTs in rotation
 #
 # Every proxy gets one worker; the load generator gets one thread. Each target
-# is warmed up, then measured closed-loop (wrk: max req/s, p50, p99), then
+# is warmed up, then measured closed-loop (wrk: max req/s, p50, p99) in
+# ROUNDS interleaved rounds (a..h, a..h, ...): this shared machine's speed
+# drifts by tens of percent within minutes, so each ratio is taken within a
+# round (targets measured seconds apart) and the median round's is reported;
+# then
 # open-loop at half of (b)'s max rate (oha --latency-correction: p99 without
 # coordinated omission), plus (b) and (d) at half of (d)'s max rate. Last, RSS
 # with 10,000 idle keep-alive connections (toastgate; bare_proxy and nginx for
 # reference), and toastgate's RSS 60 s after they close. Ends with a markdown
 # table for the README, one check per target.
 #
-# Usage: bench/run.sh   (measuring takes about 2.5 minutes; the first run also
+# Usage: bench/run.sh   (measuring takes about 6 minutes; the first run also
 #                        installs nginx, wrk and oha, and builds in release)
-# Knobs: DURATION=10 WARMUP=3 CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
+# Knobs: ROUNDS=3 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
+#        CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
 #        TOASTGATE_BIN=path (another toastgate build, for A/B experiments)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
-DURATION=${DURATION:-10}
-WARMUP=${WARMUP:-3}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-2}
+OPEN_DURATION=$((DURATION * 2))
 CONNS=${CONNS:-64}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
@@ -262,25 +269,25 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # Closed loop: wrk, 1 thread, CONNS connections, as fast as the target allows.
 measure_closed() {
-    local t=$1 out non2xx ticks requests
+    local t=$1 r=$2 out non2xx ticks requests
     local -a extra=()
     [ -z "${WRK_ARGS[$t]:-}" ] || read -r -a extra <<<"${WRK_ARGS[$t]}"
-    wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}" >"$TMP/wrk-$t-warm.txt"
+    wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}" >"$TMP/wrk-$t-$r-warm.txt"
     ticks=$(cpu_ticks "${WORKER[$t]}")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}")
     ticks=$(($(cpu_ticks "${WORKER[$t]}") - ticks))
-    echo "$out" >"$TMP/wrk-$t.txt"
+    echo "$out" >"$TMP/wrk-$t-$r.txt"
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     [ -z "$non2xx" ] || die "${NAME[$t]}: $non2xx non-2xx answers under load"
     if grep -q 'Socket errors' <<<"$out"; then log "${NAME[$t]}: $(grep 'Socket errors' <<<"$out")"; fi
-    RPS[$t]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-    P50[$t]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-    P99[$t]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    RPS[$t,$r]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+    P50[$t,$r]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    P99[$t,$r]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
     # CPU the target process spent per request: steadier than req/s on a
     # shared machine, and what a second worker would have to share.
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    CPU_REQ[$t]=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.0f", k / hz * 1e6 / n }')
-    log "closed-loop ${NAME[$t]}: ${RPS[$t]} req/s, p50 ${P50[$t]} us, p99 ${P99[$t]} us, ${CPU_REQ[$t]} us CPU/req"
+    CPU_REQ[$t,$r]=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", k / hz * 1e6 / n }')
+    log "closed-loop round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s, p50 ${P50[$t,$r]} us, p99 ${P99[$t,$r]} us, ${CPU_REQ[$t,$r]} us CPU/req"
 }
 
 # Open loop: oha sends at a fixed RATE whatever the answers do; with
@@ -288,7 +295,7 @@ measure_closed() {
 measure_open() {
     local t=$1 rate=$2 key=$3 json
     oha --worker-threads 1 --no-tui -z 2s -q "$rate" -c "$CONNS" -H "${HDR[$t]}" "${URL[$t]}" >/dev/null
-    json=$(oha --worker-threads 1 --no-tui -w --output-format json -z "${DURATION}s" -q "$rate" \
+    json=$(oha --worker-threads 1 --no-tui -w --output-format json -z "${OPEN_DURATION}s" -q "$rate" \
         --latency-correction -c "$CONNS" -H "${HDR[$t]}" "${URL[$t]}")
     echo "$json" >"$TMP/oha-$key.json"
     read -r "OL_RPS[$key]" "OL_P50[$key]" "OL_P99[$key]" < <(python3 -c '
@@ -307,23 +314,49 @@ print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99
 # Other work on this shared machine skews everything: keep a record of it.
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 MEASURE_START=$(date +%s)
-log "closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s per target"
-for t in a b c d e; do measure_closed "$t"; done
+log "closed loop: wrk -t1 -c$CONNS, $ROUNDS rounds of ${WARMUP}s warm-up + ${DURATION}s per target"
+# Only (f) talks to Redis: its script calls over all of (f)'s requests.
 redis-cli -p "$P_REDIS" config resetstat >/dev/null
-measure_closed f
+for r in $(seq 1 "$ROUNDS"); do
+    for t in a b c d e f g h; do measure_closed "$t" "$r"; done
+done
 # Script calls per request on Redis (one decision each = one round trip).
 REDIS_CALLS=$(redis-cli -p "$P_REDIS" info commandstats |
     awk -F'[:=,]' '/^cmdstat_(evalsha|eval):/ {n += $3} END {print n + 0}')
-F_REQUESTS=$(awk '/requests in/ {print $1}' "$TMP/wrk-f.txt")
-F_WARM=$(awk '/requests in/ {print $1}' "$TMP/wrk-f-warm.txt")
-for t in g h; do measure_closed "$t"; done
+F_ALL_REQUESTS=$(cat "$TMP"/wrk-f-*.txt | awk '/requests in/ {n += $1} END {print n + 0}')
+
+# The median of its arguments.
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# A target's figure: the median over the rounds.
+for t in a b c d e f g h; do
+    for m in RPS P50 P99 CPU_REQ; do
+        declare -n fig=$m
+        vals=()
+        for r in $(seq 1 "$ROUNDS"); do vals+=("${fig[$t,$r]}"); done
+        fig[$t]=$(median "${vals[@]}")
+        unset -n fig
+    done
+done
+# paired OUT M X Y: X/Y of figure M within each round, then the median of
+# those. Sets OUT (the median) and OUT_ROUNDS (each round's, in order).
+paired() {
+    local out=$1 m=$2 x=$3 y=$4 r
+    local -a per=()
+    declare -n fig=$m
+    for r in $(seq 1 "$ROUNDS"); do
+        per+=("$(awk -v a="${fig[$x,$r]}" -v b="${fig[$y,$r]}" 'BEGIN { printf "%.2f", a / b }')")
+    done
+    unset -n fig
+    printf -v "$out" '%.2f' "$(median "${per[@]}")"
+    printf -v "${out}_ROUNDS" '%s' "${per[*]}"
+}
 
 # The issue's latency target: every target at half of (b)'s max rate. If (d)
 # cannot carry that rate, its p99 is queueing; so (b) and (d) also run at half
 # of (d)'s own max rate: the latency (d) adds at a load it can sustain.
-RATE=$((RPS[b] / 2))
-RATE_D=$((RPS[d] / 2))
-log "open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${DURATION}s per run"
+RATE=$(awk -v r="${RPS[b]}" 'BEGIN { printf "%d", r / 2 }')
+RATE_D=$(awk -v r="${RPS[d]}" 'BEGIN { printf "%d", r / 2 }')
+log "open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s per run"
 for t in a b c d; do measure_open "$t" "$RATE" "$t"; done
 # (f)'s Redis round trips at that rate alone: its histogram before and after.
 REDIS_HIST_BEFORE=$(curl -s "http://127.0.0.1:$P_ADMIN2/metrics" | grep '^toastgate_ratelimit_redis_seconds_bucket' || true)
@@ -363,13 +396,13 @@ verdict() { awk -v m="$1" -v op="$2" -v l="$3" 'BEGIN { ok = (op == ">=") ? m >=
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", x / y }'; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
-R_DB=$(ratio "${RPS[d]}" "${RPS[b]}")
-R_DC=$(ratio "${RPS[d]}" "${RPS[c]}")
-R_CPU=$(ratio "${CPU_REQ[d]}" "${CPU_REQ[b]}")
-R_ED=$(ratio "${RPS[e]}" "${RPS[d]}")
-R_GD=$(ratio "${RPS[g]}" "${RPS[d]}")
-R_HD=$(ratio "${RPS[h]}" "${RPS[d]}")
-CALLS_PER_REQ=$(ratio "$REDIS_CALLS" "$((F_REQUESTS + F_WARM))")
+paired R_DB RPS d b
+paired R_DC RPS d c
+paired R_CPU CPU_REQ d b
+paired R_ED RPS e d
+paired R_GD RPS g d
+paired R_HD RPS h d
+CALLS_PER_REQ=$(ratio "$REDIS_CALLS" "$F_ALL_REQUESTS")
 ADDED=$((OL_P99[d] - OL_P99[b]))
 ADDED_D=$((OL_P99[d2] - OL_P99[b2]))
 # What a Redis decision adds at the same load: (f) over (e), open loop.
@@ -408,7 +441,7 @@ cat <<EOF
 
 GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, $HREFS links rewritten by toastgate), the same request and JWT for every target;
 (e), (f): a rate-limited team's JWT; (g): GET /v1.0/appkeys/BenchAppKey/instances, translated from the same upstream answer; (h): 10,000 JWTs in rotation.
-Closed loop: wrk -t1 -c$CONNS, ${WARMUP}s warm-up + ${DURATION}s; CPU/req is the target process's user+sys time per request. Open loop: oha -q RATE --latency-correction -c$CONNS, ${DURATION}s.
+Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..h, a..h, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request. Open loop: oha -q RATE --latency-correction -c$CONNS, ${OPEN_DURATION}s.
 One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread
 (wrk -t1, oha --worker-threads 1); nothing pinned, so load generator, proxy and upstream share the $(nproc) cores.
 
@@ -429,17 +462,17 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 
 | check | measured | target | |
 |---|---:|---:|---|
-| throughput (d)/(b) | $R_DB | >= 0.90 | $(verdict "$R_DB" ">=" 0.9) |
-| CPU per request (d)/(b): ${CPU_REQ[d]} us / ${CPU_REQ[b]} us | $R_CPU | <= 1.15 | $(verdict "$R_CPU" "<=" 1.15) |
-| throughput (d)/(c) | $R_DC | (info) | |
+| throughput (d)/(b) ($R_DB_ROUNDS) | $R_DB | >= 0.90 | $(verdict "$R_DB" ">=" 0.9) |
+| CPU per request (d)/(b) ($R_CPU_ROUNDS) | $R_CPU | <= 1.15 | $(verdict "$R_CPU" "<=" 1.15) |
+| throughput (d)/(c) ($R_DC_ROUNDS) | $R_DC | (info) | |
 | open-loop p99 added by (d) over (b) @ $RATE/s (half of (b)'s max) | $ADDED us | <= 200 us | $(if [ "$ADDED" -lt 0 ]; then echo "noise: (b) p99 above (d)"; else verdict "$ADDED" "<=" 200; fi) |
 | same @ $RATE_D/s (half of (d)'s max) | $ADDED_D us | (info) | |
-| (e) rate-limit rule in process: throughput (e)/(d) | $R_ED | >= 0.95 | $(verdict "$R_ED" ">=" 0.95) |
+| (e) rate-limit rule in process: throughput (e)/(d) ($R_ED_ROUNDS) | $R_ED | >= 0.95 | $(verdict "$R_ED" ">=" 0.95) |
 | (f) Redis script calls per request | $CALLS_PER_REQ | <= 1 | $(verdict "$CALLS_PER_REQ" "<=" 1) |
 | (f) Redis decision round trip p99 @ $RATE_D/s (the gateway's histogram, bucket bound) | <= $REDIS_RTT_P99 us | <= 1000 us | $(if [ "$REDIS_RTT_P99" = inf ]; then echo MISS; else verdict "$REDIS_RTT_P99" "<=" 1000; fi) |
 | (f) p99 a Redis decision adds to a request, open loop @ $RATE_D/s ((f) - (e)) | $REDIS_P99 us | (info) | $(if [ "$REDIS_P99" -lt 0 ]; then echo "noise: (e) p99 above (f)"; fi) |
-| (g) v1.0 instances: throughput (g)/(d) | $R_GD | >= 0.50 | $(verdict "$R_GD" ">=" 0.5) |
-| (h) 10,000 JWTs in rotation: throughput (h)/(d) | $R_HD | >= 0.80 | $(verdict "$R_HD" ">=" 0.8) |
+| (g) v1.0 instances: throughput (g)/(d) ($R_GD_ROUNDS) | $R_GD | >= 0.50 | $(verdict "$R_GD" ">=" 0.5) |
+| (h) 10,000 JWTs in rotation: throughput (h)/(d) ($R_HD_ROUNDS) | $R_HD | >= 0.80 | $(verdict "$R_HD" ">=" 0.8) |
 | RSS per idle keep-alive conn: toastgate / bare_proxy | $TG_PER / $BARE_PER KiB | <= bare_proxy | $(verdict "$TG_PER" "<=" "$BARE_PER") |
 | toastgate RSS 60 s after $TG_OPENED conns closed / before they opened | $(mib "$TG_RSS_AFTER") / $(mib "$TG_RSS0") MiB = $GIVEBACK | <= 1.25 | $(verdict "$GIVEBACK" "<=" 1.25) |
 
