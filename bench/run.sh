@@ -354,13 +354,28 @@ paired() {
 # The issue's latency target: every target at half of (b)'s max rate. If (d)
 # cannot carry that rate, its p99 is queueing; so (b) and (d) also run at half
 # of (d)'s own max rate: the latency (d) adds at a load it can sustain.
+# (Pinning the proxy to one core and the rest to the other was tried: both
+# proxies' p99 got worse and less steady, one core carrying two busy
+# processes.)
 RATE=$(awk -v r="${RPS[b]}" 'BEGIN { printf "%d", r / 2 }')
 RATE_D=$(awk -v r="${RPS[d]}" 'BEGIN { printf "%d", r / 2 }')
 log "open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s per run"
 for t in a b c d; do measure_open "$t" "$RATE" "$t"; done
 # (f)'s Redis round trips at that rate alone: its histogram before and after.
 REDIS_HIST_BEFORE=$(curl -s "http://127.0.0.1:$P_ADMIN2/metrics" | grep '^toastgate_ratelimit_redis_seconds_bucket' || true)
-for t in b d e f; do measure_open "$t" "$RATE_D" "${t}2"; done
+for t in b d e; do measure_open "$t" "$RATE_D" "${t}2"; done
+# The round trip itself, from a second client during (f)'s run (warm-up
+# included): one paced script call at a time, so neither the gateway's worker
+# nor a busy-looping client is in it.
+python3 "$BENCH/redis_rtt.py" --port "$P_REDIS" --seconds $((OPEN_DURATION + 2)) >"$TMP/redis-rtt.json" &
+RTT_PID=$!
+measure_open f "$RATE_D" f2
+wait "$RTT_PID" || die "the Redis round-trip client failed (see $TMP/redis-rtt.json)"
+read -r RAW_RTT_N RAW_RTT_P50 RAW_RTT_P99 RAW_RTT_MAX < <(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(d["count"], d["p50_us"], d["p99_us"], d["max_us"])' "$TMP/redis-rtt.json") ||
+    die "no Redis round-trip figures (see $TMP/redis-rtt.json)"
 REDIS_HIST_AFTER=$(curl -s "http://127.0.0.1:$P_ADMIN2/metrics" | grep '^toastgate_ratelimit_redis_seconds_bucket' || true)
 
 # --- memory with idle keep-alive connections --------------------------------
@@ -469,7 +484,8 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 | same @ $RATE_D/s (half of (d)'s max) | $ADDED_D us | (info) | |
 | (e) rate-limit rule in process: throughput (e)/(d) ($R_ED_ROUNDS) | $R_ED | >= 0.95 | $(verdict "$R_ED" ">=" 0.95) |
 | (f) Redis script calls per request | $CALLS_PER_REQ | <= 1 | $(verdict "$CALLS_PER_REQ" "<=" 1) |
-| (f) Redis decision round trip p99 @ $RATE_D/s (the gateway's histogram, bucket bound) | <= $REDIS_RTT_P99 us | <= 1000 us | $(if [ "$REDIS_RTT_P99" = inf ]; then echo MISS; else verdict "$REDIS_RTT_P99" "<=" 1000; fi) |
+| (f) Redis round trip p99 on loopback during (f) @ $RATE_D/s (a second client, $RAW_RTT_N paced script calls; p50 $RAW_RTT_P50 us, max $RAW_RTT_MAX us) | $RAW_RTT_P99 us | <= 1000 us | $(verdict "$RAW_RTT_P99" "<=" 1000) |
+| (f) Redis decision round trip p99 as the gateway sees it @ $RATE_D/s (its histogram, bucket bound; waiting for its one worker included) | <= $REDIS_RTT_P99 us | <= 1000 us | $(if [ "$REDIS_RTT_P99" = inf ]; then echo MISS; else verdict "$REDIS_RTT_P99" "<=" 1000; fi) |
 | (f) p99 a Redis decision adds to a request, open loop @ $RATE_D/s ((f) - (e)) | $REDIS_P99 us | (info) | $(if [ "$REDIS_P99" -lt 0 ]; then echo "noise: (e) p99 above (f)"; fi) |
 | (g) v1.0 instances: throughput (g)/(d) ($R_GD_ROUNDS) | $R_GD | >= 0.50 | $(verdict "$R_GD" ">=" 0.5) |
 | (h) 10,000 JWTs in rotation: throughput (h)/(d) ($R_HD_ROUNDS) | $R_HD | >= 0.80 | $(verdict "$R_HD" ">=" 0.8) |
