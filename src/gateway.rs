@@ -139,7 +139,6 @@ impl Gateway {
             broker.clone(),
             metrics.clone(),
             config.upstream.request_timeout,
-            &config.upstream.compute_url,
         );
         let audit = if config.audit.enabled() {
             AuditLog::open(&config.audit)?

@@ -51,9 +51,6 @@ pub struct Compute {
     metrics: Arc<Metrics>,
     /// Per attempt: the answer's head and whole body.
     request_timeout: Duration,
-    /// The `Host` header of calls to `upstream.compute_url`'s authority,
-    /// made once: left to the client, it is formatted on every call.
-    compute_host: Option<(http::uri::Authority, HeaderValue)>,
 }
 
 impl Compute {
@@ -62,17 +59,12 @@ impl Compute {
         broker: Arc<TokenBroker>,
         metrics: Arc<Metrics>,
         request_timeout: Duration,
-        compute_url: &str,
     ) -> Self {
         Compute {
             client,
             broker,
             metrics,
             request_timeout,
-            compute_host: compute_url.parse().ok().and_then(|uri: Uri| {
-                let host = host_header(&uri)?;
-                Some((uri.authority()?.clone(), host))
-            }),
         }
     }
 
@@ -138,11 +130,6 @@ impl Compute {
         })?;
         value.set_sensitive(true);
         req.headers_mut().insert(super::X_AUTH_TOKEN, value);
-        if let Some((authority, host)) = &self.compute_host
-            && forward.uri.authority() == Some(authority)
-        {
-            req.headers_mut().insert(http::header::HOST, host.clone());
-        }
         let span = crate::traces::CallSpan::start(|| {
             (
                 format!("compute {}", action.name()).into(),
@@ -170,42 +157,5 @@ impl Compute {
         self.metrics
             .observe_upstream(action.name(), answer, started.elapsed());
         result
-    }
-}
-
-/// The `Host` header a client sends for `uri`: its host, and its port when
-/// not the scheme's default (what hyper-util's client would set).
-fn host_header(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default_port = match uri.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    };
-    let value = match uri.port_u16() {
-        Some(port) if port != default_port => format!("{host}:{port}"),
-        _ => host.to_string(),
-    };
-    HeaderValue::from_str(&value).ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_header_carries_only_a_non_default_port() {
-        let host = |u: &str| host_header(&u.parse().unwrap()).unwrap();
-        assert_eq!(host("https://compute.example.com"), "compute.example.com");
-        assert_eq!(
-            host("https://compute.example.com:443/x"),
-            "compute.example.com"
-        );
-        assert_eq!(
-            host("https://compute.example.com:8443"),
-            "compute.example.com:8443"
-        );
-        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1");
-        assert_eq!(host("http://127.0.0.1:18774"), "127.0.0.1:18774");
-        assert_eq!(host("http://[::1]:8080"), "[::1]:8080");
     }
 }
