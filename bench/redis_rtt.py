@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The Redis round trip on loopback, measured by a second client while the
-gateway's (f) run loads the machine: one script call at a time (what a rate
-limit decision is), one every INTERVAL, for SECONDS. Paced, not back to back,
+gateway's (f) run loads the machine: one call of a one-line script (an INCR;
+the gateway's decision script does a little more work inside Redis) at a
+time, one every INTERVAL, for SECONDS. Paced, not back to back,
 so the measuring takes almost no CPU from what it measures. Python's own
 scheduling is inside each measured round trip, so the figures are an upper
 bound.
@@ -13,6 +14,7 @@ Prints one JSON line: {"count", "p50_us", "p99_us", "max_us"}.
 
 import argparse
 import json
+import math
 import socket
 import sys
 import time
@@ -70,7 +72,8 @@ def main():
     samples.sort()
 
     def pct(p):
-        return round(samples[min(len(samples) - 1, int(p * len(samples)))])
+        # Nearest rank: the smallest sample with at least p of them at or below it.
+        return round(samples[max(0, math.ceil(p * len(samples)) - 1)])
 
     print(json.dumps({"count": len(samples), "p50_us": pct(0.50), "p99_us": pct(0.99),
                       "max_us": round(samples[-1])}))
