@@ -272,15 +272,25 @@ CLK_TCK=$(getconf CLK_TCK)
 # user + system CPU ticks a process has used so far.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
+# Tokens (d)'s gateway verified, not found in its verified-token cache:
+# during (h), how much of (h) measures the cache and how much HS256.
+auth_cache_misses() {
+    curl -fsS "http://127.0.0.1:$P_ADMIN/metrics" |
+        awk '/^toastgate_auth_cache_total\{result="miss"\}/ {print $2}'
+}
+H_MISSES=0 H_REQUESTS=0
+
 # Closed loop: wrk, 1 thread, CONNS connections, as fast as the target allows.
 measure_closed() {
-    local t=$1 r=$2 out non2xx ticks requests
+    local t=$1 r=$2 out non2xx ticks requests misses=0
     local -a extra=()
     [ -z "${WRK_ARGS[$t]:-}" ] || read -r -a extra <<<"${WRK_ARGS[$t]}"
     wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}" >"$TMP/wrk-$t-$r-warm.txt"
+    [ "$t" != h ] || misses=$(auth_cache_misses)
     ticks=$(cpu_ticks "${WORKER[$t]}")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}")
     ticks=$(($(cpu_ticks "${WORKER[$t]}") - ticks))
+    [ "$t" != h ] || misses=$(($(auth_cache_misses) - misses))
     echo "$out" >"$TMP/wrk-$t-$r.txt"
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     [ -z "$non2xx" ] || die "${NAME[$t]}: $non2xx non-2xx answers under load"
@@ -293,6 +303,9 @@ measure_closed() {
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     CPU_REQ[$t,$r]=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", k / hz * 1e6 / n }')
     log "closed-loop round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s, p50 ${P50[$t,$r]} us, p99 ${P99[$t,$r]} us, ${CPU_REQ[$t,$r]} us CPU/req"
+    if [ "$t" = h ]; then
+        H_MISSES=$((H_MISSES + misses)) H_REQUESTS=$((H_REQUESTS + requests))
+    fi
 }
 
 # Open loop: oha sends at a fixed RATE whatever the answers do; with
@@ -494,6 +507,7 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 | (f) p99 a Redis decision adds to a request, open loop @ $RATE_D/s ((f) - (e)) | $REDIS_P99 us | (info) | $(if [ "$REDIS_P99" -lt 0 ]; then echo "noise: (e) p99 above (f)"; fi) |
 | (g) v1.0 instances: throughput (g)/(d) ($R_GD_ROUNDS) | $R_GD | >= 0.50 | $(verdict "$R_GD" ">=" 0.5) |
 | (h) 10,000 JWTs in rotation: throughput (h)/(d) ($R_HD_ROUNDS) | $R_HD | >= 0.80 | $(verdict "$R_HD" ">=" 0.8) |
+| (h) tokens verified anew (verified-token cache misses) per request, all rounds | $(awk -v x="$H_MISSES" -v y="$H_REQUESTS" 'BEGIN { printf "%.4f", x / y }') | (info) | |
 | RSS per idle keep-alive conn: toastgate / bare_proxy | $TG_PER / $BARE_PER KiB | <= bare_proxy | $(verdict "$TG_PER" "<=" "$BARE_PER") |
 | toastgate RSS 60 s after $TG_OPENED conns closed / before they opened | $(mib "$TG_RSS_AFTER") / $(mib "$TG_RSS0") MiB = $GIVEBACK | <= 1.25 | $(verdict "$GIVEBACK" "<=" 1.25) |
 

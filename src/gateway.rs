@@ -36,7 +36,7 @@ use serde_json::Value;
 
 use crate::action::Action;
 use crate::audit::{AuditLog, Stage};
-use crate::auth::{Authenticator, Identity, VerifiedTokens};
+use crate::auth::{Authenticator, CacheOutcome, Identity, VerifiedTokens};
 use crate::body;
 use crate::config::{AuditLevel, Config, Project};
 use crate::error::{Ending, GatewayError};
@@ -65,7 +65,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn build(config: Config) -> Result<Snapshot, StartError> {
         Ok(Snapshot {
-            verified: VerifiedTokens::new(config.auth.leeway),
+            verified: VerifiedTokens::new(config.auth.leeway, config.auth.verified_token_cache),
             auth: Authenticator::with_ca(&config.auth, config.upstream.ca_file.as_deref())?,
             limiter: RateLimiter::new(&config)?,
             config: Arc::new(config),
@@ -312,7 +312,10 @@ impl Gateway {
         snap: &Snapshot,
         headers: &HeaderMap,
     ) -> Result<Identity, GatewayError> {
-        let result = snap.verified.authenticate(&snap.auth, headers).await;
+        let (result, cache) = snap.verified.authenticate(&snap.auth, headers).await;
+        if let Some(cache) = cache {
+            self.metrics.observe_auth_cache(cache == CacheOutcome::Hit);
+        }
         if let Err(a) = &result {
             self.metrics
                 .auth_failures

@@ -151,6 +151,8 @@ pub struct Metrics {
     pub ratelimit_degraded: IntCounterVec,
     pub policy_refusals: IntCounterVec,
     pub auth_failures: IntCounterVec,
+    /// `toastgate_auth_cache_total`, both results resolved once.
+    auth_cache: [prometheus::IntCounter; 2],
     pub audit_records: IntCounterVec,
     pub audit_webhook_batches: IntCounterVec,
     pub audit_webhook_records: prometheus::IntCounter,
@@ -377,6 +379,14 @@ impl Metrics {
                 "Caller authentication failures by reason.",
                 &["reason"],
             ),
+            auth_cache: {
+                let vec = counter(
+                    "toastgate_auth_cache_total",
+                    "Caller tokens found in the verified-token cache (hit) or verified anew (miss).",
+                    &["result"],
+                );
+                ["hit", "miss"].map(|result| vec.with_label_values(&[result]))
+            },
             audit_records: counter(
                 "toastgate_audit_records_total",
                 "Audit records by result (written, failed).",
@@ -460,6 +470,11 @@ impl Metrics {
         self.resolved.overhead[surface_slot(surface)]
             .get_or_init(|| self.overhead.with_label_values(&[surface]))
             .observe(request.took.saturating_sub(request.upstream).as_secs_f64());
+    }
+
+    /// One look-up in the verified-token cache.
+    pub fn observe_auth_cache(&self, hit: bool) {
+        self.auth_cache[usize::from(!hit)].inc();
     }
 
     /// One upstream attempt: its answer's status, or the kind of failure

@@ -267,6 +267,36 @@ async fn unknown_project_and_unknown_route_are_refused_not_forwarded() {
 }
 
 #[tokio::test]
+async fn the_verified_token_cache_is_counted_and_capacity_zero_verifies_every_request() {
+    for (cache, hits, misses) in [(None, 2.0, 1.0), (Some(0), 0.0, 3.0)] {
+        let extra = match cache {
+            Some(n) => json!({"auth": {"verified_token_cache": n}}),
+            None => json!({}),
+        };
+        let env = Env::start_with_overlays(common::fast_sim(), &[], extra).await;
+        let token = sign(&good_claims(), JWT_SECRET);
+        for _ in 0..3 {
+            let (status, body, _) =
+                call_with(&env, ("authorization", format!("Bearer {token}"))).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let text = env.metrics().await;
+        let count = |result: &str| {
+            common::metrics::sum(
+                &text,
+                &format!(r#"toastgate_auth_cache_total{{result="{result}"}}"#),
+            )
+        };
+        assert_eq!(
+            (count("hit"), count("miss")),
+            (hits, misses),
+            "cache {cache:?}:\n{text}"
+        );
+        env.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn a_verified_token_is_not_accepted_past_its_exp() {
     // Verified tokens are cached; the cache must never outlive `exp`.
     let env = Env::start_with_overlays(

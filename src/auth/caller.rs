@@ -62,43 +62,63 @@ pub struct VerifiedTokens {
     /// foldhash rather than SipHash: the key is the whole token (hundreds of
     /// bytes), hashed on every request; an attacker gains nothing by
     /// colliding keys of a bounded cache that only holds verified tokens.
-    cache: moka::sync::Cache<String, (Identity, i64), foldhash::fast::RandomState>,
+    /// `None` when configured with capacity 0: every request is verified.
+    cache: Option<moka::sync::Cache<String, (Identity, i64), foldhash::fast::RandomState>>,
     leeway_secs: i64,
 }
 
+/// Whether [`VerifiedTokens::authenticate`] answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    /// The token was verified (successfully or not).
+    Miss,
+}
+
 impl VerifiedTokens {
-    pub fn new(leeway: Duration) -> VerifiedTokens {
-        VerifiedTokens {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(10_000)
+    pub fn new(leeway: Duration, capacity: u64) -> VerifiedTokens {
+        let cache = (capacity > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(capacity)
                 .time_to_live(Duration::from_secs(60))
-                .build_with_hasher(foldhash::fast::RandomState::default()),
+                .build_with_hasher(foldhash::fast::RandomState::default())
+        });
+        VerifiedTokens {
+            cache,
             leeway_secs: leeway.as_secs() as i64,
         }
     }
 
     /// The caller of a request: its one credential, verified (or found in
-    /// the cache).
+    /// the cache). The outcome says which, also when verifying refused it;
+    /// it is `None` when there was no one token to look up.
     pub async fn authenticate(
         &self,
         auth: &Authenticator,
         headers: &HeaderMap,
-    ) -> Result<Identity, AuthError> {
-        let token = caller_token(headers)?;
+    ) -> (Result<Identity, AuthError>, Option<CacheOutcome>) {
+        let token = match caller_token(headers) {
+            Ok(token) => token,
+            Err(e) => return (Err(e), None),
+        };
         let now = chrono::Utc::now().timestamp();
-        if let Some((identity, valid_until)) = self.cache.get(token)
+        if let Some(cache) = &self.cache
+            && let Some((identity, valid_until)) = cache.get(token)
             && now < valid_until
         {
-            return Ok(identity);
+            return (Ok(identity), Some(CacheOutcome::Hit));
         }
-        let (identity, exp) = auth.authenticate_until(token).await?;
-        if let Some(exp) = exp {
-            self.cache.insert(
-                token.to_string(),
-                (identity.clone(), exp.saturating_add(self.leeway_secs)),
-            );
-        }
-        Ok(identity)
+        let verified = auth.authenticate_until(token).await;
+        let result = verified.map(|(identity, exp)| {
+            if let (Some(cache), Some(exp)) = (&self.cache, exp) {
+                cache.insert(
+                    token.to_string(),
+                    (identity.clone(), exp.saturating_add(self.leeway_secs)),
+                );
+            }
+            identity
+        });
+        (result, Some(CacheOutcome::Miss))
     }
 }
 
@@ -154,6 +174,53 @@ mod tests {
             assert!(
                 matches!(caller_token(&headers(list)), Err(AuthError::Ambiguous)),
                 "{list:?}"
+            );
+        }
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let value = HeaderValue::from_str(&format!("Bearer {token}")).expect("token is ASCII");
+        h.insert(http::header::AUTHORIZATION, value);
+        h
+    }
+
+    #[tokio::test]
+    async fn the_cache_answers_the_second_time_and_capacity_zero_turns_it_off() {
+        use crate::auth::test_support::{HS_SECRET, claims, hs_auth, identity, sign_hs};
+        let auth = hs_auth();
+        let token = bearer(&sign_hs(&claims("t"), HS_SECRET.as_bytes()));
+        let forged = bearer(&sign_hs(
+            &claims("t"),
+            b"another-secret-0123456789abcdef-0123",
+        ));
+
+        let cached = VerifiedTokens::new(Duration::from_secs(30), 100);
+        let (first, outcome) = cached.authenticate(&auth, &token).await;
+        assert_eq!(
+            (first, outcome),
+            (Ok(identity("t")), Some(CacheOutcome::Miss))
+        );
+        let (second, outcome) = cached.authenticate(&auth, &token).await;
+        assert_eq!(
+            (second, outcome),
+            (Ok(identity("t")), Some(CacheOutcome::Hit))
+        );
+        // Refusals are not remembered: a forged token is verified every time.
+        for _ in 0..2 {
+            let (refused, outcome) = cached.authenticate(&auth, &forged).await;
+            assert!(refused.is_err(), "{refused:?}");
+            assert_eq!(outcome, Some(CacheOutcome::Miss));
+        }
+        let (none, outcome) = cached.authenticate(&auth, &HeaderMap::new()).await;
+        assert_eq!((none, outcome), (Err(AuthError::Missing), None));
+
+        let uncached = VerifiedTokens::new(Duration::from_secs(30), 0);
+        for _ in 0..2 {
+            let (again, outcome) = uncached.authenticate(&auth, &token).await;
+            assert_eq!(
+                (again, outcome),
+                (Ok(identity("t")), Some(CacheOutcome::Miss))
             );
         }
     }

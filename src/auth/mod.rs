@@ -41,7 +41,7 @@ use crate::config::{Auth, KeySource};
 use jwks::RemoteJwks;
 use keys::{KeyKind, KeySet, VerifyKey, load_pem, parse_jwks};
 
-pub use caller::{VerifiedTokens, caller_token};
+pub use caller::{CacheOutcome, VerifiedTokens, caller_token};
 pub use mint::mint_token;
 
 /// Same floor as the config validation (defence in depth).

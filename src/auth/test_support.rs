@@ -134,6 +134,7 @@ pub(super) fn cfg(algorithms: Vec<Algorithm>, keys: KeySource) -> Auth {
         algorithms,
         team_claim: "team".to_string(),
         leeway: Duration::from_secs(30),
+        verified_token_cache: 10_000,
         keys,
     }
 }

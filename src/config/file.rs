@@ -233,6 +233,10 @@ pub struct AuthFile {
     #[schemars(with = "String")]
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
+    /// How many verified caller tokens are remembered (each for at most a
+    /// minute, never past its `exp`); 0 verifies every request.
+    #[serde(default = "default_verified_token_cache")]
+    pub verified_token_cache: u64,
     pub keys: KeysFile,
 }
 
@@ -599,6 +603,10 @@ fn default_shutdown_grace() -> Duration {
 fn default_team_claim() -> String {
     "team".to_string()
 }
+fn default_verified_token_cache() -> u64 {
+    10_000
+}
+
 fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }

@@ -213,6 +213,8 @@ pub struct Auth {
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub team_claim: String,
     pub leeway: Duration,
+    /// Capacity of the verified-token cache (0: verify every request).
+    pub verified_token_cache: u64,
     pub keys: KeySource,
 }
 

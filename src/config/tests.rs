@@ -122,6 +122,34 @@ fn every_semantic_problem_is_reported_with_its_path() {
 }
 
 #[test]
+fn verified_token_cache_is_bounded_and_may_be_off() {
+    let with = |n: &str| {
+        GOOD.replace(
+            "  algorithms:",
+            &format!("  verified_token_cache: {n}\n  algorithms:"),
+        )
+    };
+    let p = problems(&with("1000001"), &secrets());
+    assert_eq!(
+        p,
+        ["auth.verified_token_cache: must be at most 1000000"],
+        "{p:?}"
+    );
+    let p = problems(&with("-1"), &secrets());
+    assert!(
+        p.len() == 1 && p[0].starts_with("auth.verified_token_cache: "),
+        "{p:?}"
+    );
+    for n in ["0", "1000000"] {
+        let config = Config::from_yaml(&with(n), &secrets(), None)
+            .unwrap_or_else(|e| panic!("{n}: {:?}", e.problems()));
+        assert_eq!(config.auth.verified_token_cache.to_string(), n);
+    }
+    let default = Config::from_yaml(GOOD, &secrets(), None).expect("GOOD loads");
+    assert_eq!(default.auth.verified_token_cache, 10_000);
+}
+
+#[test]
 fn mixing_hmac_and_public_key_algorithms_is_refused() {
     let yaml = GOOD.replace("[HS256]", "[HS256, RS256]");
     let p = problems(&yaml, &secrets());

@@ -22,6 +22,10 @@ use super::{
 use crate::action::Action;
 use crate::secret::Secret;
 
+/// A bound on the verified-token cache: each entry holds a whole caller
+/// token, so a mistyped extra digit should not become gigabytes.
+const MAX_VERIFIED_TOKEN_CACHE: u64 = 1_000_000;
+
 impl ConfigFile {
     pub fn validate(
         self,
@@ -331,6 +335,12 @@ impl Validator<'_> {
         if a.leeway > Duration::from_secs(300) {
             self.problem("auth.leeway", "must be at most 5m");
         }
+        if a.verified_token_cache > MAX_VERIFIED_TOKEN_CACHE {
+            self.problem(
+                "auth.verified_token_cache",
+                format!("must be at most {MAX_VERIFIED_TOKEN_CACHE}"),
+            );
+        }
         let mut algorithms = Vec::new();
         if a.algorithms.is_empty() {
             self.problem("auth.algorithms", "list at least one algorithm");
@@ -423,6 +433,7 @@ impl Validator<'_> {
             algorithms,
             team_claim: a.team_claim,
             leeway: a.leeway,
+            verified_token_cache: a.verified_token_cache,
             keys,
         }
     }
