@@ -191,6 +191,13 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
     let finder = SCHEME_SEPARATOR.get_or_init(|| memchr::memmem::Finder::new("://").into_owned());
     let mut out: Option<Vec<u8>> = None;
     let mut copied_up_to = 0;
+    // The links of one answer nearly always share scheme, host and path up
+    // to the tenant, in the spec's two shapes (self and bookmark): the part
+    // (from the scheme to the end of the tenant segment) of the last two
+    // links that had to be scanned is compared first, instead of a scan of
+    // each segment. Same answer: the scan reads only that part's bytes, and
+    // the byte after it is checked as the scan would.
+    let mut known_heads = [0..0, 0..0];
     for separator in finder.find_iter(body) {
         let Some(url_start) = url_start(body, separator) else {
             continue;
@@ -198,20 +205,43 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
         if url_start < copied_up_to {
             continue;
         }
-        let after_scheme = separator + 3;
-        let Some(tenant_end) = tenant_segment_end(&body[after_scheme..], tenant_id.as_bytes())
-        else {
-            continue;
+        let known = known_heads
+            .iter()
+            .find_map(|head| same_link_head(body, url_start, head.clone()));
+        let link_end = match known {
+            Some(end) => end,
+            None => {
+                let after_scheme = separator + 3;
+                let Some(tenant_end) =
+                    tenant_segment_end(&body[after_scheme..], tenant_id.as_bytes())
+                else {
+                    continue;
+                };
+                let end = after_scheme + tenant_end;
+                known_heads = [url_start..end, known_heads[0].clone()];
+                end
+            }
         };
         let buf = out.get_or_insert_with(|| Vec::with_capacity(body.len() + 256));
         buf.extend_from_slice(&body[copied_up_to..url_start]);
         buf.extend_from_slice(gateway_project_base.as_bytes());
-        copied_up_to = after_scheme + tenant_end;
+        copied_up_to = link_end;
     }
     out.map(|mut buf| {
         buf.extend_from_slice(&body[copied_up_to..]);
         buf
     })
+}
+
+/// Where the link at `url_start` ends, if it starts with the same bytes as
+/// the head of a link already rewritten, `head`, and is followed by a byte
+/// that ends a path segment (as [`tenant_segment_end`] requires).
+fn same_link_head(body: &[u8], url_start: usize, head: std::ops::Range<usize>) -> Option<usize> {
+    let end = url_start + head.len();
+    (!head.is_empty()
+        && body.get(url_start..end)? == &body[head]
+        && matches!(body.get(end), Some(b'/' | b'"' | b'?' | b'#')))
+    .then_some(end)
 }
 
 /// Where the JSON string holding the URL whose `://` is at `separator`
@@ -344,6 +374,72 @@ mod tests {
             "a string spaced before the tenant is not a plain URL and stays as it is; \
              what follows the tenant is copied as it is"
         );
+    }
+
+    #[test]
+    fn a_link_like_an_earlier_one_is_rewritten_only_where_its_tenant_segment_ends() {
+        let b = format!(
+            r#"["https://h/v2/{T}/a","https://h/v2/{T}x/b","https://h/v2/{T}?c","https://h/v2/{T}","https://h2/v2/{T}/d","https://h/v2/{T}/e","https://h/{T}/f","https://h/v2/{T}/g","https://h/{T}x","https://h/{T}#h"]"#
+        );
+        let out = String::from_utf8(rewrite_links(b.as_bytes(), T, "https://gw/v2/web").unwrap())
+            .unwrap();
+        assert_eq!(
+            out,
+            format!(
+                r#"["https://gw/v2/web/a","https://h/v2/{T}x/b","https://gw/v2/web?c","https://gw/v2/web","https://gw/v2/web/d","https://gw/v2/web/e","https://gw/v2/web/f","https://gw/v2/web/g","https://h/{T}x","https://gw/v2/web#h"]"#
+            )
+        );
+    }
+
+    /// [`rewrite_links`] without the comparison with known link heads: every
+    /// link's segments scanned.
+    fn rewrite_links_by_scanning(body: &[u8], tenant: &str, base: &str) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied_up_to = 0;
+        for separator in memchr::memmem::find_iter(body, "://") {
+            let Some(url_start) = url_start(body, separator) else {
+                continue;
+            };
+            if url_start < copied_up_to {
+                continue;
+            }
+            let after_scheme = separator + 3;
+            let Some(end) = tenant_segment_end(&body[after_scheme..], tenant.as_bytes()) else {
+                continue;
+            };
+            let buf = out.get_or_insert_with(Vec::new);
+            buf.extend_from_slice(&body[copied_up_to..url_start]);
+            buf.extend_from_slice(base.as_bytes());
+            copied_up_to = after_scheme + end;
+        }
+        out.map(|mut buf| {
+            buf.extend_from_slice(&body[copied_up_to..]);
+            buf
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn comparing_with_known_link_heads_answers_as_scanning_does(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "\"https://", "\"http://", "h", "h2:80", "/", "/v2", "/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                    "x", "?", "#", " ", "\\", "\"", ",", ":", "://",
+                    // Whole link heads, so that most bodies hold several.
+                    "\"https://h/v2/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                    "\"https://h/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                    "\"http://h2:80/v2/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                ]),
+                0..60,
+            )
+        ) {
+            let body = parts.concat();
+            proptest::prop_assert_eq!(
+                rewrite_links(body.as_bytes(), T, "https://gw/v2/web"),
+                rewrite_links_by_scanning(body.as_bytes(), T, "https://gw/v2/web"),
+                "{}", body
+            );
+        }
     }
 
     #[test]
