@@ -31,6 +31,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use std::convert::Infallible;
@@ -316,23 +317,49 @@ where
             state.until_http2().await;
         };
         tokio::pin!(draining_http2);
+        let stop = self.shutdown.stopped();
+        tokio::pin!(stop);
+        let control = Arc::new(ControlWake::default());
+        let control_waker = Waker::from(control.clone());
         let mut seen = (0, 0);
         let mut quiet_checks = 0;
         let mut first_check = true;
         let mut shut_down = false;
         loop {
-            let shut_down_now = tokio::select! {
-                result = conn.as_mut() => {
+            // After any event (a timer reset among them), every control
+            // future is polled once, and then only when one of them wakes.
+            control.fired.store(true, Ordering::Relaxed);
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(ConnEvent::Ended(result));
+                }
+                if !control.take_fired(cx.waker()) {
+                    return Poll::Pending;
+                }
+                let mut control_cx = Context::from_waker(&control_waker);
+                // Idle HTTP/1.1 connections close now, busy ones after their
+                // answer; HTTP/2 gets a GOAWAY.
+                if !shut_down
+                    && (stop.as_mut().poll(&mut control_cx).is_ready()
+                        || draining_http2.as_mut().poll(&mut control_cx).is_ready())
+                {
+                    return Poll::Ready(ConnEvent::Stop);
+                }
+                match check.as_mut().poll(&mut control_cx) {
+                    Poll::Ready(()) => Poll::Ready(ConnEvent::Check),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            let shut_down_now = match event {
+                ConnEvent::Ended(result) => {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     return;
                 }
-                // Idle HTTP/1.1 connections close now, busy ones after their
-                // answer; HTTP/2 gets a GOAWAY.
-                _ = self.shutdown.stopped(), if !shut_down => true,
-                _ = &mut draining_http2, if !shut_down => true,
-                _ = &mut check => {
+                ConnEvent::Stop => true,
+                ConnEvent::Check => {
                     let requests = state.started.load(Ordering::Relaxed);
                     let finished = state.finished.load(Ordering::Relaxed);
                     let busy = finished != requests;
@@ -352,7 +379,11 @@ where
                     // Quiet: nothing started or finished since the last
                     // check, and nothing in flight.
                     let now = (requests, finished);
-                    quiet_checks = if now == seen && !busy { quiet_checks + 1 } else { 0 };
+                    quiet_checks = if now == seen && !busy {
+                        quiet_checks + 1
+                    } else {
+                        0
+                    };
                     seen = now;
                     if quiet_checks >= 2 {
                         tracing::debug!(%peer, "idle connection closed");
@@ -372,6 +403,48 @@ where
                 check.as_mut().reset(tokio::time::Instant::now() + idle);
             }
         }
+    }
+}
+
+/// What woke a connection's task and needs its attention.
+enum ConnEvent<E> {
+    /// The connection ended (its output).
+    Ended(Result<(), E>),
+    /// Shutdown, or draining an HTTP/2 connection: shut it down gracefully.
+    Stop,
+    /// The idle check's timer fired.
+    Check,
+}
+
+/// The waker a connection's control futures (shutdown, drain, idle check)
+/// are polled with. It wakes the connection's task and notes that it did, so
+/// that the task polls them only then: a request wakes the task several
+/// times (the request's bytes, the upstream's answer), and each poll of a
+/// watch and a timer costs more than the flag.
+#[derive(Default)]
+struct ControlWake {
+    fired: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl ControlWake {
+    /// Registers the task to wake, then says whether a control future woke
+    /// it since the last call (in that order, so a wake between the two is
+    /// not lost: it sets the flag and wakes the task registered).
+    fn take_fired(&self, task: &Waker) -> bool {
+        self.task.register(task);
+        self.fired.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl std::task::Wake for ControlWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
