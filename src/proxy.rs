@@ -51,7 +51,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // hop-by-hop name. Most answers list only `keep-alive` (hop-by-hop
     // anyway), so the per-header comparison is skipped for them.
     let connection = headers.get_all(header::CONNECTION);
-    let lists_more = connection_names(&connection).any(|n| !n.eq_ignore_ascii_case("keep-alive"));
+    // A plain `keep-alive` value is recognised whole, before any splitting.
+    let lists_more = connection
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
+        && connection_names(&connection).any(|n| !n.eq_ignore_ascii_case("keep-alive"));
     let gone: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {

@@ -101,7 +101,7 @@ impl VerifiedTokens {
             Ok(token) => token,
             Err(e) => return (Err(e), None),
         };
-        let now = chrono::Utc::now().timestamp();
+        let now = super::mint::unix_now() as i64;
         if let Some(cache) = &self.cache
             && let Some((identity, valid_until)) = cache.get(token)
             && now < valid_until

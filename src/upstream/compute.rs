@@ -124,7 +124,13 @@ impl Compute {
         let mut req = Request::new(Full::new(forward.body.clone()));
         *req.method_mut() = forward.method.clone();
         *req.uri_mut() = forward.uri.clone();
-        *req.headers_mut() = forward.headers.clone();
+        // Not a clone: a cloned map has no room left, and adding the token
+        // then reallocates every entry.
+        let headers = req.headers_mut();
+        headers.reserve(forward.headers.len() + 3);
+        for (name, value) in &forward.headers {
+            headers.append(name.clone(), value.clone());
+        }
         let mut value = HeaderValue::from_str(token.id.expose()).map_err(|_| {
             UpstreamError::Body("the cloud token is not a valid header value".into())
         })?;
