@@ -356,10 +356,11 @@ impl Gateway {
                 &project.alias,
                 judged.v2_body.as_ref(),
             );
-            match self
-                .claim_key(snap, &caller.team, action, key, &fingerprint)
-                .await?
-            {
+            // Boxed, like the audit write below: only some requests take
+            // this path, and an awaited future is stored twice in its
+            // caller's (rust-lang/rust#62958), so every request's future
+            // would carry (and copy) room for it.
+            match Box::pin(self.claim_key(snap, &caller.team, action, key, &fingerprint)).await? {
                 Some(Claim::First(ticket)) => x.idempotency_ticket = Some(ticket),
                 Some(Claim::Replay(stored)) => return Ok(Admitted::Replay(stored)),
                 None => {}
@@ -404,7 +405,7 @@ impl Gateway {
             // The failure's detail (a file path) is logged by write_audit,
             // never shown to the caller.
             let deadline = config.server.request_timeout;
-            if let Err(e) = self.write_audit(record, deadline).await
+            if let Err(e) = Box::pin(self.write_audit(record, deadline)).await
                 && config.audit.fail_closed
             {
                 let why = match e {
@@ -533,13 +534,13 @@ impl Gateway {
             level
         };
         if level != AuditLevel::None && self.audit.is_enabled() {
-            let written = self
-                .write_audit(
-                    x.audit_record(Stage::Completed, level, Some(&ending)),
-                    config.server.request_timeout,
-                )
-                .await
-                .is_ok();
+            // Boxed (see `admit`): reads are not audited by default.
+            let written = Box::pin(self.write_audit(
+                x.audit_record(Stage::Completed, level, Some(&ending)),
+                config.server.request_timeout,
+            ))
+            .await
+            .is_ok();
             // A mutating Action is never answered as a success without its
             // completed record (it ran: say so, with what it produced).
             let succeeded = ending.outcome == Outcome::Ok;
@@ -603,12 +604,13 @@ impl Gateway {
             upstream: crate::metrics::upstream_wait(),
         });
         x.log_line(&ending, resp.status().as_u16(), took);
+        // Boxed (see `admit`): only requests with an idempotency key.
         match x.idempotency_ticket.take() {
             Some(ticket) if not_performed => {
-                self.idempotency.release(ticket).await;
+                Box::pin(self.idempotency.release(ticket)).await;
                 resp
             }
-            Some(ticket) => self.keep_answer(ticket, resp, x.result.clone()).await,
+            Some(ticket) => Box::pin(self.keep_answer(ticket, resp, x.result.clone())).await,
             None => resp,
         }
     }

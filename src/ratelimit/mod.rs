@@ -513,13 +513,17 @@ impl RateLimiter {
             None => applied.decide_local(false),
             Some(redis) => {
                 let sent = std::time::Instant::now();
-                let answer = redis
-                    .decide(
+                // Boxed: only this path needs the Redis call's state, and
+                // held in place it would be stored (twice, rust-lang/rust#62958)
+                // in every request's future, copied whole when it is boxed.
+                let answer = Box::pin(
+                    redis.decide(
                         applied
                             .slots()
                             .filter_map(|s| s.remote.as_ref().map(|r| (r, s.cost_of(action)))),
-                    )
-                    .await;
+                    ),
+                )
+                .await;
                 let round_trip = match answer {
                     Err(remote::Failure::CircuitOpen) => None,
                     _ => Some(sent.elapsed()),
