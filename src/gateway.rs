@@ -24,8 +24,11 @@
 //! Each phase returns a [`GatewayError`] on refusal; `error.rs` alone decides
 //! what the caller sees.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use axum::body::Body;
@@ -194,10 +197,10 @@ impl Gateway {
         )
     }
 
-    /// Every request of either surface. Runs in its own task: once admitted,
-    /// a request is seen through to its "completed" audit record and metrics
-    /// even if the caller hangs up half way (the upstream call may already
-    /// have been made).
+    /// Every request of either surface. Runs in the connection's task, and
+    /// moves to a task of its own if the caller hangs up half way: once
+    /// admitted, a request is seen through to its "completed" audit record
+    /// and metrics (the upstream call may already have been made).
     pub async fn handle(
         self: Arc<Self>,
         surface: Surface,
@@ -207,20 +210,17 @@ impl Gateway {
         let trace =
             self.traces
                 .request_context(req.headers(), req.method().as_str(), req.uri().path());
-        // Boxed first: each wrapper and the task then move a pointer, not
-        // the whole (large) future (callgrind: wrapping it unboxed cost a
-        // 20 KiB memcpy per request).
-        let request: std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>> =
-            Box::pin(self.serve(surface, req, client));
-        let request = crate::metrics::with_upstream_clock(request);
+        let request = crate::metrics::with_upstream_clock(self.serve(surface, req, client));
         let request = opentelemetry::context::FutureExt::with_context(request, trace);
-        match tokio::spawn(request).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::error!(error = %e, "a request task failed (a bug): answered 500");
+        // Boxed once, wrappers included: it is moved whole only into the
+        // box, and a hang-up moves just the pointer into a task.
+        match SeenThrough(Some(Box::pin(request))).await {
+            Some(resp) => resp,
+            None => {
+                tracing::error!("a request panicked (a bug): answered 500");
                 render_error(
                     surface,
-                    &GatewayError::Internal("the request task failed; see the gateway log".into()),
+                    &GatewayError::Internal("the request failed; see the gateway log".into()),
                 )
             }
         }
@@ -665,5 +665,87 @@ impl Gateway {
             tracing::debug!(error = %e, "audit record could not be written");
         }
         result
+    }
+}
+
+/// A request's future, polled where it is awaited (the connection's task,
+/// no task spawned per request). Dropped before it is done (the caller hung
+/// up), it goes on in a task of its own; there is none to run it in only
+/// when the runtime itself is gone. A panic ends it as `None`.
+struct SeenThrough(Option<Pin<Box<dyn Future<Output = Response> + Send>>>);
+
+impl Future for SeenThrough {
+    type Output = Option<Response>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Response>> {
+        let Some(request) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(resp)) => {
+                self.0 = None;
+                Poll::Ready(Some(resp))
+            }
+            Err(_) => {
+                self.0 = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for SeenThrough {
+    fn drop(&mut self) {
+        if let Some(request) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(request);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Response {
+        Response::new(Body::empty())
+    }
+
+    #[tokio::test]
+    async fn a_request_is_answered_where_it_is_awaited_and_a_panic_is_none() {
+        let answered = SeenThrough(Some(Box::pin(async { ok() }))).await;
+        assert_eq!(answered.map(|r| r.status()), Some(http::StatusCode::OK));
+        let panicked = SeenThrough(Some(Box::pin(async {
+            if std::hint::black_box(true) {
+                panic!("a bug");
+            }
+            ok()
+        })))
+        .await;
+        assert!(panicked.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_half_way_goes_on_in_a_task_of_its_own() {
+        let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let mut request = SeenThrough(Some(Box::pin(async move {
+            let _ = wait.await;
+            let _ = done.send(());
+            ok()
+        })));
+        // Polled once, then the caller goes away.
+        let polled = futures_util::poll!(&mut request);
+        assert!(polled.is_pending());
+        drop(request);
+        go_on.send(()).expect("the request is still alive");
+        tokio::time::timeout(std::time::Duration::from_secs(10), finished)
+            .await
+            .expect("the request finished")
+            .expect("the request ran to its end");
     }
 }
