@@ -72,6 +72,8 @@ pub struct Exchange {
     pub idempotency_ticket: Option<crate::idempotency::Ticket>,
     /// Answered from the idempotency store, not by the upstream.
     pub replayed: bool,
+    /// Time spent waiting for the upstream so far.
+    pub upstream_wait: crate::metrics::UpstreamWait,
 }
 
 /// What policy, audit and the upstream all see of a request.
@@ -118,6 +120,7 @@ impl Exchange {
             idempotency_key: None,
             idempotency_ticket: None,
             replayed: false,
+            upstream_wait: Default::default(),
         }
     }
 

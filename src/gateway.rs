@@ -210,8 +210,10 @@ impl Gateway {
         let trace =
             self.traces
                 .request_context(req.headers(), req.method().as_str(), req.uri().path());
-        let request = crate::metrics::with_upstream_clock(self.serve(surface, req, client));
-        let request = opentelemetry::context::FutureExt::with_context(request, trace);
+        let request = opentelemetry::context::FutureExt::with_context(
+            self.serve(surface, req, client),
+            trace,
+        );
         // Boxed once, wrappers included: it is moved whole only into the
         // box, and a hang-up moves just the pointer into a task.
         match SeenThrough(Some(Box::pin(request))).await {
@@ -464,7 +466,10 @@ impl Gateway {
         forward: &Forward,
         gateway_base: &str,
     ) -> Result<Answer, GatewayError> {
-        let resp = self.compute.call(project, forward, action).await?;
+        let resp = self
+            .compute
+            .call(project, forward, action, &x.upstream_wait)
+            .await?;
         x.upstream_status = Some(resp.status().as_u16());
         if action.is_mutating() && resp.status().is_success() && proxy::is_json(resp.headers()) {
             let location = resp.headers().get(http::header::LOCATION);
@@ -494,6 +499,7 @@ impl Gateway {
             compute_url: &config.upstream.compute_url,
             action: plan.action,
             learned: Default::default(),
+            waited: &x.upstream_wait,
         };
         // Boxed: the plan's calls would add 13 KiB to every request's future.
         let payload = Box::pin(exec::execute(plan, &api)).await;
@@ -601,7 +607,7 @@ impl Gateway {
             outcome: ending.outcome,
             status: resp.status().as_u16(),
             took,
-            upstream: crate::metrics::upstream_wait(),
+            upstream: x.upstream_wait.get(),
         });
         x.log_line(&ending, resp.status().as_u16(), took);
         // Boxed (see `admit`): only requests with an idempotency key.

@@ -188,28 +188,23 @@ const FINE_BUCKETS: &[f64] = &[
 /// The commit toastgate was built from (build.rs; `unknown` outside git).
 pub const COMMIT: &str = env!("TOASTGATE_COMMIT");
 
-tokio::task_local! {
-    /// Time the current request spent waiting for upstream calls (compute
-    /// and identity), summed; what the rest of its duration is the gateway's.
-    static UPSTREAM_WAIT: std::cell::Cell<Duration>;
-}
+/// Time one request spent waiting for upstream calls (compute, and the
+/// identity call a compute call waited for), summed; the rest of its
+/// duration is the gateway's own. Shared by reference with the calls (the
+/// v1.0 surface may make several at once), so atomic.
+#[derive(Debug, Default)]
+pub struct UpstreamWait(std::sync::atomic::AtomicU64);
 
-/// Runs `request` with an upstream-wait clock that [`add_upstream_wait`]
-/// adds to and [`upstream_wait`] reads.
-pub async fn with_upstream_clock<F: std::future::Future>(request: F) -> F::Output {
-    UPSTREAM_WAIT
-        .scope(std::cell::Cell::new(Duration::ZERO), request)
-        .await
-}
+impl UpstreamWait {
+    pub fn add(&self, waited: Duration) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.0
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
 
-/// Adds `waited` to the current request's upstream wait (no-op outside one).
-pub fn add_upstream_wait(waited: Duration) {
-    let _ = UPSTREAM_WAIT.try_with(|w| w.set(w.get() + waited));
-}
-
-/// The current request's upstream wait so far (zero outside one).
-pub fn upstream_wait() -> Duration {
-    UPSTREAM_WAIT.try_with(|w| w.get()).unwrap_or_default()
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// `2xx` .. `5xx`: the class of the HTTP status a caller was answered.
@@ -610,16 +605,12 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn upstream_wait_is_summed_per_request_and_zero_outside_one() {
-        add_upstream_wait(Duration::from_secs(5));
-        assert_eq!(upstream_wait(), Duration::ZERO);
-        let inside = with_upstream_clock(async {
-            add_upstream_wait(Duration::from_millis(2));
-            add_upstream_wait(Duration::from_millis(3));
-            upstream_wait()
-        })
-        .await;
-        assert_eq!(inside, Duration::from_millis(5));
+    #[test]
+    fn upstream_wait_is_summed_per_request() {
+        let wait = UpstreamWait::default();
+        assert_eq!(wait.get(), Duration::ZERO);
+        wait.add(Duration::from_millis(2));
+        wait.add(Duration::from_micros(3_001));
+        assert_eq!(wait.get(), Duration::from_micros(5_001));
     }
 }

@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::Env;
 use reqwest::Method;
@@ -224,5 +225,62 @@ async fn label_cardinality_stays_fixed_under_ten_thousand_distinct_instance_ids(
         "a team name from a JWT became a label"
     );
     promtool_check(&text);
+    env.stop().await;
+}
+
+/// The gateway's own time (`toastgate_gateway_overhead_seconds`) leaves out
+/// the upstream's, on both surfaces: a request held upstream for at least
+/// 300 ms has at least that much less overhead than duration.
+#[tokio::test]
+async fn overhead_excludes_time_spent_waiting_for_the_upstream() {
+    let env = Env::start().await;
+    for (surface, path) in [
+        ("v2", "/v2/web/flavors"),
+        ("v1.0", "/v1.0/appkeys/WebAppKey0001/instances"),
+    ] {
+        env.sim.clear_requests();
+        env.sim.hold_compute(true);
+        let call = {
+            let token = env.token("web-team");
+            let http = env.http.clone();
+            let url = format!("{}{path}", env.gw);
+            tokio::spawn(async move {
+                http.get(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while env.compute_requests().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{surface}: never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        env.sim.hold_compute(false);
+        assert_eq!(call.await.unwrap().unwrap(), 200, "{surface}");
+
+        let text = env.metrics().await;
+        let sum = |family: &str| {
+            common::metrics::sum(&text, &format!(r#"{family}_sum{{surface="{surface}"}}"#))
+        };
+        let duration: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("toastgate_request_duration_seconds_sum{")
+                    && l.contains(&format!(r#"surface="{surface}""#))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let overhead = sum("toastgate_gateway_overhead_seconds");
+        assert!(
+            duration - overhead >= 0.3,
+            "{surface}: duration {duration} s, overhead {overhead} s:\n{text}"
+        );
+    }
     env.stop().await;
 }

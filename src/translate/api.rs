@@ -17,6 +17,7 @@ use crate::audit;
 use crate::body;
 use crate::config::Project;
 use crate::error::GatewayError;
+use crate::metrics::UpstreamWait;
 use crate::upstream::compute::{Compute, Forward};
 
 /// Flavors change rarely; instance details must not cost a flavor call each.
@@ -53,6 +54,8 @@ pub struct ProjectApi<'a> {
     pub compute_url: &'a str,
     pub action: Action,
     pub learned: Mutex<Learned>,
+    /// The request's time waiting for the upstream, added to by each call.
+    pub waited: &'a UpstreamWait,
 }
 
 impl ProjectApi<'_> {
@@ -91,7 +94,7 @@ impl V2Caller for ProjectApi<'_> {
         };
         let resp = self
             .compute
-            .call(self.project, &forward, self.action)
+            .call(self.project, &forward, self.action, self.waited)
             .await?;
         let status = resp.status().as_u16();
         let location = resp

@@ -15,7 +15,7 @@ use super::token::{IdentityError, TokenBroker, UpstreamToken};
 use super::{UpstreamClient, UpstreamError};
 use crate::action::Action;
 use crate::config::Project;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamWait};
 
 /// Largest upstream body toastgate reads (JSON answers it rewrites or translates).
 pub const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -69,16 +69,17 @@ impl Compute {
     }
 
     /// Sends `forward` for `project` and returns the whole answer. The time
-    /// it takes (a token wait included) counts as the request's upstream wait.
+    /// it takes (a token wait included) is added to the request's `waited`.
     pub async fn call(
         &self,
         project: &Arc<Project>,
         forward: &Forward,
         action: Action,
+        waited: &UpstreamWait,
     ) -> Result<Response<Bytes>, CallError> {
         let started = Instant::now();
         let result = self.call_with_retry(project, forward, action).await;
-        crate::metrics::add_upstream_wait(started.elapsed());
+        waited.add(started.elapsed());
         result
     }
 
