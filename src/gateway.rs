@@ -210,13 +210,16 @@ impl Gateway {
         let trace =
             self.traces
                 .request_context(req.headers(), req.method().as_str(), req.uri().path());
-        let request = opentelemetry::context::FutureExt::with_context(
-            self.serve(surface, req, client),
-            trace,
-        );
-        // Boxed once, wrappers included: it is moved whole only into the
+        let request = self.serve(surface, req, client);
+        // Boxed once, wrapper included: it is moved whole only into the
         // box, and a hang-up moves just the pointer into a task.
-        match SeenThrough(Some(Box::pin(request))).await {
+        let request: Pin<Box<dyn Future<Output = Response> + Send>> = match trace {
+            Some(trace) => Box::pin(opentelemetry::context::FutureExt::with_context(
+                request, trace,
+            )),
+            None => Box::pin(request),
+        };
+        match SeenThrough(Some(request)).await {
             Some(resp) => resp,
             None => {
                 tracing::error!("a request panicked (a bug): answered 500");

@@ -108,14 +108,22 @@ impl Traces {
 
     /// The request's context: the caller's trace continued (a valid
     /// `traceparent`), with the request's server span when exporting.
-    pub fn request_context(&self, headers: &HeaderMap, method: &str, path: &str) -> Context {
-        let parent = if headers.contains_key(&TRACEPARENT) {
+    /// `None` when there is neither: an empty context need not be attached
+    /// (on every poll of the request) to be the current one.
+    pub fn request_context(
+        &self,
+        headers: &HeaderMap,
+        method: &str,
+        path: &str,
+    ) -> Option<Context> {
+        let traced = headers.contains_key(&TRACEPARENT);
+        let parent = if traced {
             TraceContextPropagator::new().extract(&HeaderExtractor(headers))
         } else {
             Context::new()
         };
         let Some(tracer) = &self.tracer else {
-            return parent;
+            return traced.then_some(parent);
         };
         let span = tracer
             .span_builder("toastgate.request")
@@ -125,9 +133,11 @@ impl Traces {
                 KeyValue::new("url.path", path.to_string()),
             ])
             .start_with_context(tracer, &parent);
-        parent
-            .with_span(span)
-            .with_value(RequestTracer(tracer.clone()))
+        Some(
+            parent
+                .with_span(span)
+                .with_value(RequestTracer(tracer.clone())),
+        )
     }
 
     /// Sends what is left and stops the exporter (graceful shutdown).
