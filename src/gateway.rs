@@ -679,8 +679,9 @@ impl Gateway {
 
 /// A request's future, polled where it is awaited (the connection's task,
 /// no task spawned per request). Dropped before it is done (the caller hung
-/// up), it goes on in a task of its own; there is none to run it in only
-/// when the runtime itself is gone. A panic ends it as `None`.
+/// up), it goes on in a task of its own, as a spawned request did before:
+/// outside a runtime it is dropped, and a runtime shutting down cancels the
+/// new task at once. A panic ends it as `None`.
 struct SeenThrough(Option<Pin<Box<dyn Future<Output = Response> + Send>>>);
 
 impl Future for SeenThrough {

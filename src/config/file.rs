@@ -234,7 +234,7 @@ pub struct AuthFile {
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
     /// How many verified caller tokens are remembered (each for at most a
-    /// minute, never past its `exp`); 0 verifies every request.
+    /// minute, never past its `exp` plus `leeway`); 0 verifies every request.
     #[serde(default = "default_verified_token_cache")]
     pub verified_token_cache: u64,
     pub keys: KeysFile,
