@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# bench/callgrind.sh: user-space instructions per request, toastgate against
+# the bare hyper proxy, counted by valgrind's callgrind.
+#
+# Instructions, not seconds: the count is the same for the same binary and
+# request whatever else this shared machine is doing, so a change of 1% shows
+# (README, Benchmarks: every figure there called "callgrind" comes from here).
+#
+# The request is bench/run.sh's (d) and (b): GET /v2/bench/servers/detail
+# with a JWT, 7.2 KB of JSON whose 16 links toastgate rewrites, from the same
+# static nginx upstream. Each proxy runs twice under callgrind, one worker
+# thread, serving N1 and then N2 requests one after the other (oha -c 1);
+# per request = (count(N2) - count(N1)) / (N2 - N1), so start-up, shutdown
+# and the first requests cancel out. quanta's one-time clock calibration
+# (moka's clock, in toastgate only) runs for as long as its wall-clock window
+# lasts, which varies: its instructions are taken out of each count.
+#
+# Usage: bench/callgrind.sh   (about 3 minutes after the release build)
+# Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path KEEP_TMP=1
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH="$ROOT/bench"
+N1=${N1:-200}
+N2=${N2:-3200}
+for knob in N1 N2; do
+    [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || { echo "bench/callgrind.sh: $knob must be a positive integer (got '${!knob}')" >&2; exit 2; }
+done
+((N2 > N1)) || { echo "bench/callgrind.sh: N2 must be larger than N1 (got $N1, $N2)" >&2; exit 2; }
+PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+START=$(date +%s)
+
+log() { printf '[%3ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+missing=()
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v nginx >/dev/null || missing+=(nginx)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v oha >/dev/null; then
+    log "installing oha (cargo install oha --locked; first time only)"
+    cargo install oha --locked
+fi
+
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    log "SKIP_BUILD=1: using the binaries already built"
+else
+    log "building toastgate and bare_proxy (release)"
+    (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+fi
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+TOASTGATE="${TOASTGATE_BIN:-$TARGET_DIR/release/toastgate}"
+BARE_PROXY="$TARGET_DIR/release/examples/bare_proxy"
+
+TMP=$(mktemp -d -t toastgate-callgrind.XXXXXX)
+chmod 755 "$TMP"
+umask 077
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        timeout 10 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP_TMP:-0}" = 1 ]; then log "temp files kept in $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r P_UP P_PROXY P_ADMIN < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+
+TENANT=6cdebe3eb0094910bc41f1d42ebe4cb7
+mkdir -p "$TMP/www"
+python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")), end="")' \
+    "$BENCH/servers-detail.json" >"$TMP/www/servers-detail.json"
+chmod 755 "$TMP/www"
+chmod 644 "$TMP/www/servers-detail.json"
+TOKEN_JSON='{"access":{"token":{"id":"bench-token-0001","expires":"2099-01-01T00:00:00Z","issued_at":"2026-01-01T00:00:00.000000","tenant":{"id":"'$TENANT'","name":"bench","enabled":true}},"serviceCatalog":[],"user":{"id":"u","username":"bench","roles":[]}}}'
+sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_UP|g" -e "s|@TOKEN_JSON@|$TOKEN_JSON|g" \
+    "$BENCH/nginx-upstream.conf.tmpl" >"$TMP/nginx-upstream.conf"
+sed -e "s|127.0.0.1:47001|127.0.0.1:$P_UP|g" \
+    -e "s|127.0.0.1:47004|127.0.0.1:$P_PROXY|g" \
+    -e "s|127.0.0.1:47005|127.0.0.1:$P_ADMIN|g" \
+    "$BENCH/toastgate.yaml" >"$TMP/toastgate.yaml"
+head -c 48 /dev/urandom | base64 >"$TMP/jwt-hs256.key"
+echo "bench-password" >"$TMP/keystone-password"
+
+# Polls URL until it answers 2xx, for at most 120 s (valgrind starts slowly).
+wait_ready() {
+    local url=$1 _
+    for _ in $(seq 1 1200); do
+        curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$url not ready after 120 s"
+}
+
+nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
+PIDS+=($!)
+wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
+JWT=$(RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team bench --ttl 2h)
+URL="http://127.0.0.1:$P_PROXY/v2/bench/servers/detail"
+
+# NAME N: COUNT = the instructions of one whole run of NAME serving N
+# requests, quanta's calibration taken out. (Not a $(...) subshell: the
+# process it starts must stay in this shell's cleanup list.)
+count_run() {
+    local name=$1 n=$2 out="$TMP/callgrind-$1-$2.out" pid total calibration
+    case $name in
+    toastgate)
+        RUST_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
+            "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/$name-$n.log" &
+        pid=$!
+        PIDS+=("$pid")
+        wait_ready "http://127.0.0.1:$P_ADMIN/readyz"
+        ;;
+    bare_proxy)
+        TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
+            "$BARE_PROXY" "127.0.0.1:$P_PROXY" "127.0.0.1:$P_UP" 2>"$TMP/$name-$n.log" &
+        pid=$!
+        PIDS+=("$pid")
+        # One request of its own: the same in both runs, so it cancels out.
+        wait_ready "http://127.0.0.1:$P_PROXY/v2/$TENANT/servers/detail"
+        ;;
+    esac
+    oha --no-tui -n "$n" -c 1 -H "Authorization: Bearer $JWT" "$URL" >"$TMP/oha-$name-$n.txt" ||
+        die "$name: oha failed (see $TMP/oha-$name-$n.txt)"
+    grep -q '\[200\] '"$n"' responses' "$TMP/oha-$name-$n.txt" ||
+        die "$name: not all $n requests were answered 200 (see $TMP/oha-$name-$n.txt)"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    total=$(awk '/^(summary|totals):/ {print $2; exit}' "$out")
+    [ -n "$total" ] || die "$name: no callgrind totals in $out"
+    calibration=$(callgrind_annotate --inclusive=yes --threshold=100 "$out" 2>/dev/null |
+        awk '!found && /quanta::Calibration::calibrate/ {gsub(",", "", $1); print $1; found = 1}')
+    COUNT=$((total - ${calibration:-0}))
+}
+
+declare -A PER_REQUEST
+for name in toastgate bare_proxy; do
+    log "$name: $N1 requests under callgrind"
+    count_run "$name" "$N1"
+    c1=$COUNT
+    log "$name: $N2 requests under callgrind"
+    count_run "$name" "$N2"
+    c2=$COUNT
+    PER_REQUEST[$name]=$(((c2 - c1) / (N2 - N1)))
+    log "$name: ${PER_REQUEST[$name]} instructions per request"
+done
+
+cat <<EOF
+
+## callgrind: user-space instructions per request
+
+GET /v2/bench/servers/detail, one request at a time; (count of $N2 requests - count of $N1) / $((N2 - N1)).
+
+| proxy | instructions per request |
+|---|---:|
+| toastgate, full stack | ${PER_REQUEST[toastgate]} |
+| bare hyper proxy | ${PER_REQUEST[bare_proxy]} |
+| toastgate / bare | $(awk -v a="${PER_REQUEST[toastgate]}" -v b="${PER_REQUEST[bare_proxy]}" 'BEGIN { printf "%.2f", a / b }') |
+
+$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?") at $(date -u '+%Y-%m-%d %H:%M UTC'), valgrind $(valgrind --version | sed 's/^valgrind-//').
+EOF
