@@ -188,22 +188,65 @@ const FINE_BUCKETS: &[f64] = &[
 /// The commit toastgate was built from (build.rs; `unknown` outside git).
 pub const COMMIT: &str = env!("TOASTGATE_COMMIT");
 
-/// Time one request spent waiting for upstream calls (compute, and the
-/// identity call a compute call waited for), summed; the rest of its
-/// duration is the gateway's own. Shared by reference with the calls (the
-/// v1.0 surface may make several at once), so atomic.
+/// Time one request spent waiting for the upstream (its compute calls, the
+/// identity call one of them waited for, a flavor list another request was
+/// loading): the rest of its duration is the gateway's own. The v1.0
+/// surface makes several calls at once, so this is the time at least one
+/// was in flight (the union of their intervals), never their sum, which
+/// can exceed the request's whole duration.
 #[derive(Debug, Default)]
-pub struct UpstreamWait(std::sync::atomic::AtomicU64);
+pub struct UpstreamWait(std::sync::Mutex<WaitState>);
+
+#[derive(Debug, Default)]
+struct WaitState {
+    in_flight: u32,
+    /// When `in_flight` last rose from zero.
+    busy_since: Option<std::time::Instant>,
+    /// Busy periods that have ended.
+    total: Duration,
+}
 
 impl UpstreamWait {
-    pub fn add(&self, waited: Duration) {
-        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
-        self.0
-            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+    /// One wait begins; it ends when the guard is dropped.
+    pub fn start(&self) -> WaitGuard<'_> {
+        let mut state = self.lock();
+        if state.in_flight == 0 {
+            state.busy_since = Some(std::time::Instant::now());
+        }
+        state.in_flight += 1;
+        WaitGuard(self)
     }
 
+    /// The time waited so far (a busy period still open counted up to now).
     pub fn get(&self) -> Duration {
-        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::Relaxed))
+        let state = self.lock();
+        let open = match state.busy_since {
+            Some(since) if state.in_flight > 0 => since.elapsed(),
+            _ => Duration::ZERO,
+        };
+        state.total + open
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitState> {
+        // The state stays consistent under a panic: every update is whole.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One wait in progress (see [`UpstreamWait::start`]).
+pub struct WaitGuard<'a>(&'a UpstreamWait);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0
+            && let Some(since) = state.busy_since.take()
+        {
+            state.total += since.elapsed();
+        }
     }
 }
 
@@ -606,11 +649,30 @@ mod tests {
     }
 
     #[test]
-    fn upstream_wait_is_summed_per_request() {
+    fn overlapping_upstream_waits_count_once() {
         let wait = UpstreamWait::default();
         assert_eq!(wait.get(), Duration::ZERO);
-        wait.add(Duration::from_millis(2));
-        wait.add(Duration::from_micros(3_001));
-        assert_eq!(wait.get(), Duration::from_micros(5_001));
+        let outer_start = std::time::Instant::now();
+        let first = wait.start();
+        let second = wait.start();
+        std::thread::sleep(Duration::from_millis(30));
+        drop(first);
+        assert!(wait.get() >= Duration::from_millis(30), "still in flight");
+        drop(second);
+        let outer = outer_start.elapsed();
+        let waited = wait.get();
+        // Summed, two waits of at least 30 ms each would exceed the
+        // interval both lie in (unless this thread stalled for 30 ms
+        // between the two drops); as a union they never can.
+        assert!(
+            waited >= Duration::from_millis(30) && waited <= outer,
+            "waited {waited:?} within {outer:?}"
+        );
+        // Nothing in flight: the total stays put.
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(wait.get(), waited);
+        // A later, separate wait adds to it.
+        drop(wait.start());
+        assert!(wait.get() >= waited);
     }
 }

@@ -136,6 +136,9 @@ impl V2Caller for ProjectApi<'_> {
                 .collect();
             Ok(Arc::new(map))
         };
+        // Waiting for a list another request is loading is upstream time
+        // too (the load's own call, when it is this request's, nests).
+        let _waiting = self.waited.start();
         self.flavors
             .0
             .try_get_with(self.project.tenant_id.clone(), load)

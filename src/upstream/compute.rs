@@ -69,7 +69,7 @@ impl Compute {
     }
 
     /// Sends `forward` for `project` and returns the whole answer. The time
-    /// it takes (a token wait included) is added to the request's `waited`.
+    /// it takes (a token wait included) counts in the request's `waited`.
     pub async fn call(
         &self,
         project: &Arc<Project>,
@@ -77,10 +77,8 @@ impl Compute {
         action: Action,
         waited: &UpstreamWait,
     ) -> Result<Response<Bytes>, CallError> {
-        let started = Instant::now();
-        let result = self.call_with_retry(project, forward, action).await;
-        waited.add(started.elapsed());
-        result
+        let _waiting = waited.start();
+        self.call_with_retry(project, forward, action).await
     }
 
     async fn call_with_retry(
