@@ -827,3 +827,54 @@ async fn same_decision_for_the_same_action_on_both_surfaces() {
     assert_success(&env.v1(TEAM, Method::GET, "/instances-detail", None).await);
     env.stop().await;
 }
+
+/// A detailed list looks up each volume-backed server's volumes several at
+/// a time. The overhead histogram counts those calls as the time at least
+/// one was in flight: summed, they would exceed the request's duration and
+/// leave it no overhead at all (the gateway's own time is never zero).
+#[tokio::test]
+async fn concurrent_upstream_calls_count_once_in_the_overhead() {
+    let env = Env::start().await;
+    for n in 0..3 {
+        create_instance(&env, &format!("vol-{n}"), FLAVOR_U2_C1M1, Some(10)).await;
+    }
+    let sums = |text: &str| {
+        let sum = |family: &str| {
+            common::metrics::sum(text, &format!(r#"{family}_sum{{surface="v1.0"}}"#))
+        };
+        let duration: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("toastgate_request_duration_seconds_sum{")
+                    && l.contains(r#"surface="v1.0""#)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (duration, sum("toastgate_gateway_overhead_seconds"))
+    };
+    let (duration_before, overhead_before) = sums(&env.metrics().await);
+    // Every upstream call now takes at least 200 ms: the server list, the
+    // flavor list, then the three volume look-ups at once.
+    env.sim.set_latency(std::time::Duration::from_millis(200));
+    let b = env.v1(TEAM, Method::GET, "/instances-detail", None).await;
+    env.sim.set_latency(std::time::Duration::ZERO);
+    assert_success(&b);
+    assert_eq!(b["instances"].as_array().map(Vec::len), Some(3), "{b}");
+    let volume_lookups = env
+        .compute_requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/os-volume_attachments"))
+        .count();
+    assert_eq!(volume_lookups, 3);
+
+    let (duration_after, overhead_after) = sums(&env.metrics().await);
+    let (duration, overhead) = (
+        duration_after - duration_before,
+        overhead_after - overhead_before,
+    );
+    assert!(
+        overhead > 0.0 && duration - overhead >= 0.6,
+        "duration {duration} s, overhead {overhead} s"
+    );
+    env.stop().await;
+}
