@@ -123,16 +123,21 @@ fn classify_v2_path<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, R
     if !is_safe_segment(project) {
         return Err(not_found());
     }
-    let segments: Vec<&str> = if rest.is_empty() {
-        Vec::new()
-    } else {
-        rest.split('/').collect()
-    };
-    if segments.iter().any(|s| !is_safe_segment(s)) {
-        return Err(not_found());
+    // No route has more than four segments after the project: eight are
+    // read without an allocation, and a longer path is no route at all.
+    let mut read = [""; 8];
+    let mut count = 0;
+    if !rest.is_empty() {
+        for segment in rest.split('/') {
+            if count == read.len() || !is_safe_segment(segment) {
+                return Err(not_found());
+            }
+            read[count] = segment;
+            count += 1;
+        }
     }
     let m = method;
-    let (action, target): (Option<Action>, Option<&'a str>) = match segments.as_slice() {
+    let (action, target): (Option<Action>, Option<&'a str>) = match &read[..count] {
         ["flavors"] => pick(m, &[(Method::GET, Action::FlavorList)]),
         ["flavors", "detail"] => pick(m, &[(Method::GET, Action::FlavorListDetail)]),
         ["os-availability-zone"] => pick(m, &[(Method::GET, Action::ZoneList)]),

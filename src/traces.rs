@@ -200,8 +200,10 @@ impl CallSpan {
     /// re-serialized from the parsed context (nothing when there is no
     /// valid trace).
     pub fn inject(&self, headers: &mut HeaderMap) {
-        headers.remove(&TRACEPARENT);
-        headers.remove(&TRACESTATE);
+        // Never the caller's own: a compute call forwards an allow list that
+        // leaves them out (`proxy::upstream_request_headers`), an identity
+        // call builds its headers itself.
+        debug_assert!(!headers.contains_key(&TRACEPARENT) && !headers.contains_key(&TRACESTATE));
         if self.cx.span().span_context().is_valid() {
             TraceContextPropagator::new().inject_context(&self.cx, &mut HeaderInjector(headers));
         }
