@@ -265,18 +265,7 @@ async fn overhead_excludes_time_spent_waiting_for_the_upstream() {
         assert_eq!(call.await.unwrap().unwrap(), 200, "{surface}");
 
         let text = env.metrics().await;
-        let sum = |family: &str| {
-            common::metrics::sum(&text, &format!(r#"{family}_sum{{surface="{surface}"}}"#))
-        };
-        let duration: f64 = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("toastgate_request_duration_seconds_sum{")
-                    && l.contains(&format!(r#"surface="{surface}""#))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        let overhead = sum("toastgate_gateway_overhead_seconds");
+        let (duration, overhead) = common::metrics::duration_and_overhead(&text, surface);
         assert!(
             duration - overhead >= 0.3,
             "{surface}: duration {duration} s, overhead {overhead} s:\n{text}"

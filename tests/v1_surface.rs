@@ -64,6 +64,14 @@ async fn create_keypair(env: &Env, name: &str) -> Value {
     b
 }
 
+/// Compute requests the upstream received whose path ends with `suffix`.
+fn compute_calls_ending(env: &Env, suffix: &str) -> usize {
+    env.compute_requests()
+        .iter()
+        .filter(|r| r.path.ends_with(suffix))
+        .count()
+}
+
 async fn create_instance(env: &Env, name: &str, flavor: &str, volume: Option<i64>) -> String {
     create_keypair(env, &format!("{name}-key")).await;
     let mut inst = json!({
@@ -278,12 +286,7 @@ async fn instances_brief_and_detail_by_list_and_by_id() {
     );
     assert_eq!(u2d["flavor"]["name"], "u2.c1m1");
     // Flavor details are cached: one flavors/detail call for all of the above.
-    let flavor_calls = env
-        .compute_requests()
-        .iter()
-        .filter(|r| r.path.ends_with("/flavors/detail"))
-        .count();
-    assert_eq!(flavor_calls, 1);
+    assert_eq!(compute_calls_ending(&env, "/flavors/detail"), 1);
     env.stop().await;
 }
 
@@ -838,20 +841,7 @@ async fn concurrent_upstream_calls_count_once_in_the_overhead() {
     for n in 0..3 {
         create_instance(&env, &format!("vol-{n}"), FLAVOR_U2_C1M1, Some(10)).await;
     }
-    let sums = |text: &str| {
-        let sum = |family: &str| {
-            common::metrics::sum(text, &format!(r#"{family}_sum{{surface="v1.0"}}"#))
-        };
-        let duration: f64 = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("toastgate_request_duration_seconds_sum{")
-                    && l.contains(r#"surface="v1.0""#)
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        (duration, sum("toastgate_gateway_overhead_seconds"))
-    };
+    let sums = |text: &str| common::metrics::duration_and_overhead(text, "v1.0");
     let (duration_before, overhead_before) = sums(&env.metrics().await);
     // Every upstream call now takes at least 200 ms: the server list, the
     // flavor list, then the three volume look-ups at once.
@@ -860,12 +850,7 @@ async fn concurrent_upstream_calls_count_once_in_the_overhead() {
     env.sim.set_latency(std::time::Duration::ZERO);
     assert_success(&b);
     assert_eq!(b["instances"].as_array().map(Vec::len), Some(3), "{b}");
-    let volume_lookups = env
-        .compute_requests()
-        .iter()
-        .filter(|r| r.path.ends_with("/os-volume_attachments"))
-        .count();
-    assert_eq!(volume_lookups, 3);
+    assert_eq!(compute_calls_ending(&env, "/os-volume_attachments"), 3);
 
     let (duration_after, overhead_after) = sums(&env.metrics().await);
     let (duration, overhead) = (

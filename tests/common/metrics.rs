@@ -52,3 +52,22 @@ pub async fn eventually_contains(
     }
     false
 }
+
+/// What the requests on `surface` took in all, and the gateway's own part of
+/// it: the sums of `toastgate_request_duration_seconds` (every Action) and
+/// `toastgate_gateway_overhead_seconds`.
+pub fn duration_and_overhead(metrics: &str, surface: &str) -> (f64, f64) {
+    let label = format!(r#"surface="{surface}""#);
+    let sum_of = |family: &str| -> f64 {
+        let prefix = format!("{family}_sum{{");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        sum_of("toastgate_request_duration_seconds"),
+        sum_of("toastgate_gateway_overhead_seconds"),
+    )
+}
