@@ -15,7 +15,7 @@
 # (moka's clock, in toastgate only) runs for as long as its wall-clock window
 # lasts, which varies: its instructions are taken out of each count.
 #
-# Usage: bench/callgrind.sh   (about 3 minutes after the release build)
+# Usage: bench/callgrind.sh   (about 10 seconds after the release build)
 # Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path KEEP_TMP=1
 set -euo pipefail
 
@@ -27,87 +27,15 @@ for knob in N1 N2; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || { echo "bench/callgrind.sh: $knob must be a positive integer (got '${!knob}')" >&2; exit 2; }
 done
 ((N2 > N1)) || { echo "bench/callgrind.sh: N2 must be larger than N1 (got $N1, $N2)" >&2; exit 2; }
-PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 START=$(date +%s)
+# shellcheck source=bench/common.sh
+. "$BENCH/common.sh"
 
-log() { printf '[%3ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO=sudo
-missing=()
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v nginx >/dev/null || missing+=(nginx)
-command -v curl >/dev/null || missing+=(curl)
-command -v python3 >/dev/null || missing+=(python3)
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-if ! command -v oha >/dev/null; then
-    log "installing oha (cargo install oha --locked; first time only)"
-    cargo install oha --locked
-fi
-
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    log "SKIP_BUILD=1: using the binaries already built"
-else
-    log "building toastgate and bare_proxy (release)"
-    (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
-fi
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-TOASTGATE="${TOASTGATE_BIN:-$TARGET_DIR/release/toastgate}"
-BARE_PROXY="$TARGET_DIR/release/examples/bare_proxy"
-
-TMP=$(mktemp -d -t toastgate-callgrind.XXXXXX)
-chmod 755 "$TMP"
-umask 077
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        timeout 10 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [ "${KEEP_TMP:-0}" = 1 ]; then log "temp files kept in $TMP"; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-read -r P_UP P_PROXY P_ADMIN < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')
-
-TENANT=6cdebe3eb0094910bc41f1d42ebe4cb7
-mkdir -p "$TMP/www"
-python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")), end="")' \
-    "$BENCH/servers-detail.json" >"$TMP/www/servers-detail.json"
-chmod 755 "$TMP/www"
-chmod 644 "$TMP/www/servers-detail.json"
-TOKEN_JSON='{"access":{"token":{"id":"bench-token-0001","expires":"2099-01-01T00:00:00Z","issued_at":"2026-01-01T00:00:00.000000","tenant":{"id":"'$TENANT'","name":"bench","enabled":true}},"serviceCatalog":[],"user":{"id":"u","username":"bench","roles":[]}}}'
-sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_UP|g" -e "s|@TOKEN_JSON@|$TOKEN_JSON|g" \
-    "$BENCH/nginx-upstream.conf.tmpl" >"$TMP/nginx-upstream.conf"
-sed -e "s|127.0.0.1:47001|127.0.0.1:$P_UP|g" \
-    -e "s|127.0.0.1:47004|127.0.0.1:$P_PROXY|g" \
-    -e "s|127.0.0.1:47005|127.0.0.1:$P_ADMIN|g" \
-    "$BENCH/toastgate.yaml" >"$TMP/toastgate.yaml"
-head -c 48 /dev/urandom | base64 >"$TMP/jwt-hs256.key"
-echo "bench-password" >"$TMP/keystone-password"
-
-# Polls URL until it answers 2xx, for at most 120 s (valgrind starts slowly).
-wait_ready() {
-    local url=$1 _
-    for _ in $(seq 1 1200); do
-        curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$url not ready after 120 s"
-}
+bench_tools valgrind nginx curl python3
+bench_build
+bench_scratch toastgate-callgrind
+read -r P_UP P_PROXY P_ADMIN < <(free_ports 3)
+bench_configs "$P_UP" "$P_PROXY" "$P_ADMIN"
 
 nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
 PIDS+=($!)
@@ -126,7 +54,7 @@ count_run() {
             "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/$name-$n.log" &
         pid=$!
         PIDS+=("$pid")
-        wait_ready "http://127.0.0.1:$P_ADMIN/readyz"
+        wait_ready "http://127.0.0.1:$P_ADMIN/readyz" 120
         ;;
     bare_proxy)
         TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
@@ -134,7 +62,7 @@ count_run() {
         pid=$!
         PIDS+=("$pid")
         # One request of its own: the same in both runs, so it cancels out.
-        wait_ready "http://127.0.0.1:$P_PROXY/v2/$TENANT/servers/detail"
+        wait_ready "http://127.0.0.1:$P_PROXY/v2/$TENANT/servers/detail" 120
         ;;
     esac
     oha --no-tui -n "$n" -c 1 -H "Authorization: Bearer $JWT" "$URL" >"$TMP/oha-$name-$n.txt" ||

@@ -42,108 +42,28 @@ done
 # An odd count, so that each median is one round's figure.
 ((ROUNDS % 2 == 1)) || { echo "bench/run.sh: ROUNDS must be odd (got $ROUNDS)" >&2; exit 2; }
 OPEN_DURATION=$((DURATION * 2))
-PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 START=$(date +%s)
+# shellcheck source=bench/common.sh
+. "$BENCH/common.sh"
 
-log() { printf '[%3ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# --- tools, build, scratch space --------------------------------------------
 
-# --- tools ------------------------------------------------------------------
-
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO=sudo
-missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v curl >/dev/null || missing+=(curl)
-command -v python3 >/dev/null || missing+=(python3)
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v redis-cli >/dev/null || missing+=(redis-tools)
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-# oha is the open-loop generator (-q RATE --latency-correction); wrk2 is not
-# packaged. The first install compiles it (several minutes, once).
-if ! command -v oha >/dev/null; then
-    log "installing oha (cargo install oha --locked; first time only)"
-    cargo install oha --locked
-fi
-
-if [ "${SKIP_BUILD:-0}" = 1 ]; then
-    log "SKIP_BUILD=1: using the binaries already built"
-else
-    log "building toastgate and bare_proxy (release)"
-    (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
-fi
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-# TOASTGATE_BIN: measure another build of the gateway (an A/B experiment).
-TOASTGATE="${TOASTGATE_BIN:-$TARGET_DIR/release/toastgate}"
-BARE_PROXY="$TARGET_DIR/release/examples/bare_proxy"
-
-# --- scratch space and cleanup ----------------------------------------------
-
-TMP=$(mktemp -d -t toastgate-bench.XXXXXX)
-# nginx workers drop to `nobody` when started as root: they must be able to
-# reach the static file. Secret files stay 0600 (umask below).
-chmod 755 "$TMP"
-umask 077
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        # Bounded: a process that ignores TERM for 5 s gets KILL.
-        timeout 5 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-    done
-    if [ "${KEEP_TMP:-0}" = 1 ]; then
-        log "temp files kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_tools nginx wrk curl python3 redis-server redis-cli:redis-tools
+bench_build
+bench_scratch toastgate-bench
 
 # 10,000 idle connections need a descriptor each, in toastgate and in the
 # client; every process started below inherits this limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # Free loopback ports, chosen by the kernel.
-read -r P_UP P_BARE P_NGX P_TG P_ADMIN P_TG2 P_ADMIN2 P_REDIS < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(8)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))')
+read -r P_UP P_BARE P_NGX P_TG P_ADMIN P_TG2 P_ADMIN2 P_REDIS < <(free_ports 8)
 
 # --- configs ----------------------------------------------------------------
 
-TENANT=6cdebe3eb0094910bc41f1d42ebe4cb7
-mkdir -p "$TMP/www"
-# Compact JSON, as an API server sends it.
-python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")), end="")' \
-    "$BENCH/servers-detail.json" >"$TMP/www/servers-detail.json"
-chmod 755 "$TMP/www"
-chmod 644 "$TMP/www/servers-detail.json"
-TOKEN_JSON='{"access":{"token":{"id":"bench-token-0001","expires":"2099-01-01T00:00:00Z","issued_at":"2026-01-01T00:00:00.000000","tenant":{"id":"'$TENANT'","name":"bench","enabled":true}},"serviceCatalog":[],"user":{"id":"u","username":"bench","roles":[]}}}'
-
-sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_UP|g" -e "s|@TOKEN_JSON@|$TOKEN_JSON|g" \
-    "$BENCH/nginx-upstream.conf.tmpl" >"$TMP/nginx-upstream.conf"
+bench_configs "$P_UP" "$P_TG" "$P_ADMIN"
 sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_NGX|g" -e "s|@UPSTREAM@|127.0.0.1:$P_UP|g" \
     "$BENCH/nginx-proxy.conf.tmpl" >"$TMP/nginx-proxy.conf"
-# The committed config uses 127.0.0.1:4700x; point it at this run's ports.
-sed -e "s|127.0.0.1:47001|127.0.0.1:$P_UP|g" \
-    -e "s|127.0.0.1:47004|127.0.0.1:$P_TG|g" \
-    -e "s|127.0.0.1:47005|127.0.0.1:$P_ADMIN|g" \
-    "$BENCH/toastgate.yaml" >"$TMP/toastgate.yaml"
-head -c 48 /dev/urandom | base64 >"$TMP/jwt-hs256.key"
-echo "bench-password" >"$TMP/keystone-password"
 # (f): the same gateway with its rate limits on Redis.
 sed -e "s|127.0.0.1:$P_TG|127.0.0.1:$P_TG2|g" -e "s|127.0.0.1:$P_ADMIN|127.0.0.1:$P_ADMIN2|g" \
     "$TMP/toastgate.yaml" >"$TMP/toastgate-redis.yaml"
@@ -151,16 +71,6 @@ printf '%s\n' 'rate_limit:' '  backend: redis' \
     '  redis: { url_env: TG_BENCH_REDIS_URL, timeout: 50ms, replicas: 1 }' >>"$TMP/toastgate-redis.yaml"
 
 # --- processes --------------------------------------------------------------
-
-# Polls URL until it answers 2xx, for at most 30 s.
-wait_ready() {
-    local url=$1 _
-    for _ in $(seq 1 300); do
-        curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$url not ready after 30 s"
-}
 
 log "starting nginx upstream :$P_UP, bare_proxy :$P_BARE, nginx proxy :$P_NGX, toastgate :$P_TG"
 nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
