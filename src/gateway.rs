@@ -53,7 +53,7 @@ use crate::surface::{Answer, JudgedRequest, Route, render_error};
 use crate::translate::api::{FlavorCache, ProjectApi};
 use crate::translate::exec::{self, Plan};
 use crate::upstream::UpstreamClient;
-use crate::upstream::compute::{Compute, Forward};
+use crate::upstream::compute::{Compute, ComputeBase, Forward};
 use crate::upstream::token::TokenBroker;
 
 /// What a reload swaps as one unit: the config and everything derived from it.
@@ -104,6 +104,8 @@ pub enum StartError {
     Audit(#[from] crate::audit::AuditError),
     #[error("traces: {0}")]
     Traces(String),
+    #[error("upstream.compute_url: {0}")]
+    ComputeUrl(#[from] crate::upstream::compute::InvalidComputeUrl),
 }
 
 /// What admission decided, short of a refusal.
@@ -139,6 +141,7 @@ impl Gateway {
         ));
         let compute = Compute::new(
             client,
+            ComputeBase::parse(&config.upstream.compute_url)?,
             broker.clone(),
             metrics.clone(),
             config.upstream.request_timeout,
@@ -299,7 +302,7 @@ impl Gateway {
                 base.push_str(route.project);
                 let forward = Forward {
                     method: parts.method.clone(),
-                    uri: route.upstream_uri(&config.upstream.compute_url, &project.tenant_id)?,
+                    uri: route.upstream_uri(self.compute.base(), &project.tenant_id)?,
                     headers: proxy::upstream_request_headers(&parts.headers, body.is_some()),
                     body: body
                         .as_ref()
@@ -308,7 +311,7 @@ impl Gateway {
                 };
                 self.forward(x, &project, action, &forward, &base).await
             }
-            JudgedRequest::V1(plan) => self.translate(config, x, &project, &plan).await,
+            JudgedRequest::V1(plan) => self.translate(x, &project, &plan).await,
         }
     }
 
@@ -490,7 +493,6 @@ impl Gateway {
     /// v1.0: runs the plan's v2 call(s) and answers the v1.0 shape.
     async fn translate(
         &self,
-        config: &Config,
         x: &mut Exchange,
         project: &Arc<Project>,
         plan: &Plan,
@@ -499,7 +501,6 @@ impl Gateway {
             compute: &self.compute,
             flavors: &self.flavors,
             project,
-            compute_url: &config.upstream.compute_url,
             action: plan.action,
             learned: Default::default(),
             waited: &x.upstream_wait,

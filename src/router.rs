@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::action::Action;
 use crate::error::{GatewayError, RouteError};
+use crate::upstream::compute::ComputeBase;
 
 /// A classified v2 request: `/v2/{project}/{rest}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,20 +34,15 @@ impl V2Route<'_> {
     /// real tenant, with the judged query.
     pub fn upstream_uri(
         &self,
-        compute_url: &str,
+        base: &ComputeBase,
         tenant_id: &str,
     ) -> Result<http::Uri, GatewayError> {
-        let mut uri = String::with_capacity(
-            compute_url.len() + tenant_id.len() + self.rest.len() + self.query.len() + 6,
-        );
-        for part in [compute_url, "/v2/", tenant_id, "/", self.rest] {
-            uri.push_str(part);
-        }
-        if !self.query.is_empty() {
-            uri.push('?');
-            uri.push_str(&self.query);
-        }
-        http::Uri::try_from(uri)
+        let tail: &[&str] = if self.query.is_empty() {
+            &[self.rest]
+        } else {
+            &[self.rest, "?", &self.query]
+        };
+        base.uri(tenant_id, tail)
             .map_err(|_| GatewayError::BadRequest("the request path is not a valid URI".into()))
     }
 }
@@ -1111,7 +1107,8 @@ mod tests {
             let method = Method::from_bytes(method.as_bytes()).unwrap();
             let path = segments.join("/");
             if let Ok(route) = classify_v2(&method, &path, query.as_deref()) {
-                let _ = route.upstream_uri("https://compute.example", "tenant");
+                let base = ComputeBase::parse("https://compute.example").unwrap();
+                let _ = route.upstream_uri(&base, "tenant");
             }
             let _ = classify_v1(&method, &path, query.as_deref());
         }

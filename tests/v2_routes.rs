@@ -498,7 +498,31 @@ async fn microversion_headers_pass_both_ways_and_hop_by_hop_headers_do_not() {
     assert_eq!(request_id.len(), 36);
     let seen = &env.compute_requests()[0];
     let has = |name: &str| seen.headers.iter().any(|(k, _)| k == name);
+    let values = |name: &str| {
+        seen.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
     assert!(has("openstack-api-version") && has("x-openstack-nova-api-version"));
+    let compute_authority = env
+        .config
+        .upstream
+        .compute_url
+        .trim_start_matches("http://");
+    assert_eq!(
+        values("host"),
+        [compute_authority],
+        "the upstream's own Host, once"
+    );
+    let cloud_token = values("x-auth-token");
+    assert_eq!(cloud_token.len(), 1, "{cloud_token:?}");
+    assert_ne!(
+        cloud_token[0],
+        env.token(TEAM),
+        "the caller's JWT is not forwarded"
+    );
     assert!(
         !has("x-hop-secret"),
         "a header named in Connection was forwarded"

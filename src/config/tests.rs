@@ -632,3 +632,38 @@ fn traces_are_off_unless_an_endpoint_is_given_and_checked_when_it_is() {
         );
     }
 }
+
+#[test]
+fn upstream_urls_the_client_cannot_call_are_refused_with_their_key() {
+    let compute = "https://kr1-api-instance.infrastructure.cloud.toast.com";
+    let rows = [
+        (
+            "ftp://compute.example",
+            "must be an http(s) URL with a host",
+        ),
+        (
+            "https://compute.example/?q=1",
+            "must not carry a query or fragment",
+        ),
+        (
+            "https://user:pw@compute.example",
+            "must not carry credentials",
+        ),
+        (
+            "https://bücher.example",
+            "is not a URL the HTTP client accepts",
+        ),
+    ];
+    for (url, expected) in rows {
+        let yaml = GOOD.replace(compute, url);
+        let p = problems(&yaml, &secrets());
+        assert_eq!(p.len(), 1, "{url}: {p:?}");
+        assert!(p[0].starts_with("upstream.compute_url: "), "{url}: {p:?}");
+        assert!(p[0].contains(expected), "{url}: {p:?}");
+        // A password in the URL is not repeated in the error.
+        assert!(!p[0].contains("user:pw"), "{url}: {p:?}");
+    }
+    let yaml = GOOD.replace(compute, "http://127.0.0.1:8774/compute/");
+    let c = Config::from_yaml(&yaml, &secrets(), None).expect("valid");
+    assert_eq!(c.upstream.compute_url, "http://127.0.0.1:8774/compute");
+}

@@ -106,6 +106,18 @@ impl Validator<'_> {
                 if u.query().is_some() || u.fragment().is_some() {
                     self.problem(path, "must not carry a query or fragment");
                 }
+                if !u.username().is_empty() || u.password().is_some() {
+                    self.problem(path, "must not carry credentials (user or password)");
+                }
+                // What the URL crate accepts, the HTTP client may not (a
+                // non-ASCII host, say): refused here rather than on every
+                // request.
+                if text.parse::<http::Uri>().is_err() {
+                    self.problem(
+                        path,
+                        format!("`{text}` is not a URL the HTTP client accepts (non-ASCII or unescaped characters?)"),
+                    );
+                }
                 text.trim_end_matches('/').to_string()
             }
             Ok(_) => {

@@ -51,7 +51,6 @@ pub struct ProjectApi<'a> {
     pub compute: &'a Compute,
     pub flavors: &'a FlavorCache,
     pub project: &'a Arc<Project>,
-    pub compute_url: &'a str,
     pub action: Action,
     pub learned: Mutex<Learned>,
     /// The request's time waiting for the upstream, added to by each call.
@@ -83,8 +82,10 @@ impl V2Caller for ProjectApi<'_> {
             }
             None => Bytes::new(),
         };
-        let uri = format!("{}/v2/{}/{path}", self.compute_url, self.project.tenant_id)
-            .parse()
+        let uri = self
+            .compute
+            .base()
+            .uri(&self.project.tenant_id, &[path])
             .map_err(|_| GatewayError::Internal("an upstream path is not a valid URI".into()))?;
         let forward = Forward {
             method: method.clone(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 
@@ -30,6 +31,89 @@ pub struct Forward {
     pub body: Bytes,
 }
 
+/// `upstream.compute_url`, parsed once: every upstream URI is built from its
+/// scheme and authority (not parsed again per request), and every attempt
+/// carries its `Host`, which the client would otherwise format anew for
+/// each request.
+#[derive(Debug, Clone)]
+pub struct ComputeBase {
+    scheme: Scheme,
+    authority: Authority,
+    /// The URL's path without its trailing slash ("" for none).
+    path: String,
+    host: HeaderValue,
+}
+
+/// `upstream.compute_url` is not a URL the HTTP client can call. (The URL
+/// is not repeated: config validation names it, and it could hold a
+/// password.)
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "not an http(s) URL with a host, without credentials, query or fragment, that the HTTP client accepts"
+)]
+pub struct InvalidComputeUrl;
+
+/// A path built from a request is not a valid URI path.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream path is not a valid URI")]
+pub struct InvalidUpstreamPath;
+
+impl ComputeBase {
+    pub fn parse(url: &str) -> Result<Self, InvalidComputeUrl> {
+        let invalid = || InvalidComputeUrl;
+        let uri: Uri = url.parse().map_err(|_| invalid())?;
+        let parts = uri.into_parts();
+        let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+            return Err(invalid());
+        };
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(invalid()),
+        };
+        if authority.as_str().contains('@') {
+            return Err(invalid());
+        }
+        // As the client writes it: the port only when it is not the
+        // scheme's default.
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_string(),
+        };
+        let path = parts
+            .path_and_query
+            .filter(|p| p.query().is_none())
+            .map(|p| p.path().trim_end_matches('/').to_string())
+            .ok_or_else(invalid)?;
+        Ok(ComputeBase {
+            scheme,
+            authority,
+            path,
+            host: HeaderValue::from_str(&host).map_err(|_| invalid())?,
+        })
+    }
+
+    /// `{compute_url}/v2/{tenant_id}/` followed by `tail`'s parts, which
+    /// are the rest of the path and any query.
+    pub fn uri(&self, tenant_id: &str, tail: &[&str]) -> Result<Uri, InvalidUpstreamPath> {
+        let tail_len: usize = tail.iter().map(|t| t.len()).sum();
+        let mut path = String::with_capacity(self.path.len() + tenant_id.len() + tail_len + 5);
+        for part in [self.path.as_str(), "/v2/", tenant_id, "/"]
+            .into_iter()
+            .chain(tail.iter().copied())
+        {
+            path.push_str(part);
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            PathAndQuery::from_maybe_shared(Bytes::from(path)).map_err(|_| InvalidUpstreamPath)?,
+        );
+        Uri::from_parts(parts).map_err(|_| InvalidUpstreamPath)
+    }
+}
+
 /// Why a compute call produced no answer to pass on.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -47,6 +131,7 @@ pub enum CallError {
 /// The compute API of every project, through one pooled client.
 pub struct Compute {
     client: UpstreamClient,
+    base: ComputeBase,
     broker: Arc<TokenBroker>,
     metrics: Arc<Metrics>,
     /// Per attempt: the answer's head and whole body.
@@ -56,16 +141,23 @@ pub struct Compute {
 impl Compute {
     pub fn new(
         client: UpstreamClient,
+        base: ComputeBase,
         broker: Arc<TokenBroker>,
         metrics: Arc<Metrics>,
         request_timeout: Duration,
     ) -> Self {
         Compute {
             client,
+            base,
             broker,
             metrics,
             request_timeout,
         }
+    }
+
+    /// Where every upstream URI starts.
+    pub fn base(&self) -> &ComputeBase {
+        &self.base
     }
 
     /// Sends `forward` for `project` and returns the whole answer. The time
@@ -126,15 +218,12 @@ impl Compute {
         // Not a clone: a cloned map has no room left, and adding the token
         // then reallocates every entry.
         let headers = req.headers_mut();
-        headers.reserve(forward.headers.len() + 3);
+        headers.reserve(forward.headers.len() + 4);
+        headers.insert(http::header::HOST, self.base.host.clone());
         for (name, value) in &forward.headers {
             headers.append(name.clone(), value.clone());
         }
-        let mut value = HeaderValue::from_str(token.id.expose()).map_err(|_| {
-            UpstreamError::Body("the cloud token is not a valid header value".into())
-        })?;
-        value.set_sensitive(true);
-        req.headers_mut().insert(super::X_AUTH_TOKEN, value);
+        headers.insert(super::X_AUTH_TOKEN, token.header.clone());
         let span = crate::traces::CallSpan::start(|| {
             (
                 format!("compute {}", action.name()).into(),
@@ -162,5 +251,69 @@ impl Compute {
         self.metrics
             .observe_upstream(action.name(), answer, started.elapsed());
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_builds_uris_and_the_host_the_client_would_send() {
+        let rows = [
+            // url, its Host, the URI of servers/detail?limit=1 for tenant t
+            (
+                "https://compute.example",
+                "compute.example",
+                "https://compute.example/v2/t/servers/detail?limit=1",
+            ),
+            (
+                "https://compute.example:443/nova/",
+                "compute.example",
+                "https://compute.example:443/nova/v2/t/servers/detail?limit=1",
+            ),
+            (
+                "http://127.0.0.1:8774",
+                "127.0.0.1:8774",
+                "http://127.0.0.1:8774/v2/t/servers/detail?limit=1",
+            ),
+            (
+                "http://[::1]:80",
+                "[::1]",
+                "http://[::1]:80/v2/t/servers/detail?limit=1",
+            ),
+            (
+                "https://[::1]:8443",
+                "[::1]:8443",
+                "https://[::1]:8443/v2/t/servers/detail?limit=1",
+            ),
+        ];
+        for (url, host, uri) in rows {
+            let base = ComputeBase::parse(url).unwrap();
+            assert_eq!(base.host, host, "{url}");
+            let built = base.uri("t", &["servers/detail", "?", "limit=1"]).unwrap();
+            assert_eq!(built.to_string(), uri, "{url}");
+            // The same URI as parsing the whole string gives.
+            assert_eq!(built, uri.parse::<Uri>().unwrap(), "{url}");
+        }
+    }
+
+    #[test]
+    fn base_refuses_what_is_no_http_base_and_paths_that_are_no_uri() {
+        for url in [
+            "compute.example",
+            "/v2",
+            "ftp://compute.example",
+            "https://user:pw@compute.example",
+            "https://compute.example/?q=1",
+            "https://bücher.example",
+        ] {
+            ComputeBase::parse(url).expect_err(url);
+        }
+        let base = ComputeBase::parse("https://compute.example").unwrap();
+        for tail in ["servers detail", "a\u{7f}", "a\nb"] {
+            assert!(base.uri("t", &[tail]).is_err(), "{tail}");
+        }
+        assert!(base.uri("t", &["servers/detail"]).is_ok());
     }
 }

@@ -52,6 +52,9 @@ pub use crate::config::TokenKey;
 #[derive(Clone)]
 pub struct UpstreamToken {
     pub id: Secret,
+    /// `id` as the `X-Auth-Token` value every compute call sends, checked
+    /// and marked sensitive once, when the token arrives.
+    pub header: http::HeaderValue,
     /// Server-side expiry, for display.
     pub expires_at: DateTime<Utc>,
     /// Local instant after which this token is no longer handed out.
@@ -462,7 +465,7 @@ impl TokenBroker {
                 IdentityError::Unavailable(format!("HTTP {status}"))
             });
         }
-        self.token_from_access(&value)
+        token_from_access(&self.policy, &value)
     }
 
     async fn fetch_appkey(
@@ -488,7 +491,7 @@ impl TokenBroker {
                 IdentityError::RejectedV1 { code }
             });
         }
-        self.token_from_access(&value)
+        token_from_access(&self.policy, &value)
     }
 
     async fn identity_post(
@@ -516,39 +519,43 @@ impl TokenBroker {
         let value = serde_json::from_slice(resp.body()).unwrap_or(serde_json::Value::Null);
         Ok((status, value))
     }
+}
 
-    /// Builds a token from `{"access":{"token":{"id","expires","issued_at"}}}`,
-    /// the shape both token APIs share.
-    fn token_from_access(&self, value: &serde_json::Value) -> Result<UpstreamToken, IdentityError> {
-        let token = &value["access"]["token"];
-        let id = token["id"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| IdentityError::BadResponse("no access.token.id".into()))?;
-        let expires = token["expires"]
-            .as_str()
-            .and_then(parse_identity_time)
-            .ok_or_else(|| {
-                IdentityError::BadResponse("no parseable access.token.expires".into())
-            })?;
-        let issued = token["issued_at"].as_str().and_then(parse_identity_time);
-        let received = Instant::now();
-        let lifetime = lifetime(issued, expires, Utc::now()).ok_or_else(|| {
-            IdentityError::BadResponse("token already expired when issued".into())
-        })?;
-        let usable_for = lifetime.saturating_sub(expiry_margin(lifetime));
-        // Never at or past the end of the usable window (a short token with
-        // a late `refresh_at` would otherwise make callers wait).
-        let refresh_after =
-            refresh_after(lifetime, &self.policy, rand::rng().random_range(-1.0..=1.0))
-                .min(usable_for.mul_f64(0.9));
-        Ok(UpstreamToken {
-            id: Secret::new(id),
-            expires_at: expires,
-            usable_until: received + usable_for,
-            refresh_at: received + refresh_after,
-        })
-    }
+/// Builds a token from `{"access":{"token":{"id","expires","issued_at"}}}`,
+/// the shape both token APIs share.
+fn token_from_access(
+    policy: &TokenPolicy,
+    value: &serde_json::Value,
+) -> Result<UpstreamToken, IdentityError> {
+    let token = &value["access"]["token"];
+    let id = token["id"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| IdentityError::BadResponse("no access.token.id".into()))?;
+    let expires = token["expires"]
+        .as_str()
+        .and_then(parse_identity_time)
+        .ok_or_else(|| IdentityError::BadResponse("no parseable access.token.expires".into()))?;
+    let mut header = http::HeaderValue::from_str(id).map_err(|_| {
+        IdentityError::BadResponse("access.token.id is not a valid header value".into())
+    })?;
+    header.set_sensitive(true);
+    let issued = token["issued_at"].as_str().and_then(parse_identity_time);
+    let received = Instant::now();
+    let lifetime = lifetime(issued, expires, Utc::now())
+        .ok_or_else(|| IdentityError::BadResponse("token already expired when issued".into()))?;
+    let usable_for = lifetime.saturating_sub(expiry_margin(lifetime));
+    // Never at or past the end of the usable window (a short token with
+    // a late `refresh_at` would otherwise make callers wait).
+    let refresh_after = refresh_after(lifetime, policy, rand::rng().random_range(-1.0..=1.0))
+        .min(usable_for.mul_f64(0.9));
+    Ok(UpstreamToken {
+        id: Secret::new(id),
+        header,
+        expires_at: expires,
+        usable_until: received + usable_for,
+        refresh_at: received + refresh_after,
+    })
 }
 
 /// How long a token lives, by the server's own clock when it says when the
@@ -654,6 +661,29 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_kept_with_its_header_value_and_an_unsendable_one_is_refused() {
+        let access = |id: &str| {
+            json!({"access": {"token": {
+                "id": id,
+                "issued_at": "2017-05-16T02:17:50Z",
+                "expires": "2017-05-16T03:17:50Z",
+            }}})
+        };
+        let token = token_from_access(&policy(), &access("f94a9f1ac6a2418c")).unwrap();
+        assert_eq!(token.header, "f94a9f1ac6a2418c");
+        assert!(token.header.is_sensitive(), "never shown by Debug");
+        assert_eq!(token.id.expose(), "f94a9f1ac6a2418c");
+        for id in ["zq9\nzq9", "zq9\u{7f}zq9", ""] {
+            match token_from_access(&policy(), &access(id)) {
+                Err(IdentityError::BadResponse(why)) => {
+                    assert!(!why.contains("zq9"), "the token is not echoed: {why}")
+                }
+                other => panic!("{id:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn parses_both_identity_time_formats() {
         let a = parse_identity_time("2017-05-16T03:17:50Z").unwrap();
         let b = parse_identity_time("2017-05-16T02:17:50.166563").unwrap();
@@ -712,6 +742,7 @@ mod tests {
     fn token(now: Instant, refresh_in: u64, usable_for: u64) -> Arc<UpstreamToken> {
         Arc::new(UpstreamToken {
             id: Secret::new("t"),
+            header: http::HeaderValue::from_static("t"),
             expires_at: Utc::now(),
             usable_until: now + Duration::from_secs(usable_for),
             refresh_at: now + Duration::from_secs(refresh_in),
