@@ -186,6 +186,8 @@ fn is_plausible_host(h: &str) -> bool {
 /// string (found by one precompiled search for `://`, rare in JSON outside
 /// URLs), then the tenant among that URL's path segments. A hex tenant id
 /// would match all over a JSON body full of hex ids; `://` does not.
+/// (Measured: searching for the tenant and then for the string around it
+/// took 5.1k more instructions per `GET servers/detail`, `bench/callgrind.sh`.)
 pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -> Option<Vec<u8>> {
     static SCHEME_SEPARATOR: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
         std::sync::OnceLock::new();
@@ -441,6 +443,26 @@ mod tests {
             proptest::prop_assert_eq!(
                 rewrite_links(body.as_bytes(), T, "https://gw/v2/web"),
                 rewrite_links_by_scanning(body.as_bytes(), T, "https://gw/v2/web"),
+                "{}", body
+            );
+        }
+
+        /// A tenant that overlaps itself ("abab" in "ababab") and occurs in
+        /// hosts and in parts of segments.
+        #[test]
+        fn an_overlapping_tenant_is_rewritten_as_scanning_does(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "\"https://", "\"http://", "\"http:/", "\"", "ab", "aba", "abab", "b", "/", "/v2",
+                    "?", "#", " ", "\\", ":", "://", "\"https://abab/", "\"http://h/abab",
+                ]),
+                0..60,
+            )
+        ) {
+            let body = parts.concat();
+            proptest::prop_assert_eq!(
+                rewrite_links(body.as_bytes(), "abab", "https://gw/v2/web"),
+                rewrite_links_by_scanning(body.as_bytes(), "abab", "https://gw/v2/web"),
                 "{}", body
             );
         }
