@@ -32,6 +32,12 @@ macro_rules! actions {
     };
 }
 
+/// An Action's name as a label (logs, metrics, spans): "none" before the
+/// request's Action is known.
+pub fn label(action: Option<Action>) -> &'static str {
+    action.map_or("none", Action::name)
+}
+
 actions! {
     FlavorList => "flavor.list", false;
     FlavorListDetail => "flavor.list_detail", false;

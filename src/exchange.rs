@@ -138,7 +138,7 @@ impl Exchange {
     }
 
     pub fn action_label(&self) -> &'static str {
-        self.action.map(Action::name).unwrap_or("none")
+        crate::action::label(self.action)
     }
 
     /// The audit level of this request's Action (`None` before it is known).

@@ -190,13 +190,15 @@ impl Gateway {
         self.snapshot.store(Arc::new(snapshot));
     }
 
-    /// The base URL callers reach the gateway at (for links).
-    pub fn public_base(&self, config: &Config, parts: &Parts) -> String {
+    /// The base URL callers reach the gateway at (for links), followed by
+    /// `tail`.
+    pub fn public_base(&self, config: &Config, parts: &Parts, tail: &[&str]) -> String {
         proxy::public_base(
             config.server.public_url.as_deref(),
             self.scheme,
             &parts.headers,
             parts.uri.authority().map(|a| a.as_str()),
+            tail,
         )
     }
 
@@ -297,9 +299,7 @@ impl Gateway {
                 action,
                 body,
             } => {
-                let mut base = self.public_base(config, &parts);
-                base.push_str("/v2/");
-                base.push_str(route.project);
+                let base = self.public_base(config, &parts, &["/v2/", route.project]);
                 let forward = Forward {
                     method: parts.method.clone(),
                     uri: route.upstream_uri(self.compute.base(), &project.tenant_id)?,
@@ -607,7 +607,7 @@ impl Gateway {
         self.metrics.observe_request(&crate::metrics::Observed {
             team: x.team_label(config),
             surface: x.surface.label(),
-            action: x.action_label(),
+            action: x.action,
             outcome: ending.outcome,
             status: resp.status().as_u16(),
             took,

@@ -88,7 +88,8 @@ impl UpstreamOutcomes {
 pub struct Observed<'a> {
     pub team: &'a str,
     pub surface: &'static str,
-    pub action: &'static str,
+    /// `None` before the request's Action was known.
+    pub action: Option<Action>,
     pub outcome: Outcome,
     /// The HTTP status the caller got.
     pub status: u16,
@@ -105,7 +106,13 @@ struct Resolved {
     overhead: [OnceLock<prometheus::Histogram>; 2],
     request_duration: [[OnceLock<prometheus::Histogram>; Action::ALL.len() + 1]; 2],
     upstream_duration: [OnceLock<prometheus::Histogram>; Action::ALL.len() + 1],
+    /// `upstream_responses` of the statuses most answers have.
+    upstream_responses:
+        [[OnceLock<prometheus::IntCounter>; COMMON_STATUSES.len()]; Action::ALL.len() + 1],
 }
+
+/// The upstream statuses whose series are resolved once per Action.
+const COMMON_STATUSES: [u16; 4] = [200, 201, 202, 204];
 
 impl Default for Resolved {
     fn default() -> Self {
@@ -114,6 +121,7 @@ impl Default for Resolved {
             overhead: Default::default(),
             request_duration: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             upstream_duration: std::array::from_fn(|_| OnceLock::new()),
+            upstream_responses: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
         }
     }
 }
@@ -124,11 +132,10 @@ fn surface_slot(surface: &str) -> usize {
 }
 
 /// The index of an Action label in [`Resolved`] ("none" last).
-fn action_slot(action: &str) -> usize {
-    Action::ALL
-        .iter()
-        .position(|a| a.name() == action)
-        .unwrap_or(Action::ALL.len())
+fn action_slot(action: Option<Action>) -> usize {
+    // The enum's discriminants are its positions in `Action::ALL` (a test
+    // checks it).
+    action.map_or(Action::ALL.len(), |a| a as usize)
 }
 
 pub struct Metrics {
@@ -490,20 +497,18 @@ impl Metrics {
     /// upstream calls.
     pub fn observe_request(&self, request: &Observed<'_>) {
         let surface = request.surface;
+        let action = crate::action::label(request.action);
         self.requests
             .with_label_values(&[
                 request.team,
                 surface,
-                request.action,
+                action,
                 request.outcome.label(),
                 status_class(request.status),
             ])
             .inc();
         self.resolved.request_duration[surface_slot(surface)][action_slot(request.action)]
-            .get_or_init(|| {
-                self.request_duration
-                    .with_label_values(&[surface, request.action])
-            })
+            .get_or_init(|| self.request_duration.with_label_values(&[surface, action]))
             .observe(request.took.as_secs_f64());
         self.resolved.overhead[surface_slot(surface)]
             .get_or_init(|| self.overhead.with_label_values(&[surface]))
@@ -519,22 +524,31 @@ impl Metrics {
     /// (a bounded label).
     pub fn observe_upstream(
         &self,
-        action: &'static str,
+        action: Action,
         answer: Result<http::StatusCode, &'static str>,
         took: Duration,
     ) {
-        self.resolved.upstream_duration[action_slot(action)]
-            .get_or_init(|| self.upstream_duration.with_label_values(&[action]))
+        let slot = action_slot(Some(action));
+        self.resolved.upstream_duration[slot]
+            .get_or_init(|| self.upstream_duration.with_label_values(&[action.name()]))
             .observe(took.as_secs_f64());
         self.upstream_outcomes.count(answer);
         match answer {
-            Ok(status) => self
-                .upstream_responses
-                .with_label_values(&[action, status.as_str()])
-                .inc(),
+            Ok(status) => match COMMON_STATUSES.iter().position(|&s| s == status.as_u16()) {
+                Some(common) => self.resolved.upstream_responses[slot][common]
+                    .get_or_init(|| {
+                        self.upstream_responses
+                            .with_label_values(&[action.name(), status.as_str()])
+                    })
+                    .inc(),
+                None => self
+                    .upstream_responses
+                    .with_label_values(&[action.name(), status.as_str()])
+                    .inc(),
+            },
             Err(kind) => self
                 .upstream_errors
-                .with_label_values(&[action, kind])
+                .with_label_values(&[action.name(), kind])
                 .inc(),
         }
     }
@@ -583,30 +597,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_action_slot_is_its_position_in_the_catalog() {
+        for (position, action) in Action::ALL.iter().enumerate() {
+            assert_eq!(action_slot(Some(*action)), position, "{action}");
+        }
+        assert_eq!(action_slot(None), Action::ALL.len());
+    }
+
+    #[test]
     fn renders_families_with_help_and_type() {
         let m = Metrics::new();
         m.observe_request(&Observed {
             team: "web-team",
             surface: "v2",
-            action: "instance.list",
+            action: Some(Action::InstanceList),
             outcome: Outcome::Ok,
             status: 200,
             took: Duration::from_millis(3),
             upstream: Duration::from_millis(2),
         });
         m.observe_upstream(
-            "instance.list",
+            Action::InstanceList,
             Ok(http::StatusCode::OK),
             Duration::from_millis(2),
         );
-        m.observe_upstream("instance.list", Err("timeout"), Duration::from_secs(1));
+        m.observe_upstream(
+            Action::InstanceList,
+            Ok(http::StatusCode::OK),
+            Duration::from_millis(2),
+        );
+        m.observe_upstream(
+            Action::InstanceList,
+            Ok(http::StatusCode::CONFLICT),
+            Duration::from_millis(2),
+        );
+        m.observe_upstream(Action::InstanceList, Err("timeout"), Duration::from_secs(1));
         let text = m.render();
         assert!(text.contains("# TYPE toastgate_requests_total counter"));
         assert!(text.contains(
             r#"toastgate_requests_total{action="instance.list",outcome="ok",status_class="2xx",surface="v2",team="web-team"} 1"#
         ));
+        // A common status through its resolved series, another directly.
         assert!(text.contains(
-            r#"toastgate_upstream_responses_total{action="instance.list",status="200"} 1"#
+            r#"toastgate_upstream_responses_total{action="instance.list",status="200"} 2"#
+        ));
+        assert!(text.contains(
+            r#"toastgate_upstream_responses_total{action="instance.list",status="409"} 1"#
         ));
         assert!(text.contains(
             r#"toastgate_upstream_errors_total{action="instance.list",kind="timeout"} 1"#
@@ -630,7 +666,13 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         )));
         assert!(text.contains(r#"toastgate_ratelimit_degraded_total{mode="fail_closed"} 0"#));
-        for (class, n) in [("2xx", 1), ("timeout", 1), ("5xx", 0), ("unreachable", 0)] {
+        for (class, n) in [
+            ("2xx", 2),
+            ("4xx", 1),
+            ("timeout", 1),
+            ("5xx", 0),
+            ("unreachable", 0),
+        ] {
             let line = format!(r#"toastgate_upstream_outcomes_total{{class="{class}"}} {n}"#);
             assert!(text.contains(&line), "{line}");
         }

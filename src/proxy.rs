@@ -145,23 +145,32 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 
 /// The base URL callers reach the gateway at: `server.public_url`, else the
 /// request's `Host`, or its `:authority` on HTTP/2 (checked, since it is
-/// echoed into links).
+/// echoed into links); followed by `tail` (the string is allocated once).
 pub fn public_base(
     public_url: Option<&str>,
     scheme: &str,
     headers: &HeaderMap,
     authority: Option<&str>,
+    tail: &[&str],
 ) -> String {
-    if let Some(url) = public_url {
-        return url.to_string();
+    let origin: [&str; 3] = match public_url {
+        Some(url) => [url, "", ""],
+        None => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or(authority)
+                .filter(|h| is_plausible_host(h))
+                .unwrap_or("localhost");
+            [scheme, "://", host]
+        }
+    };
+    let length = |parts: &[&str]| parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut base = String::with_capacity(length(&origin) + length(tail));
+    for part in origin.iter().chain(tail) {
+        base.push_str(part);
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or(authority)
-        .filter(|h| is_plausible_host(h))
-        .unwrap_or("localhost");
-    format!("{scheme}://{host}")
+    base
 }
 
 /// Host header values are echoed into links: accept only host[:port].
@@ -466,6 +475,34 @@ mod tests {
                 "{}", body
             );
         }
+    }
+
+    #[test]
+    fn public_base_is_the_configured_url_or_a_plausible_host_then_the_tail() {
+        let mut h = HeaderMap::new();
+        let tail = ["/v2/", "web"];
+        assert_eq!(
+            public_base(Some("https://gw.example"), "http", &h, None, &tail),
+            "https://gw.example/v2/web"
+        );
+        assert_eq!(
+            public_base(None, "http", &h, Some("h2.example:8443"), &[]),
+            "http://h2.example:8443"
+        );
+        assert_eq!(
+            public_base(None, "http", &h, None, &tail),
+            "http://localhost/v2/web"
+        );
+        h.insert(header::HOST, HeaderValue::from_static("gw.internal:8080"));
+        assert_eq!(
+            public_base(None, "https", &h, None, &tail),
+            "https://gw.internal:8080/v2/web"
+        );
+        h.insert(header::HOST, HeaderValue::from_static("evil.example/x?"));
+        assert_eq!(
+            public_base(None, "https", &h, None, &tail),
+            "https://localhost/v2/web"
+        );
     }
 
     #[test]

@@ -527,7 +527,7 @@ async fn route(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Body>) -> R
 /// `GET /` and `GET /v2/`: version discovery, no credential needed.
 fn versions(gateway: &Gateway, req: Request<Body>, single: bool) -> Response {
     let (parts, _) = req.into_parts();
-    let base = gateway.public_base(&gateway.snapshot().config, &parts);
+    let base = gateway.public_base(&gateway.snapshot().config, &parts, &[]);
     let doc = if single {
         crate::proxy::version_document(&base)
     } else {

@@ -249,7 +249,7 @@ impl Compute {
         };
         span.end(answer.map(|s| s.as_u16()));
         self.metrics
-            .observe_upstream(action.name(), answer, started.elapsed());
+            .observe_upstream(action, answer, started.elapsed());
         result
     }
 }
