@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 
+use super::pool::OriginPool;
 use super::token::{IdentityError, TokenBroker, UpstreamToken};
 use super::{UpstreamClient, UpstreamError};
 use crate::action::Action;
@@ -32,16 +33,13 @@ pub struct Forward {
 }
 
 /// `upstream.compute_url`, parsed once: every upstream URI is built from its
-/// scheme and authority (not parsed again per request), and every attempt
-/// carries its `Host`, which the client would otherwise format anew for
-/// each request.
+/// scheme and authority, not parsed again per request.
 #[derive(Debug, Clone)]
 pub struct ComputeBase {
     scheme: Scheme,
     authority: Authority,
     /// The URL's path without its trailing slash ("" for none).
     path: String,
-    host: HeaderValue,
 }
 
 /// `upstream.compute_url` is not a URL the HTTP client can call. (The URL
@@ -66,20 +64,9 @@ impl ComputeBase {
         let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
             return Err(invalid());
         };
-        let default_port = match scheme.as_str() {
-            "http" => 80,
-            "https" => 443,
-            _ => return Err(invalid()),
-        };
-        if authority.as_str().contains('@') {
+        if !matches!(scheme.as_str(), "http" | "https") || authority.as_str().contains('@') {
             return Err(invalid());
         }
-        // As the client writes it: the port only when it is not the
-        // scheme's default.
-        let host = match authority.port_u16() {
-            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
-            _ => authority.host().to_string(),
-        };
         let path = parts
             .path_and_query
             .filter(|p| p.query().is_none())
@@ -89,7 +76,6 @@ impl ComputeBase {
             scheme,
             authority,
             path,
-            host: HeaderValue::from_str(&host).map_err(|_| invalid())?,
         })
     }
 
@@ -112,6 +98,15 @@ impl ComputeBase {
         );
         Uri::from_parts(parts).map_err(|_| InvalidUpstreamPath)
     }
+
+    /// `scheme://authority/`: where the connections go.
+    pub fn origin(&self) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        Uri::from_parts(parts).unwrap_or_default()
+    }
 }
 
 /// Why a compute call produced no answer to pass on.
@@ -128,9 +123,9 @@ pub enum CallError {
     Transport(#[from] UpstreamError),
 }
 
-/// The compute API of every project, through one pooled client.
+/// The compute API of every project, through one pool of connections.
 pub struct Compute {
-    client: UpstreamClient,
+    connections: OriginPool,
     base: ComputeBase,
     broker: Arc<TokenBroker>,
     metrics: Arc<Metrics>,
@@ -147,7 +142,7 @@ impl Compute {
         request_timeout: Duration,
     ) -> Self {
         Compute {
-            client,
+            connections: client.origin_pool(base.origin()),
             base,
             broker,
             metrics,
@@ -218,8 +213,7 @@ impl Compute {
         // Not a clone: a cloned map has no room left, and adding the token
         // then reallocates every entry.
         let headers = req.headers_mut();
-        headers.reserve(forward.headers.len() + 4);
-        headers.insert(http::header::HOST, self.base.host.clone());
+        headers.reserve(forward.headers.len() + 3);
         for (name, value) in &forward.headers {
             headers.append(name.clone(), value.clone());
         }
@@ -238,10 +232,10 @@ impl Compute {
         // Boxed: the client's future held in place doubles at every caller
         // up the chain (rust-lang/rust#62958): 1 KiB here was 10 KiB in the
         // request's future.
-        let result = Box::pin(
-            self.client
-                .send_buffered(req, MAX_BODY, self.request_timeout),
-        )
+        let result = Box::pin(super::within(
+            self.request_timeout,
+            self.connections.send_buffered(req, MAX_BODY),
+        ))
         .await;
         let answer = match &result {
             Ok(resp) => Ok(resp.status()),
@@ -259,38 +253,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base_builds_uris_and_the_host_the_client_would_send() {
+    fn base_builds_uris_from_its_parts() {
         let rows = [
-            // url, its Host, the URI of servers/detail?limit=1 for tenant t
+            // url, the URI of servers/detail?limit=1 for tenant t
             (
                 "https://compute.example",
-                "compute.example",
                 "https://compute.example/v2/t/servers/detail?limit=1",
             ),
             (
                 "https://compute.example:443/nova/",
-                "compute.example",
                 "https://compute.example:443/nova/v2/t/servers/detail?limit=1",
             ),
             (
                 "http://127.0.0.1:8774",
-                "127.0.0.1:8774",
                 "http://127.0.0.1:8774/v2/t/servers/detail?limit=1",
             ),
             (
                 "http://[::1]:80",
-                "[::1]",
                 "http://[::1]:80/v2/t/servers/detail?limit=1",
             ),
             (
                 "https://[::1]:8443",
-                "[::1]:8443",
                 "https://[::1]:8443/v2/t/servers/detail?limit=1",
             ),
         ];
-        for (url, host, uri) in rows {
+        for (url, uri) in rows {
             let base = ComputeBase::parse(url).unwrap();
-            assert_eq!(base.host, host, "{url}");
             let built = base.uri("t", &["servers/detail", "?", "limit=1"]).unwrap();
             assert_eq!(built.to_string(), uri, "{url}");
             // The same URI as parsing the whole string gives.

@@ -11,6 +11,7 @@
 //! arrive within the deadline given, and bodies are read up to a size cap.
 
 pub mod compute;
+pub mod pool;
 pub mod token;
 
 use std::path::Path;
@@ -68,6 +69,11 @@ pub enum ClientSetupError {
 #[derive(Clone)]
 pub struct UpstreamClient {
     inner: Client<Connector, Full<Bytes>>,
+    /// For the compute API's own pool ([`pool::OriginPool`]): the same
+    /// connector (roots, CA file, timeouts) and pool settings.
+    connector: Connector,
+    pool_max_idle_per_host: usize,
+    pool_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -116,8 +122,24 @@ impl UpstreamClient {
             .pool_idle_timeout(settings.pool_idle_timeout)
             .pool_max_idle_per_host(settings.pool_max_idle_per_host)
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(https);
-        Ok(UpstreamClient { inner })
+            .build(https.clone());
+        Ok(UpstreamClient {
+            inner,
+            connector: https,
+            pool_max_idle_per_host: settings.pool_max_idle_per_host,
+            pool_idle_timeout: settings.pool_idle_timeout,
+        })
+    }
+
+    /// A pool of connections to `origin` alone, on this client's connector
+    /// and pool settings.
+    pub fn origin_pool(&self, origin: http::Uri) -> pool::OriginPool {
+        pool::OriginPool::new(
+            self.connector.clone(),
+            origin,
+            self.pool_max_idle_per_host,
+            self.pool_idle_timeout,
+        )
     }
 
     /// Sends a request and reads the whole answer: head and body must both
@@ -128,7 +150,7 @@ impl UpstreamClient {
         max_body: usize,
         deadline: Duration,
     ) -> Result<Response<Bytes>, UpstreamError> {
-        let exchange = async {
+        within(deadline, async {
             let resp = self
                 .inner
                 .request(req)
@@ -137,11 +159,20 @@ impl UpstreamClient {
             let (parts, body) = resp.into_parts();
             let bytes = read_body(body, max_body).await?;
             Ok(Response::from_parts(parts, bytes))
-        };
-        match tokio::time::timeout(deadline, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout(deadline)),
-        }
+        })
+        .await
+    }
+}
+
+/// `exchange`, or a timeout error once `deadline` has passed (the exchange
+/// is dropped, closing its connection).
+pub async fn within<T>(
+    deadline: Duration,
+    exchange: impl std::future::Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match tokio::time::timeout(deadline, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Timeout(deadline)),
     }
 }
 
