@@ -225,7 +225,7 @@ async fn a_connection_idle_past_the_timeout_is_closed_and_replaced() {
 }
 
 #[tokio::test]
-async fn connections_the_upstream_closed_are_replaced_without_a_failed_request() {
+async fn connections_the_upstream_closed_while_idle_are_replaced_without_a_failed_request() {
     let (env, relay) = through_relay(None, json!({})).await;
     // Several connections idle at once.
     let concurrent: Vec<_> = (0..6).map(|_| servers_detail(&env)).collect();
@@ -287,14 +287,51 @@ async fn over_tls_with_http2_every_request_shares_one_connection() {
     // `:authority` alone: no `host` next to it.
     assert_eq!(relay.seen(), vec![(http::Version::HTTP_2, None); 9]);
 
-    // Cut: the next request opens another connection, which the ones
-    // after it share.
+    // Cut. A request that meets the dying connection before the gateway
+    // has seen it close was written to it, and is not sent twice: it may
+    // fail (502). The next request opens another connection, which the
+    // ones after it share.
     relay.cut_connections().await;
+    let (status, body) = env.get(TEAM, "/v2/web/servers/detail").await;
+    assert!(status == 200 || status == 502, "{status}: {body}");
+    let relayed_before = relay.seen().len();
     servers_detail(&env).await;
     let concurrent: Vec<_> = (0..4).map(|_| servers_detail(&env)).collect();
     futures_util::future::join_all(concurrent).await;
     assert_eq!(relay.accepted(), 2);
-    assert_eq!(relay.seen(), vec![(http::Version::HTTP_2, None); 14]);
+    let seen = relay.seen();
+    assert_eq!(seen.len(), relayed_before + 5);
+    assert!(
+        seen.iter().all(|s| *s == (http::Version::HTTP_2, None)),
+        "{seen:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn over_tls_with_http2_an_idle_connection_expires_and_none_is_shared_with_no_idling() {
+    let dir = TempDir::new("upstream-pool-h2-idle");
+    let (acceptor, mut upstream) = tls_acceptor(&dir, &[b"h2"]);
+    upstream["pool_idle_timeout"] = json!("300ms");
+    let (env, relay) = through_relay(Some(acceptor), upstream).await;
+    servers_detail(&env).await;
+    wait_until("the idle HTTP/2 connection was closed", || {
+        relay.closed() == 1
+    })
+    .await;
+    servers_detail(&env).await;
+    assert_eq!(relay.accepted(), 2);
+    env.stop().await;
+
+    let (acceptor, mut upstream) = tls_acceptor(&dir, &[b"h2"]);
+    upstream["pool_max_idle_per_host"] = json!(0);
+    let (env, relay) = through_relay(Some(acceptor), upstream).await;
+    for _ in 0..3 {
+        servers_detail(&env).await;
+    }
+    assert_eq!(relay.accepted(), 3, "a connection per call");
+    wait_until("every connection was closed", || relay.closed() == 3).await;
+    assert_eq!(relay.seen(), vec![(http::Version::HTTP_2, None); 3]);
     env.stop().await;
 }
 

@@ -101,6 +101,12 @@ impl Validator<'_> {
     }
 
     fn url(&mut self, path: &str, text: &str) -> String {
+        // Problems quote the URL, unless it may hold a password.
+        let shown = if text.contains('@') {
+            "the URL (not repeated: it holds an `@`, maybe credentials)".to_string()
+        } else {
+            format!("`{text}`")
+        };
         match url::Url::parse(text) {
             Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.has_host() => {
                 if u.query().is_some() || u.fragment().is_some() {
@@ -108,24 +114,23 @@ impl Validator<'_> {
                 }
                 if !u.username().is_empty() || u.password().is_some() {
                     self.problem(path, "must not carry credentials (user or password)");
-                }
-                // What the URL crate accepts, the HTTP client may not (a
-                // non-ASCII host, say): refused here rather than on every
-                // request.
-                if text.parse::<http::Uri>().is_err() {
+                } else if text.parse::<http::Uri>().is_err() {
+                    // What the URL crate accepts, the HTTP client may not (a
+                    // non-ASCII host, say): refused here rather than on
+                    // every request.
                     self.problem(
                         path,
-                        format!("`{text}` is not a URL the HTTP client accepts (non-ASCII or unescaped characters?)"),
+                        format!("{shown} is not a URL the HTTP client accepts (non-ASCII or unescaped characters?)"),
                     );
                 }
                 text.trim_end_matches('/').to_string()
             }
             Ok(_) => {
-                self.problem(path, format!("`{text}` must be an http(s) URL with a host"));
+                self.problem(path, format!("{shown} must be an http(s) URL with a host"));
                 String::new()
             }
             Err(e) => {
-                self.problem(path, format!("`{text}` is not a URL: {e}"));
+                self.problem(path, format!("{shown} is not a URL: {e}"));
                 String::new()
             }
         }

@@ -22,6 +22,15 @@
 //!   is never sent again: it may have been performed.
 //! - A connection whose exchange did not finish (a timeout, a body too
 //!   large, an error) is closed, never reused.
+//! - The shared HTTP/2 connection expires after `pool_idle_timeout` without
+//!   a request, and is let go only once closed (a refused stream does not
+//!   close it).
+//!
+//! Unlike hyper-util's: an HTTP/2 connection is pinged (every 30 s, 10 s
+//! to answer), so one a middlebox dropped silently is found out; and
+//! concurrent first requests are not gathered onto one new connection:
+//! each connects, the last one is shared, the others close once their
+//! request ends.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -38,6 +47,11 @@ use tower::ServiceExt as _;
 use super::{Connector, UpstreamError, error_chain, read_body};
 
 type Body = Full<Bytes>;
+
+/// An HTTP/2 connection is pinged this often, and closed when a ping goes
+/// unanswered this long.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connections to one origin.
 pub struct OriginPool {
@@ -60,8 +74,10 @@ struct Idle {
     /// Idle HTTP/1.1 connections and when each was put back; the last is
     /// the most recently used.
     h1: Vec<(http1::SendRequest<Body>, Instant)>,
-    /// The HTTP/2 connection every request shares, once there is one.
-    h2: Option<http2::SendRequest<Body>>,
+    /// The HTTP/2 connection every request shares, once there is one, and
+    /// when a request last took it (it expires like an idle HTTP/1.1
+    /// connection).
+    h2: Option<(http2::SendRequest<Body>, Instant)>,
 }
 
 /// A connection for one request.
@@ -124,8 +140,17 @@ impl OriginPool {
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Option<http1::SendRequest<Body>>), UpstreamError> {
         let absolute = req.uri().clone();
+        // Set when a shared HTTP/2 connection handed the request back but
+        // does not say it closed: the next turn connects anew rather than
+        // take that connection again.
+        let mut only_new = false;
         loop {
-            let (sender, reused) = match self.inner.checkout() {
+            let pooled = if only_new {
+                None
+            } else {
+                self.inner.checkout()
+            };
+            let (sender, reused) = match pooled {
                 Some(sender) => (sender, true),
                 // Boxed: connecting (TLS, either handshake) is a future
                 // of kilobytes, and every request's future would carry
@@ -162,9 +187,12 @@ impl OriginPool {
                             },
                         },
                     };
-                    // That shared connection failed: the next request
-                    // opens another.
-                    self.inner.forget_h2();
+                    // A closed shared connection is let go: the next
+                    // request opens another. (A failed stream alone does
+                    // not close it.)
+                    if !self.inner.forget_h2_if_closed() {
+                        only_new = true;
+                    }
                     result
                 }
             };
@@ -194,10 +222,12 @@ impl Inner {
     fn checkout(&self) -> Option<Sender> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(h2) = &idle.h2 {
-            if !h2.is_closed() {
+        if let Some((h2, last_used)) = &mut idle.h2 {
+            if !h2.is_closed() && now.duration_since(*last_used) < self.idle_timeout {
+                *last_used = now;
                 return Some(Sender::H2(h2.clone()));
             }
+            // Requests in flight on it keep it open until they end.
             idle.h2 = None;
         }
         while let Some((tx, since)) = idle.h1.pop() {
@@ -218,8 +248,17 @@ impl Inner {
         }
     }
 
-    fn forget_h2(&self) {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).h2 = None;
+    /// Whether the shared HTTP/2 connection is closed (then let go), or
+    /// there is none any more.
+    fn forget_h2_if_closed(&self) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        match &idle.h2 {
+            Some((h2, _)) if !h2.is_closed() => false,
+            _ => {
+                idle.h2 = None;
+                true
+            }
+        }
     }
 
     /// A new connection, HTTP/2 if TLS negotiated it (then shared from now
@@ -236,11 +275,20 @@ impl Inner {
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // A connection a middlebox dropped without a word would
+                // otherwise fail every call on it until TCP gives up.
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
                 .map_err(|e| unreachable(&e))?;
             tokio::spawn(run_connection(conn));
-            self.idle.lock().unwrap_or_else(PoisonError::into_inner).h2 = Some(tx.clone());
+            // With no idle connections allowed, none is shared either.
+            if self.max_idle > 0 {
+                self.idle.lock().unwrap_or_else(PoisonError::into_inner).h2 =
+                    Some((tx.clone(), Instant::now()));
+            }
             Ok(Sender::H2(tx))
         } else {
             let (tx, conn) = http1::Builder::new()
@@ -254,13 +302,17 @@ impl Inner {
 
     fn close_expired(&self) {
         let now = Instant::now();
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .h1
-            .retain(|(tx, since)| {
-                !tx.is_closed() && now.duration_since(*since) < self.idle_timeout
-            });
+        let usable =
+            |closed: bool, since: Instant| !closed && now.duration_since(since) < self.idle_timeout;
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.h1.retain(|(tx, since)| usable(tx.is_closed(), *since));
+        if idle
+            .h2
+            .as_ref()
+            .is_some_and(|(tx, since)| !usable(tx.is_closed(), *since))
+        {
+            idle.h2 = None;
+        }
     }
 }
 
