@@ -17,12 +17,15 @@
 #
 # Usage: bench/callgrind.sh   (about 10 seconds after the release build)
 # Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path KEEP_TMP=1
+#        TEAM=bench-limited (run.sh's (e): the team with a rate-limit rule)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
 N1=${N1:-200}
 N2=${N2:-3200}
+TEAM=${TEAM:-bench}
+[[ $TEAM =~ ^(bench|bench-limited)$ ]] || { echo "bench/callgrind.sh: TEAM must be bench or bench-limited (got '$TEAM')" >&2; exit 2; }
 for knob in N1 N2; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || { echo "bench/callgrind.sh: $knob must be a positive integer (got '${!knob}')" >&2; exit 2; }
 done
@@ -40,7 +43,7 @@ bench_configs "$P_UP" "$P_PROXY" "$P_ADMIN"
 nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
 PIDS+=($!)
 wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
-JWT=$(RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team bench --ttl 2h)
+JWT=$(RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team "$TEAM" --ttl 2h)
 URL="http://127.0.0.1:$P_PROXY/v2/bench/servers/detail"
 
 # NAME N: COUNT = the instructions of one whole run of NAME serving N
@@ -94,7 +97,7 @@ cat <<EOF
 
 ## callgrind: user-space instructions per request
 
-GET /v2/bench/servers/detail, one request at a time; (count of $N2 requests - count of $N1) / $((N2 - N1)).
+GET /v2/bench/servers/detail as team $TEAM, one request at a time; (count of $N2 requests - count of $N1) / $((N2 - N1)).
 
 | proxy | instructions per request |
 |---|---:|

@@ -101,18 +101,12 @@ async fn exact_limits_through_redis() {
     // Writes have their own budget; a team without rules meets only the global one.
     let d = timed(&rl, "web-team", Action::InstanceReboot).await;
     assert_eq!(
-        d.policies
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>(),
+        d.policies.iter().map(|p| &*p.name).collect::<Vec<_>>(),
         ["writes", "global"]
     );
     let d = timed(&rl, "batch-team", Action::InstanceCreate).await;
     assert_eq!(
-        d.policies
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>(),
+        d.policies.iter().map(|p| &*p.name).collect::<Vec<_>>(),
         ["global"]
     );
 

@@ -149,7 +149,7 @@ async fn limits_are_exact_on_a_redis_cluster() {
         .await
         .expect("a decision hung");
         assert!(d.allowed() && !d.degraded, "{d:?}");
-        let names: Vec<&str> = d.policies.iter().map(|p| p.name.as_str()).collect();
+        let names: Vec<&str> = d.policies.iter().map(|p| &*p.name).collect();
         assert_eq!(names, ["reads", "global"]);
         let remaining: Vec<u32> = d.policies.iter().map(|p| p.remaining).collect();
         assert_eq!(remaining, expected, "{d:?}");

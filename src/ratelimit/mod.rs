@@ -37,7 +37,7 @@ mod remote;
 pub(crate) use remote::RedisBackend;
 
 use std::collections::HashMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -84,7 +84,9 @@ pub enum RateLimitSetupError {
 
 /// The rate limits of every team and the global budget.
 pub struct RateLimiter {
-    teams: HashMap<String, TeamLimits>,
+    /// foldhash: the keys are the config's team names, and the lookup is
+    /// on every request.
+    teams: HashMap<String, TeamLimits, foldhash::fast::RandomState>,
     global: Option<Slot>,
     /// Indexed by `Action as usize`: decided locally when Redis cannot answer.
     fail_open: Box<[bool]>,
@@ -108,7 +110,8 @@ struct TeamLimits {
 
 /// One limit: a team rule or the global budget.
 struct Slot {
-    name: String,
+    /// Shared with every decision's [`PolicyStatus`], not copied.
+    name: Arc<str>,
     quota: u32,
     window: Duration,
     /// The limit itself (local backend) or the fail-open fallback at
@@ -167,7 +170,7 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyStatus {
-    pub name: String,
+    pub name: Arc<str>,
     /// Requests per `window` (the rule's rate count).
     pub quota: u32,
     pub window: Duration,
@@ -228,10 +231,18 @@ impl Decision {
                 policy.push_str(", ");
                 limit.push_str(", ");
             }
+            // Pushed piece by piece: `write!` costs more than the rest of
+            // the rate-limit decision.
             push_sf_string(&mut policy, &p.name);
-            let _ = write!(policy, ";q={};w={}", p.quota, ceil_secs(p.window).max(1));
+            policy.push_str(";q=");
+            push_decimal(&mut policy, p.quota.into());
+            policy.push_str(";w=");
+            push_decimal(&mut policy, ceil_secs(p.window).max(1));
             push_sf_string(&mut limit, &p.name);
-            let _ = write!(limit, ";r={};t={}", p.remaining, ceil_secs(p.reset));
+            limit.push_str(";r=");
+            push_decimal(&mut limit, p.remaining.into());
+            limit.push_str(";t=");
+            push_decimal(&mut limit, ceil_secs(p.reset));
         }
         if let Ok(v) = HeaderValue::try_from(policy) {
             headers.insert(RATELIMIT_POLICY, v);
@@ -251,6 +262,24 @@ impl Decision {
     }
 }
 
+/// `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits: always valid UTF-8.
+    if let Ok(text) = std::str::from_utf8(&digits[start..]) {
+        out.push_str(text);
+    }
+}
+
 /// Whole seconds, rounded up.
 fn ceil_secs(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
@@ -260,6 +289,13 @@ fn ceil_secs(d: Duration) -> u64 {
 /// anything outside printable ASCII dropped. Rule names are already plain.
 fn push_sf_string(out: &mut String, s: &str) {
     out.push('"');
+    if s.bytes()
+        .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' | '\\' => {
@@ -304,7 +340,7 @@ impl<'a> Applied<'a> {
                 Step::Refused { retry_after, reset } => {
                     policies.push(slot.status(0, reset));
                     let outcome = Outcome::Limited {
-                        rule: slot.name.clone(),
+                        rule: slot.name.to_string(),
                         retry_after,
                     };
                     return (
@@ -335,7 +371,7 @@ impl<'a> Applied<'a> {
             policies.push(slot.status(v.remaining, v.reset));
             if !v.allowed {
                 let outcome = Outcome::Limited {
-                    rule: slot.name.clone(),
+                    rule: slot.name.to_string(),
                     retry_after: v.retry_after,
                 };
                 return (
@@ -418,8 +454,8 @@ impl RateLimiter {
             };
             Ok(Slot {
                 name: match team {
-                    Some(_) => rule.name.clone(),
-                    None => GLOBAL_RULE.to_string(),
+                    Some(_) => Arc::from(rule.name.as_str()),
+                    None => Arc::from(GLOBAL_RULE),
                 },
                 quota: count,
                 window: per,
@@ -434,7 +470,7 @@ impl RateLimiter {
             .map(|a| *a as usize + 1)
             .max()
             .unwrap_or(0);
-        let mut teams = HashMap::with_capacity(config.teams.len());
+        let mut teams = HashMap::with_capacity_and_hasher(config.teams.len(), Default::default());
         for (name, team) in &config.teams {
             if team.rate_limits.is_empty() {
                 continue;
@@ -566,7 +602,10 @@ impl RateLimiter {
         let retry_after = remote::RETRY_INTERVAL;
         let policies: Vec<PolicyStatus> =
             applied.slots().map(|s| s.status(0, retry_after)).collect();
-        let rule = policies.first().map(|p| p.name.clone()).unwrap_or_default();
+        let rule = policies
+            .first()
+            .map(|p| p.name.to_string())
+            .unwrap_or_default();
         let decision = Decision {
             outcome: Outcome::Unavailable { rule, retry_after },
             policies,
@@ -614,7 +653,7 @@ impl RateLimiter {
             for (i, counter) in limits.refused.iter().enumerate() {
                 let n = counter.load(Ordering::Relaxed);
                 if n > 0 {
-                    let rule = limits.rules.get(i).map_or(GLOBAL_RULE, |s| s.name.as_str());
+                    let rule = limits.rules.get(i).map_or(GLOBAL_RULE, |s| &*s.name);
                     refused_by.push(((team.clone(), rule.to_string()), n));
                 }
             }

@@ -48,7 +48,7 @@ fn limiter(rate_limit: &str) -> Arc<RateLimiter> {
 }
 
 fn names(d: &Decision) -> Vec<&str> {
-    d.policies.iter().map(|p| p.name.as_str()).collect()
+    d.policies.iter().map(|p| &*p.name).collect()
 }
 
 #[tokio::test]
@@ -62,7 +62,7 @@ async fn burst_at_once_then_refusal_with_retry_after_then_recovery() {
         assert_eq!(d.policies.len(), 1);
         let p = &d.policies[0];
         assert_eq!(
-            (p.name.as_str(), p.quota, p.window),
+            (&*p.name, p.quota, p.window),
             ("reads", 5, Duration::from_secs(1))
         );
         assert_eq!(p.remaining, expected_remaining);
@@ -208,7 +208,7 @@ async fn no_rule_is_a_fast_path_without_policies() {
 
 fn status(name: &str, quota: u32, window: u64, remaining: u32, reset_ms: u64) -> PolicyStatus {
     PolicyStatus {
-        name: name.to_string(),
+        name: name.into(),
         quota,
         window: Duration::from_secs(window),
         remaining,
@@ -418,4 +418,24 @@ fn limiter_is_shareable_and_check_is_send() {
     let rl = limiter("");
     send_sync(&rl);
     send(rl.check("web-team", Action::InstanceList));
+}
+
+#[test]
+fn numbers_and_names_are_written_as_format_would() {
+    for n in [0, 7, 10, 99, 1_000_000, u64::from(u32::MAX), u64::MAX] {
+        let mut out = String::from("x");
+        push_decimal(&mut out, n);
+        assert_eq!(out, format!("x{n}"));
+    }
+    for (name, quoted) in [
+        ("reads", r#""reads""#),
+        ("a b~", r#""a b~""#),
+        (r#"say "hi""#, r#""say \"hi\"""#),
+        (r"back\slash", r#""back\\slash""#),
+        ("tab\tand é", r#""taband ""#),
+    ] {
+        let mut out = String::new();
+        push_sf_string(&mut out, name);
+        assert_eq!(out, quoted, "{name:?}");
+    }
 }
