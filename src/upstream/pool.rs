@@ -167,10 +167,7 @@ impl OriginPool {
                         Err(e) => Unsent::Request(Box::new(req), e),
                         Ok(()) => match tx.try_send_request(req).await {
                             Ok(resp) => return Ok((resp, Some(tx))),
-                            Err(mut e) => match e.take_message() {
-                                Some(back) => Unsent::Request(Box::new(back), e.into_error()),
-                                None => Unsent::Sent(e.into_error()),
-                            },
+                            Err(e) => Unsent::from(e),
                         },
                     }
                 }
@@ -181,10 +178,7 @@ impl OriginPool {
                         Err(e) => Unsent::Request(Box::new(req), e),
                         Ok(()) => match tx.try_send_request(req).await {
                             Ok(resp) => return Ok((resp, None)),
-                            Err(mut e) => match e.take_message() {
-                                Some(back) => Unsent::Request(Box::new(back), e.into_error()),
-                                None => Unsent::Sent(e.into_error()),
-                            },
+                            Err(e) => Unsent::from(e),
                         },
                     };
                     // A closed shared connection is let go: the next
@@ -214,6 +208,15 @@ impl OriginPool {
 enum Unsent {
     Request(Box<Request<Body>>, hyper::Error),
     Sent(hyper::Error),
+}
+
+impl From<hyper::client::conn::TrySendError<Request<Body>>> for Unsent {
+    fn from(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> Self {
+        match e.take_message() {
+            Some(back) => Unsent::Request(Box::new(back), e.into_error()),
+            None => Unsent::Sent(e.into_error()),
+        }
+    }
 }
 
 impl Inner {
@@ -448,6 +451,15 @@ mod tests {
         req
     }
 
+    fn idle(pool: &OriginPool, tx: http1::SendRequest<Body>) {
+        pool.inner
+            .idle
+            .lock()
+            .unwrap()
+            .h1
+            .push((tx, Instant::now()));
+    }
+
     /// An idle connection in `pool` whose peer has already gone, which
     /// the pool cannot know yet: its I/O task starts only after `delay`.
     async fn dead_idle_connection(pool: &OriginPool, delay: Duration) {
@@ -458,12 +470,7 @@ mod tests {
             tokio::time::sleep(delay).await;
             let _ = conn.await;
         });
-        pool.inner
-            .idle
-            .lock()
-            .unwrap()
-            .h1
-            .push((tx, Instant::now()));
+        idle(pool, tx);
     }
 
     #[tokio::test]
@@ -490,12 +497,7 @@ mod tests {
             let mut buf = vec![0; 4096];
             let _ = theirs.read(&mut buf).await;
         });
-        pool.inner
-            .idle
-            .lock()
-            .unwrap()
-            .h1
-            .push((tx, Instant::now()));
+        idle(&pool, tx);
         let e = pool
             .send_buffered(request(&origin), 1024)
             .await
