@@ -53,7 +53,9 @@ impl Surface {
 #[derive(Debug)]
 pub struct Exchange {
     pub surface: Surface,
-    pub request_id: String,
+    /// The server layer's `X-Request-Id`, kept as the header value (no
+    /// copy per request); text only when a log line or record needs it.
+    request_id: http::HeaderValue,
     pub started: Instant,
     pub client: Option<SocketAddr>,
     pub caller: Option<Identity>,
@@ -101,9 +103,8 @@ impl Exchange {
         let request_id = parts
             .headers
             .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+            .cloned()
+            .unwrap_or_else(|| http::HeaderValue::from_static(""));
         Exchange {
             surface,
             request_id,
@@ -122,6 +123,12 @@ impl Exchange {
             replayed: false,
             upstream_wait: Default::default(),
         }
+    }
+
+    /// The request's id ("" when the server layer set none, as in tests
+    /// that build an exchange by hand).
+    pub fn request_id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
     }
 
     pub fn team(&self) -> Option<&str> {
@@ -161,7 +168,7 @@ impl Exchange {
             AuditDecision::Allowed
         };
         let mut r = AuditRecord::new(
-            &self.request_id,
+            self.request_id(),
             stage,
             level,
             self.surface.label(),
@@ -204,7 +211,7 @@ impl Exchange {
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
-                    request_id = %x.request_id,
+                    request_id = x.request_id(),
                     surface = x.surface.label(),
                     team = x.team().unwrap_or("-"),
                     action = x.action_label(),
