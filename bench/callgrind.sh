@@ -15,7 +15,7 @@
 # (moka's clock, in toastgate only) runs for as long as its wall-clock window
 # lasts, which varies: its instructions are taken out of each count.
 #
-# Usage: bench/callgrind.sh   (about 10 seconds after the release build)
+# Usage: bench/callgrind.sh   (about 20 seconds after the release build)
 # Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path KEEP_TMP=1
 #        TEAM=bench-limited (run.sh's (e): the team with a rate-limit rule)
 set -euo pipefail
@@ -52,8 +52,16 @@ URL="http://127.0.0.1:$P_PROXY/v2/bench/servers/detail"
 count_run() {
     local name=$1 n=$2 out="$TMP/callgrind-$1-$2.out" pid total calibration
     case $name in
-    toastgate)
-        RUST_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
+    toastgate | toastgate_json_logs | toastgate_text_logs)
+        # run.sh's toastgate logs at `warn` (no line per request); the
+        # other two log as deployed: one line per request at `info`, JSON
+        # (the Helm chart's default) or text (the binary's).
+        local level=warn format=text
+        case $name in
+        toastgate_json_logs) level=info format=json ;;
+        toastgate_text_logs) level=info format=text ;;
+        esac
+        RUST_LOG=$level TOASTGATE_LOG_FORMAT=$format TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
             "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/$name-$n.log" &
         pid=$!
         PIDS+=("$pid")
@@ -82,7 +90,7 @@ count_run() {
 }
 
 declare -A PER_REQUEST
-for name in toastgate bare_proxy; do
+for name in toastgate toastgate_json_logs toastgate_text_logs bare_proxy; do
     log "$name: $N1 requests under callgrind"
     count_run "$name" "$N1"
     c1=$COUNT
@@ -101,7 +109,9 @@ GET /v2/bench/servers/detail as team $TEAM, one request at a time; (count of $N2
 
 | proxy | instructions per request |
 |---|---:|
-| toastgate, full stack | ${PER_REQUEST[toastgate]} |
+| toastgate, full stack (logs at warn, as bench/run.sh runs it) | ${PER_REQUEST[toastgate]} |
+| toastgate, one JSON log line per request (info, the Helm chart's default) | ${PER_REQUEST[toastgate_json_logs]} |
+| toastgate, one text log line per request (info, the binary's default) | ${PER_REQUEST[toastgate_text_logs]} |
 | bare hyper proxy | ${PER_REQUEST[bare_proxy]} |
 | toastgate / bare | $(awk -v a="${PER_REQUEST[toastgate]}" -v b="${PER_REQUEST[bare_proxy]}" 'BEGIN { printf "%.2f", a / b }') |
 

@@ -211,7 +211,7 @@ impl Exchange {
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
-                    request_id = x.request_id(),
+                    request_id = %x.request_id(),
                     surface = x.surface.label(),
                     team = x.team().unwrap_or("-"),
                     action = x.action_label(),

@@ -565,7 +565,7 @@ impl Gateway {
                 };
                 // The one place the action is recorded now: say so loudly.
                 tracing::error!(
-                    request_id = x.request_id(),
+                    request_id = %x.request_id(),
                     team = x.team().unwrap_or("-"),
                     action = x.action_label(),
                     target = x.target.as_deref().unwrap_or("-"),
