@@ -58,20 +58,19 @@ pub struct InvalidUpstreamPath;
 
 impl ComputeBase {
     pub fn parse(url: &str) -> Result<Self, InvalidComputeUrl> {
-        let invalid = || InvalidComputeUrl;
-        let uri: Uri = url.parse().map_err(|_| invalid())?;
+        let uri: Uri = url.parse().map_err(|_| InvalidComputeUrl)?;
         let parts = uri.into_parts();
         let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
-            return Err(invalid());
+            return Err(InvalidComputeUrl);
         };
         if !matches!(scheme.as_str(), "http" | "https") || authority.as_str().contains('@') {
-            return Err(invalid());
+            return Err(InvalidComputeUrl);
         }
         let path = parts
             .path_and_query
             .filter(|p| p.query().is_none())
             .map(|p| p.path().trim_end_matches('/').to_string())
-            .ok_or_else(invalid)?;
+            .ok_or(InvalidComputeUrl)?;
         Ok(ComputeBase {
             scheme,
             authority,
