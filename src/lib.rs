@@ -54,6 +54,7 @@ pub mod exchange;
 pub mod gateway;
 pub mod idempotency;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -119,3 +119,64 @@ async fn a_log_written_to_a_file_has_no_colour_and_one_ready_line() {
     assert!(log.contains("flavor.list"), "{log}");
     sim.shutdown();
 }
+
+#[tokio::test]
+async fn json_lines_are_one_object_each_with_every_documented_field() {
+    let sim = common::start_sim(fast_sim()).await;
+    let dir = TempDir::new("json-lines");
+    let (_gateway, gw, admin) =
+        common::process::serve_logged_json(dir.path(), &sim, json!({}), "info");
+    let http = reqwest::Client::new();
+    common::wait_ready(&http, &admin).await;
+    let token = common::process::team_token(dir.path(), "web-team");
+    for path in ["/v2/web/flavors", "/v2/web/no-such-route"] {
+        http.get(format!("{gw}{path}"))
+            .bearer_auth(&token)
+            .header("User-Agent", "quote \" and backslash \\")
+            .send()
+            .await
+            .expect("answered");
+    }
+
+    let log = std::fs::read_to_string(dir.join("toastgate.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let requests: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["message"] == "request").collect();
+    assert_eq!(requests.len(), 2, "{log}");
+    for line in &requests {
+        for field in [
+            "timestamp",
+            "level",
+            "request_id",
+            "surface",
+            "team",
+            "action",
+            "project",
+            "status",
+            "upstream_status",
+            "outcome",
+            "reason",
+            "error",
+            "latency_ms",
+            "target",
+        ] {
+            assert!(!line[field].is_null(), "{field} in {line}");
+        }
+        assert_eq!(line["target"], "toastgate::exchange");
+        assert!(line["latency_ms"].is_f64(), "{line}");
+    }
+    assert_eq!(requests[0]["level"], "INFO");
+    assert_eq!(requests[0]["status"], 200);
+    assert_eq!(requests[0]["action"], "flavor.list");
+    assert_eq!(requests[1]["status"], 404, "{}", requests[1]);
+    let ready = |l: &serde_json::Value| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("toastgate ready: serving"))
+    };
+    assert!(lines.iter().any(ready), "{log}");
+    sim.shutdown();
+}

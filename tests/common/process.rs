@@ -86,7 +86,7 @@ pub fn serve(
     extra: Value,
     wrapper: &[&str],
 ) -> (KillOnDrop, String, String) {
-    serve_with_log(dir, sim, overlays, extra, wrapper, None)
+    serve_with_log(dir, sim, overlays, extra, wrapper, None, &[])
 }
 
 /// [`serve`], with the log (text, at `level`) in `dir/toastgate.log`. Not
@@ -98,7 +98,25 @@ pub fn serve_logged(
     extra: Value,
     level: &str,
 ) -> (KillOnDrop, String, String) {
-    serve_with_log(dir, sim, overlays, extra, &[], Some(level))
+    serve_with_log(dir, sim, overlays, extra, &[], Some(level), &[])
+}
+
+/// [`serve_logged`] with `--log-format json`.
+pub fn serve_logged_json(
+    dir: &Path,
+    sim: &SimHandle,
+    extra: Value,
+    level: &str,
+) -> (KillOnDrop, String, String) {
+    serve_with_log(
+        dir,
+        sim,
+        &[],
+        extra,
+        &[],
+        Some(level),
+        &["--log-format", "json"],
+    )
 }
 
 fn serve_with_log(
@@ -108,6 +126,7 @@ fn serve_with_log(
     extra: Value,
     wrapper: &[&str],
     log_level: Option<&str>,
+    serve_flags: &[&str],
 ) -> (KillOnDrop, String, String) {
     std::fs::write(dir.join("jwt.key"), JWT_SECRET).unwrap();
     std::fs::write(dir.join("web.pw"), WEB_API_PASSWORD).unwrap();
@@ -123,7 +142,12 @@ fn serve_with_log(
     let config_path = dir.join("toastgate.yaml");
     std::fs::write(&config_path, fixtures::to_text(&config)).unwrap();
     let serve = [BIN, "serve", "--config", config_path.to_str().unwrap()];
-    let command: Vec<&str> = wrapper.iter().copied().chain(serve).collect();
+    let command: Vec<&str> = wrapper
+        .iter()
+        .copied()
+        .chain(serve)
+        .chain(serve_flags.iter().copied())
+        .collect();
     let (level, stderr) = match log_level {
         Some(level) => (
             level,
