@@ -94,6 +94,8 @@ impl Visit for JsonFieldsVisitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.key(field);
         let mut text = String::new();
+        // A `Debug` that fails leaves what it wrote (the stock format
+        // panics in serde_json instead).
         let _ = write!(text, "{value:?}");
         push_json_str(self.line, &text);
     }
@@ -153,7 +155,8 @@ fn push_json_str(line: &mut String, text: &str) {
 }
 
 /// `time` as tracing-subscriber's `SystemTime` timer writes it, e.g.
-/// `2026-11-30T21:19:12.800859Z` (UTC, microseconds).
+/// `2026-11-30T21:19:12.800859Z` (UTC, microseconds). (chrono's conversion
+/// holds for years within ±262,143: any clock this runs on.)
 fn push_timestamp(line: &mut String, time: SystemTime) {
     use chrono::{Datelike, Timelike};
     let utc: chrono::DateTime<chrono::Utc> = time.into();
@@ -256,7 +259,7 @@ mod tests {
             "request"
         );
         tracing::error!(
-            text = "quote \" backslash \\ newline \n tab \t cr \r bell \u{7} nul \0 bs \u{8} ff \u{c} del \u{7f} é 🦀",
+            text = "quote \" backslash \\ newline \n tab \t cr \r bell \u{7} nul \0 bs \u{8} ff \u{c} vt \u{b} esc \u{1b} us \u{1f} del \u{7f} é 🦀",
             debug = ?("tuple", 1, "x\"y"),
             big = 1e21f64,
             tiny = 1.5e-7f64,
@@ -267,7 +270,17 @@ mod tests {
             r#type = "raw",
             "with \"quotes\" {}", 42
         );
-        tracing::debug!(dotted.name = 1, "debug");
+        tracing::debug!(dotted.name = 1, "we\"ird\\name" = 2, "debug");
+        tracing::info!(target: "odd \"target\"", "custom target");
+        // A `log` record: the stock format reads its level and target.
+        tracing_log::format_trace(
+            &log::Record::builder()
+                .level(log::Level::Warn)
+                .target("a_log_crate")
+                .args(format_args!("from log"))
+                .build(),
+        )
+        .unwrap();
         tracing::trace!("trace");
         let span = tracing::info_span!("in_span", id = 7);
         span.in_scope(|| tracing::info!(inner = "yes", "inside a span"));
@@ -296,19 +309,27 @@ mod tests {
         tracing::subscriber::with_default(subscriber, events);
 
         let (stock, fast) = (stock.without_timestamps(), fast.without_timestamps());
-        assert_eq!(stock.len(), 7, "{stock:#?}");
+        assert_eq!(stock.len(), 9, "{stock:#?}");
         assert_eq!(fast, stock);
+        assert!(
+            stock
+                .iter()
+                .any(|l| l.contains(r#""target":"a_log_crate""#)),
+            "{stock:#?}"
+        );
     }
 
     #[test]
     fn timestamps_are_written_as_the_stock_timer_writes_them() {
-        for (seconds, nanos) in [
-            (0, 0),
-            (1_796_073_552, 800_859_123),
-            (951_782_400, 999_999_999), // 2000-02-29
-            (253_402_300_799, 1_000),   // 9999-12-31T23:59:59
+        let day = |seconds: u64, nanos: u32| UNIX_EPOCH + Duration::new(seconds, nanos);
+        for time in [
+            day(0, 0),
+            day(1_796_073_552, 800_859_123),
+            day(951_782_400, 999_999_999), // 2000-02-29
+            day(253_402_300_799, 1_000),   // 9999-12-31T23:59:59
+            day(253_402_300_800, 0),       // year 10000: "+10000"
+            UNIX_EPOCH - Duration::from_secs(62_200_000_000), // year -2: "-0002"
         ] {
-            let time = UNIX_EPOCH + Duration::new(seconds, nanos);
             let mut line = String::new();
             push_timestamp(&mut line, time);
             let reference = chrono::DateTime::<chrono::Utc>::from(time)

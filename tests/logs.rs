@@ -132,7 +132,6 @@ async fn json_lines_are_one_object_each_with_every_documented_field() {
     for path in ["/v2/web/flavors", "/v2/web/no-such-route"] {
         http.get(format!("{gw}{path}"))
             .bearer_auth(&token)
-            .header("User-Agent", "quote \" and backslash \\")
             .send()
             .await
             .expect("answered");
