@@ -9,10 +9,12 @@
 #   (f) the same rule on Redis (a real redis-server started here)
 #   (g) the v1.0 surface: GET /v1.0/appkeys/{appkey}/instances, translated
 #   (h) (d) with 10,000 distinct caller JWTs in rotation
+#   (i) (d) as deployed: one JSON log line per request at `info` (the Helm
+#       chart's default; (d) and the others run at `warn`), to a file
 #
 # Every proxy gets one worker; the load generator gets one thread. Each target
 # is warmed up, then measured closed-loop (wrk: max req/s, p50, p99) in
-# ROUNDS interleaved rounds (a..h, a..h, ...): this shared machine's speed
+# ROUNDS interleaved rounds (a..i, a..i, ...): this shared machine's speed
 # drifts by tens of percent within minutes, so each ratio is taken within a
 # round (targets measured seconds apart) and the median round's is reported;
 # then
@@ -22,7 +24,7 @@
 # reference), and toastgate's RSS 60 s after they close. Ends with a markdown
 # table for the README, one check per target.
 #
-# Usage: bench/run.sh   (measuring takes about 6 minutes; the first run also
+# Usage: bench/run.sh   (measuring takes about 6.5 minutes; the first run also
 #                        installs nginx, wrk and oha, and builds in release)
 # Knobs: ROUNDS=3 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
 #        CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
@@ -57,7 +59,7 @@ bench_scratch toastgate-bench
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # Free loopback ports, chosen by the kernel.
-read -r P_UP P_BARE P_NGX P_TG P_ADMIN P_TG2 P_ADMIN2 P_REDIS < <(free_ports 8)
+read -r P_UP P_BARE P_NGX P_TG P_ADMIN P_TG2 P_ADMIN2 P_REDIS P_TG3 P_ADMIN3 < <(free_ports 10)
 
 # --- configs ----------------------------------------------------------------
 
@@ -67,6 +69,8 @@ sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$P_NGX|g" -e "s|@UPSTREAM@|127.0.0.1:$P_UP|
 # (f): the same gateway with its rate limits on Redis.
 sed -e "s|127.0.0.1:$P_TG|127.0.0.1:$P_TG2|g" -e "s|127.0.0.1:$P_ADMIN|127.0.0.1:$P_ADMIN2|g" \
     "$TMP/toastgate.yaml" >"$TMP/toastgate-redis.yaml"
+sed -e "s|127.0.0.1:$P_TG|127.0.0.1:$P_TG3|g" -e "s|127.0.0.1:$P_ADMIN|127.0.0.1:$P_ADMIN3|g" \
+    "$TMP/toastgate.yaml" >"$TMP/toastgate-logs.yaml"
 printf '%s\n' 'rate_limit:' '  backend: redis' \
     '  redis: { url_env: TG_BENCH_REDIS_URL, timeout: 50ms, replicas: 1 }' >>"$TMP/toastgate-redis.yaml"
 
@@ -95,12 +99,17 @@ TG_BENCH_REDIS_URL="redis://127.0.0.1:$P_REDIS" RUST_LOG=warn TOKIO_WORKER_THREA
     "$TOASTGATE" serve --config "$TMP/toastgate-redis.yaml" 2>"$TMP/toastgate-redis.log" &
 PIDS+=($!)
 TG2_PID=$!
+RUST_LOG=info TOASTGATE_LOG_FORMAT=json TOKIO_WORKER_THREADS=1 \
+    "$TOASTGATE" serve --config "$TMP/toastgate-logs.yaml" 2>"$TMP/toastgate-logs.log" &
+PIDS+=($!)
+TG3_PID=$!
 
 wait_ready "http://127.0.0.1:$P_BARE/v2/$TENANT/servers/detail"
 wait_ready "http://127.0.0.1:$P_NGX/v2/$TENANT/servers/detail"
 # readyz answers 200 once toastgate holds the project's upstream token.
 wait_ready "http://127.0.0.1:$P_ADMIN/readyz"
 wait_ready "http://127.0.0.1:$P_ADMIN2/readyz"
+wait_ready "http://127.0.0.1:$P_ADMIN3/readyz"
 
 mint() { RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team "$1" --ttl 2h; }
 JWT=$(mint bench)
@@ -123,11 +132,12 @@ declare -A URL=(
     [f]="http://127.0.0.1:$P_TG2$REQ_PATH"
     [g]="http://127.0.0.1:$P_TG/v1.0/appkeys/BenchAppKey/instances"
     [h]="http://127.0.0.1:$P_TG$REQ_PATH"
+    [i]="http://127.0.0.1:$P_TG3$REQ_PATH"
 )
 declare -A HDR=(
     [a]="$AUTH" [b]="$AUTH" [c]="$AUTH" [d]="$AUTH"
     [e]="Authorization: Bearer $JWT_LIMITED" [f]="Authorization: Bearer $JWT_LIMITED"
-    [g]="$AUTH" [h]="$AUTH"
+    [g]="$AUTH" [h]="$AUTH" [i]="$AUTH"
 )
 declare -A WRK_ARGS=([h]="-s $TMP/rotate.lua")
 # The process that does each target's work (nginx: its one worker, not the master).
@@ -135,7 +145,7 @@ declare -A WORKER=(
     [a]=$(pgrep -P "$UP_PID" | head -n1)
     [b]=$BARE_PID
     [c]=$(pgrep -P "$NGX_PID" | head -n1)
-    [d]=$TG_PID [e]=$TG_PID [f]=$TG2_PID [g]=$TG_PID [h]=$TG_PID
+    [d]=$TG_PID [e]=$TG_PID [f]=$TG2_PID [g]=$TG_PID [h]=$TG_PID [i]=$TG3_PID
 )
 declare -A NAME=(
     [a]="(a) nginx upstream, direct"
@@ -146,10 +156,11 @@ declare -A NAME=(
     [f]="(f) (d) + rate-limit rule on Redis"
     [g]="(g) toastgate v1.0 instances"
     [h]="(h) (d), 10,000 JWTs in rotation"
+    [i]="(i) (d) as deployed: a JSON log line per request"
 )
 
 # Check that each target answers what it should before timing anything.
-for t in a b c d e f g h; do
+for t in a b c d e f g h i; do
     body=$(curl -fsS --max-time 5 -H "${HDR[$t]}" "${URL[$t]}") || die "${NAME[$t]} does not answer 200 (see $TMP/*.log)"
     [ "${#body}" -gt 400 ] || die "${NAME[$t]} answered a short body: $body"
 done
@@ -164,7 +175,8 @@ HREFS=$(grep -o '"href"' "$TMP/www/servers-detail.json" | wc -l)
 if grep -q 'kr1-api-compute' <<<"$body" || [ "$links" -ne "$HREFS" ]; then
     die "toastgate rewrote $links of the $HREFS links"
 fi
-log "all eight targets answer; toastgate rewrites all $HREFS links"
+grep -q '"message":"request"' "$TMP/toastgate-logs.log" || die "(i) wrote no JSON request line"
+log "all nine targets answer; toastgate rewrites all $HREFS links"
 
 # --- measurements -----------------------------------------------------------
 
@@ -246,7 +258,7 @@ log "closed loop: wrk -t1 -c$CONNS, $ROUNDS rounds of ${WARMUP}s warm-up + ${DUR
 # Only (f) talks to Redis: its script calls over all of (f)'s requests.
 redis-cli -p "$P_REDIS" config resetstat >/dev/null
 for r in $(seq 1 "$ROUNDS"); do
-    for t in a b c d e f g h; do measure_closed "$t" "$r"; done
+    for t in a b c d e f g h i; do measure_closed "$t" "$r"; done
 done
 # Script calls per request on Redis (one decision each = one round trip).
 REDIS_CALLS=$(redis-cli -p "$P_REDIS" info commandstats |
@@ -256,7 +268,7 @@ F_ALL_REQUESTS=$(cat "$TMP"/wrk-f-*.txt | awk '/requests in/ {n += $1} END {prin
 # The median of an odd number of arguments, as given.
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { print v[(NR + 1) / 2] }'; }
 # A target's figure: the median over the rounds.
-for t in a b c d e f g h; do
+for t in a b c d e f g h i; do
     for m in RPS P50 P99 CPU_REQ; do
         declare -n fig=$m
         vals=()
@@ -345,6 +357,8 @@ paired R_CPU CPU_REQ d b
 paired R_ED RPS e d
 paired R_GD RPS g d
 paired R_HD RPS h d
+paired R_ID RPS i d
+paired R_ICPU CPU_REQ i d
 CALLS_PER_REQ=$(ratio "$REDIS_CALLS" "$F_ALL_REQUESTS")
 ADDED=$((OL_P99[d] - OL_P99[b]))
 ADDED_D=$((OL_P99[d2] - OL_P99[b2]))
@@ -383,8 +397,8 @@ cat <<EOF
 ## toastgate benchmark
 
 GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, $HREFS links rewritten by toastgate), the same request and JWT for every target;
-(e), (f): a rate-limited team's JWT; (g): GET /v1.0/appkeys/BenchAppKey/instances, translated from the same upstream answer; (h): 10,000 JWTs in rotation.
-Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..h, a..h, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request. Open loop: oha -q RATE --latency-correction -c$CONNS, ${OPEN_DURATION}s.
+(e), (f): a rate-limited team's JWT; (g): GET /v1.0/appkeys/BenchAppKey/instances, translated from the same upstream answer; (h): 10,000 JWTs in rotation; (i): (d) logging one JSON line per request at info (to a file), as the Helm chart deploys it, where (d) and the others log at warn.
+Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..i, a..i, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request. Open loop: oha -q RATE --latency-correction -c$CONNS, ${OPEN_DURATION}s.
 One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread
 (wrk -t1, oha --worker-threads 1); nothing pinned, so load generator, proxy and upstream share the $(nproc) cores.
 
@@ -395,7 +409,7 @@ for t in a b c d; do
     printf '| %s | %s | %s us | %s us | %s us | %s | %s us | %s us |\n' "${NAME[$t]}" "${RPS[$t]}" \
         "${P50[$t]}" "${P99[$t]}" "${CPU_REQ[$t]}" "${OL_RPS[$t]}" "${OL_P50[$t]}" "${OL_P99[$t]}"
 done
-for t in e f g h; do
+for t in e f g h i; do
     printf '| %s | %s | %s us | %s us | %s us | | | |\n' "${NAME[$t]}" "${RPS[$t]}" \
         "${P50[$t]}" "${P99[$t]}" "${CPU_REQ[$t]}"
 done
@@ -418,6 +432,7 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 | (g) v1.0 instances: throughput (g)/(d) ($R_GD_ROUNDS) | $R_GD | >= 0.50 | $(verdict "$R_GD" ">=" 0.5) |
 | (h) 10,000 JWTs in rotation: throughput (h)/(d) ($R_HD_ROUNDS) | $R_HD | >= 0.80 | $(verdict "$R_HD" ">=" 0.8) |
 | (h) tokens verified anew (verified-token cache misses) per request, all rounds | $(awk -v x="$H_MISSES" -v y="$H_REQUESTS" 'BEGIN { printf "%.4f", x / y }') | (info) | |
+| (i) as deployed, a JSON log line per request: throughput (i)/(d) ($R_ID_ROUNDS); CPU per request (i)/(d) ($R_ICPU_ROUNDS) | $R_ID; $R_ICPU | (info) | |
 | RSS per idle keep-alive conn: toastgate / bare_proxy | $TG_PER / $BARE_PER KiB | <= bare_proxy | $(verdict "$TG_PER" "<=" "$BARE_PER") |
 | toastgate RSS 60 s after $TG_OPENED conns closed / before they opened | $(mib "$TG_RSS_AFTER") / $(mib "$TG_RSS0") MiB = $GIVEBACK | <= 1.25 | $(verdict "$GIVEBACK" "<=" 1.25) |
 
