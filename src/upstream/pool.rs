@@ -226,7 +226,7 @@ impl Inner {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((h2, last_used)) = &mut idle.h2 {
-            if !h2.is_closed() && now.duration_since(*last_used) < self.idle_timeout {
+            if self.usable(h2.is_closed(), *last_used, now) {
                 *last_used = now;
                 return Some(Sender::H2(h2.clone()));
             }
@@ -234,7 +234,7 @@ impl Inner {
             idle.h2 = None;
         }
         while let Some((tx, since)) = idle.h1.pop() {
-            if !tx.is_closed() && now.duration_since(since) < self.idle_timeout {
+            if self.usable(tx.is_closed(), since, now) {
                 return Some(Sender::H1(tx));
             }
         }
@@ -303,16 +303,21 @@ impl Inner {
         }
     }
 
+    /// Whether a connection idle (or, for HTTP/2, last taken) `since` may
+    /// still be handed out: open, and not idle for `idle_timeout`.
+    fn usable(&self, closed: bool, since: Instant, now: Instant) -> bool {
+        !closed && now.duration_since(since) < self.idle_timeout
+    }
+
     fn close_expired(&self) {
         let now = Instant::now();
-        let usable =
-            |closed: bool, since: Instant| !closed && now.duration_since(since) < self.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.h1.retain(|(tx, since)| usable(tx.is_closed(), *since));
+        idle.h1
+            .retain(|(tx, since)| self.usable(tx.is_closed(), *since, now));
         if idle
             .h2
             .as_ref()
-            .is_some_and(|(tx, since)| !usable(tx.is_closed(), *since))
+            .is_some_and(|(tx, since)| !self.usable(tx.is_closed(), *since, now))
         {
             idle.h2 = None;
         }
