@@ -1,19 +1,21 @@
-//! JSON log lines, written directly for the common event.
+//! Log lines, written directly for the common event.
 //!
-//! tracing-subscriber's JSON format serializes each field through serde_json
-//! and a `fmt::Write` adaptor: about 24k instructions for the one line a
-//! request logs, more than everything else toastgate adds to a bare proxy
-//! (README: Benchmarks). [`FastJson`] writes the same bytes itself for an
-//! event that is in no span and does not come from the `log` crate (every
-//! request line at `info`), and hands every other event to the stock format
-//! unchanged. Tests compare its lines with the stock format's.
+//! tracing-subscriber's formats write each field through `fmt` machinery
+//! (the JSON one through serde_json and a `fmt::Write` adaptor): about 24k
+//! instructions for the one line a request logs in JSON and 18k in text,
+//! more than everything else toastgate adds to a bare proxy (README:
+//! Benchmarks). [`FastJson`] and [`FastText`] write the same bytes
+//! themselves for an event that is in no span and does not come from the
+//! `log` crate (every request line at `info`), and hand every other event
+//! to the stock format unchanged. Tests compare their lines with the stock
+//! formats'.
 
 use std::fmt::{self, Write as _};
 use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::format::{DefaultFields, Format, Full, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent};
 use tracing_subscriber::registry::LookupSpan;
 
@@ -47,10 +49,7 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        // In a span, the stock format adds the span's fields; from the `log`
-        // crate, it reads level and target from the record. Both are rare.
-        let in_span = event.parent().is_some() || ctx.lookup_current().is_some();
-        if in_span || meta.fields().field("log.target").is_some() {
+        if in_span_or_from_log(ctx, event) {
             return self.stock.format_event(ctx, writer, event);
         }
         let mut line = String::with_capacity(384);
@@ -66,6 +65,18 @@ where
         line.push_str("}\n");
         writer.write_str(&line)
     }
+}
+
+/// In a span, the stock formats add the span's fields; from the `log` crate,
+/// they read level and target from the record. Both are rare.
+fn in_span_or_from_log<S, N>(ctx: &FmtContext<'_, S, N>, event: &Event<'_>) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    event.parent().is_some()
+        || ctx.lookup_current().is_some()
+        || event.metadata().fields().field("log.target").is_some()
 }
 
 /// The event's fields as `,"name":value`, as tracing-serde's map visitor
@@ -120,6 +131,183 @@ impl Visit for JsonFieldsVisitor<'_> {
         match serde_json::to_string(&value) {
             Ok(number) => self.line.push_str(&number),
             Err(_) => self.line.push_str("null"),
+        }
+    }
+}
+
+/// tracing-subscriber's default text format (`Format<Full>` with
+/// `DefaultFields`), faster, when the line has no colours: colours are for a
+/// person at a terminal, whose lines go to the stock format.
+pub struct FastText {
+    stock: Format<Full>,
+}
+
+impl FastText {
+    pub fn new() -> Self {
+        FastText {
+            stock: Format::default(),
+        }
+    }
+}
+
+impl Default for FastText {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> FormatEvent<S, DefaultFields> for FastText
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, DefaultFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if writer.has_ansi_escapes() || in_span_or_from_log(ctx, event) {
+            return self.stock.format_event(ctx, writer, event);
+        }
+        let meta = event.metadata();
+        let mut line = String::with_capacity(320);
+        push_timestamp(&mut line, SystemTime::now());
+        line.push(' ');
+        // Padded to five, right-aligned, as the stock format's constants are.
+        line.push_str(match *meta.level() {
+            tracing::Level::TRACE => "TRACE",
+            tracing::Level::DEBUG => "DEBUG",
+            tracing::Level::INFO => " INFO",
+            tracing::Level::WARN => " WARN",
+            tracing::Level::ERROR => "ERROR",
+        });
+        line.push(' ');
+        line.push_str(meta.target());
+        line.push_str(": ");
+        let mut fields = TextFieldsVisitor {
+            line: &mut line,
+            sanitize: writer.sanitizes_ansi_escapes(),
+            started: false,
+            unusual: false,
+        };
+        event.record(&mut fields);
+        if fields.unusual {
+            return self.stock.format_event(ctx, writer, event);
+        }
+        line.push('\n');
+        writer.write_str(&line)
+    }
+}
+
+/// The event's fields as `DefaultFields` writes them without colours,
+/// separated by one space: the message as it displays (ANSI and C1 control
+/// characters escaped when the writer sanitizes them), every other field as
+/// `name=` and its `Debug` (a `r#` name without the `r#`). An error field,
+/// which the stock visitor writes with its chain of sources, marks the event
+/// `unusual`: it goes to the stock format whole.
+struct TextFieldsVisitor<'a> {
+    line: &'a mut String,
+    sanitize: bool,
+    started: bool,
+    unusual: bool,
+}
+
+impl TextFieldsVisitor<'_> {
+    /// Starts the field: the separating space, then `name=` unless it is
+    /// the message. Whether it is the message.
+    fn start(&mut self, field: &Field) -> bool {
+        if self.started {
+            self.line.push(' ');
+        }
+        self.started = true;
+        let name = field.name();
+        if name == "message" {
+            return true;
+        }
+        self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
+        self.line.push('=');
+        false
+    }
+
+    fn push_message(&mut self, text: &str) {
+        if self.sanitize {
+            push_sanitized(self.line, text);
+        } else {
+            self.line.push_str(text);
+        }
+    }
+}
+
+impl Visit for TextFieldsVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.start(field) {
+            self.push_message(value);
+        } else if value
+            .bytes()
+            .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
+        {
+            // What `Debug` writes for printable ASCII without quotes or
+            // backslashes: the text, quoted.
+            self.line.push('"');
+            self.line.push_str(value);
+            self.line.push('"');
+        } else {
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.start(field) {
+            let mut text = String::new();
+            let _ = write!(text, "{value:?}");
+            self.push_message(&text);
+        } else {
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.start(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.start(field);
+        let _ = write!(self.line, "{value}");
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.start(field);
+        self.line.push_str(if value { "true" } else { "false" });
+    }
+
+    fn record_error(&mut self, _field: &Field, _value: &(dyn std::error::Error + 'static)) {
+        self.unusual = true;
+    }
+}
+
+/// `text` as tracing-subscriber's ANSI sanitizing writes it: ESC, BEL, BS,
+/// FF and DEL as `\x1b`-style escapes, C1 control characters as `\u{80}`.
+fn push_sanitized(line: &mut String, text: &str) {
+    // C1 characters are encoded 0xC2 0x80..=0x9F in UTF-8.
+    if !text
+        .bytes()
+        .any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2))
+    {
+        line.push_str(text);
+        return;
+    }
+    for ch in text.chars() {
+        match ch {
+            '\x1b' => line.push_str("\\x1b"),
+            '\x07' => line.push_str("\\x07"),
+            '\x08' => line.push_str("\\x08"),
+            '\x0c' => line.push_str("\\x0c"),
+            '\x7f' => line.push_str("\\x7f"),
+            '\u{80}'..='\u{9f}' => {
+                let _ = write!(line, "\\u{{{:x}}}", ch as u32);
+            }
+            _ => line.push(ch),
         }
     }
 }
@@ -223,7 +411,37 @@ mod tests {
     }
 
     impl Lines {
-        /// The lines, each with its timestamp taken out.
+        /// The text lines, each timestamp (`2026-11-30T21:19:12.800859Z`,
+        /// coloured or not) taken out.
+        fn without_text_timestamps(&self) -> Vec<String> {
+            const SHAPE: &[u8; 27] = b"dddd-dd-ddTdd:dd:dd.ddddddZ";
+            let is_stamp = |bytes: &[u8]| {
+                bytes.len() >= SHAPE.len()
+                    && SHAPE.iter().zip(bytes).all(|(shape, byte)| match shape {
+                        b'd' => byte.is_ascii_digit(),
+                        _ => shape == byte,
+                    })
+            };
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines()
+                .map(|line| {
+                    let mut kept = String::new();
+                    let mut i = 0;
+                    while i < line.len() {
+                        if is_stamp(&line.as_bytes()[i..]) {
+                            i += SHAPE.len();
+                        } else {
+                            let ch = line[i..].chars().next().unwrap();
+                            kept.push(ch);
+                            i += ch.len_utf8();
+                        }
+                    }
+                    kept
+                })
+                .collect()
+        }
+
+        /// The JSON lines, each with its timestamp taken out.
         fn without_timestamps(&self) -> Vec<String> {
             let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
             text.lines()
@@ -244,6 +462,50 @@ mod tests {
         }
     }
     impl std::error::Error for Failure {}
+
+    /// An error with a source: the text format lists the chain.
+    #[derive(Debug)]
+    struct Wrapped(Failure);
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// What the text format treats apart: control characters in messages
+    /// (escaped when sanitizing), non-ASCII in `Debug` strings, errors with
+    /// and without sources, every level's padding.
+    fn text_events() {
+        events();
+        tracing::info!(
+            "ansi \u{1b}[31mred\u{1b}[0m bell \u{7} bs \u{8} ff \u{c} del \u{7f} c1 \u{85}\u{9f} nbsp \u{a0} é"
+        );
+        tracing::info!(
+            text = "é 🦀 e\u{301} \u{1b} \u{85} tab\t 'single'",
+            plain = "printable ASCII, no quotes",
+            empty = "",
+            quoted = "say \"hi\"",
+            slash = "C:\\dir",
+            message = "message \u{1b} as a field"
+        );
+        tracing::warn!("formatted {} \u{1b}[1m {:?}", "args", "dbg\u{1b}");
+        tracing::error!(
+            error = &Wrapped(Failure) as &dyn std::error::Error,
+            "with a source"
+        );
+        tracing::trace!(
+            n = -9223372036854775808i64,
+            m = u64::MAX,
+            f = -0.0f64,
+            "extremes"
+        );
+        tracing::debug!(bytes = tracing::field::display("shown"), "display value");
+    }
 
     /// The same events, at every level and with every kind of field.
     fn events() {
@@ -317,6 +579,58 @@ mod tests {
                 .any(|l| l.contains(r#""target":"a_log_crate""#)),
             "{stock:#?}"
         );
+    }
+
+    /// The lines of `events` as the stock text format and as [`FastText`]
+    /// write them, colours on or off.
+    fn text_lines(ansi: bool) -> (Vec<String>, Vec<String>) {
+        let stock = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(stock.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, text_events);
+
+        let fast = Lines::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .event_format(FastText::new())
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(fast.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, text_events);
+        (
+            stock.without_text_timestamps(),
+            fast.without_text_timestamps(),
+        )
+    }
+
+    #[test]
+    fn lines_are_the_stock_text_format_s() {
+        let (stock, fast) = text_lines(false);
+        // 15 events; the errors' raw newlines break two lines in two.
+        assert_eq!(stock.len(), 17, "{stock:#?}");
+        assert_eq!(fast, stock);
+        // The cases are there: escapes, a log record, a source chain.
+        for expected in [
+            r"ansi \x1b[31mred\x1b[0m bell \x07 bs \x08 ff \x0c del \x7f c1 \u{85}\u{9f}",
+            " WARN a_log_crate: from log",
+            "error.sources=[it \"failed\"",
+            "TRACE toastgate::logs::tests: extremes n=-9223372036854775808",
+        ] {
+            assert!(
+                stock.iter().any(|l| l.contains(expected)),
+                "{expected}: {stock:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn coloured_lines_are_the_stock_text_format_s() {
+        let (stock, fast) = text_lines(true);
+        assert!(stock.iter().any(|l| l.contains("\u{1b}[")), "{stock:#?}");
+        assert_eq!(fast, stock);
     }
 
     #[test]

@@ -409,7 +409,9 @@ fn init_logging(format: LogFormat) {
         .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder
+            .event_format(toastgate::logs::FastText::new())
+            .init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -115,8 +115,24 @@ async fn a_log_written_to_a_file_has_no_colour_and_one_ready_line() {
     ] {
         assert!(ready[0].contains(&expected), "{expected} in {}", ready[0]);
     }
-    // The request's own line came after it.
-    assert!(log.contains("flavor.list"), "{log}");
+    // The request's own line came after it, in the stock text format's
+    // shape (written by `logs::FastText`, whose unit tests compare it with
+    // the stock format byte for byte).
+    let request: Vec<&str> = log.lines().filter(|l| l.contains("flavor.list")).collect();
+    assert_eq!(request.len(), 1, "{log}");
+    let (timestamp, rest) = request[0].split_once(' ').unwrap();
+    assert!(
+        timestamp.len() == 27 && timestamp.ends_with('Z') && timestamp.as_bytes()[10] == b'T',
+        "{}",
+        request[0]
+    );
+    assert!(
+        rest.starts_with(" INFO toastgate::exchange: request request_id="),
+        "{}",
+        request[0]
+    );
+    let expected = r#" surface="v2" team="web-team" action="flavor.list" project="web" status=200 upstream_status=200 outcome="ok" reason="-" error="-" latency_ms="#;
+    assert!(rest.contains(expected), "{expected} in {}", request[0]);
     sim.shutdown();
 }
 
