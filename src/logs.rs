@@ -104,11 +104,12 @@ impl Visit for JsonFieldsVisitor<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.key(field);
-        let mut text = String::new();
-        // A `Debug` that fails leaves what it wrote (the stock format
-        // panics in serde_json instead).
-        let _ = write!(text, "{value:?}");
-        push_json_str(self.line, &text);
+        self.line.push('"');
+        // Escaped as it is written, with no string of its own. A `Debug`
+        // that fails leaves what it wrote (the stock format panics in
+        // serde_json instead).
+        let _ = write!(JsonEscaping(self.line), "{value:?}");
+        self.line.push('"');
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
@@ -128,9 +129,11 @@ impl Visit for JsonFieldsVisitor<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         self.key(field);
-        match serde_json::to_string(&value) {
-            Ok(number) => self.line.push_str(&number),
-            Err(_) => self.line.push_str("null"),
+        // serde_json's own way: zmij for a finite number, else `null`.
+        if value.is_finite() {
+            self.line.push_str(zmij::Buffer::new().format_finite(value));
+        } else {
+            self.line.push_str("null");
         }
     }
 }
@@ -242,10 +245,9 @@ impl Visit for TextFieldsVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.start(field) {
             self.push_message(value);
-        } else if value
-            .bytes()
-            .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
-        {
+        } else if !any_byte(value, |b| {
+            !matches!(b, b' '..=b'~') || b == b'"' || b == b'\\'
+        }) {
             // What `Debug` writes for printable ASCII without quotes or
             // backslashes: the text, quoted.
             self.line.push('"');
@@ -290,10 +292,9 @@ impl Visit for TextFieldsVisitor<'_> {
 /// FF and DEL as `\x1b`-style escapes, C1 control characters as `\u{80}`.
 fn push_sanitized(line: &mut String, text: &str) {
     // C1 characters are encoded 0xC2 0x80..=0x9F in UTF-8.
-    if !text
-        .bytes()
-        .any(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2))
-    {
+    if !any_byte(text, |b| {
+        matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2)
+    }) {
         line.push_str(text);
         return;
     }
@@ -317,6 +318,26 @@ fn push_sanitized(line: &mut String, text: &str) {
 /// `\u00xx`); everything else as it is.
 fn push_json_str(line: &mut String, text: &str) {
     line.push('"');
+    push_json_escaped(line, text);
+    line.push('"');
+}
+
+/// Appends what it is given as the inside of a JSON string.
+struct JsonEscaping<'a>(&'a mut String);
+
+impl fmt::Write for JsonEscaping<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        push_json_escaped(self.0, text);
+        Ok(())
+    }
+}
+
+/// `text` escaped for the inside of a JSON string (see [`push_json_str`]).
+fn push_json_escaped(line: &mut String, text: &str) {
+    if !any_byte(text, |b| b < 0x20 || b == b'"' || b == b'\\') {
+        line.push_str(text);
+        return;
+    }
     let mut plain_from = 0;
     for (i, byte) in text.bytes().enumerate() {
         let escape = match byte {
@@ -339,7 +360,21 @@ fn push_json_str(line: &mut String, text: &str) {
         plain_from = i + 1;
     }
     line.push_str(&text[plain_from..]);
-    line.push('"');
+}
+
+/// Whether any byte of `text` is one `wanted` picks. In blocks of 16 with
+/// no early exit inside a block, which the compiler turns into vector
+/// compares: a log line's strings are checked this way before any escaping,
+/// and nearly all of them need none.
+#[inline]
+fn any_byte(text: &str, wanted: impl Fn(u8) -> bool + Copy) -> bool {
+    let mut blocks = text.as_bytes().chunks_exact(16);
+    for block in &mut blocks {
+        if block.iter().fold(false, |found, &b| found | wanted(b)) {
+            return true;
+        }
+    }
+    blocks.remainder().iter().any(|&b| wanted(b))
 }
 
 /// `time` as tracing-subscriber's `SystemTime` timer writes it, e.g.
@@ -532,6 +567,15 @@ mod tests {
             r#type = "raw",
             "with \"quotes\" {}", 42
         );
+        tracing::info!(
+            neg_zero = -0.0f64,
+            sum = 0.1f64 + 0.2,
+            max = f64::MAX,
+            min = f64::MIN_POSITIVE,
+            subnormal = 5e-324f64,
+            whole = 3.0f64,
+            "floats"
+        );
         tracing::debug!(dotted.name = 1, "we\"ird\\name" = 2, "debug");
         tracing::info!(target: "odd \"target\"", "custom target");
         // A `log` record: the stock format reads its level and target.
@@ -571,7 +615,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, events);
 
         let (stock, fast) = (stock.without_timestamps(), fast.without_timestamps());
-        assert_eq!(stock.len(), 9, "{stock:#?}");
+        assert_eq!(stock.len(), 10, "{stock:#?}");
         assert_eq!(fast, stock);
         assert!(
             stock
@@ -609,8 +653,8 @@ mod tests {
     #[test]
     fn lines_are_the_stock_text_format_s() {
         let (stock, fast) = text_lines(false);
-        // 15 events; the errors' raw newlines break two lines in two.
-        assert_eq!(stock.len(), 17, "{stock:#?}");
+        // 16 events; the errors' raw newlines break two lines in two.
+        assert_eq!(stock.len(), 18, "{stock:#?}");
         assert_eq!(fast, stock);
         // The cases are there: escapes, a log record, a source chain.
         for expected in [
@@ -631,6 +675,21 @@ mod tests {
         let (stock, fast) = text_lines(true);
         assert!(stock.iter().any(|l| l.contains("\u{1b}[")), "{stock:#?}");
         assert_eq!(fast, stock);
+    }
+
+    /// The wanted byte at every position of strings across block bounds.
+    #[test]
+    fn any_byte_finds_a_wanted_byte_wherever_it_is() {
+        for len in 0..50 {
+            let plain = "a".repeat(len);
+            assert!(!any_byte(&plain, |b| b == b'"'), "{len}");
+            for at in 0..len {
+                let mut text = plain.clone().into_bytes();
+                text[at] = b'"';
+                let text = String::from_utf8(text).unwrap();
+                assert!(any_byte(&text, |b| b == b'"'), "{len} {at}");
+            }
+        }
     }
 
     #[test]
