@@ -25,16 +25,16 @@
 # reference), and toastgate's RSS 60 s after they close. Ends with a markdown
 # table for the README, one check per target.
 #
-# Usage: bench/run.sh   (measuring takes about 7.5 minutes; the first run also
+# Usage: bench/run.sh   (measuring takes about 11 minutes; the first run also
 #                        installs nginx, wrk and oha, and builds in release)
-# Knobs: ROUNDS=3 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
+# Knobs: ROUNDS=5 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
 #        CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
 #        TOASTGATE_BIN=path (another toastgate build, for A/B experiments)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-64}
