@@ -301,7 +301,8 @@ paired() {
 RATE=$(awk -v r="${RPS[b]}" 'BEGIN { printf "%d", r / 2 }')
 RATE_D=$(awk -v r="${RPS[d]}" 'BEGIN { printf "%d", r / 2 }')
 log "open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s per run"
-for t in a b c d; do measure_open "$t" "$RATE" "$t"; done
+# (b) and (d) back to back, as in the rounds after.
+for t in a c b d; do measure_open "$t" "$RATE" "$t"; done
 # The target's pair, (b) then (d), in ROUNDS rounds like the closed loop:
 # one 10 s run's p99 is a few stalls of this shared machine, so what (d)
 # adds is taken within each round and the median round's reported.

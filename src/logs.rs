@@ -192,10 +192,16 @@ where
             sanitize: writer.sanitizes_ansi_escapes(),
             started: false,
             unusual: false,
+            failed: false,
         };
         event.record(&mut fields);
         if fields.unusual {
             return self.stock.format_event(ctx, writer, event);
+        }
+        if fields.failed {
+            // As the stock format: the layer then writes its "Unable to
+            // format" line instead of this one.
+            return Err(fmt::Error);
         }
         line.push('\n');
         writer.write_str(&line)
@@ -205,86 +211,131 @@ where
 /// The event's fields as `DefaultFields` writes them without colours,
 /// separated by one space: the message as it displays (ANSI and C1 control
 /// characters escaped when the writer sanitizes them), every other field as
-/// `name=` and its `Debug` (a `r#` name without the `r#`). An error field,
-/// which the stock visitor writes with its chain of sources, marks the event
-/// `unusual`: it goes to the stock format whole.
+/// `name=` and its `Debug` (a `r#` name without the `r#`), and no `log.*`
+/// field (what the `log` crate's records carry). An error field, which the
+/// stock visitor writes with its chain of sources, marks the event
+/// `unusual`: it goes to the stock format whole. A `Debug` or `Display`
+/// that fails marks it `failed`.
 struct TextFieldsVisitor<'a> {
     line: &'a mut String,
     sanitize: bool,
     started: bool,
     unusual: bool,
+    failed: bool,
+}
+
+/// What [`TextFieldsVisitor::start`] found the field to be.
+#[derive(PartialEq)]
+enum TextField {
+    /// Left out, as the stock visitor leaves out `log.*` fields.
+    Skipped,
+    /// The message: its value alone.
+    Message,
+    /// Any other field: `name=` written, its value next.
+    Named,
 }
 
 impl TextFieldsVisitor<'_> {
     /// Starts the field: the separating space, then `name=` unless it is
-    /// the message. Whether it is the message.
-    fn start(&mut self, field: &Field) -> bool {
+    /// the message.
+    fn start(&mut self, field: &Field) -> TextField {
+        let name = field.name();
+        if name.starts_with("log.") {
+            return TextField::Skipped;
+        }
         if self.started {
             self.line.push(' ');
         }
         self.started = true;
-        let name = field.name();
         if name == "message" {
-            return true;
+            return TextField::Message;
         }
         self.line.push_str(name.strip_prefix("r#").unwrap_or(name));
         self.line.push('=');
-        false
+        TextField::Named
     }
 
-    fn push_message(&mut self, text: &str) {
-        if self.sanitize {
-            push_sanitized(self.line, text);
-        } else {
-            self.line.push_str(text);
-        }
+    fn push_debug(&mut self, value: &dyn fmt::Debug) {
+        self.failed |= write!(self.line, "{value:?}").is_err();
     }
 }
 
 impl Visit for TextFieldsVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if self.start(field) {
-            self.push_message(value);
-        } else if !any_byte(value, |b| {
-            !matches!(b, b' '..=b'~') || b == b'"' || b == b'\\'
-        }) {
-            // What `Debug` writes for printable ASCII without quotes or
-            // backslashes: the text, quoted.
-            self.line.push('"');
-            self.line.push_str(value);
-            self.line.push('"');
-        } else {
-            let _ = write!(self.line, "{value:?}");
+        match self.start(field) {
+            TextField::Skipped => {}
+            TextField::Message => push_message(self.line, self.sanitize, value),
+            TextField::Named
+                if !any_byte(value, |b| {
+                    !matches!(b, b' '..=b'~') || b == b'"' || b == b'\\'
+                }) =>
+            {
+                // What `Debug` writes for printable ASCII without quotes or
+                // backslashes: the text, quoted.
+                self.line.push('"');
+                self.line.push_str(value);
+                self.line.push('"');
+            }
+            TextField::Named => self.push_debug(&value),
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.start(field) {
-            let mut text = String::new();
-            let _ = write!(text, "{value:?}");
-            self.push_message(&text);
-        } else {
-            let _ = write!(self.line, "{value:?}");
+        match self.start(field) {
+            TextField::Skipped => {}
+            TextField::Message => {
+                // Sanitized as it is written, with no string of its own.
+                let mut message = Message {
+                    line: self.line,
+                    sanitize: self.sanitize,
+                };
+                self.failed |= write!(message, "{value:?}").is_err();
+            }
+            TextField::Named => self.push_debug(value),
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.start(field);
-        let _ = write!(self.line, "{value}");
+        if self.start(field) != TextField::Skipped {
+            let _ = write!(self.line, "{value}");
+        }
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.start(field);
-        let _ = write!(self.line, "{value}");
+        if self.start(field) != TextField::Skipped {
+            let _ = write!(self.line, "{value}");
+        }
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.start(field);
-        self.line.push_str(if value { "true" } else { "false" });
+        if self.start(field) != TextField::Skipped {
+            self.line.push_str(if value { "true" } else { "false" });
+        }
     }
 
     fn record_error(&mut self, _field: &Field, _value: &(dyn std::error::Error + 'static)) {
         self.unusual = true;
+    }
+}
+
+/// Appends a message as it is given, sanitized when `sanitize` is set.
+struct Message<'a> {
+    line: &'a mut String,
+    sanitize: bool,
+}
+
+impl fmt::Write for Message<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        push_message(self.line, self.sanitize, text);
+        Ok(())
+    }
+}
+
+fn push_message(line: &mut String, sanitize: bool, text: &str) {
+    if sanitize {
+        push_sanitized(line, text);
+    } else {
+        line.push_str(text);
     }
 }
 
@@ -540,6 +591,22 @@ mod tests {
             "extremes"
         );
         tracing::debug!(bytes = tracing::field::display("shown"), "display value");
+        // `log.*` fields are left out, as the stock visitor leaves them out.
+        tracing::info!(log.line = 3u64, log.file = "f.rs", after = 1, "log fields");
+        tracing::info!(message = 5);
+        tracing::info!(message = true);
+        tracing::info!(message = -1.5f64);
+        tracing::info!(bytes = &b"\x00ab"[..], "bytes");
+        // A `Debug` that fails: the layer writes its "Unable to format" line.
+        tracing::info!(broken = ?Unformattable, "never written");
+    }
+
+    /// A `Debug` that fails.
+    struct Unformattable;
+    impl fmt::Debug for Unformattable {
+        fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+            Err(fmt::Error)
+        }
     }
 
     /// The same events, at every level and with every kind of field.
@@ -625,12 +692,14 @@ mod tests {
         );
     }
 
-    /// The lines of `events` as the stock text format and as [`FastText`]
-    /// write them, colours on or off.
-    fn text_lines(ansi: bool) -> (Vec<String>, Vec<String>) {
+    /// The lines of `text_events` as the stock text format and as
+    /// [`FastText`] write them, colours on or off, ANSI escapes in messages
+    /// sanitized or not.
+    fn text_lines(ansi: bool, sanitize: bool) -> (Vec<String>, Vec<String>) {
         let stock = Lines::default();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(ansi)
+            .with_ansi_sanitization(sanitize)
             .with_max_level(tracing::Level::TRACE)
             .with_writer(stock.clone())
             .finish();
@@ -639,6 +708,7 @@ mod tests {
         let fast = Lines::default();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(ansi)
+            .with_ansi_sanitization(sanitize)
             .event_format(FastText::new())
             .with_max_level(tracing::Level::TRACE)
             .with_writer(fast.clone())
@@ -652,9 +722,9 @@ mod tests {
 
     #[test]
     fn lines_are_the_stock_text_format_s() {
-        let (stock, fast) = text_lines(false);
-        // 16 events; the errors' raw newlines break two lines in two.
-        assert_eq!(stock.len(), 18, "{stock:#?}");
+        let (stock, fast) = text_lines(false, true);
+        // 22 events; the errors' raw newlines break two lines in two.
+        assert_eq!(stock.len(), 24, "{stock:#?}");
         assert_eq!(fast, stock);
         // The cases are there: escapes, a log record, a source chain.
         for expected in [
@@ -662,6 +732,8 @@ mod tests {
             " WARN a_log_crate: from log",
             "error.sources=[it \"failed\"",
             "TRACE toastgate::logs::tests: extremes n=-9223372036854775808",
+            " INFO toastgate::logs::tests: log fields after=1",
+            "Unable to format the following event. Name: event src/logs.rs:",
         ] {
             assert!(
                 stock.iter().any(|l| l.contains(expected)),
@@ -671,8 +743,18 @@ mod tests {
     }
 
     #[test]
+    fn unsanitized_lines_are_the_stock_text_format_s() {
+        let (stock, fast) = text_lines(false, false);
+        assert!(
+            stock.iter().any(|l| l.contains("ansi \u{1b}[31mred")),
+            "{stock:#?}"
+        );
+        assert_eq!(fast, stock);
+    }
+
+    #[test]
     fn coloured_lines_are_the_stock_text_format_s() {
-        let (stock, fast) = text_lines(true);
+        let (stock, fast) = text_lines(true, true);
         assert!(stock.iter().any(|l| l.contains("\u{1b}[")), "{stock:#?}");
         assert_eq!(fast, stock);
     }
