@@ -22,9 +22,9 @@
 //!   is never sent again: it may have been performed.
 //! - A connection whose exchange did not finish (a timeout, a body too
 //!   large, an error) is closed, never reused.
-//! - The shared HTTP/2 connection expires after `pool_idle_timeout` without
-//!   a request, and is let go only once closed (a refused stream does not
-//!   close it).
+//! - The shared HTTP/2 connection expires after `pool_idle_timeout` in which
+//!   no call took it or ended on it, and is let go only once closed (a
+//!   refused stream does not close it).
 //!
 //! Unlike hyper-util's: an HTTP/2 connection is pinged (every 30 s, 10 s
 //! to answer), so one a middlebox dropped silently is found out; and
@@ -74,16 +74,36 @@ struct Idle {
     /// Idle HTTP/1.1 connections and when each was put back; the last is
     /// the most recently used.
     h1: Vec<(http1::SendRequest<Body>, Instant)>,
-    /// The HTTP/2 connection every request shares, once there is one, and
-    /// when a request last took it (it expires like an idle HTTP/1.1
-    /// connection).
-    h2: Option<(http2::SendRequest<Body>, Instant)>,
+    /// The HTTP/2 connection every request shares, once there is one.
+    h2: Option<SharedH2>,
+    /// The id the next HTTP/2 connection gets.
+    next_h2_id: u64,
+}
+
+/// The shared HTTP/2 connection.
+struct SharedH2 {
+    tx: http2::SendRequest<Body>,
+    /// When a call last took it or ended on it: it expires like an idle
+    /// HTTP/1.1 connection.
+    last_used: Instant,
+    /// Which connection this is, for the calls that took it: one that
+    /// fails or ends must not be mistaken for a newer one in its place.
+    id: u64,
 }
 
 /// A connection for one request.
 enum Sender {
     H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    /// A clone of an HTTP/2 connection's handle, and the connection's id.
+    H2(http2::SendRequest<Body>, u64),
+}
+
+/// The connection an answer came on, once its head is in.
+enum Used {
+    /// To be put back once the body is read.
+    H1(http1::SendRequest<Body>),
+    /// The HTTP/2 connection's id.
+    H2(u64),
 }
 
 impl std::fmt::Debug for OriginPool {
@@ -121,24 +141,24 @@ impl OriginPool {
         req: Request<Body>,
         max_body: usize,
     ) -> Result<Response<Bytes>, UpstreamError> {
-        let (resp, h1) = self.send(req).await?;
+        let (resp, used) = self.send(req).await?;
         let (parts, body) = resp.into_parts();
         let bytes = read_body(body, max_body).await?;
-        // Only now, with the answer read whole, can the connection carry
-        // another request.
-        if let Some(sender) = h1 {
-            self.inner.put_back(sender);
+        match used {
+            // Only now, with the answer read whole, can the connection
+            // carry another request.
+            Used::H1(tx) => self.inner.put_back(tx),
+            Used::H2(id) => self.inner.h2_call_ended(id),
         }
         Ok(Response::from_parts(parts, bytes))
     }
 
-    /// The answer's head, and the HTTP/1.1 connection it came on (to be put
-    /// back once its body is read). `req` carries no `Host`: it is added
-    /// here, for HTTP/1.1 only.
+    /// The answer's head, and the connection it came on. `req` carries no
+    /// `Host`: it is added here, for HTTP/1.1 only.
     async fn send(
         &self,
         mut req: Request<Body>,
-    ) -> Result<(Response<Incoming>, Option<http1::SendRequest<Body>>), UpstreamError> {
+    ) -> Result<(Response<Incoming>, Used), UpstreamError> {
         let absolute = req.uri().clone();
         // Set when a shared HTTP/2 connection handed the request back but
         // does not say it closed: the next turn connects anew rather than
@@ -166,27 +186,22 @@ impl OriginPool {
                     match tx.ready().await {
                         Err(e) => Unsent::Request(Box::new(req), e),
                         Ok(()) => match tx.try_send_request(req).await {
-                            Ok(resp) => return Ok((resp, Some(tx))),
+                            Ok(resp) => return Ok((resp, Used::H1(tx))),
                             Err(e) => Unsent::from(e),
                         },
                     }
                 }
-                Sender::H2(mut tx) => {
+                Sender::H2(mut tx, id) => {
                     *req.uri_mut() = absolute.clone();
                     req.headers_mut().remove(header::HOST);
                     let result = match tx.ready().await {
                         Err(e) => Unsent::Request(Box::new(req), e),
                         Ok(()) => match tx.try_send_request(req).await {
-                            Ok(resp) => return Ok((resp, None)),
+                            Ok(resp) => return Ok((resp, Used::H2(id))),
                             Err(e) => Unsent::from(e),
                         },
                     };
-                    // A closed shared connection is let go: the next
-                    // request opens another. (A failed stream alone does
-                    // not close it.)
-                    if !self.inner.forget_h2_if_closed() {
-                        only_new = true;
-                    }
+                    only_new = !self.inner.after_h2_unsent(id);
                     result
                 }
             };
@@ -225,10 +240,10 @@ impl Inner {
     fn checkout(&self) -> Option<Sender> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((h2, last_used)) = &mut idle.h2 {
-            if self.usable(h2.is_closed(), *last_used, now) {
-                *last_used = now;
-                return Some(Sender::H2(h2.clone()));
+        if let Some(shared) = &mut idle.h2 {
+            if self.usable(shared.tx.is_closed(), shared.last_used, now) {
+                shared.last_used = now;
+                return Some(Sender::H2(shared.tx.clone(), shared.id));
             }
             // Requests in flight on it keep it open until they end.
             idle.h2 = None;
@@ -251,16 +266,33 @@ impl Inner {
         }
     }
 
-    /// Whether the shared HTTP/2 connection is closed (then let go), or
-    /// there is none any more.
-    fn forget_h2_if_closed(&self) -> bool {
+    /// A call on HTTP/2 connection `id` ended: its idle time counts from
+    /// now, if it is still the shared one.
+    fn h2_call_ended(&self, id: u64) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(shared) = idle.h2.as_mut().filter(|shared| shared.id == id) {
+            shared.last_used = Instant::now();
+        }
+    }
+
+    /// HTTP/2 connection `id` handed a request back unsent: if it is the
+    /// shared one and closed, it is let go (the next turn opens another; a
+    /// refused stream alone does not close it). Whether the next turn may
+    /// take the shared connection: not when that is still `id`, open (it
+    /// would hand the request back again). Another connection in its place
+    /// is judged by the checkout like any.
+    fn after_h2_unsent(&self, id: u64) -> bool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         match &idle.h2 {
-            Some((h2, _)) if !h2.is_closed() => false,
-            _ => {
-                idle.h2 = None;
-                true
+            Some(shared) if shared.id == id => {
+                if shared.tx.is_closed() {
+                    idle.h2 = None;
+                    true
+                } else {
+                    false
+                }
             }
+            _ => true,
         }
     }
 
@@ -287,12 +319,18 @@ impl Inner {
                 .await
                 .map_err(|e| unreachable(&e))?;
             tokio::spawn(run_connection(conn));
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let id = idle.next_h2_id;
+            idle.next_h2_id += 1;
             // With no idle connections allowed, none is shared either.
             if self.max_idle > 0 {
-                self.idle.lock().unwrap_or_else(PoisonError::into_inner).h2 =
-                    Some((tx.clone(), Instant::now()));
+                idle.h2 = Some(SharedH2 {
+                    tx: tx.clone(),
+                    last_used: Instant::now(),
+                    id,
+                });
             }
-            Ok(Sender::H2(tx))
+            Ok(Sender::H2(tx, id))
         } else {
             let (tx, conn) = http1::Builder::new()
                 .handshake(io)
@@ -317,7 +355,7 @@ impl Inner {
         if idle
             .h2
             .as_ref()
-            .is_some_and(|(tx, since)| !self.usable(tx.is_closed(), *since, now))
+            .is_some_and(|shared| !self.usable(shared.tx.is_closed(), shared.last_used, now))
         {
             idle.h2 = None;
         }
@@ -440,14 +478,65 @@ mod tests {
     }
 
     fn pool_for(origin: &Uri) -> OriginPool {
+        pool_with_idle_timeout(origin, Duration::from_secs(90))
+    }
+
+    fn pool_with_idle_timeout(origin: &Uri, idle_timeout: Duration) -> OriginPool {
         let client = super::super::UpstreamClient::new(&super::super::ClientSettings {
             ca_file: None,
             connect_timeout: Duration::from_secs(3),
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: idle_timeout,
             pool_max_idle_per_host: 8,
         })
         .unwrap();
         client.origin_pool(origin.clone())
+    }
+
+    /// An HTTP/2 connection to a server of its own (in memory), which
+    /// answers `h2`, after `slow` for a path ending in `/slow`; and how many
+    /// requests that server answered.
+    async fn h2_connection(slow: Duration) -> (http2::SendRequest<Body>, Arc<AtomicUsize>) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let answered = Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            count.fetch_add(1, Ordering::SeqCst);
+            let delay = if req.uri().path().ends_with("/slow") {
+                slow
+            } else {
+                Duration::ZERO
+            };
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(Response::new(Body::from("h2")))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(theirs), service),
+        );
+        let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (tx, answered)
+    }
+
+    /// Makes `tx` the pool's shared HTTP/2 connection; its id.
+    fn share(pool: &OriginPool, tx: http2::SendRequest<Body>) -> u64 {
+        let mut idle = pool.inner.idle.lock().unwrap();
+        let id = idle.next_h2_id;
+        idle.next_h2_id += 1;
+        idle.h2 = Some(SharedH2 {
+            tx,
+            last_used: Instant::now(),
+            id,
+        });
+        id
+    }
+
+    fn shared_id(pool: &OriginPool) -> Option<u64> {
+        pool.inner.idle.lock().unwrap().h2.as_ref().map(|s| s.id)
     }
 
     fn request(origin: &Uri) -> Request<Body> {
@@ -476,6 +565,78 @@ mod tests {
             let _ = conn.await;
         });
         idle(pool, tx);
+    }
+
+    /// Idle time counts from when the last call ended, not from when it
+    /// began: a connection whose 2 s call ended 1.5 s ago is still shared
+    /// with a 3 s idle timeout (counted from the call's start, it would
+    /// have expired, and the next call would have connected anew).
+    #[tokio::test]
+    async fn a_shared_http2_connection_idles_from_when_its_last_call_ended() {
+        let (origin, answered_by_origin) = origin().await;
+        let pool = pool_with_idle_timeout(&origin, Duration::from_secs(3));
+        let (tx, answered_on_h2) = h2_connection(Duration::from_secs(2)).await;
+        share(&pool, tx);
+        let slow = || {
+            let mut req = request(&origin);
+            *req.uri_mut() = format!("{origin}v2/t/slow").parse().unwrap();
+            req
+        };
+        let resp = pool.send_buffered(slow(), 1024).await.unwrap();
+        assert_eq!(resp.body(), "h2");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let resp = pool.send_buffered(request(&origin), 1024).await.unwrap();
+        assert_eq!(resp.body(), "h2", "the shared connection, not a new one");
+        assert_eq!(answered_on_h2.load(Ordering::SeqCst), 2);
+        assert_eq!(answered_by_origin.load(Ordering::SeqCst), 0);
+    }
+
+    /// A request handed back unsent by an HTTP/2 connection: the pool lets
+    /// that connection go if it closed, takes the shared one next unless
+    /// that is the same connection still open, and never lets go of a
+    /// newer connection in its place.
+    #[tokio::test]
+    async fn an_unsent_http2_request_lets_go_of_its_own_connection_only() {
+        let (origin, _) = origin().await;
+        let pool = pool_for(&origin);
+
+        // Still open: kept, and the next turn connects anew.
+        let (older, _) = h2_connection(Duration::ZERO).await;
+        let older = share(&pool, older);
+        let (open, _) = h2_connection(Duration::ZERO).await;
+        let id = share(&pool, open);
+        assert!(!pool.inner.after_h2_unsent(id));
+        assert_eq!(shared_id(&pool), Some(id));
+
+        // An older connection's failure: the newer one stays and is taken.
+        assert!(pool.inner.after_h2_unsent(older));
+        assert_eq!(shared_id(&pool), Some(id));
+
+        // Closed: let go, and the next turn connects anew.
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                TokioIo::new(theirs),
+                hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Body::from("h2")))
+                }),
+            ),
+        );
+        let (closing, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let id = share(&pool, closing.clone());
+        server.abort();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !closing.is_closed() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection closed");
+        assert!(pool.inner.after_h2_unsent(id));
+        assert_eq!(shared_id(&pool), None);
     }
 
     #[tokio::test]
