@@ -140,7 +140,10 @@ impl Visit for JsonFieldsVisitor<'_> {
 
 /// tracing-subscriber's default text format (`Format<Full>` with
 /// `DefaultFields`), faster, when the line has no colours: colours are for a
-/// person at a terminal, whose lines go to the stock format.
+/// person at a terminal, whose lines go to the stock format. It writes the
+/// default layout (timestamp, level, target, fields; no thread names or
+/// ids, no file or line) and honours the layer's `with_ansi` and
+/// `with_ansi_sanitization`, the only settings `init_logging` makes.
 pub struct FastText {
     stock: Format<Full>,
 }
