@@ -241,17 +241,23 @@ where
     async fn run(self, tcp: TcpStream) {
         match self.tls.clone() {
             None => self.serve_http(tcp).await,
-            Some(acceptor) => {
-                // A client that never finishes its handshake must not hold a slot.
-                let handshake = acceptor.accept(tcp);
-                match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
-                    Ok(Ok(tls)) => self.serve_http(tls).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed")
-                    }
-                    Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
-                }
+            // Boxed: the handshake and a TLS stream's connection make a
+            // future of 4.8 KiB where a plain connection's is 2.5 KiB, and
+            // every connection's task, idle keep-alive ones included, would
+            // be sized for the larger.
+            Some(acceptor) => Box::pin(self.serve_tls(acceptor, tcp)).await,
+        }
+    }
+
+    async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+        // A client that never finishes its handshake must not hold a slot.
+        let handshake = acceptor.accept(tcp);
+        match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
+            Ok(Ok(tls)) => self.serve_http(tls).await,
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed")
             }
+            Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
         }
     }
 
