@@ -1,16 +1,22 @@
 //! TLS on the public listener: a client that verifies the certificate gets
 //! through, one that does not trust the CA is refused, links say https, and
-//! a rotated certificate is served without a restart.
+//! a rotated certificate is served without a restart; HTTP/2 is negotiated
+//! by ALPN; a handshake that stalls or fails is cut and gives its
+//! connection slot back.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use common::tempdir::TempDir;
-use common::{Env, fast_sim, fixtures};
+use common::{Env, fast_sim, fixtures, metrics};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
@@ -118,6 +124,134 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(rotated, "the rotated certificate was not served");
+    env.stop().await;
+}
+
+/// A TLS connection to `addr` that trusts only `pki`'s CA and offers `alpn`.
+async fn tls_connect(
+    pki: &Pki,
+    addr: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_by_alpn_and_served_over_tls() {
+    let dir = TempDir::new("tlsh2");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path());
+    let env = Env::start_with_overlays(fast_sim(), &[], tls_in(&dir)).await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+
+    let tls = tls_connect(&pki, &addr, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::get("https://localhost/v2/web/flavors")
+        .header("authorization", format!("Bearer {}", env.token("web-team")))
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    send.ready().await.unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let href = body["flavors"][0]["links"][0]["href"].as_str().unwrap();
+    assert!(href.starts_with("https://localhost"), "{href}");
+
+    // A client offering only HTTP/1.1 gets HTTP/1.1.
+    let tls = tls_connect(&pki, &addr, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    drop(send);
+    driver.await.unwrap().unwrap();
+    env.stop().await;
+}
+
+/// Reads until the server closes the connection (EOF or reset); false if it
+/// is still open after `within`.
+async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A TLS alert before the close is fine: keep reading.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_or_failed_handshake_is_cut_and_gives_its_slot_back() {
+    let dir = TempDir::new("tlsslot");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path());
+    // One connection slot: a handshake that kept it would lock everyone out.
+    let mut extra = tls_in(&dir);
+    extra["server"] = json!({"max_connections": 1, "header_read_timeout": "1s"});
+    let env = Env::start_with_overlays(fast_sim(), &[], extra).await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+
+    // A client that connects and never says hello.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        closed_by_server(&mut silent, Duration::from_secs(30)).await,
+        "a handshake that never started was not cut"
+    );
+    // A client whose hello is not TLS.
+    let mut garbled = TcpStream::connect(&addr).await.unwrap();
+    garbled
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut garbled, Duration::from_secs(30)).await,
+        "a failed handshake was not closed"
+    );
+
+    // The only slot is free again: a verified client is served (were it
+    // still held, this connection would wait in the backlog until the
+    // client's timeout).
+    let ca_pem = pki.ca.pem();
+    let https = env.gw.replace("http://", "https://");
+    let resp = client(Some(&ca_pem))
+        .get(format!("{https}/v2/web/flavors"))
+        .bearer_auth(env.token("web-team"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    drop(resp);
+    let m = env.metrics().await;
+    assert!(
+        metrics::value(&m, "toastgate_open_connections") <= 1.0,
+        "{m}"
+    );
     env.stop().await;
 }
 

@@ -336,7 +336,13 @@ impl Env {
     /// Stops this gateway only (replicas share one simulator).
     pub async fn stop_gateway(self) {
         self.stop.stop();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
+        // A gateway that does not stop, or whose task failed, fails the
+        // test: both are bugs the test would otherwise hide.
+        match tokio::time::timeout(Duration::from_secs(30), self.server).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the gateway's task failed: {e}"),
+            Err(_) => panic!("the gateway did not stop within 30 s of being told to"),
+        }
     }
 
     /// Waits until `/readyz` answers 200 (the refreshers hold a token for
