@@ -8,12 +8,12 @@
 //!   the process running out of descriptors;
 //! - accept errors (EMFILE and the like) back off from 5 ms to 1 s instead of
 //!   spinning;
-//! - a TLS handshake, and an HTTP/1.1 request head, must complete within
-//!   `server.header_read_timeout`; hyper counts that time from when it starts
-//!   waiting for a request, so it also closes an HTTP/1.1 connection left
-//!   idle between requests;
+//! - a TLS handshake, and an HTTP/1.1 request head, must each complete
+//!   within `server.header_read_timeout`; hyper counts that time from when
+//!   it starts waiting for a request, so it also closes an HTTP/1.1
+//!   connection left idle between requests;
 //! - a connection (HTTP/2 included) must start its first request within
-//!   `server.header_read_timeout`; one with no request in flight and no new
+//!   `server.header_read_timeout` (after its TLS handshake, on TLS); one with no request in flight and no new
 //!   one for `server.idle_timeout` (checked twice per timeout, so at most
 //!   1.5 of them) is shut down gracefully, and dropped if still open, with
 //!   nothing in flight, one more `idle_timeout` later (a client that
@@ -26,7 +26,8 @@
 //! Draining ([`serve`]'s `draining`): every HTTP/1.1 answer carries
 //! `Connection: close`, HTTP/2 connections get a GOAWAY; once
 //! `stop_accepting` fires, the loop stops and open connections finish their
-//! in-flight requests.
+//! in-flight requests (a TLS handshake still in progress, with no request
+//! yet, is dropped).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -188,6 +189,7 @@ pub async fn serve<M: MakeService>(
             limits: limits.clone(),
             draining: draining.clone(),
             shutdown: stop_accepting.clone(),
+            metrics: metrics.clone(),
         };
         let metrics = metrics.clone();
         connections.spawn(async move {
@@ -229,6 +231,7 @@ struct Connection<S> {
     draining: Stop,
     /// The listener stopped accepting: finish in-flight requests and close.
     shutdown: Stop,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S> Connection<S>
@@ -250,14 +253,27 @@ where
     }
 
     async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
-        // A client that never finishes its handshake must not hold a slot.
-        let handshake = acceptor.accept(tcp);
-        match tokio::time::timeout(self.limits.header_read_timeout, handshake).await {
-            Ok(Ok(tls)) => self.serve_http(tls).await,
+        // A client that never finishes its handshake must not hold a slot;
+        // one still shaking hands when the listener stops has no request in
+        // flight, so the drain does not wait for it.
+        let handshake = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(tcp));
+        let outcome = tokio::select! {
+            outcome = handshake => outcome,
+            _ = self.shutdown.stopped() => return,
+        };
+        let failure = match outcome {
+            Ok(Ok(tls)) => return self.serve_http(tls).await,
             Ok(Err(e)) => {
-                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed")
+                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                "error"
             }
-            Err(_) => tracing::debug!(peer = %self.peer, "TLS handshake timed out"),
+            Err(_) => {
+                tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                "timeout"
+            }
+        };
+        if let Some(m) = &self.metrics {
+            m.tls_handshake_failures.with_label_values(&[failure]).inc();
         }
     }
 

@@ -167,6 +167,7 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub open_connections: IntGauge,
     pub accept_errors: prometheus::IntCounter,
+    pub tls_handshake_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub up_since: IntGauge,
@@ -345,6 +346,11 @@ impl Metrics {
             ),
             open_connections,
             accept_errors,
+            tls_handshake_failures: counter(
+                "toastgate_tls_handshake_failures_total",
+                "TLS handshakes on the public listener that failed (reason=error) or did not complete within server.header_read_timeout (reason=timeout).",
+                &["reason"],
+            ),
             requests: counter(
                 "toastgate_requests_total",
                 "Requests by team, surface, Action, outcome and the class of the answered HTTP status.",
@@ -468,6 +474,11 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]).inc_by(0);
+        }
+        for reason in ["error", "timeout"] {
+            m.tls_handshake_failures
+                .with_label_values(&[reason])
+                .inc_by(0);
         }
         m
     }

@@ -2,7 +2,7 @@
 //! through, one that does not trust the CA is refused, links say https, and
 //! a rotated certificate is served without a restart; HTTP/2 is negotiated
 //! by ALPN; a handshake that stalls or fails is cut and gives its
-//! connection slot back.
+//! connection slot back, and one in progress does not hold up the drain.
 
 mod common;
 
@@ -252,7 +252,45 @@ async fn a_stalled_or_failed_handshake_is_cut_and_gives_its_slot_back() {
         metrics::value(&m, "toastgate_open_connections") <= 1.0,
         "{m}"
     );
+    let failures = |reason: &str| {
+        metrics::value(
+            &m,
+            &format!("toastgate_tls_handshake_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!((failures("timeout"), failures("error")), (1.0, 1.0), "{m}");
     env.stop().await;
+}
+
+#[tokio::test]
+async fn a_handshake_in_progress_does_not_hold_up_the_drain() {
+    let dir = TempDir::new("tlsdrain");
+    let pki = Pki::new();
+    pki.write_leaf(dir.path());
+    // The handshake's own deadline and the shutdown grace both far beyond
+    // the harness's 30 s wait for the gateway to stop: only letting go of
+    // the handshake when the listener stops lets it stop in time.
+    let mut extra = tls_in(&dir);
+    extra["server"] = json!({"header_read_timeout": "600s", "shutdown_grace": "600s"});
+    let env = Env::start_with_overlays(fast_sim(), &[], extra).await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // The gateway has the connection (its handshake has begun) before the
+    // stop.
+    let mut open = 0.0;
+    for _ in 0..500 {
+        open = metrics::value(&env.metrics().await, "toastgate_open_connections");
+        if open == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open, 1.0, "the gateway never had the connection");
+    env.stop().await;
+    assert!(
+        closed_by_server(&mut silent, Duration::from_secs(30)).await,
+        "the half-open handshake was left open"
+    );
 }
 
 #[test]
