@@ -16,7 +16,7 @@
 # lasts, which varies: its instructions are taken out of each count.
 #
 # Usage: bench/callgrind.sh   (about 20 seconds after the release build)
-# Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path KEEP_TMP=1
+# Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path BARE_PROXY_BIN=path KEEP_TMP=1
 #        TEAM=bench-limited (run.sh's (e): the team with a rate-limit rule)
 set -euo pipefail
 

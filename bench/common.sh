@@ -34,7 +34,7 @@ bench_tools() {
 
 # bench_build: builds toastgate and bare_proxy in release (unless
 # SKIP_BUILD=1) and sets TOASTGATE (TOASTGATE_BIN, for an A/B experiment,
-# or the build) and BARE_PROXY.
+# or the build) and BARE_PROXY (BARE_PROXY_BIN, likewise, or the build).
 bench_build() {
     local target_dir
     if [ "${SKIP_BUILD:-0}" = 1 ]; then
@@ -46,7 +46,7 @@ bench_build() {
     target_dir=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
     TOASTGATE="${TOASTGATE_BIN:-$target_dir/release/toastgate}"
-    BARE_PROXY="$target_dir/release/examples/bare_proxy"
+    BARE_PROXY="${BARE_PROXY_BIN:-$target_dir/release/examples/bare_proxy}"
 }
 
 # bench_scratch NAME: TMP, a directory removed on exit (kept with

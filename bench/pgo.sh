@@ -31,20 +31,31 @@ START=$(date +%s)
 # shellcheck source=bench/common.sh
 . "$BENCH/common.sh"
 
+# llvm-profdata must read what rustc's LLVM writes: rustup's llvm-tools
+# component when installed (it always matches), else Debian's llvm-N of
+# rustc's LLVM major version.
 LLVM_MAJOR=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$LLVM_MAJOR" ] || die "cannot tell rustc's LLVM version (rustc -vV)"
-PROFDATA=llvm-profdata-$LLVM_MAJOR
-bench_tools nginx curl python3 "$PROFDATA:llvm-$LLVM_MAJOR"
+PROFDATA=$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata
+if [ -x "$PROFDATA" ]; then
+    bench_tools nginx curl python3
+else
+    PROFDATA=llvm-profdata-$LLVM_MAJOR
+    bench_tools nginx curl python3 "$PROFDATA:llvm-$LLVM_MAJOR"
+fi
+# The profile goes where -Cprofile-generate says, not where a leftover
+# LLVM_PROFILE_FILE would send it.
+unset LLVM_PROFILE_FILE
 bench_scratch toastgate-pgo
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 
-# Fixed paths in RUSTFLAGS, so that a second run rebuilds only what changed:
-# the raw profiles' directory, and the merged profile named by its hash
-# (cargo does not watch the file, only the flags).
+# A fixed directory for the raw profiles, so that a second run's
+# instrumented build is the first's (other flags would rebuild everything).
+# The user's RUSTFLAGS (say, -Ctarget-cpu) apply to both builds.
 PROFRAW="$TARGET_DIR/pgo-generate/profraw"
 log "instrumented build (-Cprofile-generate)"
-(cd "$ROOT" && RUSTFLAGS="-Cprofile-generate=$PROFRAW" \
+(cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PROFRAW" \
     cargo build --release --locked --bin toastgate --target-dir "$TARGET_DIR/pgo-generate")
 TOASTGATE="$TARGET_DIR/pgo-generate/release/toastgate"
 
@@ -70,9 +81,11 @@ BASE="http://127.0.0.1:$P_PROXY"
 # EXPECTED_STATUS (a training run that silently got errors would train the
 # error path instead).
 train() {
-    local status=$1 out="$TMP/oha-$RANDOM.txt"
+    local status=$1 out
     shift
-    oha --no-tui -n "$REQUESTS" -c 8 "$@" >"$out" || die "oha failed on ${*: -1} (see $out)"
+    TRAINED=$((${TRAINED:-0} + 1))
+    out="$TMP/oha-$TRAINED.txt"
+    oha --no-tui -n "$REQUESTS" -c 8 "$@" >"$out" || die "oha failed on ${*: -1} (KEEP_TMP=1 keeps $out)"
     grep -q "\[$status\] $REQUESTS responses" "$out" ||
         die "${*: -1}: not all $REQUESTS answered $status: $(grep -o '\[[0-9]*\] [0-9]* responses' "$out" | tr '\n' ' ')"
     log "trained: $status x $REQUESTS: ${*: -1}"
@@ -90,15 +103,19 @@ train 403 -m DELETE -H "Authorization: Bearer $JWT" "$BASE/v2/bench/servers/0000
 
 # The profile is written when the gateway exits.
 kill -TERM "$GATEWAY"
-wait "$GATEWAY" || die "the instrumented gateway did not exit cleanly (see $TMP/toastgate.log)"
+wait "$GATEWAY" || die "the instrumented gateway did not exit cleanly (its log: KEEP_TMP=1 keeps $TMP/toastgate.log)"
 ls "$PROFRAW"/*.profraw >/dev/null 2>&1 || die "no profile written in $PROFRAW"
 mkdir -p "$TARGET_DIR/pgo"
 "$PROFDATA" merge -o "$TMP/toastgate.profdata" "$PROFRAW"/*.profraw
+# Named by its hash: the optimised build's flags change with the profile,
+# so nothing built with an older one is reused. Training counts vary from
+# run to run, so each run rebuilds the optimised binary in full.
+rm -f "$TARGET_DIR"/pgo/toastgate-*.profdata
 PROFILE="$TARGET_DIR/pgo/toastgate-$(sha256sum "$TMP/toastgate.profdata" | cut -c1-16).profdata"
 cp "$TMP/toastgate.profdata" "$PROFILE"
 
 log "optimised build (-Cprofile-use)"
-(cd "$ROOT" && RUSTFLAGS="-Cprofile-use=$PROFILE" \
+(cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PROFILE" \
     cargo build --release --locked --bin toastgate --target-dir "$TARGET_DIR/pgo-use")
 cp "$TARGET_DIR/pgo-use/release/toastgate" "$TARGET_DIR/pgo/toastgate"
 log "done: $TARGET_DIR/pgo/toastgate (profile: $PROFILE)"

@@ -29,7 +29,8 @@
 #                        installs nginx, wrk and oha, and builds in release)
 # Knobs: ROUNDS=5 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
 #        CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
-#        TOASTGATE_BIN=path (another toastgate build, for A/B experiments)
+#        TOASTGATE_BIN=path, BARE_PROXY_BIN=path (other builds, for A/B
+#        experiments)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
