@@ -10,26 +10,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, assert_nova_error, assert_v1_failure, fast_sim, metrics};
+use common::{Env, assert_nova_error, assert_v1_failure, closed_by_server, fast_sim, metrics};
 use reqwest::Method;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// Reads until the server closes the connection (EOF or reset); false if it
-/// is still open after `within`.
-async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            // A 408 or similar before the close is fine: keep reading.
-            Ok(Ok(_)) => continue,
-        }
-    }
-}
 
 #[tokio::test]
 async fn slow_and_half_open_connections_are_closed_and_good_requests_still_served() {

@@ -12,10 +12,10 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use common::tempdir::TempDir;
-use common::{Env, fast_sim, fixtures, metrics};
+use common::{Env, closed_by_server, fast_sim, fixtures, metrics};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 struct Pki {
@@ -189,21 +189,6 @@ async fn http2_is_negotiated_by_alpn_and_served_over_tls() {
     drop(send);
     driver.await.unwrap().unwrap();
     env.stop().await;
-}
-
-/// Reads until the server closes the connection (EOF or reset); false if it
-/// is still open after `within`.
-async fn closed_by_server(conn: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            // A TLS alert before the close is fine: keep reading.
-            Ok(Ok(_)) => continue,
-        }
-    }
 }
 
 #[tokio::test]

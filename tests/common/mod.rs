@@ -106,6 +106,22 @@ pub async fn wait_ready(http: &reqwest::Client, admin: &str) {
     }
 }
 
+/// Reads until the server closes the connection (EOF or reset); false if it
+/// is still open after `within`. Whatever the server sends before closing
+/// (a 408, a TLS alert) is read past.
+pub async fn closed_by_server(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
 impl Env {
     /// A fast simulator and the gateway on tests/fixtures/gateway.yaml.
     pub async fn start() -> Env {
