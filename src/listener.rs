@@ -13,11 +13,11 @@
 //!   it starts waiting for a request, so it also closes an HTTP/1.1
 //!   connection left idle between requests;
 //! - a connection (HTTP/2 included) must start its first request within
-//!   `server.header_read_timeout` (after its TLS handshake, on TLS); one with no request in flight and no new
-//!   one for `server.idle_timeout` (checked twice per timeout, so at most
-//!   1.5 of them) is shut down gracefully, and dropped if still open, with
-//!   nothing in flight, one more `idle_timeout` later (a client that
-//!   stopped reading). Requests,
+//!   `server.header_read_timeout` (after its TLS handshake, on TLS); one
+//!   with no request in flight and no new one for `server.idle_timeout`
+//!   (checked twice per timeout, so at most 1.5 of them) is shut down
+//!   gracefully, and dropped if still open, with nothing in flight, one
+//!   more `idle_timeout` later (a client that stopped reading). Requests,
 //!   not bytes, are counted: HTTP/2 PINGs keep bytes moving without asking
 //!   for anything;
 //! - HTTP/2 connections carry at most `server.http2_max_streams` concurrent
