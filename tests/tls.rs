@@ -127,6 +127,32 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
     env.stop().await;
 }
 
+/// A gateway on TLS with a fresh CA and leaf, `server` merged onto its
+/// `server:` settings. Bind `_dir` when taking it apart: the certificate's
+/// directory is removed when it is dropped.
+struct TlsGateway {
+    env: Env,
+    pki: Pki,
+    addr: String,
+    _dir: TempDir,
+}
+
+async fn tls_gateway(name: &str, server: Value) -> TlsGateway {
+    let dir = TempDir::new(name);
+    let pki = Pki::new();
+    pki.write_leaf(dir.path());
+    let mut extra = tls_in(&dir);
+    extra["server"] = server;
+    let env = Env::start_with_overlays(fast_sim(), &[], extra).await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+    TlsGateway {
+        env,
+        pki,
+        addr,
+        _dir: dir,
+    }
+}
+
 /// A TLS connection to `addr` that trusts only `pki`'s CA and offers `alpn`.
 async fn tls_connect(
     pki: &Pki,
@@ -152,11 +178,12 @@ async fn tls_connect(
 
 #[tokio::test]
 async fn http2_is_negotiated_by_alpn_and_served_over_tls() {
-    let dir = TempDir::new("tlsh2");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path());
-    let env = Env::start_with_overlays(fast_sim(), &[], tls_in(&dir)).await;
-    let addr = env.gw.trim_start_matches("http://").to_string();
+    let TlsGateway {
+        env,
+        pki,
+        addr,
+        _dir,
+    } = tls_gateway("tlsh2", json!({})).await;
 
     let tls = tls_connect(&pki, &addr, &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -193,14 +220,17 @@ async fn http2_is_negotiated_by_alpn_and_served_over_tls() {
 
 #[tokio::test]
 async fn a_stalled_or_failed_handshake_is_cut_and_gives_its_slot_back() {
-    let dir = TempDir::new("tlsslot");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path());
     // One connection slot: a handshake that kept it would lock everyone out.
-    let mut extra = tls_in(&dir);
-    extra["server"] = json!({"max_connections": 1, "header_read_timeout": "1s"});
-    let env = Env::start_with_overlays(fast_sim(), &[], extra).await;
-    let addr = env.gw.trim_start_matches("http://").to_string();
+    let TlsGateway {
+        env,
+        pki,
+        addr,
+        _dir,
+    } = tls_gateway(
+        "tlsslot",
+        json!({"max_connections": 1, "header_read_timeout": "1s"}),
+    )
+    .await;
 
     // A client that connects and never says hello.
     let mut silent = TcpStream::connect(&addr).await.unwrap();
@@ -249,16 +279,16 @@ async fn a_stalled_or_failed_handshake_is_cut_and_gives_its_slot_back() {
 
 #[tokio::test]
 async fn a_handshake_in_progress_does_not_hold_up_the_drain() {
-    let dir = TempDir::new("tlsdrain");
-    let pki = Pki::new();
-    pki.write_leaf(dir.path());
     // The handshake's own deadline and the shutdown grace both far beyond
     // the harness's 30 s wait for the gateway to stop: only letting go of
     // the handshake when the listener stops lets it stop in time.
-    let mut extra = tls_in(&dir);
-    extra["server"] = json!({"header_read_timeout": "600s", "shutdown_grace": "600s"});
-    let env = Env::start_with_overlays(fast_sim(), &[], extra).await;
-    let addr = env.gw.trim_start_matches("http://").to_string();
+    let TlsGateway {
+        env, addr, _dir, ..
+    } = tls_gateway(
+        "tlsdrain",
+        json!({"header_read_timeout": "600s", "shutdown_grace": "600s"}),
+    )
+    .await;
     let mut silent = TcpStream::connect(&addr).await.unwrap();
     // The gateway has the connection (its handshake has begun) before the
     // stop.
