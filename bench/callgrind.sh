@@ -16,7 +16,11 @@
 # lasts, which varies: its instructions are taken out of each count.
 #
 # Usage: bench/callgrind.sh   (about 20 seconds after the release build)
-# Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BIN=path BARE_PROXY_BIN=path KEEP_TMP=1
+# toastgate is built as the Docker image builds it (bench/pgo.sh; see
+# bench/run.sh), unless TOASTGATE_BUILD=plain.
+#
+# Knobs: N1=200 N2=3200 SKIP_BUILD=1 TOASTGATE_BUILD=pgo|plain
+#        TOASTGATE_BIN=path BARE_PROXY_BIN=path KEEP_TMP=1
 #        TEAM=bench-limited (run.sh's (e): the team with a rate-limit rule)
 set -euo pipefail
 
@@ -115,5 +119,6 @@ GET /v2/bench/servers/detail as team $TEAM, one request at a time; (count of $N2
 | bare hyper proxy | ${PER_REQUEST[bare_proxy]} |
 | toastgate / bare | $(awk -v a="${PER_REQUEST[toastgate]}" -v b="${PER_REQUEST[bare_proxy]}" 'BEGIN { printf "%.2f", a / b }') |
 
+Builds: toastgate $TOASTGATE_BUILT; bare proxy plain release.
 $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "?") at $(date -u '+%Y-%m-%d %H:%M UTC'), valgrind $(valgrind --version | sed 's/^valgrind-//').
 EOF

@@ -32,20 +32,45 @@ bench_tools() {
     fi
 }
 
-# bench_build: builds toastgate and bare_proxy in release (unless
-# SKIP_BUILD=1) and sets TOASTGATE (TOASTGATE_BIN, for an A/B experiment,
-# or the build) and BARE_PROXY (BARE_PROXY_BIN, likewise, or the build).
+# bench_build: builds the bare proxy (a plain release build) and toastgate
+# as the Docker image ships it: profile-guided, by bench/pgo.sh (its
+# training is the demo's workload, not the benchmark's requests), or a plain
+# release build with TOASTGATE_BUILD=plain (as `cargo build --release`
+# gives it; quicker, for iterating). SKIP_BUILD=1 takes what was built
+# last. Sets TOASTGATE (TOASTGATE_BIN, for an A/B experiment, or the build),
+# BARE_PROXY (BARE_PROXY_BIN, likewise, or the build) and TOASTGATE_BUILT
+# (how TOASTGATE was built, for the report).
 bench_build() {
     local target_dir
+    case "${TOASTGATE_BUILD:=pgo}" in
+        pgo | plain) ;;
+        *) die "TOASTGATE_BUILD must be pgo or plain (got '$TOASTGATE_BUILD')" ;;
+    esac
+    target_dir=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
     if [ "${SKIP_BUILD:-0}" = 1 ]; then
         log "SKIP_BUILD=1: using the binaries already built"
     else
-        log "building toastgate and bare_proxy (release)"
-        (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+        if [ "$TOASTGATE_BUILD" = plain ] || [ -n "${TOASTGATE_BIN:-}" ]; then
+            log "building toastgate and bare_proxy (release)"
+            (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+        else
+            log "building bare_proxy (release), then toastgate profile-guided (bench/pgo.sh)"
+            (cd "$ROOT" && cargo build --release --locked --example bare_proxy)
+            CARGO_TARGET_DIR="$target_dir" bash "$BENCH/pgo.sh" "$target_dir/pgo/toastgate"
+        fi
     fi
-    target_dir=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-    TOASTGATE="${TOASTGATE_BIN:-$target_dir/release/toastgate}"
+    if [ -n "${TOASTGATE_BIN:-}" ]; then
+        TOASTGATE=$TOASTGATE_BIN
+        TOASTGATE_BUILT="TOASTGATE_BIN=$TOASTGATE_BIN"
+    elif [ "$TOASTGATE_BUILD" = pgo ]; then
+        TOASTGATE="$target_dir/pgo/toastgate"
+        TOASTGATE_BUILT="profile-guided (bench/pgo.sh, as the Docker image)"
+    else
+        TOASTGATE="$target_dir/release/toastgate"
+        TOASTGATE_BUILT="plain release (TOASTGATE_BUILD=plain)"
+    fi
+    [ -x "$TOASTGATE" ] || die "no toastgate binary at $TOASTGATE"
     BARE_PROXY="${BARE_PROXY_BIN:-$target_dir/release/examples/bare_proxy}"
 }
 

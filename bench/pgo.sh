@@ -1,35 +1,51 @@
 #!/usr/bin/env bash
-# bench/pgo.sh: toastgate built with profile-guided optimisation (PGO), for
-# measuring against the plain release build (bench/run.sh and
-# bench/callgrind.sh with TOASTGATE_BIN=target/pgo/toastgate).
+# bench/pgo.sh: toastgate built with profile-guided optimisation (PGO), the
+# way the Docker image builds it (the Dockerfile runs this script) and the
+# way bench/run.sh measures it.
 #
-#   1. an instrumented release build (-Cprofile-generate), in its own target
-#      directory (other RUSTFLAGS rebuild every dependency);
-#   2. training: that binary in front of the benchmark's static upstream
-#      serves, one after the other, the v2 listing with its 16 links
-#      ((d)'s request, with either header for the token), the same as a
-#      team with a rate-limit rule ((e)), the v1.0 listing ((g)), another
-#      v2 route (the static upstream answers every path alike), and
-#      refusals (an unknown route, no token, a bad token, an unknown
-#      project, an Action the team may not do);
-#   3. llvm-profdata merges the profile (the LLVM of rustc's major version:
-#      Debian's llvm-N package, installed when missing);
-#   4. the optimised build (-Cprofile-use), copied to target/pgo/toastgate.
+#   1. an instrumented release build (-Cprofile-generate) with the built-in
+#      simulator, in its own target directory (other RUSTFLAGS rebuild every
+#      dependency);
+#   2. training: that binary, as the gateway, in front of the simulator
+#      (`toastgate simulate`, whose own profile is thrown away) on a copy of
+#      config/demo.yaml, logging as the Helm chart has it (a JSON line per
+#      request, at info). It creates a key pair and eight servers, then
+#      serves the v2 and v1.0 listings (with their links rewritten), single
+#      servers, flavors and key pairs, a team over its rate limit, and refusals
+#      (no token, a bad token, an unknown route or project, an Action the
+#      team may not do). Every answer's status is checked: a training run that
+#      silently got errors would train the error path instead;
+#   3. llvm-profdata merges the profile (rustup's llvm-tools component when
+#      installed, else Debian's llvm-N of rustc's LLVM major version,
+#      installed when missing and apt-get is there);
+#   4. the optimised build (-Cprofile-use) with FEATURES, copied to OUT.
 #
-# A profile trained on the benchmark's own requests flatters the benchmark:
-# the README says so next to every PGO figure.
+# The training is the demo's workload, not the benchmark's requests: the
+# benchmark's upstream is a static nginx with another body, so what it
+# measures is not what the profile saw (README, Benchmarks).
 #
-# Usage: bench/pgo.sh   (two release builds: about 10 minutes)
-# Knobs: REQUESTS=3000 (per training request) KEEP_TMP=1
+# Usage: bench/pgo.sh [OUT]   (two release builds: 10-20 minutes from scratch)
+#   OUT defaults to TARGET/pgo/toastgate.
+# Needs: bash, curl, cargo; llvm-profdata as above.
+# Knobs: FEATURES="" (cargo features of the optimised build beside none of the
+#        defaults: "" is the production build, "simulator" the demo's)
+#        REQUESTS=2000 (per training request) CARGO_TARGET_DIR KEEP_TMP=1
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BENCH="$ROOT/bench"
-REQUESTS=${REQUESTS:-3000}
-[[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || { echo "bench/pgo.sh: REQUESTS must be a positive integer (got '$REQUESTS')" >&2; exit 2; }
 START=$(date +%s)
-# shellcheck source=bench/common.sh
-. "$BENCH/common.sh"
+REQUESTS=${REQUESTS:-2000}
+FEATURES=${FEATURES:-}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${1:-$TARGET_DIR/pgo/toastgate}
+PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '[%3ss] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[[ $REQUESTS =~ ^[1-9][0-9]*$ ]] || die "REQUESTS must be a positive integer (got '$REQUESTS')"
+[[ $FEATURES =~ ^[a-z0-9_,\ -]*$ ]] || die "FEATURES must be a list of cargo features (got '$FEATURES')"
+command -v curl >/dev/null || die "curl is needed for the training"
 
 # llvm-profdata must read what rustc's LLVM writes: rustup's llvm-tools
 # component when installed (it always matches), else Debian's llvm-N of
@@ -37,85 +53,158 @@ START=$(date +%s)
 LLVM_MAJOR=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 [ -n "$LLVM_MAJOR" ] || die "cannot tell rustc's LLVM version (rustc -vV)"
 PROFDATA=$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata
-if [ -x "$PROFDATA" ]; then
-    bench_tools nginx curl python3
-else
+if [ ! -x "$PROFDATA" ]; then
     PROFDATA=llvm-profdata-$LLVM_MAJOR
-    bench_tools nginx curl python3 "$PROFDATA:llvm-$LLVM_MAJOR"
+    if ! command -v "$PROFDATA" >/dev/null; then
+        command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ] ||
+            die "no llvm-profdata for LLVM $LLVM_MAJOR: run 'rustup component add llvm-tools' (or install Debian's llvm-$LLVM_MAJOR)"
+        log "installing llvm-$LLVM_MAJOR (for llvm-profdata)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "llvm-$LLVM_MAJOR" >/dev/null
+    fi
 fi
-# The profile goes where -Cprofile-generate says, not where a leftover
-# LLVM_PROFILE_FILE would send it.
-unset LLVM_PROFILE_FILE
-bench_scratch toastgate-pgo
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+
+TMP=$(mktemp -d -t toastgate-pgo.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ "${KEEP_TMP:-0}" = 1 ]; then log "temp files kept in $TMP"; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # A fixed directory for the raw profiles, so that a second run's
 # instrumented build is the first's (other flags would rebuild everything).
 # The user's RUSTFLAGS (say, -Ctarget-cpu) apply to both builds.
 PROFRAW="$TARGET_DIR/pgo-generate/profraw"
-log "instrumented build (-Cprofile-generate)"
+log "instrumented build (-Cprofile-generate, with the simulator)"
 (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$PROFRAW" \
-    cargo build --release --locked --bin toastgate --target-dir "$TARGET_DIR/pgo-generate")
+    cargo build --release --locked --no-default-features --features simulator \
+    --bin toastgate --target-dir "$TARGET_DIR/pgo-generate")
 TOASTGATE="$TARGET_DIR/pgo-generate/release/toastgate"
-
-read -r P_UP P_PROXY P_ADMIN < <(free_ports 3)
-bench_configs "$P_UP" "$P_PROXY" "$P_ADMIN"
-nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
-PIDS+=($!)
-wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
-mint() { RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team "$1" --ttl 2h; }
-JWT=$(mint bench)
-JWT_LIMITED=$(mint bench-limited)
-# mint-token is the instrumented binary too: its profile is not the
-# gateway's, so it goes before the gateway starts (with any earlier run's).
 rm -rf "$PROFRAW"
 
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/toastgate.log" &
+# Only the gateway's profile is kept: the simulator and mint-token write
+# theirs where it is thrown away.
+aside() { LLVM_PROFILE_FILE="$TMP/discarded/%p.profraw" "$@"; }
+
+# free_port: a loopback port nothing answered on a moment ago.
+free_port() {
+    local port _
+    for _ in $(seq 1 50); do
+        port=$((20000 + RANDOM % 30000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+    done
+    die "no free loopback port found"
+}
+
+# wait_ready URL: polls URL until it answers 2xx, for at most 30 s.
+wait_ready() {
+    local _
+    for _ in $(seq 1 300); do
+        curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$1 not ready after 30 s"
+}
+
+# The simulator (port chosen by the kernel, printed on its first line).
+aside "$TOASTGATE" simulate --listen 127.0.0.1:0 >"$TMP/simulator.out" 2>"$TMP/simulator.log" &
+PIDS+=($!)
+for _ in $(seq 1 300); do
+    SIM=$(sed -n 's/^simulator listening on //p' "$TMP/simulator.out")
+    [ -n "$SIM" ] && break
+    sleep 0.1
+done
+[ -n "$SIM" ] || die "the simulator did not start (its log: KEEP_TMP=1 keeps $TMP/simulator.log)"
+
+# The demo config, its secrets beside it, pointed at this run's ports.
+P_PUBLIC=$(free_port)
+P_ADMIN=$(free_port)
+[ "$P_PUBLIC" != "$P_ADMIN" ] || die "picked the same port twice; run again"
+cp -r "$ROOT/config/demo-secrets" "$TMP/"
+sed -e "s|http://127.0.0.1:18774|$SIM|g" \
+    -e "s|127.0.0.1:8080|127.0.0.1:$P_PUBLIC|" \
+    -e "s|127.0.0.1:9090|127.0.0.1:$P_ADMIN|" \
+    "$ROOT/config/demo.yaml" >"$TMP/gateway.yaml"
+mint() { aside "$TOASTGATE" mint-token --config "$TMP/gateway.yaml" --team "$1" --ttl 2h; }
+PLATFORM=$(mint platform)
+WEB=$(mint web-team)
+BATCH=$(mint batch-team)
+
+# Logs as the Helm chart deploys it: a JSON line per request, at info.
+LLVM_PROFILE_FILE="$PROFRAW/gateway-%p.profraw" RUST_LOG=info TOASTGATE_LOG_FORMAT=json \
+    "$TOASTGATE" serve --config "$TMP/gateway.yaml" 2>"$TMP/gateway.log" &
 GATEWAY=$!
 PIDS+=("$GATEWAY")
-wait_ready "http://127.0.0.1:$P_ADMIN/readyz" 60
-BASE="http://127.0.0.1:$P_PROXY"
+wait_ready "http://127.0.0.1:$P_ADMIN/readyz"
+BASE="http://127.0.0.1:$P_PUBLIC"
 
-# train EXPECTED_STATUS [oha args...]: REQUESTS requests, all answered
-# EXPECTED_STATUS (a training run that silently got errors would train the
-# error path instead).
-train() {
-    local status=$1 out
-    shift
-    TRAINED=$((${TRAINED:-0} + 1))
-    out="$TMP/oha-$TRAINED.txt"
-    oha --no-tui -n "$REQUESTS" -c 8 "$@" >"$out" || die "oha failed on ${*: -1} (KEEP_TMP=1 keeps $out)"
-    grep -q "\[$status\] $REQUESTS responses" "$out" ||
-        die "${*: -1}: not all $REQUESTS answered $status: $(grep -o '\[[0-9]*\] [0-9]* responses' "$out" | tr '\n' ' ')"
-    log "trained: $status x $REQUESTS: ${*: -1}"
+# call STATUSES COUNT CURL_ARGS... URL: COUNT requests to URL on one
+# keep-alive connection (curl's -K list; -Z: up to --parallel-max
+# connections at once), each answered with one of
+# STATUSES (a |-separated list). Prints the last answer's body.
+TRAINED=0
+call() {
+    local statuses=$1 count=$2 i
+    shift 2
+    local url=${*: -1}
+    TRAINED=$((TRAINED + 1))
+    for ((i = 1; i < count; i++)); do printf 'url = "%s"\noutput = "/dev/null"\n' "$url"; done >"$TMP/urls-$TRAINED"
+    printf 'url = "%s"\noutput = "%s"\n' "$url" "$TMP/body-$TRAINED" >>"$TMP/urls-$TRAINED"
+    curl -sS --max-time 300 -w '%{http_code}\n' -K "$TMP/urls-$TRAINED" "${@:1:$#-1}" >"$TMP/codes-$TRAINED" ||
+        die "curl failed on $url"
+    [ "$(grep -cEx "$statuses" "$TMP/codes-$TRAINED")" -eq "$count" ] ||
+        die "$url: not all $count answered $statuses: $(sort "$TMP/codes-$TRAINED" | uniq -c | tr -s ' \n' ' ')(last body: $(head -c 300 "$TMP/body-$TRAINED"))"
+    # The URL only: the arguments hold a token.
+    log "trained: $statuses x $count: $url"
+    cat "$TMP/body-$TRAINED"
 }
-train 200 -H "Authorization: Bearer $JWT" "$BASE/v2/bench/servers/detail"
-train 200 -H "X-Auth-Token: $JWT" "$BASE/v2/bench/servers/detail"
-train 200 -H "Authorization: Bearer $JWT_LIMITED" "$BASE/v2/bench/servers/detail"
-train 200 -H "Authorization: Bearer $JWT" "$BASE/v1.0/appkeys/BenchAppKey/instances"
-train 200 -H "Authorization: Bearer $JWT" "$BASE/v2/bench/flavors/detail"
-train 404 -H "Authorization: Bearer $JWT" "$BASE/v2/bench/no-such-route"
-train 401 "$BASE/v2/bench/servers/detail"
-train 401 -H "Authorization: Bearer not.a.jwt" "$BASE/v2/bench/servers/detail"
-train 404 -H "Authorization: Bearer $JWT" "$BASE/v2/someone-else/servers/detail"
-train 403 -m DELETE -H "Authorization: Bearer $JWT" "$BASE/v2/bench/servers/0000"
+bearer() { echo "Authorization: Bearer $1"; }
+
+# What the listings show: a key pair and eight servers in project web.
+call 200 1 -H "$(bearer "$PLATFORM")" -H 'Content-Type: application/json' \
+    --data-binary '{"keypair": {"name": "pgo"}}' "$BASE/v2/web/os-keypairs" >/dev/null
+SERVER=$(call 202 8 -H "$(bearer "$PLATFORM")" -H 'Content-Type: application/json' \
+    --data-binary '{"server": {"name": "pgo", "imageRef": "9956f822-29c9-4f81-9410-0c392d9c8c24", "flavorRef": "7c5f1a0e-8a7d-4e57-9d4b-0f6d3b1e2a21", "networks": [{"uuid": "e7a1c3f5-2b4d-4e6f-8a0c-1e3f5a7c9b01"}], "key_name": "pgo"}}' \
+    "$BASE/v2/web/servers" | sed -n 's/.*"id": *"\([0-9a-f-]*\)".*/\1/p')
+[[ $SERVER =~ ^[0-9a-f-]{36}$ ]] || die "no server id in the create answer"
+
+# Reads, the bulk of a gateway's traffic.
+call 200 "$REQUESTS" -H "$(bearer "$PLATFORM")" "$BASE/v2/web/servers/detail" >/dev/null
+call 200 "$REQUESTS" -Z --parallel-max 8 -H "X-Auth-Token: $PLATFORM" "$BASE/v2/web/servers/detail" >/dev/null
+call 200 "$REQUESTS" -H "$(bearer "$PLATFORM")" "$BASE/v2/web/servers" >/dev/null
+call 200 "$REQUESTS" -H "$(bearer "$PLATFORM")" "$BASE/v2/web/servers/$SERVER" >/dev/null
+call 200 "$((REQUESTS / 4))" -H "$(bearer "$PLATFORM")" "$BASE/v2/web/flavors/detail" >/dev/null
+call 200 "$((REQUESTS / 4))" -H "$(bearer "$PLATFORM")" "$BASE/v2/web/os-keypairs" >/dev/null
+call 200 "$REQUESTS" -H "$(bearer "$PLATFORM")" "$BASE/v1.0/appkeys/WebAppKey0001/instances" >/dev/null
+call 200 "$((REQUESTS / 4))" -H "$(bearer "$PLATFORM")" "$BASE/v1.0/appkeys/WebAppKey0001/flavors" >/dev/null
+# web-team has a rate limit on reads (20/s, burst 40): both answers.
+call '200|429' "$REQUESTS" -H "$(bearer "$WEB")" "$BASE/v2/web/servers/detail" >/dev/null
+# Refusals.
+call 401 "$((REQUESTS / 4))" "$BASE/v2/web/servers/detail" >/dev/null
+call 401 "$((REQUESTS / 4))" -H "Authorization: Bearer not.a.jwt" "$BASE/v2/web/servers/detail" >/dev/null
+call 404 "$((REQUESTS / 4))" -H "$(bearer "$PLATFORM")" "$BASE/v2/web/no-such-route" >/dev/null
+call 404 "$((REQUESTS / 4))" -H "$(bearer "$PLATFORM")" "$BASE/v2/someone-else/servers/detail" >/dev/null
+call 403 "$((REQUESTS / 4))" -X DELETE -H "$(bearer "$BATCH")" "$BASE/v2/batch/servers/$SERVER" >/dev/null
 
 # The profile is written when the gateway exits.
 kill -TERM "$GATEWAY"
-wait "$GATEWAY" || die "the instrumented gateway did not exit cleanly (its log: KEEP_TMP=1 keeps $TMP/toastgate.log)"
-ls "$PROFRAW"/*.profraw >/dev/null 2>&1 || die "no profile written in $PROFRAW"
-mkdir -p "$TARGET_DIR/pgo"
-"$PROFDATA" merge -o "$TMP/toastgate.profdata" "$PROFRAW"/*.profraw
+wait "$GATEWAY" || die "the instrumented gateway did not exit cleanly (its log: KEEP_TMP=1 keeps $TMP/gateway.log)"
+ls "$PROFRAW"/gateway-*.profraw >/dev/null 2>&1 || die "no profile written in $PROFRAW"
+"$PROFDATA" merge -o "$TMP/toastgate.profdata" "$PROFRAW"/gateway-*.profraw
 # Named by its hash: the optimised build's flags change with the profile,
-# so nothing built with an older one is reused. Training counts vary from
-# run to run, so each run rebuilds the optimised binary in full.
+# so nothing built with an older one is reused.
+mkdir -p "$TARGET_DIR/pgo"
 rm -f "$TARGET_DIR"/pgo/toastgate-*.profdata
 PROFILE="$TARGET_DIR/pgo/toastgate-$(sha256sum "$TMP/toastgate.profdata" | cut -c1-16).profdata"
 cp "$TMP/toastgate.profdata" "$PROFILE"
 
-log "optimised build (-Cprofile-use)"
+log "optimised build (-Cprofile-use, features: '${FEATURES}')"
 (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PROFILE" \
-    cargo build --release --locked --bin toastgate --target-dir "$TARGET_DIR/pgo-use")
-cp "$TARGET_DIR/pgo-use/release/toastgate" "$TARGET_DIR/pgo/toastgate"
-log "done: $TARGET_DIR/pgo/toastgate (profile: $PROFILE)"
+    cargo build --release --locked --no-default-features --features "$FEATURES" \
+    --bin toastgate --target-dir "$TARGET_DIR/pgo-use")
+install -D -m 0755 "$TARGET_DIR/pgo-use/release/toastgate" "$OUT"
+log "done: $OUT (profile: $PROFILE)"

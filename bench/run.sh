@@ -25,10 +25,16 @@
 # reference), and toastgate's RSS 60 s after they close. Ends with a markdown
 # table for the README, one check per target.
 #
+# toastgate is built as the Docker image builds it: profile-guided, by
+# bench/pgo.sh (two release builds and a training on the simulator, about 6
+# minutes when the dependencies are built); the bare proxy is a plain
+# release build.
+#
 # Usage: bench/run.sh   (measuring takes about 11 minutes; the first run also
 #                        installs nginx, wrk and oha, and builds in release)
 # Knobs: ROUNDS=5 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
 #        CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
+#        TOASTGATE_BUILD=pgo|plain (plain: `cargo build --release`)
 #        TOASTGATE_BIN=path, BARE_PROXY_BIN=path (other builds, for A/B
 #        experiments)
 set -euo pipefail
@@ -451,6 +457,7 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 
 Same $IDLE_CONNS idle connections: toastgate $TG_MIB MiB, bare_proxy $(mib "$BARE_RSS") MiB, nginx proxy worker $(mib "$NGX_RSS") MiB.
 
+Builds: toastgate $TOASTGATE_BUILT; bare_proxy plain release.
 Machine: $(nproc) cores, $CPU, $(uname -sr), $(date -u '+%Y-%m-%d %H:%M UTC');
 load average before measuring: $LOAD_AT_START; measuring took ${MEASURED}s, the whole script ${ELAPSED}s.
 EOF
