@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::process::KillOnDrop;
 use common::tempdir::TempDir;
-use common::{fast_sim, fixtures, metrics, secrets, start_sim, wait_ready};
+use common::{fast_sim, fixtures, h2_handshake, metrics, secrets, start_sim, wait_ready};
 use serde_json::{Value, json};
 use toastgate::config::Config;
 use toastgate::server::{Listeners, ReloadSource, run_with_reload};
@@ -312,13 +312,7 @@ async fn draining_sends_http2_connections_a_goaway_while_the_listener_still_serv
     let tcp = tokio::net::TcpStream::connect(env.gw.trim_start_matches("http://"))
         .await
         .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let driver = tokio::spawn(conn);
+    let (mut send, driver) = h2_handshake(tcp).await;
     let req = hyper::Request::get("http://gw/v2/web/flavors")
         .header("authorization", format!("Bearer {token}"))
         .body(http_body_util::Full::<bytes::Bytes>::default())

@@ -10,7 +10,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Env, assert_nova_error, assert_v1_failure, closed_by_server, fast_sim, metrics};
+use common::{
+    Env, assert_nova_error, assert_v1_failure, closed_by_server, fast_sim, h2_handshake, metrics,
+};
 use reqwest::Method;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -287,26 +289,6 @@ async fn a_request_in_flight_longer_than_the_idle_timeout_is_still_answered() {
     env.stop().await;
 }
 
-/// An HTTP/2 (prior knowledge) connection to the gateway.
-async fn h2_connect(
-    addr: &str,
-) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (send, driver)
-}
-
 fn h2_get(token: &str, path: &str) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
     hyper::Request::get(format!("http://gw{path}"))
         .header("authorization", format!("Bearer {token}"))
@@ -324,7 +306,7 @@ async fn http2_streams_are_capped_per_connection_and_an_idle_http2_connection_is
     .await;
     let addr = env.gw.trim_start_matches("http://").to_string();
     let token = env.token("web-team");
-    let (mut send, driver) = h2_connect(&addr).await;
+    let (mut send, driver) = h2_handshake(TcpStream::connect(&addr).await.unwrap()).await;
     // One exchange first: the client has the gateway's SETTINGS by then.
     send.ready().await.unwrap();
     let first = send
@@ -360,7 +342,8 @@ async fn http2_streams_are_capped_per_connection_and_an_idle_http2_connection_is
     tokio::time::timeout(Duration::from_secs(30), driver)
         .await
         .expect("the idle HTTP/2 connection was never closed")
-        .unwrap();
+        .unwrap()
+        .expect("the idle HTTP/2 connection ended cleanly");
     drop(send);
     env.stop().await;
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use common::tempdir::TempDir;
-use common::{Env, closed_by_server, fast_sim, fixtures, metrics};
+use common::{Env, closed_by_server, fast_sim, fixtures, h2_handshake, metrics};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -187,13 +187,7 @@ async fn http2_is_negotiated_by_alpn_and_served_over_tls() {
 
     let tls = tls_connect(&pki, &addr, &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    let driver = tokio::spawn(conn);
+    let (mut send, driver) = h2_handshake(tls).await;
     let req = hyper::Request::get("https://localhost/v2/web/flavors")
         .header("authorization", format!("Bearer {}", env.token("web-team")))
         .body(http_body_util::Full::<bytes::Bytes>::default())

@@ -122,6 +122,25 @@ pub async fn closed_by_server(conn: &mut tokio::net::TcpStream, within: Duration
     }
 }
 
+/// The sending half of an HTTP/2 client connection.
+pub type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// An HTTP/2 client connection over `io` (prior knowledge on plain TCP, or a
+/// TLS stream that negotiated `h2`): its sender, and the task driving the
+/// connection, which ends with how the connection ended.
+pub async fn h2_handshake<I>(io: I) -> (H2Sender, tokio::task::JoinHandle<hyper::Result<()>>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    (send, tokio::spawn(conn))
+}
+
 impl Env {
     /// A fast simulator and the gateway on tests/fixtures/gateway.yaml.
     pub async fn start() -> Env {
