@@ -47,11 +47,12 @@ ARG REVISION=unknown
 COPY . .
 
 # Profile-guided optimisation (PGO), on by default: bench/pgo.sh builds
-# toastgate instrumented (with the simulator), runs it as a gateway in front
-# of `toastgate simulate` on the demo's workload (listings with links
-# rewritten, the v1.0 surface, a rate limit, refusals), then builds the
-# production binary with that profile: about 10% fewer instructions per
-# proxied request (README, Benchmarks). It doubles the build time and needs
+# toastgate instrumented (with FEATURES: a profile applies only to a build
+# of the same features), runs it as a gateway in front of the simulator (a
+# debug build) on the demo's workload (listings with links rewritten, the
+# v1.0 surface, a rate limit, refusals), then builds the binary with that
+# profile and checks that the profile matched it: fewer instructions per
+# proxied request (README, Benchmarks). It costs two more builds and needs
 # rustup's llvm-tools component, downloaded here. PGO=0: a plain release
 # build (an offline builder, or a quicker one).
 ARG PGO=1

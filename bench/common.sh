@@ -33,13 +33,13 @@ bench_tools() {
 }
 
 # bench_build: builds the bare proxy (a plain release build) and toastgate
-# as the Docker image ships it: profile-guided, by bench/pgo.sh (its
-# training is the demo's workload, not the benchmark's requests), or a plain
-# release build with TOASTGATE_BUILD=plain (as `cargo build --release`
-# gives it; quicker, for iterating). SKIP_BUILD=1 takes what was built
-# last. Sets TOASTGATE (TOASTGATE_BIN, for an A/B experiment, or the build),
-# BARE_PROXY (BARE_PROXY_BIN, likewise, or the build) and TOASTGATE_BUILT
-# (how TOASTGATE was built, for the report).
+# as the Docker image ships it: the production features (no simulator),
+# profile-guided by bench/pgo.sh (its training is the demo's workload, not
+# the benchmark's requests), or a plain release build of the same features
+# with TOASTGATE_BUILD=plain (quicker, for iterating). SKIP_BUILD=1 takes
+# what was built last. Sets TOASTGATE (TOASTGATE_BIN, for an A/B
+# experiment, or the build), BARE_PROXY (BARE_PROXY_BIN, likewise, or the
+# build) and TOASTGATE_BUILT (how TOASTGATE was built, for the report).
 bench_build() {
     local target_dir
     case "${TOASTGATE_BUILD:=pgo}" in
@@ -51,13 +51,17 @@ bench_build() {
     if [ "${SKIP_BUILD:-0}" = 1 ]; then
         log "SKIP_BUILD=1: using the binaries already built"
     else
-        if [ "$TOASTGATE_BUILD" = plain ] || [ -n "${TOASTGATE_BIN:-}" ]; then
-            log "building toastgate and bare_proxy (release)"
-            (cd "$ROOT" && cargo build --release --locked --bin toastgate --example bare_proxy)
+        log "building bare_proxy (release)"
+        (cd "$ROOT" && cargo build --release --locked --example bare_proxy)
+        if [ -n "${TOASTGATE_BIN:-}" ]; then
+            :
+        elif [ "$TOASTGATE_BUILD" = plain ]; then
+            log "building toastgate (release, production features)"
+            (cd "$ROOT" && cargo build --release --locked --no-default-features --bin toastgate \
+                --target-dir "$target_dir/plain")
         else
-            log "building bare_proxy (release), then toastgate profile-guided (bench/pgo.sh)"
-            (cd "$ROOT" && cargo build --release --locked --example bare_proxy)
-            CARGO_TARGET_DIR="$target_dir" bash "$BENCH/pgo.sh" "$target_dir/pgo/toastgate"
+            log "building toastgate profile-guided (bench/pgo.sh, production features)"
+            CARGO_TARGET_DIR="$target_dir" FEATURES="" bash "$BENCH/pgo.sh" "$target_dir/pgo/toastgate"
         fi
     fi
     if [ -n "${TOASTGATE_BIN:-}" ]; then
@@ -67,8 +71,8 @@ bench_build() {
         TOASTGATE="$target_dir/pgo/toastgate"
         TOASTGATE_BUILT="profile-guided (bench/pgo.sh, as the Docker image)"
     else
-        TOASTGATE="$target_dir/release/toastgate"
-        TOASTGATE_BUILT="plain release (TOASTGATE_BUILD=plain)"
+        TOASTGATE="$target_dir/plain/release/toastgate"
+        TOASTGATE_BUILT="plain release, production features (TOASTGATE_BUILD=plain)"
     fi
     [ -x "$TOASTGATE" ] || die "no toastgate binary at $TOASTGATE"
     BARE_PROXY="${BARE_PROXY_BIN:-$target_dir/release/examples/bare_proxy}"

@@ -25,16 +25,17 @@
 # reference), and toastgate's RSS 60 s after they close. Ends with a markdown
 # table for the README, one check per target.
 #
-# toastgate is built as the Docker image builds it: profile-guided, by
-# bench/pgo.sh (two release builds and a training on the simulator, about 6
-# minutes when the dependencies are built); the bare proxy is a plain
-# release build.
+# toastgate is built as the Docker image builds it: the production features
+# (no simulator), profile-guided by bench/pgo.sh (two release builds and a
+# few seconds of training against the simulator, about 7 minutes); the bare
+# proxy is a plain release build.
 #
 # Usage: bench/run.sh   (measuring takes about 11 minutes; the first run also
 #                        installs nginx, wrk and oha, and builds in release)
 # Knobs: ROUNDS=5 DURATION=5 (closed loop, per round; open loop: 2x) WARMUP=2
 #        CONNS=64 IDLE_CONNS=10000 KEEP_TMP=1 SKIP_BUILD=1
-#        TOASTGATE_BUILD=pgo|plain (plain: `cargo build --release`)
+#        TOASTGATE_BUILD=pgo|plain (plain: a release build of the same
+#        features, not profile-guided)
 #        TOASTGATE_BIN=path, BARE_PROXY_BIN=path (other builds, for A/B
 #        experiments)
 set -euo pipefail
