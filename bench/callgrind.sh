@@ -15,7 +15,8 @@
 # (moka's clock, in toastgate only) runs for as long as its wall-clock window
 # lasts, which varies: its instructions are taken out of each count.
 #
-# Usage: bench/callgrind.sh   (about 20 seconds after the release build)
+# Usage: bench/callgrind.sh   (about 20 seconds after the build: bench/pgo.sh's
+#                             6 minutes, or a plain release build's)
 # toastgate is built as the Docker image builds it (bench/pgo.sh; see
 # bench/run.sh), unless TOASTGATE_BUILD=plain.
 #

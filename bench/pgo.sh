@@ -22,7 +22,8 @@
 #      installed, else Debian's llvm-N of rustc's LLVM major version,
 #      installed when missing and apt-get is there);
 #   4. the optimised build (-Cprofile-use) with FEATURES, installed at OUT,
-#      once most of its toastgate functions are found in the profile.
+#      once at least half of its toastgate functions are found in the
+#      profile.
 #
 # The training is the demo's workload, not the benchmark's requests: the
 # benchmark's upstream is a static nginx with another body, so what it

@@ -26,9 +26,9 @@
 # table for the README, one check per target.
 #
 # toastgate is built as the Docker image builds it: the production features
-# (no simulator), profile-guided by bench/pgo.sh (two release builds and a
-# few seconds of training against the simulator, about 7 minutes); the bare
-# proxy is a plain release build.
+# (no simulator), profile-guided by bench/pgo.sh (a debug build of the
+# simulator, two release builds and about 15 s of training against it,
+# about 6 minutes); the bare proxy is a plain release build.
 #
 # Usage: bench/run.sh   (measuring takes about 11 minutes; the first run also
 #                        installs nginx, wrk and oha, and builds in release)
