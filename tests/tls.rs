@@ -62,6 +62,17 @@ fn client(ca_pem: Option<&str>) -> reqwest::Client {
     b.build().unwrap()
 }
 
+/// `GET /v2/web/flavors` as web-team, on the gateway's TLS listener.
+async fn get_flavors(client: &reqwest::Client, env: &Env) -> reqwest::Response {
+    let https = env.gw.replace("http://", "https://");
+    client
+        .get(format!("{https}/v2/web/flavors"))
+        .bearer_auth(env.token("web-team"))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn peer_cert(resp: &reqwest::Response) -> Vec<u8> {
     resp.extensions()
         .get::<reqwest::tls::TlsInfo>()
@@ -80,12 +91,7 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
     let ca_pem = pki.ca.pem();
     let verified = client(Some(&ca_pem));
 
-    let resp = verified
-        .get(format!("{https}/v2/web/flavors"))
-        .bearer_auth(env.token("web-team"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_flavors(&verified, &env).await;
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(peer_cert(&resp), first);
     let body: serde_json::Value = resp.json().await.unwrap();
@@ -246,14 +252,7 @@ async fn a_stalled_or_failed_handshake_is_cut_and_gives_its_slot_back() {
     // The only slot is free again: a verified client is served (were it
     // still held, this connection would wait in the backlog until the
     // client's timeout).
-    let ca_pem = pki.ca.pem();
-    let https = env.gw.replace("http://", "https://");
-    let resp = client(Some(&ca_pem))
-        .get(format!("{https}/v2/web/flavors"))
-        .bearer_auth(env.token("web-team"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get_flavors(&client(Some(&pki.ca.pem())), &env).await;
     assert_eq!(resp.status().as_u16(), 200);
     drop(resp);
     let m = env.metrics().await;
