@@ -166,6 +166,7 @@ pub struct Metrics {
     pub audit_webhook_backlog: IntGauge,
     pub in_flight: IntGaugeVec,
     pub open_connections: IntGauge,
+    pub parked_connections: IntGauge,
     pub accept_errors: prometheus::IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -297,6 +298,13 @@ impl Metrics {
                 "Connections open on the public listener (at most server.max_connections).",
             ),
         );
+        let parked_connections = registered(
+            &registry,
+            IntGauge::new(
+                "toastgate_parked_connections",
+                "Open HTTP/1.1 connections on the public listener idle between requests and parked: held without hyper's buffers until their next request or server.idle_timeout.",
+            ),
+        );
         let accept_errors = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -345,6 +353,7 @@ impl Metrics {
                 &["result"],
             ),
             open_connections,
+            parked_connections,
             accept_errors,
             tls_handshake_failures: counter(
                 "toastgate_tls_handshake_failures_total",

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use common::http::read_http1_answer;
 use common::tempdir::TempDir;
 use common::{Env, closed_by_server, fast_sim, fixtures, h2_handshake, metrics};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -215,6 +216,42 @@ async fn http2_is_negotiated_by_alpn_and_served_over_tls() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     drop(send);
     driver.await.unwrap().unwrap();
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_tls_connection_is_parked_and_served_again() {
+    let TlsGateway {
+        env,
+        pki,
+        addr,
+        _dir,
+    } = tls_gateway("tlspark", json!({"header_read_timeout": "2s"})).await;
+    let tls = tls_connect(&pki, &addr, &[b"http/1.1"]).await;
+    let mut conn = tokio::io::BufReader::new(tls);
+    let request = format!(
+        "GET /v2/web/flavors HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+        env.token("web-team")
+    );
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let (status, first) = read_http1_answer(&mut conn).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&first));
+    let parked = metrics::eventually_contains(
+        &env.http,
+        &env.admin,
+        "\ntoastgate_parked_connections 1\n",
+        200,
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(parked, "the idle TLS connection was never parked");
+    // Past header_read_timeout: still open, and the same TLS session
+    // carries the next request.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let (status, again) = read_http1_answer(&mut conn).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&again));
+    assert_eq!(again, first);
     env.stop().await;
 }
 

@@ -40,3 +40,44 @@ pub fn with_headers(
     }
     req
 }
+
+/// Reads one HTTP/1.1 answer off a raw connection (`Content-Length`
+/// framing, which every gateway answer has): its status and body. Panics
+/// if the connection closes first or nothing comes within 30 s.
+pub async fn read_http1_answer<R>(conn: &mut R) -> (u16, Vec<u8>)
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let read = async {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = conn.read_until(b'\n', &mut head).await.unwrap();
+            assert!(
+                n > 0,
+                "the connection closed mid-answer: {}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+        let head = String::from_utf8(head).expect("an ASCII head");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {head}"));
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+        let mut body = vec![0; length];
+        conn.read_exact(&mut body).await.unwrap();
+        (status, body)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("an answer within 30 s")
+}

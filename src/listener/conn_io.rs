@@ -1,0 +1,226 @@
+//! The byte stream under hyper's connection: what hyper reads first (bytes
+//! already taken off the socket, by protocol detection or by a parked
+//! connection waking up), and the hold that lets a connection be taken back
+//! from hyper only when hyper is idle.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The preface every HTTP/2 connection with prior knowledge starts with
+/// (RFC 9113, 3.4); anything else is HTTP/1.x.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection speaks, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The protocol of bytes read so far: `None` while they are a strict
+/// beginning of the HTTP/2 preface (more are needed to tell).
+pub(super) fn protocol_of(head: &[u8]) -> Option<Protocol> {
+    let n = head.len().min(H2_PREFACE.len());
+    if head[..n] != H2_PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
+}
+
+/// Shared between a connection's task and the [`ConnIo`] hyper owns.
+#[derive(Debug, Default)]
+pub(super) struct Hold {
+    /// Reads and writes answer `Pending` (without registering a waker: the
+    /// task polls hyper once in this state and then clears it), and a
+    /// shutdown is noted instead of done.
+    holding: AtomicBool,
+    /// hyper asked to shut the stream down while held: it was idle, with
+    /// nothing left to write.
+    shutdown_asked: AtomicBool,
+}
+
+impl Hold {
+    pub fn start(&self) {
+        self.shutdown_asked.store(false, Ordering::Relaxed);
+        self.holding.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends the hold; says whether hyper asked for a shutdown during it.
+    pub fn end(&self) -> bool {
+        self.holding.store(false, Ordering::Relaxed);
+        self.shutdown_asked.swap(false, Ordering::Relaxed)
+    }
+
+    fn is_holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's stream as hyper sees it: `unread` first, then `io`.
+pub(super) struct ConnIo<I> {
+    io: I,
+    unread: Bytes,
+    hold: Arc<Hold>,
+}
+
+impl<I> ConnIo<I> {
+    pub fn new(io: I, hold: Arc<Hold>) -> Self {
+        ConnIo {
+            io,
+            unread: Bytes::new(),
+            hold,
+        }
+    }
+
+    /// Puts `bytes` before whatever is still unread: they were read off
+    /// this stream earlier and not consumed.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.unread = if self.unread.is_empty() {
+            bytes
+        } else {
+            let mut joined = Vec::with_capacity(bytes.len() + self.unread.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.unread);
+            Bytes::from(joined)
+        };
+    }
+
+    pub fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.hold.is_holding() {
+            return Poll::Pending;
+        }
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.hold.is_holding() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.hold.is_holding() {
+            return Poll::Pending;
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.hold.is_holding() {
+            this.hold.shutdown_asked.store(true, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_protocol_is_told_from_the_first_bytes() {
+        assert_eq!(protocol_of(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(protocol_of(b"P"), None);
+        assert_eq!(protocol_of(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(protocol_of(b"POST /v2 HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(protocol_of(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(
+            protocol_of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"),
+            Some(Protocol::Http2)
+        );
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_come_first_in_order_then_the_stream() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(server, Arc::default());
+        io.unread(Bytes::from_static(b"cd"));
+        io.unread(Bytes::from_static(b"ab"));
+        io.unread(Bytes::new());
+        assert!(io.has_unread());
+        let mut client = client;
+        client.write_all(b"ef").await.unwrap();
+        drop(client);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"abcdef");
+        assert!(!io.has_unread());
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_moves_no_bytes_and_notes_a_shutdown() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let hold = Arc::new(Hold::default());
+        let mut io = ConnIo::new(server, hold.clone());
+        client.write_all(b"x").await.unwrap();
+        hold.start();
+        let mut buf = [0u8; 4];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut read = ReadBuf::new(&mut buf);
+        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut read).is_pending());
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"y").is_pending());
+        assert!(Pin::new(&mut io).poll_shutdown(&mut cx).is_ready());
+        assert!(hold.end(), "the shutdown was noted");
+        assert!(!hold.end(), "and only once");
+        // Not shut down for real: both directions still work.
+        io.write_all(b"z").await.unwrap();
+        let mut got = [0u8; 1];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"z");
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"x");
+    }
+}

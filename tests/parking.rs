@@ -1,0 +1,207 @@
+//! Idle HTTP/1.1 keep-alive connections are parked between requests (held
+//! without hyper's buffers) and served again on the same connection: past
+//! `header_read_timeout`, with pipelined requests, with a request head that
+//! had begun when the connection was parked; a parked connection is closed
+//! after `idle_timeout` and at shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::http::read_http1_answer;
+use common::logs::Capture;
+use common::{Env, closed_by_server, fast_sim, metrics};
+use serde_json::json;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn flavors_request(env: &Env) -> String {
+    format!(
+        "GET /v2/web/flavors HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\r\n",
+        env.token("web-team")
+    )
+}
+
+async fn gateway(header_read_timeout: &str, idle_timeout: &str) -> Env {
+    let server = json!({"header_read_timeout": header_read_timeout, "idle_timeout": idle_timeout});
+    Env::start_with_overlays(fast_sim(), &[], json!({ "server": server })).await
+}
+
+async fn connect(env: &Env) -> BufReader<TcpStream> {
+    BufReader::new(
+        TcpStream::connect(env.gw.trim_start_matches("http://"))
+            .await
+            .unwrap(),
+    )
+}
+
+/// Waits (at most 20 s) until the gauge reads `value`.
+async fn parked_becomes(env: &Env, value: u32) -> bool {
+    let needle = format!("\ntoastgate_parked_connections {value}\n");
+    metrics::eventually_contains(
+        &env.http,
+        &env.admin,
+        &needle,
+        200,
+        Duration::from_millis(100),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_parked_and_served_again_on_the_same_connection() {
+    // Parked within half a second of its answer (a quarter of the header
+    // timeout, twice).
+    let env = gateway("2s", "60s").await;
+    let mut conn = connect(&env).await;
+    let request = flavors_request(&env);
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let (status, first) = read_http1_answer(&mut conn).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&first));
+    assert!(
+        parked_becomes(&env, 1).await,
+        "the idle connection was never parked"
+    );
+
+    // Past header_read_timeout since the answer: hyper alone would have
+    // closed the connection by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let m = env.metrics().await;
+    assert_eq!(
+        metrics::value(&m, "toastgate_parked_connections"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metrics::value(&m, "toastgate_open_connections"), 1.0, "{m}");
+
+    // Two requests in one write, more than a parked connection's first
+    // read (512 bytes): both answered, in order, on this connection.
+    let two = format!("{request}{request}");
+    assert!(two.len() > 512, "{}", two.len());
+    conn.get_mut().write_all(two.as_bytes()).await.unwrap();
+    for _ in 0..2 {
+        let (status, body) = read_http1_answer(&mut conn).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(body, first);
+    }
+
+    // Parked again; the gateway's stop closes it and is not held up by it.
+    assert!(parked_becomes(&env, 1).await, "not parked a second time");
+    env.stop().await;
+    assert!(closed_by_server(conn.get_mut(), Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_after_the_idle_timeout() {
+    let env = gateway("1s", "2s").await;
+    let mut conn = connect(&env).await;
+    conn.get_mut()
+        .write_all(flavors_request(&env).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_http1_answer(&mut conn).await.0, 200);
+    assert!(
+        parked_becomes(&env, 1).await,
+        "the idle connection was never parked"
+    );
+    assert!(
+        closed_by_server(conn.get_mut(), Duration::from_secs(20)).await,
+        "a parked connection outlived the idle timeout"
+    );
+    assert!(
+        parked_becomes(&env, 0).await,
+        "the gauge kept a closed connection"
+    );
+    let m = env.metrics().await;
+    assert_eq!(metrics::value(&m, "toastgate_open_connections"), 0.0, "{m}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_head_begun_when_the_connection_is_parked_is_kept() {
+    let logs = Capture::install_logs("toastgate::listener=debug");
+    let env = gateway("2s", "60s").await;
+    let mut conn = connect(&env).await;
+    let peer = conn.get_ref().local_addr().unwrap().to_string();
+    let request = flavors_request(&env);
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let (status, first) = read_http1_answer(&mut conn).await;
+    assert_eq!(status, 200);
+
+    // The next request's first line only; the gateway, parking the quiet
+    // connection, finds it read and not yet parsed.
+    let (line, rest) = request.split_at(request.find("\r\n").unwrap() + 2);
+    conn.get_mut().write_all(line.as_bytes()).await.unwrap();
+    let resumed = async {
+        loop {
+            let lines = logs.lines_with("had part of a request head");
+            if lines.iter().any(|l| l.contains(&peer)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), resumed)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the connection with a head begun was never taken back from hyper: {}",
+                logs.text()
+            )
+        });
+    let m = env.metrics().await;
+    assert_eq!(
+        metrics::value(&m, "toastgate_parked_connections"),
+        0.0,
+        "{m}"
+    );
+
+    // The rest of the head: the request is whole, nothing lost.
+    conn.get_mut().write_all(rest.as_bytes()).await.unwrap();
+    let (status, body) = read_http1_answer(&mut conn).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, first);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_the_connection_parked_longest_gives_its_slot_up() {
+    let server = json!({"max_connections": 2, "header_read_timeout": "2s", "idle_timeout": "60s"});
+    let env = Env::start_with_overlays(fast_sim(), &[], json!({ "server": server })).await;
+    let request = flavors_request(&env);
+    let mut first = connect(&env).await;
+    first.get_mut().write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_http1_answer(&mut first).await.0, 200);
+    assert!(
+        parked_becomes(&env, 1).await,
+        "the first connection was never parked"
+    );
+    let mut second = connect(&env).await;
+    second
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_http1_answer(&mut second).await.0, 200);
+    assert!(
+        parked_becomes(&env, 2).await,
+        "the second connection was never parked"
+    );
+
+    // Both slots are held by idle connections; a new client is served at
+    // once (within the test client's 30 s, where the idle timeout is 60 s).
+    let (status, body) = env.get("web-team", "/v2/web/flavors").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        closed_by_server(first.get_mut(), Duration::from_secs(5)).await,
+        "the connection parked longest was not the one closed"
+    );
+    // The other one is still open, and still served.
+    second
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_http1_answer(&mut second).await.0, 200);
+    env.stop().await;
+}
