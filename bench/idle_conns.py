@@ -8,11 +8,16 @@ PID from /proc and prints one JSON line:
 
   {"opened": 10000, "failed": 0, "open_fds": 10012, "rss_kib": 41234, ...}
 
+With --settle S it waits S more seconds with them still open and idle and
+reads VmRSS again ("rss_settled_kib", with "open_fds_settled"): what an idle
+connection costs once the server has done what it does with idle ones
+(toastgate parks them) and the allocator has returned what was freed.
+
 With --after-close S it then closes them all, waits S seconds and reads
 VmRSS again ("rss_after_close_kib"): whether the server gave the memory back.
 
 Bounded in time: the whole run gives up after --deadline seconds.
-Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3] [--after-close 60]
+Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3] [--settle 15] [--after-close 60]
 """
 
 import argparse
@@ -85,6 +90,10 @@ async def run(args):
         "rss_before_kib": rss_before,
         "rss_kib": vm_rss_kib(args.pid),
     }
+    if args.settle > 0:
+        await asyncio.sleep(args.settle)
+        out["rss_settled_kib"] = vm_rss_kib(args.pid)
+        out["open_fds_settled"] = open_fds(args.pid)
     for w in conns:
         # Reset instead of a FIN: 10,000 client sockets in TIME_WAIT would hold
         # that many loopback ports for a minute and starve the next run.
@@ -107,6 +116,8 @@ def main():
     p.add_argument("--path", default="/v2/")
     p.add_argument("--parallel", type=int, default=256, help="connections opened at once")
     p.add_argument("--hold", type=float, default=3.0, help="seconds idle before reading RSS")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="then seconds more, still idle, before reading RSS again")
     p.add_argument("--after-close", type=float, default=0.0,
                    help="seconds to wait after closing them before reading RSS again")
     p.add_argument("--deadline", type=float, default=90.0)

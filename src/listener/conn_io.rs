@@ -43,25 +43,57 @@ pub(super) struct Hold {
     /// task polls hyper once in this state and then clears it), and a
     /// shutdown is noted instead of done.
     holding: AtomicBool,
-    /// hyper asked to shut the stream down while held: it was idle, with
-    /// nothing left to write.
+    /// hyper asked to shut the stream down while held.
     shutdown_asked: AtomicBool,
+    /// hyper tried to read or write while held: it was in a message (a
+    /// request body to drain, an answer to send).
+    moved: AtomicBool,
+}
+
+/// What hyper did while its stream was held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// It asked for a shutdown without trying to move a byte: it was idle,
+    /// between messages, with nothing buffered to write.
+    Idle,
+    /// It asked for a shutdown after trying to read or write: it ended the
+    /// connection in a message (a request body it would not drain).
+    EndedInMessage,
+    /// It did not ask for a shutdown: it has more to do.
+    Busy,
 }
 
 impl Hold {
     pub fn start(&self) {
         self.shutdown_asked.store(false, Ordering::Relaxed);
+        self.moved.store(false, Ordering::Relaxed);
         self.holding.store(true, Ordering::Relaxed);
     }
 
-    /// Ends the hold; says whether hyper asked for a shutdown during it.
-    pub fn end(&self) -> bool {
+    pub fn end(&self) -> Held {
         self.holding.store(false, Ordering::Relaxed);
-        self.shutdown_asked.swap(false, Ordering::Relaxed)
+        match (
+            self.shutdown_asked.swap(false, Ordering::Relaxed),
+            self.moved.swap(false, Ordering::Relaxed),
+        ) {
+            (true, false) => Held::Idle,
+            (true, true) => Held::EndedInMessage,
+            (false, _) => Held::Busy,
+        }
     }
 
     fn is_holding(&self) -> bool {
         self.holding.load(Ordering::Relaxed)
+    }
+
+    /// A read or write while held: noted, and answered `Pending`.
+    fn held_move(&self) -> bool {
+        if self.is_holding() {
+            self.moved.store(true, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -109,7 +141,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.hold.is_holding() {
+        if this.hold.held_move() {
             return Poll::Pending;
         }
         if !this.unread.is_empty() {
@@ -129,7 +161,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.hold.is_holding() {
+        if this.hold.held_move() {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write(cx, buf)
@@ -141,7 +173,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.hold.is_holding() {
+        if this.hold.held_move() {
             return Poll::Pending;
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
@@ -206,15 +238,26 @@ mod tests {
         let hold = Arc::new(Hold::default());
         let mut io = ConnIo::new(server, hold.clone());
         client.write_all(b"x").await.unwrap();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        hold.start();
+        assert!(
+            Pin::new(&mut io).poll_flush(&mut cx).is_ready(),
+            "flushes pass"
+        );
+        assert!(Pin::new(&mut io).poll_shutdown(&mut cx).is_ready());
+        assert_eq!(hold.end(), Held::Idle, "a shutdown and nothing else");
+        assert_eq!(hold.end(), Held::Busy, "noted once");
+
         hold.start();
         let mut buf = [0u8; 4];
-        let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut read = ReadBuf::new(&mut buf);
         assert!(Pin::new(&mut io).poll_read(&mut cx, &mut read).is_pending());
-        assert!(Pin::new(&mut io).poll_write(&mut cx, b"y").is_pending());
         assert!(Pin::new(&mut io).poll_shutdown(&mut cx).is_ready());
-        assert!(hold.end(), "the shutdown was noted");
-        assert!(!hold.end(), "and only once");
+        assert_eq!(hold.end(), Held::EndedInMessage, "a read, then a shutdown");
+
+        hold.start();
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"y").is_pending());
+        assert_eq!(hold.end(), Held::Busy, "a write and no shutdown");
         // Not shut down for real: both directions still work.
         io.write_all(b"z").await.unwrap();
         let mut got = [0u8; 1];

@@ -5,29 +5,36 @@
 //! - at most `server.max_connections` connections are open at once (by
 //!   default below the process's file limit); at the cap the loop stops
 //!   accepting, so further clients wait in the kernel's backlog instead of
-//!   the process running out of descriptors;
+//!   the process running out of descriptors, unless connections are
+//!   parked (below): then the next client is accepted and the connection
+//!   parked longest closes to give it its slot;
 //! - accept errors (EMFILE and the like) back off from 5 ms to 1 s instead of
 //!   spinning;
 //! - a TLS handshake, and an HTTP/1.1 request head, must each complete
 //!   within `server.header_read_timeout`; hyper counts that time from when
-//!   it starts waiting for a request, so it also closes an HTTP/1.1
-//!   connection left idle between requests;
+//!   it starts waiting for a request (after an answer, or from a parked
+//!   connection's first byte), so a client dribbling a head is cut;
 //! - a connection (HTTP/2 included) must start its first request within
-//!   `server.header_read_timeout` (after its TLS handshake, on TLS); one
-//!   with no request in flight and no new one for `server.idle_timeout`
-//!   (checked twice per timeout, so at most 1.5 of them) is shut down
-//!   gracefully, and dropped if still open, with nothing in flight, one
-//!   more `idle_timeout` later (a client that stopped reading). Requests,
-//!   not bytes, are counted: HTTP/2 PINGs keep bytes moving without asking
-//!   for anything;
+//!   `server.header_read_timeout` (after its TLS handshake, on TLS);
+//! - an HTTP/1.1 connection idle between requests is parked a park interval
+//!   (1 s, at most a quarter of `header_read_timeout`) after its answer:
+//!   taken back from hyper, its buffers freed (about 3 KiB stay, against
+//!   10 in hyper's hands), it waits for its next bytes and is closed after
+//!   `server.idle_timeout`;
+//! - an HTTP/2 connection with no request in flight and no new one for
+//!   `server.idle_timeout` (checked twice per timeout, so at most 1.5 of
+//!   them) is shut down gracefully, and dropped if still open, with nothing
+//!   in flight, one more `idle_timeout` later (a client that stopped
+//!   reading). Requests, not bytes, are counted: HTTP/2 PINGs keep bytes
+//!   moving without asking for anything;
 //! - HTTP/2 connections carry at most `server.http2_max_streams` concurrent
 //!   streams and bounded header lists.
 //!
 //! Draining ([`serve`]'s `draining`): every HTTP/1.1 answer carries
 //! `Connection: close`, HTTP/2 connections get a GOAWAY; once
-//! `stop_accepting` fires, the loop stops and open connections finish their
-//! in-flight requests (a TLS handshake still in progress, with no request
-//! yet, is dropped).
+//! `stop_accepting` fires, the loop stops, parked connections close and
+//! open connections finish their in-flight requests (a TLS handshake still
+//! in progress, with no request yet, is dropped).
 
 mod conn_io;
 
@@ -55,7 +62,7 @@ use tower::ServiceExt;
 
 use crate::metrics::Metrics;
 use crate::shutdown::Stop;
-use conn_io::{ConnIo, Hold, Protocol};
+use conn_io::{ConnIo, Held, Hold, Protocol};
 
 /// The limits of one listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +163,7 @@ pub async fn serve<M: MakeService>(
     let mut connections = tokio::task::JoinSet::new();
     let parked = Arc::new(ParkedSet::default());
     let mut backoff = Duration::ZERO;
-    loop {
+    'accept: loop {
         // A slot first, the client then; but at the cap, with connections
         // parked, the next client is accepted and a parked (idle)
         // connection gives its slot up for it, as nginx reuses idle
@@ -172,6 +179,8 @@ pub async fn serve<M: MakeService>(
                     Ok(slot) => Some(slot),
                     Err(_) => break,
                 },
+                // At the cap, this may be a slot to reclaim: look again.
+                _ = parked.newly_parked.notified() => continue,
             }
         };
         let (tcp, peer) = tokio::select! {
@@ -195,16 +204,31 @@ pub async fn serve<M: MakeService>(
                 }
             },
         };
-        let slot = match slot {
-            Some(slot) => slot,
-            None => {
+        // Slots may have freed while it waited to be accepted: a parked
+        // connection closes only if none has.
+        let slot = match slot
+            .map(Ok)
+            .unwrap_or_else(|| slots.clone().try_acquire_owned())
+        {
+            Ok(slot) => slot,
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
                 parked.reclaim_one();
-                tokio::select! {
-                    _ = stop_accepting.stopped() => break,
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
+                loop {
+                    tokio::select! {
+                        _ = stop_accepting.stopped() => break 'accept,
+                        slot = slots.clone().acquire_owned() => match slot {
+                            Ok(slot) => break slot,
+                            Err(_) => break 'accept,
+                        },
+                        // The one asked to close woke up instead, and
+                        // another has parked since.
+                        _ = parked.newly_parked.notified() => {
+                            if !parked.is_wanted() {
+                                parked.reclaim_one();
+                            }
+                        }
+                    }
                 }
             }
         };
@@ -241,6 +265,10 @@ struct HttpBuilders {
 
 impl HttpBuilders {
     fn new(limits: &ConnLimits) -> HttpBuilders {
+        // Never `pipeline_flush`: with it, hyper's flush skips writing while
+        // unparsed bytes are buffered, and a connection could be parked
+        // with part of an answer unsent (parking relies on hyper's shutdown
+        // flushing everything first).
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -462,6 +490,9 @@ where
                     return;
                 }
                 ConnEvent::Phase(PhaseEvent::Closed(result)) => {
+                    if phase.is_parked() {
+                        self.parked.closing_one();
+                    }
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -481,14 +512,21 @@ where
                     continue;
                 }
                 ConnEvent::Reclaimed => {
-                    if let Some(io) = phase.take_parked() {
+                    if self.parked.closing_one()
+                        && let Some(io) = phase.take_parked()
+                    {
                         tracing::debug!(%peer, "parked connection closed: the listener is at max_connections");
-                        return close_parked(io).await;
+                        return close_stream(io).await;
                     }
+                    // Not needed after all: wait for the next call.
+                    reclaim.set(self.parked.reclaim.notified());
                     continue;
                 }
                 ConnEvent::Stop => match phase.take_parked() {
-                    Some(io) => return close_parked(io).await,
+                    Some(io) => {
+                        self.parked.closing_one();
+                        return close_stream(io).await;
+                    }
                     None if phase.is_detecting() => return,
                     None => true,
                 },
@@ -515,7 +553,8 @@ where
                     }
                     if let Some(io) = phase.take_parked() {
                         tracing::debug!(%peer, "idle connection closed");
-                        return close_parked(io).await;
+                        self.parked.closing_one();
+                        return close_stream(io).await;
                     }
                     // Quiet: nothing started or finished since the last
                     // check, and nothing in flight.
@@ -551,6 +590,10 @@ where
                                 tracing::debug!(%peer, error = %e, "connection ended with an error");
                             }
                             return;
+                        }
+                        Parking::Close(io) => {
+                            tracing::debug!(%peer, "connection ended by hyper in a message; closed");
+                            return close_stream(io).await;
                         }
                         // hyper was not idle after all: it finishes what it
                         // is doing and closes (keep-alive is off now).
@@ -598,9 +641,9 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// How long closing a parked connection may take (a TLS close_notify).
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// Closes a parked connection: its stream is shut down (a TLS stream sends
-/// its close_notify), briefly.
-async fn close_parked<I: AsyncWrite + Unpin>(mut io: ConnIo<I>) {
+/// Closes a connection taken back from hyper: its stream is shut down (a
+/// TLS stream sends its close_notify), briefly.
+async fn close_stream<I: AsyncWrite + Unpin>(mut io: ConnIo<I>) {
     let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
 }
 
@@ -653,12 +696,14 @@ enum PhaseEvent {
 }
 
 /// What an attempt to park came to.
-enum Parking {
+enum Parking<I> {
     Parked,
     /// hyper was idle but had read part of a next request: served again at
     /// once, those bytes first.
     Resumed,
     Ended(hyper::Result<()>),
+    /// hyper ended the connection; its stream is to be shut down.
+    Close(ConnIo<I>),
     Busy,
     /// Not an HTTP/1.1 connection with hyper, or not quiet.
     NotNow,
@@ -744,6 +789,10 @@ where
         matches!(self, Phase::Detecting { .. })
     }
 
+    fn is_parked(&self) -> bool {
+        matches!(self, Phase::Parked { .. })
+    }
+
     /// A parked connection's stream (the phase is left `Moving`: the
     /// connection ends).
     fn take_parked(&mut self) -> Option<ConnIo<I>> {
@@ -780,7 +829,7 @@ where
         hold: &Hold,
         segments: &Segments<'_, H>,
         counted: impl FnOnce() -> ParkedConnection,
-    ) -> Parking {
+    ) -> Parking<I> {
         let Phase::Http1(conn) = self else {
             return Parking::NotNow;
         };
@@ -790,10 +839,10 @@ where
         hold.start();
         conn.as_mut().graceful_shutdown();
         let polled = conn.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-        let idle = hold.end();
+        let held = hold.end();
         match polled {
             Poll::Pending => Parking::Busy,
-            Poll::Ready(Ok(())) if idle => {
+            Poll::Ready(Ok(())) if held == Held::Idle => {
                 let mut parking = Parking::Parked;
                 *self = match std::mem::replace(self, Phase::Moving) {
                     Phase::Http1(conn) => {
@@ -814,6 +863,17 @@ where
                     other => other,
                 };
                 parking
+            }
+            // It ended the connection in a message (a request body it
+            // would not drain): the stream is shut down, never parked (the
+            // rest of that body would be read as a request).
+            Poll::Ready(Ok(())) if held == Held::EndedInMessage => {
+                match std::mem::replace(self, Phase::Moving) {
+                    Phase::Http1(conn) => {
+                        Parking::Close(Pin::into_inner(conn).into_parts().io.into_inner())
+                    }
+                    _ => Parking::Ended(Ok(())),
+                }
             }
             Poll::Ready(result) => Parking::Ended(result),
         }
@@ -937,12 +997,21 @@ impl http_body::Body for TrackedBody {
 }
 
 /// A listener's parked connections: how many, and the call that closes
-/// the one parked longest.
+/// the one parked longest when the accept loop needs its slot.
 #[derive(Default)]
 struct ParkedSet {
     count: std::sync::atomic::AtomicUsize,
+    /// Slots the accept loop waits for: a parked connection that closes,
+    /// for whatever reason, takes one off, and one told to close by
+    /// `reclaim` closes only if one is still wanted (a notification can
+    /// outlive its need: passed on by a connection that woke, or kept by
+    /// `Notify` with nobody waiting).
+    wanted: std::sync::atomic::AtomicUsize,
     /// Waited on by parked connections only, in the order they parked.
     reclaim: tokio::sync::Notify,
+    /// Told each time a connection parks (the accept loop, at the cap,
+    /// looks again).
+    newly_parked: tokio::sync::Notify,
 }
 
 impl ParkedSet {
@@ -950,11 +1019,24 @@ impl ParkedSet {
         self.count.load(Ordering::Relaxed) > 0
     }
 
-    /// Closes the connection parked longest, if any is parked.
+    fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Relaxed) > 0
+    }
+
+    /// Asks the connection parked longest, if any is parked, to close.
     fn reclaim_one(&self) {
         if self.any() {
+            self.wanted.fetch_add(1, Ordering::Relaxed);
             self.reclaim.notify_one();
         }
+    }
+
+    /// A parked connection closes: one slot fewer wanted, if any was. Says
+    /// whether one was.
+    fn closing_one(&self) -> bool {
+        self.wanted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 }
 
@@ -968,6 +1050,7 @@ struct ParkedConnection {
 impl ParkedConnection {
     fn new(set: &Arc<ParkedSet>, metrics: Option<&Arc<Metrics>>) -> Self {
         set.count.fetch_add(1, Ordering::Relaxed);
+        set.newly_parked.notify_one();
         if let Some(m) = metrics {
             m.parked_connections.inc();
         }
