@@ -256,6 +256,35 @@ async fn an_idle_tls_connection_is_parked_and_served_again() {
 }
 
 #[tokio::test]
+async fn a_tls_request_in_flight_at_shutdown_is_answered_before_the_gateway_stops() {
+    let TlsGateway {
+        env,
+        pki,
+        addr: _,
+        _dir,
+    } = tls_gateway("tlsstop", json!({})).await;
+    let client = client(Some(&pki.ca.pem()));
+    // Warm: the upstream token is held, the next call waits only on the
+    // compute API's latency.
+    assert_eq!(get_flavors(&client, &env).await.status(), 200);
+    env.sim.set_latency(Duration::from_millis(1500));
+    let url = format!("{}/v2/web/flavors", env.gw.replace("http://", "https://"));
+    let in_flight = tokio::spawn(client.get(url).bearer_auth(env.token("web-team")).send());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    env.stop().await;
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight was answered");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["flavors"].as_array().is_some_and(|f| !f.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn a_stalled_or_failed_handshake_is_cut_and_gives_its_slot_back() {
     // One connection slot: a handshake that kept it would lock everyone out.
     let TlsGateway {
