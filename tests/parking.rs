@@ -35,6 +35,21 @@ async fn connect(env: &Env) -> BufReader<TcpStream> {
     )
 }
 
+/// Sends `request` on `conn` and reads its answer, which must be a 200:
+/// the body.
+async fn served(conn: &mut BufReader<TcpStream>, request: &str) -> Vec<u8> {
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let (status, body) = read_http1_answer(conn).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    body
+}
+
+/// A gateway capped at two connections, parking after a second.
+async fn capped_gateway() -> Env {
+    let server = json!({"max_connections": 2, "header_read_timeout": "4s", "idle_timeout": "60s"});
+    Env::start_with_overlays(fast_sim(), &[], json!({ "server": server })).await
+}
+
 /// Waits (at most 20 s) until the gauge reads `value`.
 async fn parked_becomes(env: &Env, value: u32) -> bool {
     let needle = format!("\ntoastgate_parked_connections {value}\n");
@@ -55,9 +70,7 @@ async fn an_idle_connection_is_parked_and_served_again_on_the_same_connection() 
     let env = gateway("2s", "60s").await;
     let mut conn = connect(&env).await;
     let request = flavors_request(&env);
-    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
-    let (status, first) = read_http1_answer(&mut conn).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&first));
+    let first = served(&mut conn, &request).await;
     assert!(
         parked_becomes(&env, 1).await,
         "the idle connection was never parked"
@@ -95,11 +108,7 @@ async fn an_idle_connection_is_parked_and_served_again_on_the_same_connection() 
 async fn a_parked_connection_is_closed_after_the_idle_timeout() {
     let env = gateway("1s", "2s").await;
     let mut conn = connect(&env).await;
-    conn.get_mut()
-        .write_all(flavors_request(&env).as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_http1_answer(&mut conn).await.0, 200);
+    served(&mut conn, &flavors_request(&env)).await;
     assert!(
         parked_becomes(&env, 1).await,
         "the idle connection was never parked"
@@ -133,9 +142,7 @@ async fn a_request_head_begun_when_the_connection_is_parked_is_kept() {
     let mut conn = connect(&env).await;
     let peer = conn.get_ref().local_addr().unwrap().to_string();
     let request = flavors_request(&env);
-    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
-    let (status, first) = read_http1_answer(&mut conn).await;
-    assert_eq!(status, 200);
+    let first = served(&mut conn, &request).await;
 
     // The next request's first line only; the gateway, parking the quiet
     // connection, finds it read and not yet parsed.
@@ -168,23 +175,16 @@ async fn a_request_head_begun_when_the_connection_is_parked_is_kept() {
 
 #[tokio::test]
 async fn at_the_connection_cap_the_connection_parked_longest_gives_its_slot_up() {
-    let server = json!({"max_connections": 2, "header_read_timeout": "2s", "idle_timeout": "60s"});
-    let env = Env::start_with_overlays(fast_sim(), &[], json!({ "server": server })).await;
+    let env = capped_gateway().await;
     let request = flavors_request(&env);
     let mut first = connect(&env).await;
-    first.get_mut().write_all(request.as_bytes()).await.unwrap();
-    assert_eq!(read_http1_answer(&mut first).await.0, 200);
+    served(&mut first, &request).await;
     assert!(
         parked_becomes(&env, 1).await,
         "the first connection was never parked"
     );
     let mut second = connect(&env).await;
-    second
-        .get_mut()
-        .write_all(request.as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_http1_answer(&mut second).await.0, 200);
+    served(&mut second, &request).await;
     assert!(
         parked_becomes(&env, 2).await,
         "the second connection was never parked"
@@ -199,27 +199,20 @@ async fn at_the_connection_cap_the_connection_parked_longest_gives_its_slot_up()
         "the connection parked longest was not the one closed"
     );
     // The other one is still open, and still served.
-    second
-        .get_mut()
-        .write_all(request.as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(read_http1_answer(&mut second).await.0, 200);
+    served(&mut second, &request).await;
     env.stop().await;
 }
 
 #[tokio::test]
 async fn at_the_cap_a_client_waiting_gets_the_slot_of_a_connection_that_parks_later() {
-    let server = json!({"max_connections": 2, "header_read_timeout": "2s", "idle_timeout": "60s"});
-    let env = Env::start_with_overlays(fast_sim(), &[], json!({ "server": server })).await;
+    let env = capped_gateway().await;
     let request = flavors_request(&env);
     // Both slots taken by connections not parked yet (they park within a
     // second of their answers)...
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut conn = connect(&env).await;
-        conn.get_mut().write_all(request.as_bytes()).await.unwrap();
-        assert_eq!(read_http1_answer(&mut conn).await.0, 200);
+        served(&mut conn, &request).await;
         held.push(conn);
     }
     // ...and a third client already waiting when they park: served once
