@@ -362,7 +362,7 @@ for x in (tg, bare, ngx):
     if x["failed"]:
         sys.exit("some idle connections failed: %r" % x)
     # Still open when settled, or the settled figure says nothing.
-    if x["open_fds_settled"] < x["opened"]:
+    if x["open_fds_settled"] < x["open_fds"]:
         sys.exit("idle connections were closed before the settled reading: %r" % x)
 print(tg["opened"], tg["rss_before_kib"], tg["rss_kib"], tg["rss_settled_kib"], tg["rss_after_close_kib"],
       bare["rss_before_kib"], bare["rss_kib"], bare["rss_settled_kib"],

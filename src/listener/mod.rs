@@ -16,11 +16,13 @@
 //!   connection's first byte), so a client dribbling a head is cut;
 //! - a connection (HTTP/2 included) must start its first request within
 //!   `server.header_read_timeout` (after its TLS handshake, on TLS);
-//! - an HTTP/1.1 connection idle between requests is parked a park interval
-//!   (1 s, at most a quarter of `header_read_timeout`) after its answer:
+//! - an HTTP/1.1 connection idle between requests is parked one to two
+//!   park intervals after its answer (1 s, or a quarter of
+//!   `header_read_timeout` or half of `idle_timeout` if less; at least
+//!   10 ms):
 //!   taken back from hyper, its buffers freed (about 3 KiB stay, against
-//!   10 in hyper's hands), it waits for its next bytes and is closed after
-//!   `server.idle_timeout`;
+//!   11 in hyper's hands), it waits for its next bytes and is closed after
+//!   `server.idle_timeout` (at most one park interval more);
 //! - an HTTP/2 connection with no request in flight and no new one for
 //!   `server.idle_timeout` (checked twice per timeout, so at most 1.5 of
 //!   them) is shut down gracefully, and dropped if still open, with nothing
@@ -218,11 +220,17 @@ pub async fn serve<M: MakeService>(
                     tokio::select! {
                         _ = stop_accepting.stopped() => break 'accept,
                         slot = slots.clone().acquire_owned() => match slot {
-                            Ok(slot) => break slot,
+                            Ok(slot) => {
+                                // Freed some other way: the ask, if still
+                                // open, is withdrawn.
+                                parked.take_want();
+                                break slot;
+                            }
                             Err(_) => break 'accept,
                         },
-                        // The one asked to close woke up instead, and
-                        // another has parked since.
+                        // Nobody is asked to close (none was parked when
+                        // asked, or the one asked closed on its own): ask
+                        // the one that just parked.
                         _ = parked.newly_parked.notified() => {
                             if !parked.is_wanted() {
                                 parked.reclaim_one();
@@ -491,7 +499,7 @@ where
                 }
                 ConnEvent::Phase(PhaseEvent::Closed(result)) => {
                     if phase.is_parked() {
-                        self.parked.closing_one();
+                        self.parked.take_want();
                     }
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -504,6 +512,9 @@ where
                     // handed the listener's call passes it on).
                     reclaim.set(self.parked.reclaim.notified());
                     park_from = requests + 1;
+                    // Idle from now on: the head that woke it has its
+                    // `header_read_timeout`, not the rest of an idle period.
+                    quiet_since = tokio::time::Instant::now();
                     if !shut_down {
                         check
                             .as_mut()
@@ -512,7 +523,7 @@ where
                     continue;
                 }
                 ConnEvent::Reclaimed => {
-                    if self.parked.closing_one()
+                    if self.parked.take_want()
                         && let Some(io) = phase.take_parked()
                     {
                         tracing::debug!(%peer, "parked connection closed: the listener is at max_connections");
@@ -524,7 +535,7 @@ where
                 }
                 ConnEvent::Stop => match phase.take_parked() {
                     Some(io) => {
-                        self.parked.closing_one();
+                        self.parked.take_want();
                         return close_stream(io).await;
                     }
                     None if phase.is_detecting() => return,
@@ -553,7 +564,7 @@ where
                     }
                     if let Some(io) = phase.take_parked() {
                         tracing::debug!(%peer, "idle connection closed");
-                        self.parked.closing_one();
+                        self.parked.take_want();
                         return close_stream(io).await;
                     }
                     // Quiet: nothing started or finished since the last
@@ -580,6 +591,7 @@ where
                                 "idle connection had part of a request head; served again at once"
                             );
                             park_from = requests + 1;
+                            quiet_since = tokio::time::Instant::now();
                             check
                                 .as_mut()
                                 .reset(tokio::time::Instant::now() + park_after);
@@ -624,11 +636,13 @@ where
     }
 }
 
-/// How long an HTTP/1.1 connection stays with hyper, between requests,
-/// before it is parked: short, since an idle connection holds hyper's
-/// buffers (16 KiB); within a quarter of `header_read_timeout` (hyper
-/// closes a connection whose next request head has not come within it) and
-/// half of `idle_timeout`.
+/// The park interval: an HTTP/1.1 connection with nothing started or
+/// finished for one interval, checked every interval (so one to two of
+/// them after its answer), is parked. Short, since an idle connection in
+/// hyper's hands holds its buffers (16 KiB); within a quarter of
+/// `header_read_timeout` (hyper closes a connection whose next request
+/// head has not come within it) and half of `idle_timeout`; at least
+/// 10 ms.
 fn park_interval(limits: &ConnLimits) -> Duration {
     PARK_AFTER
         .min(limits.header_read_timeout / 4)
@@ -705,7 +719,8 @@ enum Parking<I> {
     /// hyper ended the connection; its stream is to be shut down.
     Close(ConnIo<I>),
     Busy,
-    /// Not an HTTP/1.1 connection with hyper, or not quiet.
+    /// Not an HTTP/1.1 connection with hyper, or not to be parked (not
+    /// quiet, or no request since it started or woke).
     NotNow,
 }
 
@@ -819,13 +834,15 @@ where
     /// an idle connection ends at once (asking for its stream to be shut
     /// down); a busy one first finishes its message. So the stream is held
     /// (no bytes move either way), hyper is told to shut down and polled
-    /// once: if it asked for the shutdown in that poll, it was idle, and
-    /// the connection is taken back whole, with whatever hyper had read and
-    /// not parsed; if not, it was busy, and it finishes and closes (its
-    /// keep-alive is off).
+    /// once: if it asked for the shutdown in that poll without trying to
+    /// move a byte, it was idle, and the connection is taken back whole,
+    /// with whatever hyper had read and not parsed; if it asked after
+    /// trying, it ended the connection inside a message, and the stream is
+    /// shut down; if it did not ask, it was busy, and it finishes and
+    /// closes (its keep-alive is off).
     fn park_if_http1(
         &mut self,
-        quiet: bool,
+        parkable: bool,
         hold: &Hold,
         segments: &Segments<'_, H>,
         counted: impl FnOnce() -> ParkedConnection,
@@ -833,7 +850,7 @@ where
         let Phase::Http1(conn) = self else {
             return Parking::NotNow;
         };
-        if !quiet {
+        if !parkable {
             return Parking::NotNow;
         }
         hold.start();
@@ -1031,9 +1048,9 @@ impl ParkedSet {
         }
     }
 
-    /// A parked connection closes: one slot fewer wanted, if any was. Says
-    /// whether one was.
-    fn closing_one(&self) -> bool {
+    /// A parked connection closes, or the accept loop got a slot another
+    /// way: one slot fewer wanted, if any was. Says whether one was.
+    fn take_want(&self) -> bool {
         self.wanted
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok()
