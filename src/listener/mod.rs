@@ -320,7 +320,10 @@ where
     /// alone is 1.7 KiB).
     fn run(self, tcp: TcpStream) -> impl Future<Output = ()> + Send {
         match self.tls.clone() {
-            None => futures_util::future::Either::Left(self.serve_http(tcp)),
+            // The stream to close is closed after the connection's future
+            // is gone: its timer and control futures would otherwise be
+            // kept beside the close, in every connection's task.
+            None => futures_util::future::Either::Left(self.serve_http(tcp).then(close_stream)),
             // Boxed: with the handshake and a TLS stream's connection
             // inline, every connection's task, idle keep-alive ones
             // included, was sized for TLS.
@@ -340,7 +343,7 @@ where
             _ = self.shutdown.stopped() => return,
         };
         let failure = match outcome {
-            Ok(Ok(tls)) => return self.serve_http(tls).await,
+            Ok(Ok(tls)) => return close_stream(self.serve_http(tls).await).await,
             Ok(Err(e)) => {
                 tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
                 "error"
@@ -373,19 +376,19 @@ where
     ///   after its graceful shutdown (a client that stopped reading its
     ///   answer) is dropped; a request in flight is bounded by
     ///   `server.request_timeout` instead.
-    async fn serve_http<I>(self, io: I)
+    async fn serve_http<I>(self, io: I) -> Option<ConnIo<I>>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let peer = self.peer;
         let state = Arc::new(ConnState::default());
         let answered = state.clone();
-        let draining = self.draining.clone();
+        let told_to_close = self.draining.clone();
         let service = TowerToHyperService::new(self.service.clone().map_response(
             move |mut resp: Response| {
                 // Draining: HTTP/1.1 clients learn from the answer itself
                 // that this connection ends, instead of racing its close.
-                if draining.is_stopped() && !answered.http2.load(Ordering::Relaxed) {
+                if told_to_close.is_stopped() && !answered.http2.load(Ordering::Relaxed) {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -423,23 +426,19 @@ where
             service,
             state: &state,
         };
-        let idle = self.limits.idle_timeout;
-        let park_after = park_interval(&self.limits);
-        let header_read_timeout = self.limits.header_read_timeout;
-        let opened = tokio::time::Instant::now();
+        // Durations are read from `self.limits` where used, not copied
+        // into locals: every local kept across an await is room in every
+        // connection's task.
         // Every park interval from the start: an HTTP/1.1 connection's first
         // answer starts hyper's header timer for its next request, and it is
         // to be parked before that runs out.
-        let check = tokio::time::sleep(park_after);
+        let check = tokio::time::sleep(self.limits.park_interval());
         tokio::pin!(check);
         // Draining: an HTTP/2 connection gets its GOAWAY as soon as both are
         // true, whichever comes first (HTTP/1.1 is told by `Connection:
         // close` on its answers instead).
-        let draining_http2 = async {
-            self.draining.stopped().await;
-            state.until_http2().await;
-        };
-        tokio::pin!(draining_http2);
+        let draining = self.draining.stopped();
+        tokio::pin!(draining);
         let stop = self.shutdown.stopped();
         tokio::pin!(stop);
         // Polled only while parked: the listener, at its cap, wakes the
@@ -449,6 +448,8 @@ where
         let control = Arc::new(ControlWake::default());
         let control_waker = Waker::from(control.clone());
         let mut seen = (0, 0);
+        // Since when nothing has started or finished (until the first
+        // request: since the connection opened).
         let mut quiet_since = tokio::time::Instant::now();
         // Parking needs a request answered since the connection started or
         // last woke: bytes that wake a parked connection (or that hyper
@@ -474,7 +475,8 @@ where
                 // answer; HTTP/2 gets a GOAWAY.
                 if !shut_down
                     && (stop.as_mut().poll(&mut control_cx).is_ready()
-                        || draining_http2.as_mut().poll(&mut control_cx).is_ready())
+                        || (matches!(phase, Phase::Http2(_))
+                            && draining.as_mut().poll(&mut control_cx).is_ready()))
                 {
                     return Poll::Ready(ConnEvent::Stop);
                 }
@@ -495,7 +497,7 @@ where
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                    return;
+                    return None;
                 }
                 ConnEvent::Phase(PhaseEvent::Closed(result)) => {
                     if phase.is_parked() {
@@ -504,7 +506,7 @@ where
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                    return;
+                    return None;
                 }
                 ConnEvent::Phase(PhaseEvent::Detected) => continue,
                 ConnEvent::Phase(PhaseEvent::Woke) => {
@@ -518,7 +520,7 @@ where
                     if !shut_down {
                         check
                             .as_mut()
-                            .reset(tokio::time::Instant::now() + park_after);
+                            .reset(tokio::time::Instant::now() + self.limits.park_interval());
                     }
                     continue;
                 }
@@ -527,7 +529,7 @@ where
                         && let Some(io) = phase.take_parked()
                     {
                         tracing::debug!(%peer, "parked connection closed: the listener is at max_connections");
-                        return close_stream(io).await;
+                        return Some(io);
                     }
                     // Not needed after all: wait for the next call.
                     reclaim.set(self.parked.reclaim.notified());
@@ -536,9 +538,9 @@ where
                 ConnEvent::Stop => match phase.take_parked() {
                     Some(io) => {
                         self.parked.take_want();
-                        return close_stream(io).await;
+                        return Some(io);
                     }
-                    None if phase.is_detecting() => return,
+                    None if phase.is_detecting() => return None,
                     None => true,
                 },
                 ConnEvent::Check => {
@@ -547,25 +549,30 @@ where
                     if shut_down {
                         if !busy {
                             tracing::debug!(%peer, "connection still open after its shutdown; dropped");
-                            return;
+                            return None;
                         }
-                        check.as_mut().reset(tokio::time::Instant::now() + idle);
+                        check
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + self.limits.idle_timeout);
                         continue;
                     }
                     if requests == 0 {
-                        let waited = opened.elapsed();
-                        if waited >= header_read_timeout {
+                        let waited = quiet_since.elapsed();
+                        if waited >= self.limits.header_read_timeout {
                             tracing::debug!(%peer, "no request within header_read_timeout; closed");
-                            return;
+                            return None;
                         }
-                        let next = park_after.min(header_read_timeout - waited);
+                        let next = self
+                            .limits
+                            .park_interval()
+                            .min(self.limits.header_read_timeout - waited);
                         check.as_mut().reset(tokio::time::Instant::now() + next);
                         continue;
                     }
                     if let Some(io) = phase.take_parked() {
                         tracing::debug!(%peer, "idle connection closed");
                         self.parked.take_want();
-                        return close_stream(io).await;
+                        return Some(io);
                     }
                     // Quiet: nothing started or finished since the last
                     // check, and nothing in flight.
@@ -581,7 +588,11 @@ where
                         Parking::Parked => {
                             tracing::debug!(%peer, "idle connection parked");
                             check.as_mut().reset(
-                                tokio::time::Instant::now() + idle.saturating_sub(park_after),
+                                tokio::time::Instant::now()
+                                    + self
+                                        .limits
+                                        .idle_timeout
+                                        .saturating_sub(self.limits.park_interval()),
                             );
                             continue;
                         }
@@ -594,30 +605,32 @@ where
                             quiet_since = tokio::time::Instant::now();
                             check
                                 .as_mut()
-                                .reset(tokio::time::Instant::now() + park_after);
+                                .reset(tokio::time::Instant::now() + self.limits.park_interval());
                             continue;
                         }
                         Parking::Ended(result) => {
                             if let Err(e) = result {
                                 tracing::debug!(%peer, error = %e, "connection ended with an error");
                             }
-                            return;
+                            return None;
                         }
                         Parking::Close(io) => {
                             tracing::debug!(%peer, "connection ended by hyper in a message; closed");
-                            return close_stream(io).await;
+                            return Some(io);
                         }
                         // hyper was not idle after all: it finishes what it
                         // is doing and closes (keep-alive is off now).
                         Parking::Busy => true,
-                        Parking::NotNow if quiet && quiet_since.elapsed() >= idle => {
+                        Parking::NotNow
+                            if quiet && quiet_since.elapsed() >= self.limits.idle_timeout =>
+                        {
                             tracing::debug!(%peer, "idle connection closed");
                             true
                         }
                         Parking::NotNow => {
                             let next = match phase {
-                                Phase::Http1(_) => park_after,
-                                _ => (idle / 2).max(Duration::from_millis(50)),
+                                Phase::Http1(_) => self.limits.park_interval(),
+                                _ => (self.limits.idle_timeout / 2).max(Duration::from_millis(50)),
                             };
                             check.as_mut().reset(tokio::time::Instant::now() + next);
                             false
@@ -630,7 +643,9 @@ where
                 shut_down = true;
                 // A client still holding the connection, with nothing in
                 // flight, `idle_timeout` from now is dropped.
-                check.as_mut().reset(tokio::time::Instant::now() + idle);
+                check
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.limits.idle_timeout);
             }
         }
     }
@@ -650,6 +665,12 @@ fn park_interval(limits: &ConnLimits) -> Duration {
         .max(Duration::from_millis(10))
 }
 
+impl ConnLimits {
+    fn park_interval(&self) -> Duration {
+        park_interval(self)
+    }
+}
+
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// How long closing a parked connection may take (a TLS close_notify).
@@ -657,8 +678,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Closes a connection taken back from hyper: its stream is shut down (a
 /// TLS stream sends its close_notify), briefly.
-async fn close_stream<I: AsyncWrite + Unpin>(mut io: ConnIo<I>) {
-    let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
+async fn close_stream<I: AsyncWrite + Unpin>(io: Option<ConnIo<I>>) {
+    if let Some(mut io) = io {
+        let _ = tokio::time::timeout(CLOSE_WAIT, io.shutdown()).await;
+    }
 }
 
 /// What a connection's segments of hyper are made from.
@@ -687,9 +710,10 @@ where
     Http2(Pin<Box<http2::Connection<HyperIo<I>, H, TokioExecutor>>>),
     /// An idle HTTP/1.1 connection, taken back from hyper: waiting for its
     /// next bytes without hyper's buffers.
+    /// (The service is cloned anew when it wakes: not kept here, so that
+    /// a parked connection's task is smaller.)
     Parked {
         io: ConnIo<I>,
-        service: H,
         _counted: ParkedConnection,
     },
     /// Between two of the above, never polled.
@@ -771,11 +795,9 @@ where
                 }
                 let read = Bytes::copy_from_slice(buf.filled());
                 *self = match std::mem::replace(self, Phase::Moving) {
-                    Phase::Parked {
-                        mut io, service, ..
-                    } => {
+                    Phase::Parked { mut io, .. } => {
                         io.unread(read);
-                        Phase::serve(io, Protocol::Http1, service, segments)
+                        Phase::serve(io, Protocol::Http1, segments.service.clone(), segments)
                     }
                     other => other,
                 };
@@ -872,7 +894,6 @@ where
                         } else {
                             Phase::Parked {
                                 io,
-                                service: parts.service,
                                 _counted: counted(),
                             }
                         }
@@ -948,25 +969,13 @@ struct ConnState {
     started: AtomicU64,
     /// Requests answered or abandoned.
     finished: AtomicU64,
-    /// It speaks HTTP/2.
+    /// It speaks HTTP/2 (its answers never say `Connection: close`).
     http2: AtomicBool,
-    /// Told when `http2` turns true.
-    http2_seen: tokio::sync::Notify,
 }
 
 impl ConnState {
     fn mark_http2(&self) {
-        if !self.http2.swap(true, Ordering::Relaxed) {
-            // A permit is kept if nobody waits yet.
-            self.http2_seen.notify_one();
-        }
-    }
-
-    /// Resolves once the connection is known to speak HTTP/2.
-    async fn until_http2(&self) {
-        if !self.http2.load(Ordering::Relaxed) {
-            self.http2_seen.notified().await;
-        }
+        self.http2.store(true, Ordering::Relaxed);
     }
 }
 
