@@ -52,15 +52,7 @@ async fn capped_gateway() -> Env {
 
 /// Waits (at most 20 s) until the gauge reads `value`.
 async fn parked_becomes(env: &Env, value: u32) -> bool {
-    let needle = format!("\ntoastgate_parked_connections {value}\n");
-    metrics::eventually_contains(
-        &env.http,
-        &env.admin,
-        &needle,
-        200,
-        Duration::from_millis(100),
-    )
-    .await
+    metrics::gauge_becomes(&env.http, &env.admin, "toastgate_parked_connections", value).await
 }
 
 #[tokio::test]
@@ -121,14 +113,8 @@ async fn a_parked_connection_is_closed_after_the_idle_timeout() {
         parked_becomes(&env, 0).await,
         "the gauge kept a closed connection"
     );
-    let closed = metrics::eventually_contains(
-        &env.http,
-        &env.admin,
-        "\ntoastgate_open_connections 0\n",
-        200,
-        Duration::from_millis(100),
-    )
-    .await;
+    let closed =
+        metrics::gauge_becomes(&env.http, &env.admin, "toastgate_open_connections", 0).await;
     assert!(closed, "the closed connection is still counted open");
     env.stop().await;
 }

@@ -71,3 +71,10 @@ pub fn duration_and_overhead(metrics: &str, surface: &str) -> (f64, f64) {
         sum_of("toastgate_gateway_overhead_seconds"),
     )
 }
+
+/// Waits (at most 20 s) until the unlabelled gauge `name` reads `value`;
+/// says whether it did.
+pub async fn gauge_becomes(http: &reqwest::Client, admin: &str, name: &str, value: u32) -> bool {
+    let needle = format!("\n{name} {value}\n");
+    eventually_contains(http, admin, &needle, 200, Duration::from_millis(100)).await
+}
