@@ -434,9 +434,9 @@ where
         // to be parked before that runs out.
         let check = tokio::time::sleep(self.limits.park_interval());
         tokio::pin!(check);
-        // Draining: an HTTP/2 connection gets its GOAWAY as soon as both are
-        // true, whichever comes first (HTTP/1.1 is told by `Connection:
-        // close` on its answers instead).
+        // Draining: an HTTP/2 connection gets its GOAWAY (polled for HTTP/2
+        // only; HTTP/1.1 is told by `Connection: close` on its answers
+        // instead).
         let draining = self.draining.stopped();
         tokio::pin!(draining);
         let stop = self.shutdown.stopped();
@@ -658,16 +658,12 @@ where
 /// `header_read_timeout` (hyper closes a connection whose next request
 /// head has not come within it) and half of `idle_timeout`; at least
 /// 10 ms.
-fn park_interval(limits: &ConnLimits) -> Duration {
-    PARK_AFTER
-        .min(limits.header_read_timeout / 4)
-        .min(limits.idle_timeout / 2)
-        .max(Duration::from_millis(10))
-}
-
 impl ConnLimits {
     fn park_interval(&self) -> Duration {
-        park_interval(self)
+        PARK_AFTER
+            .min(self.header_read_timeout / 4)
+            .min(self.idle_timeout / 2)
+            .max(Duration::from_millis(10))
     }
 }
 
