@@ -651,14 +651,14 @@ where
     }
 }
 
-/// The park interval: an HTTP/1.1 connection with nothing started or
-/// finished for one interval, checked every interval (so one to two of
-/// them after its answer), is parked. Short, since an idle connection in
-/// hyper's hands holds its buffers (16 KiB); within a quarter of
-/// `header_read_timeout` (hyper closes a connection whose next request
-/// head has not come within it) and half of `idle_timeout`; at least
-/// 10 ms.
 impl ConnLimits {
+    /// The park interval: an HTTP/1.1 connection with nothing started or
+    /// finished for one interval, checked every interval (so one to two of
+    /// them after its answer), is parked. Short, since an idle connection
+    /// in hyper's hands holds its buffers (16 KiB); within a quarter of
+    /// `header_read_timeout` (hyper closes a connection whose next request
+    /// head has not come within it) and half of `idle_timeout`; at least
+    /// 10 ms.
     fn park_interval(&self) -> Duration {
         PARK_AFTER
             .min(self.header_read_timeout / 4)
