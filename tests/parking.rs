@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::read_http1_answer;
+use common::http::{read_http1_answer, served};
 use common::logs::Capture;
 use common::{Env, closed_by_server, fast_sim, metrics};
 use serde_json::json;
@@ -33,15 +33,6 @@ async fn connect(env: &Env) -> BufReader<TcpStream> {
             .await
             .unwrap(),
     )
-}
-
-/// Sends `request` on `conn` and reads its answer, which must be a 200:
-/// the body.
-async fn served(conn: &mut BufReader<TcpStream>, request: &str) -> Vec<u8> {
-    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
-    let (status, body) = read_http1_answer(conn).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    body
 }
 
 /// A gateway capped at two connections, parking after a second.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use common::http::read_http1_answer;
+use common::http::served;
 use common::tempdir::TempDir;
 use common::{Env, closed_by_server, fast_sim, fixtures, h2_handshake, metrics};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -233,19 +233,14 @@ async fn an_idle_tls_connection_is_parked_and_served_again() {
         "GET /v2/web/flavors HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
         env.token("web-team")
     );
-    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
-    let (status, first) = read_http1_answer(&mut conn).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&first));
+    let first = served(&mut conn, &request).await;
     let parked =
         metrics::gauge_becomes(&env.http, &env.admin, "toastgate_parked_connections", 1).await;
     assert!(parked, "the idle TLS connection was never parked");
     // Past header_read_timeout: still open, and the same TLS session
     // carries the next request.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
-    let (status, again) = read_http1_answer(&mut conn).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&again));
-    assert_eq!(again, first);
+    assert_eq!(served(&mut conn, &request).await, first);
     env.stop().await;
 }
 

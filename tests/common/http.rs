@@ -81,3 +81,16 @@ where
         .await
         .expect("an answer within 30 s")
 }
+
+/// Sends `request` (raw HTTP/1.1) on `conn` and reads its answer, which
+/// must be a 200: the body.
+pub async fn served<S>(conn: &mut tokio::io::BufReader<S>, request: &str) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    let (status, body) = read_http1_answer(conn).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    body
+}
