@@ -184,7 +184,7 @@ async fn a_live_prometheus_raises_the_upstream_alert_when_the_upstream_dies() {
     // The upstream dies: calls fail without any answer (no 5xx is ever
     // received), and the alert's expression becomes true. `for: 10m` keeps
     // it pending, which is the rule evaluating true.
-    env.sim.shutdown();
+    env.sim.stop().await;
     let mut failed = 0;
     while failed < 10 {
         let (status, body) = env.get("web-team", "/v2/web/flavors").await;

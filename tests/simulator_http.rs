@@ -218,8 +218,7 @@ async fn requests_are_recorded_latency_applies_and_shutdown_stops_the_server() {
 
     let addr = sim.h.addr();
     assert_eq!(sim.h.base_url(), format!("http://{addr}"));
-    sim.h.shutdown();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sim.h.stop().await;
     let fresh = reqwest::Client::new();
     assert!(fresh.get(format!("{}/", sim.base)).send().await.is_err());
 }

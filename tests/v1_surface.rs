@@ -808,8 +808,7 @@ async fn gateway_refusals_use_the_envelope() {
     assert_eq!(s, 200);
     assert_failure(&b, -5);
     // Upstream unreachable.
-    env.sim.shutdown();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    env.sim.stop().await;
     let b = env.v1(TEAM, Method::GET, "/flavors", None).await;
     assert_failure(&b, 10502);
     env.stop().await;

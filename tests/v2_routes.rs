@@ -583,8 +583,7 @@ async fn an_unreachable_upstream_is_a_clear_502_and_a_slow_one_a_504() {
     assert_eq!(s, 504, "{b}");
     assert!(assert_nova_error(&b, "computeFault", 504).contains("did not answer"));
     env.sim.set_latency(std::time::Duration::ZERO);
-    env.sim.shutdown();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    env.sim.stop().await;
     let (s, b) = env.get(TEAM, "/v2/web/flavors").await;
     assert_eq!(s, 502, "{b}");
     assert!(assert_nova_error(&b, "computeFault", 502).contains("unreachable"));

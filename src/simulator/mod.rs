@@ -240,6 +240,9 @@ pub(crate) struct Shared {
     injections: Mutex<Vec<ErrorInjection>>,
     requests: Mutex<Recorded>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set once the server has ended: its listener is closed and every
+    /// connection it accepted is closed.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct Simulator;
@@ -275,10 +278,12 @@ impl Simulator {
             injections: Mutex::new(Vec::new()),
             requests: Mutex::new(Recorded::default()),
             shutdown,
+            stopped: tokio::sync::watch::Sender::new(false),
         });
         let app = Router::new()
             .fallback(dispatch)
             .with_state(Arc::clone(&shared));
+        let ended = Arc::clone(&shared);
         tokio::spawn(async move {
             let stop = async move {
                 // An error means the sender is gone, which cannot happen while `shared`
@@ -291,6 +296,7 @@ impl Simulator {
             {
                 tracing::warn!(%err, "simulator server stopped with an error");
             }
+            ended.stopped.send_replace(true);
         });
         Ok(SimHandle { shared })
     }
@@ -372,6 +378,17 @@ impl SimHandle {
     /// are answered.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
+    }
+
+    /// [`Self::shutdown`], then waits until the server has ended: its
+    /// listener and every connection it accepted are closed, so the next
+    /// call to it fails. Without the wait, a pooled connection can still
+    /// carry a call in the moment before the server closes it.
+    pub async fn stop(&self) {
+        self.shutdown();
+        let mut stopped = self.shared.stopped.subscribe();
+        // The sender lives in `shared`, which `self` keeps alive.
+        let _ = stopped.wait_for(|ended| *ended).await;
     }
 
     /// Test hook (not part of the spec): puts a server into `ERROR` (vm_state error, no
