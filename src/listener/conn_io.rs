@@ -132,6 +132,11 @@ impl<I> ConnIo<I> {
     pub fn has_unread(&self) -> bool {
         !self.unread.is_empty()
     }
+
+    /// The hold hyper's use of this stream is judged by.
+    pub fn hold(&self) -> &Arc<Hold> {
+        &self.hold
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
