@@ -20,7 +20,7 @@
 //!   park intervals after its answer (1 s, or a quarter of
 //!   `header_read_timeout` or half of `idle_timeout` if less; at least
 //!   10 ms):
-//!   taken back from hyper, its buffers freed (under 2 KiB stay, against
+//!   taken back from hyper, its buffers freed (about 1.5 KiB stay, against
 //!   11 in hyper's hands), it waits for its next bytes and is closed after
 //!   `server.idle_timeout` (at most one park interval more);
 //! - an HTTP/2 connection with no request in flight and no new one for
