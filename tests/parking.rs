@@ -2,7 +2,7 @@
 //! without hyper's buffers) and served again on the same connection: past
 //! `header_read_timeout`, with pipelined requests, with a request head that
 //! had begun when the connection was parked; a parked connection is closed
-//! after `idle_timeout` and at shutdown.
+//! after `idle_timeout` (woken by half a head, too) and at shutdown.
 
 mod common;
 
@@ -107,6 +107,30 @@ async fn a_parked_connection_is_closed_after_the_idle_timeout() {
     let closed =
         metrics::gauge_becomes(&env.http, &env.admin, "toastgate_open_connections", 0).await;
     assert!(closed, "the closed connection is still counted open");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_woken_connection_that_never_finishes_its_head_is_closed_after_the_idle_timeout() {
+    // `idle_timeout` shorter than `header_read_timeout`: a parked
+    // connection woken by a few bytes of a head that never completes was
+    // idle already, and gets no longer than `idle_timeout` again (hyper's
+    // own header timer would give it the full minute).
+    let env = gateway("60s", "2s").await;
+    let mut conn = connect(&env).await;
+    served(&mut conn, &flavors_request(&env)).await;
+    assert!(
+        parked_becomes(&env, 1).await,
+        "the idle connection was never parked"
+    );
+    let request = flavors_request(&env);
+    let line = &request[..request.find("\r\n").unwrap() + 2];
+    conn.get_mut().write_all(line.as_bytes()).await.unwrap();
+    assert!(parked_becomes(&env, 0).await, "the bytes did not wake it");
+    assert!(
+        closed_by_server(conn.get_mut(), Duration::from_secs(30)).await,
+        "a woken connection with half a head outlived the idle timeout"
+    );
     env.stop().await;
 }
 

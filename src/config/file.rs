@@ -186,13 +186,15 @@ pub struct ServerFile {
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
     /// A TLS handshake and an HTTP/1.1 request head must complete within
-    /// this, counted from when the gateway starts waiting for them (so it is
-    /// also how long an HTTP/1.1 connection may sit idle between requests).
+    /// this, counted from when the gateway starts waiting for them (after
+    /// the previous answer, or from a parked connection's first new byte);
+    /// a connection's first request must start within it.
     #[schemars(with = "String")]
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// A connection with no bytes moving either way for this long is closed
-    /// (gracefully: a request in flight is answered first).
+    /// A keep-alive connection with no request in flight and no new one
+    /// for this long is closed (HTTP/1.1: parked meanwhile; HTTP/2: a
+    /// GOAWAY). Requests are counted, not bytes.
     #[schemars(with = "String")]
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,

@@ -260,7 +260,9 @@ pub async fn serve<M: MakeService>(
         connections.spawn(fut);
     }
     drop(listener);
-    // Parked connections close (each checks the stop when woken).
+    // Parked connections close: the flag first, then the wake (each checks
+    // the flag once its wait is registered).
+    parked.closing.store(true, Ordering::SeqCst);
     parked.reclaim.notify_waiters();
     // Open connections finish their in-flight requests (the caller bounds
     // the wait).
@@ -376,7 +378,9 @@ where
     /// frames (PING, WINDOW_UPDATE) keep bytes moving without asking for
     /// anything.
     /// - the first request must start within `header_read_timeout` of the
-    ///   connection (HTTP/1 and HTTP/2 alike, protocol detection included);
+    ///   connection (HTTP/1 and HTTP/2 alike, protocol detection included),
+    ///   and within it (or `idle_timeout`, if less) of a parked
+    ///   connection's wake;
     /// - an HTTP/1.1 connection with nothing in flight and no new request
     ///   for a park interval (below) is parked: taken back from hyper, its
     ///   buffers freed, waiting for its next bytes; parked for
@@ -392,11 +396,13 @@ where
     ///
     /// hyper's part is boxed, and freed while the connection is parked: a
     /// parked connection's task holds only its stream and what ends its
-    /// wait (520 bytes, measured in a release build, against 1,376 with
+    /// wait (464 bytes, measured in a release build, against 1,376 with
     /// hyper's part inline).
     ///
-    /// Not an `async fn`, nor is `wait_parked`: an `async fn` keeps its
-    /// arguments twice, as passed and as used (measured: 256 bytes more).
+    /// Not an `async fn`: rustc keeps an `async fn`'s arguments twice, as
+    /// passed and as moved into its body (rust-lang/rust#62958; 256 bytes
+    /// more here, measured). For the same reason `wait_parked` borrows the
+    /// stream: moved into it, the stream would be kept twice while parked.
     fn serve_http<I>(mut self, io: I) -> impl Future<Output = Option<ConnIo<I>>> + Send
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -409,12 +415,11 @@ where
                     Served::Ended(io) => return io,
                     Served::Parked(io) => io,
                 };
-                io = match self.wait_parked(io).await {
-                    Unparked::Woke(io) => io,
-                    Unparked::Close(io) => return Some(io),
+                match self.wait_parked(&mut io).await {
+                    Unparked::Woke => woken = true,
+                    Unparked::Close => return Some(io),
                     Unparked::Closed => return None,
-                };
-                woken = true;
+                }
             }
         }
     }
@@ -561,16 +566,20 @@ where
                         continue;
                     }
                     if requests == 0 {
+                        let limits = &self.listener.limits;
+                        // A woken connection was idle already: no longer
+                        // than `idle_timeout` either.
+                        let allowed = if woken {
+                            limits.header_read_timeout.min(limits.idle_timeout)
+                        } else {
+                            limits.header_read_timeout
+                        };
                         let waited = quiet_since.elapsed();
-                        if waited >= self.listener.limits.header_read_timeout {
+                        if waited >= allowed {
                             tracing::debug!(%peer, "no request within header_read_timeout; closed");
                             return Served::Ended(None);
                         }
-                        let next = self
-                            .listener
-                            .limits
-                            .park_interval()
-                            .min(self.listener.limits.header_read_timeout - waited);
+                        let next = limits.park_interval().min(allowed - waited);
                         check.as_mut().reset(tokio::time::Instant::now() + next);
                         continue;
                     }
@@ -649,13 +658,11 @@ where
     /// parked for `idle_timeout` (less the park interval it waited before
     /// parking), at shutdown, or when the listener, at its cap, wants its
     /// slot (the one parked longest first).
-    // Not an `async fn`: see `serve_http` (its stream would be kept twice).
-    #[allow(clippy::manual_async_fn)]
-    fn wait_parked<I>(&mut self, mut io: ConnIo<I>) -> impl Future<Output = Unparked<I>> + Send
+    async fn wait_parked<I>(&mut self, io: &mut ConnIo<I>) -> Unparked
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        async move {
+        {
             let _counted = ParkedConnection::new(&self.listener);
             let idle = tokio::time::sleep(
                 self.listener
@@ -664,15 +671,15 @@ where
                     .saturating_sub(self.listener.limits.park_interval()),
             );
             tokio::pin!(idle);
-            // The listener's call to close, at its cap, or at shutdown (a
-            // stop, unlike a watch on it, takes no room in the task).
+            // The listener's call to close, at its cap, or at shutdown (the
+            // flag and this wait take less room than a wait on the stop).
             let reclaim = self.listener.parked.reclaim.notified();
             tokio::pin!(reclaim);
             loop {
                 let event = std::future::poll_fn(|cx| {
                     let mut first = [0u8; WAKE_READ];
                     let mut buf = ReadBuf::new(&mut first);
-                    match Pin::new(&mut io).poll_read(cx, &mut buf) {
+                    match Pin::new(&mut *io).poll_read(cx, &mut buf) {
                         Poll::Ready(Err(e)) => return Poll::Ready(ParkEvent::Closed(Err(e))),
                         Poll::Ready(Ok(())) if buf.filled().is_empty() => {
                             return Poll::Ready(ParkEvent::Closed(Ok(())));
@@ -683,13 +690,14 @@ where
                         }
                         Poll::Pending => {}
                     }
-                    if reclaim.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(ParkEvent::Reclaimed);
-                    }
+                    let reclaimed = reclaim.as_mut().poll(cx).is_ready();
                     // Checked once the wait above is registered: the
-                    // listener stops, then wakes every connection waiting.
-                    if self.listener.shutdown.is_stopped() {
+                    // listener sets it, then wakes every connection waiting.
+                    if self.listener.parked.is_closing() {
                         return Poll::Ready(ParkEvent::Stop);
+                    }
+                    if reclaimed {
+                        return Poll::Ready(ParkEvent::Reclaimed);
                     }
                     idle.as_mut().poll(cx).map(|()| ParkEvent::Idle)
                 })
@@ -699,7 +707,7 @@ where
                     // was handed the listener's call, passes it on when dropped).
                     ParkEvent::Woke(read) => {
                         io.unread(read);
-                        return Unparked::Woke(io);
+                        return Unparked::Woke;
                     }
                     ParkEvent::Closed(result) => {
                         self.listener.parked.take_want();
@@ -710,16 +718,16 @@ where
                     }
                     ParkEvent::Stop => {
                         self.listener.parked.take_want();
-                        return Unparked::Close(io);
+                        return Unparked::Close;
                     }
                     ParkEvent::Idle => {
                         tracing::debug!(peer = %self.peer, "idle connection closed");
                         self.listener.parked.take_want();
-                        return Unparked::Close(io);
+                        return Unparked::Close;
                     }
                     ParkEvent::Reclaimed if self.listener.parked.take_want() => {
                         tracing::debug!(peer = %self.peer, "parked connection closed: the listener is at max_connections");
-                        return Unparked::Close(io);
+                        return Unparked::Close;
                     }
                     // Not needed after all: wait for the next call.
                     ParkEvent::Reclaimed => reclaim.set(self.listener.parked.reclaim.notified()),
@@ -739,11 +747,11 @@ enum Served<I> {
 }
 
 /// How a parked connection's wait ended.
-enum Unparked<I> {
+enum Unparked {
     /// Its next bytes came (put back on the stream, to be read first).
-    Woke(ConnIo<I>),
+    Woke,
     /// Closed by the gateway: the stream is to be shut down.
-    Close(ConnIo<I>),
+    Close,
     /// Closed by the client, or failed.
     Closed,
 }
@@ -1077,8 +1085,9 @@ impl http_body::Body for TrackedBody {
     }
 }
 
-/// A listener's parked connections: how many, and the call that closes
-/// the one parked longest when the accept loop needs its slot.
+/// A listener's parked connections: how many, the call that closes the
+/// one parked longest when the accept loop needs its slot, and the call
+/// that closes them all at shutdown.
 #[derive(Default)]
 struct ParkedSet {
     count: std::sync::atomic::AtomicUsize,
@@ -1088,8 +1097,11 @@ struct ParkedSet {
     /// outlive its need: passed on by a connection that woke, or kept by
     /// `Notify` with nobody waiting).
     wanted: std::sync::atomic::AtomicUsize,
-    /// Waited on by parked connections only, in the order they parked.
+    /// Waited on by parked connections only, in the order they parked;
+    /// at shutdown, every one is woken to see `closing`.
     reclaim: tokio::sync::Notify,
+    /// The listener stopped: parked connections close.
+    closing: AtomicBool,
     /// Told each time a connection parks (the accept loop, at the cap,
     /// looks again).
     newly_parked: tokio::sync::Notify,
@@ -1098,6 +1110,10 @@ struct ParkedSet {
 impl ParkedSet {
     fn any(&self) -> bool {
         self.count.load(Ordering::Relaxed) > 0
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     fn is_wanted(&self) -> bool {
