@@ -200,7 +200,24 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
             keypair(&http, &gw, &web, "web", &format!("slow-{i}")).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // In flight: the simulator has all 5 (it records a request when it
+    // arrives, then holds it for the latency).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let arrived = sim
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/os-keypairs"))
+            .count();
+        if arrived == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {arrived} of the 5 requests reached the simulator"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     p.signal("-TERM");
     for r in inflight {
         assert_eq!(r.await.unwrap(), 200, "an in-flight request was cut off");

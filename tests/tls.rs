@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
@@ -38,11 +38,22 @@ impl Pki {
         let params =
             CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
-        // Write the key first: the gateway re-reads when either file changes.
-        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        // Each file is replaced whole (a temp file renamed over it), never
+        // read half written; the key first. The gateway re-reads both when
+        // either changes, so it may load the new key with the old
+        // certificate in between, a pair that cannot complete a handshake,
+        // until its next look.
+        replace_file(&dir.join("key.pem"), key.serialize_pem().as_bytes());
+        replace_file(&dir.join("cert.pem"), cert.pem().as_bytes());
         cert.der().to_vec()
     }
+}
+
+/// Writes `contents` to a temp file beside `path`, then renames it over `path`.
+fn replace_file(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// The public listener on TLS with cert.pem and key.pem in `dir`.
@@ -117,20 +128,27 @@ async fn tls_listener_serves_a_verified_certificate_and_reloads_it() {
         "an unknown CA must not verify"
     );
 
-    // Rotate: a new certificate is picked up without a restart.
+    // Rotate: a new certificate is picked up without a restart (the
+    // gateway looks every 2 s). A handshake that fails meanwhile met the
+    // new key with the old certificate (see `write_leaf`): not rotated yet.
     let second = pki.write_leaf(dir.path());
     assert_ne!(first, second);
-    let mut rotated = false;
-    for _ in 0..50 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let fresh = client(Some(&ca_pem));
-        let resp = fresh.get(format!("{https}/v2/")).send().await.unwrap();
-        if peer_cert(&resp) == second {
-            rotated = true;
+        let served = match fresh.get(format!("{https}/v2/")).send().await {
+            Ok(resp) => peer_cert(&resp) == second,
+            Err(_) => false,
+        };
+        if served {
             break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated certificate was not served within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(rotated, "the rotated certificate was not served");
     env.stop().await;
 }
 
@@ -256,10 +274,26 @@ async fn a_tls_request_in_flight_at_shutdown_is_answered_before_the_gateway_stop
     // Warm: the upstream token is held, the next call waits only on the
     // compute API's latency.
     assert_eq!(get_flavors(&client, &env).await.status(), 200);
+    let flavor_lists = |sim: &toastgate::simulator::SimHandle| {
+        sim.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/flavors"))
+            .count()
+    };
+    let before = flavor_lists(&env.sim);
     env.sim.set_latency(Duration::from_millis(1500));
     let url = format!("{}/v2/web/flavors", env.gw.replace("http://", "https://"));
     let in_flight = tokio::spawn(client.get(url).bearer_auth(env.token("web-team")).send());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // In flight: the simulator has it (it records a request when it
+    // arrives, then holds it for the latency).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while flavor_lists(&env.sim) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the simulator"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     env.stop().await;
     let resp = in_flight
         .await

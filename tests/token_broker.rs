@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Env, assert_nova_error, fast_sim, metrics, start_sim};
 use serde_json::json;
@@ -215,15 +215,45 @@ async fn a_second_401_is_an_error_not_a_loop() {
 
 #[tokio::test]
 async fn identity_outage_is_invisible_while_the_token_is_valid_then_a_clear_503() {
-    let env = Env::start_with_overlays(short_tokens(Duration::from_secs(3)), &[], json!({})).await;
+    // 20 s tokens, refreshed at half their life: the token held when the
+    // outage begins (obtained at startup) keeps serving for many seconds
+    // after its refresh has failed, however slow the machine.
+    let lifetime = Duration::from_secs(20);
+    let env = Env::start_with_overlays(
+        short_tokens(lifetime),
+        &["overlays/token-refresh-at-half.yaml"],
+        json!({}),
+    )
+    .await;
     assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    let failures_before = web_token_failures(&env).await;
     env.sim.set_identity_outage(true);
-    // Valid token: requests keep working although every refresh fails.
-    for _ in 0..5 {
+    // Every token the gateway holds was issued before this: none is
+    // usable `lifetime` after it.
+    let outage_began = Instant::now();
+
+    // Valid token: requests keep working, also once a refresh has failed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+        if web_token_failures(&env).await > failures_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the web project's token was never refreshed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.get("web-team", "/v2/web/flavors").await.0,
+        200,
+        "a failed refresh dropped a valid token"
+    );
+
+    // Past the end of its life (and of any token issued before the outage):
+    // a clear 503.
+    tokio::time::sleep_until((outage_began + lifetime + Duration::from_secs(1)).into()).await;
     let (status, body) = env.get("web-team", "/v2/web/flavors").await;
     assert_eq!(status, 503, "{body}");
     let msg = assert_nova_error(&body, "serviceUnavailable", 503);
@@ -232,16 +262,27 @@ async fn identity_outage_is_invisible_while_the_token_is_valid_then_a_clear_503(
 
     // The identity service comes back: so does the gateway, by itself.
     env.sim.set_identity_outage(false);
-    let mut recovered = false;
-    for _ in 0..40 {
-        if env.get("web-team", "/v2/web/flavors").await.0 == 200 {
-            recovered = true;
-            break;
-        }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.get("web-team", "/v2/web/flavors").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not recover after the outage"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(recovered, "gateway did not recover after the outage");
     env.stop().await;
+}
+
+/// Failed identity calls for the web project, as `/readyz` reports them.
+async fn web_token_failures(env: &Env) -> u64 {
+    let (_, body) = env.readyz().await;
+    body["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["project"] == "web")
+        .and_then(|t| t["failures"].as_u64())
+        .unwrap_or_else(|| panic!("no web token failures in {body}"))
 }
 
 #[tokio::test]
