@@ -48,6 +48,9 @@ pub(super) struct Hold {
     /// hyper tried to read or write while held: it was in a message (a
     /// request body to drain, an answer to send).
     moved: AtomicBool,
+    /// hyper's last write found the socket full: it holds bytes not yet
+    /// sent (a client not reading its answer), and is not idle.
+    write_blocked: AtomicBool,
 }
 
 /// What hyper did while its stream was held.
@@ -80,6 +83,17 @@ impl Hold {
             (true, true) => Held::EndedInMessage,
             (false, _) => Held::Busy,
         }
+    }
+
+    /// hyper has bytes it could not send yet (its last write found the
+    /// socket full).
+    pub fn is_write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
+    }
+
+    fn note_write<T>(&self, write: &Poll<T>) {
+        self.write_blocked
+            .store(write.is_pending(), Ordering::Relaxed);
     }
 
     fn is_holding(&self) -> bool {
@@ -169,7 +183,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         if this.hold.held_move() {
             return Poll::Pending;
         }
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        let write = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.hold.note_write(&write);
+        write
     }
 
     fn poll_write_vectored(
@@ -181,7 +197,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
         if this.hold.held_move() {
             return Poll::Pending;
         }
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        let write = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.hold.note_write(&write);
+        write
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -936,7 +936,10 @@ where
         let Phase::Http1(conn) = self else {
             return Parking::NotNow;
         };
-        if !parkable {
+        // hyper still sending an answer the client has not read is not
+        // idle: tried now, it would finish that answer and close (its
+        // keep-alive off), where waiting keeps the connection.
+        if !parkable || hold.is_write_blocked() {
             return Parking::NotNow;
         }
         hold.start();
@@ -1204,5 +1207,109 @@ mod tests {
         if let Some(limit) = open_files_soft_limit() {
             assert!(default_max_connections() < limit);
         }
+    }
+
+    /// Reads one HTTP/1.1 answer with a `content-length` off `client`.
+    async fn read_answer(client: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the answer was cut");
+            got.extend_from_slice(&buf[..n]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .expect("a content-length")
+                .parse()
+                .unwrap();
+            if got.len() >= end + 4 + length {
+                return got;
+            }
+        }
+    }
+
+    /// A client that has not read its answer for a while must not lose its
+    /// connection to parking: hyper, with bytes it cannot send yet, is
+    /// left alone (not told to shut down), and parked once the client has
+    /// read everything.
+    #[tokio::test]
+    async fn a_connection_whose_answer_is_unread_is_parked_only_after_it_is_read() {
+        const ANSWER: usize = 256 * 1024;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let hold = Arc::new(Hold::default());
+        let state = Arc::new(ConnState::default());
+        let builders = HttpBuilders::new(&ConnLimits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            http2_max_streams: 1,
+        });
+        let counted = state.clone();
+        let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+            let body = TrackedBody {
+                body: axum::body::Body::from(vec![b'x'; ANSWER]),
+                _in_flight: InFlight::start(counted.clone()),
+            };
+            std::future::ready(Ok::<_, Infallible>(http::Response::new(body)))
+        });
+        let mut segments = Segments {
+            builders: &builders,
+            service: service.clone(),
+            state: &state,
+        };
+        let io = ConnIo::new(server, hold.clone());
+        let mut phase = Phase::serve(io, Protocol::Http1, service, &segments);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await
+            .unwrap();
+
+        // hyper has the whole answer (its body is done) and cannot send it.
+        let blocked = async {
+            loop {
+                std::future::poll_fn(|cx| {
+                    let _ = phase.poll(cx, &mut segments);
+                    Poll::Ready(())
+                })
+                .await;
+                if hold.is_write_blocked() && state.finished.load(Ordering::Relaxed) == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), blocked)
+            .await
+            .expect("hyper never blocked on the unread answer");
+        assert!(matches!(
+            phase.park_if_http1(true, &hold, &segments),
+            Parking::NotNow
+        ));
+
+        // The client reads it all; hyper, idle again, is parked whole.
+        let answer = tokio::select! {
+            answer = read_answer(&mut client) => answer,
+            _ = std::future::poll_fn(|cx| phase.poll(cx, &mut segments)) => {
+                panic!("hyper ended the connection")
+            }
+        };
+        assert!(answer.ends_with(&[b'x'; 64]));
+        assert!(!String::from_utf8_lossy(&answer[..200]).contains("connection: close"));
+        std::future::poll_fn(|cx| {
+            let _ = phase.poll(cx, &mut segments);
+            Poll::Ready(())
+        })
+        .await;
+        assert!(!hold.is_write_blocked());
+        assert!(matches!(
+            phase.park_if_http1(true, &hold, &segments),
+            Parking::Parked(_)
+        ));
     }
 }
