@@ -48,8 +48,8 @@ pub(super) struct Hold {
     /// hyper tried to read or write while held: it was in a message (a
     /// request body to drain, an answer to send).
     moved: AtomicBool,
-    /// hyper's last write found the socket full: it holds bytes not yet
-    /// sent (a client not reading its answer), and is not idle.
+    /// hyper's last write or flush found the socket full: bytes are not
+    /// yet sent (a client not reading its answer), and hyper is not idle.
     write_blocked: AtomicBool,
 }
 
@@ -85,8 +85,8 @@ impl Hold {
         }
     }
 
-    /// hyper has bytes it could not send yet (its last write found the
-    /// socket full).
+    /// Bytes hyper wrote are not sent yet (its last write or flush found
+    /// the socket full).
     pub fn is_write_blocked(&self) -> bool {
         self.write_blocked.load(Ordering::Relaxed)
     }
@@ -207,7 +207,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        // A TLS stream takes writes into its own buffer and blocks here
+        // instead, when the socket is full.
+        let flush = Pin::new(&mut this.io).poll_flush(cx);
+        this.hold.note_write(&flush);
+        flush
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

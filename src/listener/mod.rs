@@ -1234,14 +1234,79 @@ mod tests {
         }
     }
 
+    /// The stream of a TLS connection whose socket is full: writes are
+    /// taken (into the TLS session's buffer), flushes wait while `held`.
+    /// (Its `Pending` wakes nobody: the tests poll by hand.)
+    struct BufferingStream {
+        io: tokio::io::DuplexStream,
+        held: Arc<AtomicBool>,
+    }
+
+    impl AsyncRead for BufferingStream {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for BufferingStream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if self.held.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+    }
+
     /// A client that has not read its answer for a while must not lose its
     /// connection to parking: hyper, with bytes it cannot send yet, is
     /// left alone (not told to shut down), and parked once the client has
     /// read everything.
     #[tokio::test]
     async fn a_connection_whose_answer_is_unread_is_parked_only_after_it_is_read() {
+        let (client, server) = tokio::io::duplex(4096);
+        unread_answer_then_parked(server, client, || {}).await;
+    }
+
+    /// The same over a stream that takes writes and blocks its flushes, as
+    /// a TLS stream does when its socket is full.
+    #[tokio::test]
+    async fn an_answer_taken_but_not_flushed_is_parked_only_after_the_flush() {
+        let (client, server) = tokio::io::duplex(1024 * 1024);
+        let held = Arc::new(AtomicBool::new(true));
+        let io = BufferingStream {
+            io: server,
+            held: held.clone(),
+        };
+        unread_answer_then_parked(io, client, move || held.store(false, Ordering::Relaxed)).await;
+    }
+
+    /// hyper serves one request on `io` with a 256 KiB answer that it
+    /// cannot send in full until `release` (and `client` reads); parking
+    /// is not tried until then, and parks the connection whole after.
+    async fn unread_answer_then_parked<I>(
+        io: I,
+        mut client: tokio::io::DuplexStream,
+        release: impl FnOnce(),
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         const ANSWER: usize = 256 * 1024;
-        let (mut client, server) = tokio::io::duplex(4096);
         let hold = Arc::new(Hold::default());
         let state = Arc::new(ConnState::default());
         let builders = HttpBuilders::new(&ConnLimits {
@@ -1263,7 +1328,7 @@ mod tests {
             service: service.clone(),
             state: &state,
         };
-        let io = ConnIo::new(server, hold.clone());
+        let io = ConnIo::new(io, hold.clone());
         let mut phase = Phase::serve(io, Protocol::Http1, service, &segments);
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -1293,6 +1358,7 @@ mod tests {
         ));
 
         // The client reads it all; hyper, idle again, is parked whole.
+        release();
         let answer = tokio::select! {
             answer = read_answer(&mut client) => answer,
             _ = std::future::poll_fn(|cx| phase.poll(cx, &mut segments)) => {
