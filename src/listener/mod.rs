@@ -538,15 +538,11 @@ where
             let requests = state.started.load(Ordering::Relaxed);
             let shut_down_now = match event {
                 ConnEvent::Phase(PhaseEvent::Ended(result)) => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+                    log_end(&peer, result);
                     return Served::Ended(None);
                 }
                 ConnEvent::Phase(PhaseEvent::Closed(result)) => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+                    log_end(&peer, result);
                     return Served::Ended(None);
                 }
                 ConnEvent::Phase(PhaseEvent::Detected) => continue,
@@ -610,9 +606,7 @@ where
                             continue;
                         }
                         Parking::Ended(result) => {
-                            if let Err(e) = result {
-                                tracing::debug!(%peer, error = %e, "connection ended with an error");
-                            }
+                            log_end(&peer, result);
                             return Served::Ended(None);
                         }
                         Parking::Close(io) => {
@@ -662,78 +656,81 @@ where
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        {
-            let _counted = ParkedConnection::new(&self.listener);
-            let idle = tokio::time::sleep(
-                self.listener
-                    .limits
-                    .idle_timeout
-                    .saturating_sub(self.listener.limits.park_interval()),
-            );
-            tokio::pin!(idle);
-            // The listener's call to close, at its cap, or at shutdown (the
-            // flag and this wait take less room than a wait on the stop).
-            let reclaim = self.listener.parked.reclaim.notified();
-            tokio::pin!(reclaim);
-            loop {
-                let event = std::future::poll_fn(|cx| {
-                    let mut first = [0u8; WAKE_READ];
-                    let mut buf = ReadBuf::new(&mut first);
-                    match Pin::new(&mut *io).poll_read(cx, &mut buf) {
-                        Poll::Ready(Err(e)) => return Poll::Ready(ParkEvent::Closed(Err(e))),
-                        Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                            return Poll::Ready(ParkEvent::Closed(Ok(())));
-                        }
-                        Poll::Ready(Ok(())) => {
-                            let read = Bytes::copy_from_slice(buf.filled());
-                            return Poll::Ready(ParkEvent::Woke(read));
-                        }
-                        Poll::Pending => {}
+        let _counted = ParkedConnection::new(&self.listener);
+        let idle = tokio::time::sleep(
+            self.listener
+                .limits
+                .idle_timeout
+                .saturating_sub(self.listener.limits.park_interval()),
+        );
+        tokio::pin!(idle);
+        // The listener's call to close, at its cap, or at shutdown (the
+        // flag and this wait take less room than a wait on the stop).
+        let reclaim = self.listener.parked.reclaim.notified();
+        tokio::pin!(reclaim);
+        let closed = loop {
+            let event = std::future::poll_fn(|cx| {
+                let mut first = [0u8; WAKE_READ];
+                let mut buf = ReadBuf::new(&mut first);
+                match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(ParkEvent::Closed(Err(e))),
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                        return Poll::Ready(ParkEvent::Closed(Ok(())));
                     }
-                    let reclaimed = reclaim.as_mut().poll(cx).is_ready();
-                    // Checked once the wait above is registered: the
-                    // listener sets it, then wakes every connection waiting.
-                    if self.listener.parked.is_closing() {
-                        return Poll::Ready(ParkEvent::Stop);
+                    Poll::Ready(Ok(())) => {
+                        let read = Bytes::copy_from_slice(buf.filled());
+                        return Poll::Ready(ParkEvent::Woke(read));
                     }
-                    if reclaimed {
-                        return Poll::Ready(ParkEvent::Reclaimed);
-                    }
-                    idle.as_mut().poll(cx).map(|()| ParkEvent::Idle)
-                })
-                .await;
-                match event {
-                    // Out of the listener's reach again (the reclaim wait, if it
-                    // was handed the listener's call, passes it on when dropped).
-                    ParkEvent::Woke(read) => {
-                        io.unread(read);
-                        return Unparked::Woke;
-                    }
-                    ParkEvent::Closed(result) => {
-                        self.listener.parked.take_want();
-                        if let Err(e) = result {
-                            tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
-                        }
-                        return Unparked::Closed;
-                    }
-                    ParkEvent::Stop => {
-                        self.listener.parked.take_want();
-                        return Unparked::Close;
-                    }
-                    ParkEvent::Idle => {
-                        tracing::debug!(peer = %self.peer, "idle connection closed");
-                        self.listener.parked.take_want();
-                        return Unparked::Close;
-                    }
-                    ParkEvent::Reclaimed if self.listener.parked.take_want() => {
-                        tracing::debug!(peer = %self.peer, "parked connection closed: the listener is at max_connections");
-                        return Unparked::Close;
-                    }
-                    // Not needed after all: wait for the next call.
-                    ParkEvent::Reclaimed => reclaim.set(self.listener.parked.reclaim.notified()),
+                    Poll::Pending => {}
                 }
+                let reclaimed = reclaim.as_mut().poll(cx).is_ready();
+                // Checked once the wait above is registered: the listener
+                // sets it, then wakes every connection waiting.
+                if self.listener.parked.is_closing() {
+                    return Poll::Ready(ParkEvent::Stop);
+                }
+                if reclaimed {
+                    return Poll::Ready(ParkEvent::Reclaimed);
+                }
+                idle.as_mut().poll(cx).map(|()| ParkEvent::Idle)
+            })
+            .await;
+            match event {
+                // Out of the listener's reach again (the reclaim wait, if it
+                // was handed the listener's call, passes it on when dropped).
+                ParkEvent::Woke(read) => {
+                    io.unread(read);
+                    return Unparked::Woke;
+                }
+                ParkEvent::Closed(result) => {
+                    log_end(&self.peer, result);
+                    break Unparked::Closed;
+                }
+                ParkEvent::Stop => break Unparked::Close,
+                ParkEvent::Idle => {
+                    tracing::debug!(peer = %self.peer, "idle connection closed");
+                    break Unparked::Close;
+                }
+                ParkEvent::Reclaimed if self.listener.parked.take_want() => {
+                    tracing::debug!(peer = %self.peer, "parked connection closed: the listener is at max_connections");
+                    return Unparked::Close;
+                }
+                // Not needed after all: wait for the next call.
+                ParkEvent::Reclaimed => reclaim.set(self.listener.parked.reclaim.notified()),
             }
-        }
+        };
+        // A parked connection closing for any other reason frees a slot
+        // too: one fewer for the listener to ask for.
+        self.listener.parked.take_want();
+        closed
+    }
+}
+
+/// Logs how a connection ended, if with an error (at debug: a client's
+/// reset is no news).
+fn log_end<E: std::fmt::Display>(peer: &SocketAddr, result: Result<(), E>) {
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
