@@ -21,8 +21,11 @@
 //!   `header_read_timeout` or half of `idle_timeout` if less; at least
 //!   10 ms):
 //!   taken back from hyper, its buffers freed (about 1.5 KiB stay, against
-//!   11 in hyper's hands), it waits for its next bytes and is closed after
-//!   `server.idle_timeout` (at most one park interval more);
+//!   11 in hyper's hands), it waits for its next bytes and is closed
+//!   `server.idle_timeout` after its answer (2 s more at most with the
+//!   defaults: parked connections are closed a generation at a time, by
+//!   one sweep per listener, every park interval or a 64th of
+//!   `idle_timeout` if more);
 //! - an HTTP/2 connection with no request in flight and no new one for
 //!   `server.idle_timeout` (checked twice per timeout, so at most 1.5 of
 //!   them) is shut down gracefully, and dropped if still open, with nothing
@@ -161,17 +164,19 @@ pub async fn serve<M: MakeService>(
     let shared = Arc::new(ListenerShared {
         tls,
         builders: HttpBuilders::new(&limits),
-        limits,
         draining,
         shutdown: stop_accepting.clone(),
         metrics: metrics.clone(),
-        parked: ParkedSet::default(),
+        parked: ParkedSet::new(&limits),
+        limits,
     });
     let parked = &shared.parked;
     // The connection tasks belong to this loop: if it is dropped (the
     // shutdown grace ran out), they are aborted with it. Each is reaped as
-    // it ends: a finished task keeps its whole allocation until then.
+    // it ends: a finished task keeps its whole allocation until then. The
+    // sweep of parked connections is one of them, until the loop stops.
     let mut connections = tokio::task::JoinSet::new();
+    connections.spawn(sweep_parked(shared.clone()));
     let mut backoff = Duration::ZERO;
     'accept: loop {
         // A slot first, the client then; but at the cap, with connections
@@ -237,10 +242,14 @@ pub async fn serve<M: MakeService>(
                             Err(_) => break 'accept,
                         },
                         // Nobody is asked to close (none was parked when
-                        // asked, or the one asked closed on its own): ask
-                        // the one that just parked.
+                        // asked, or the one asked closed on its own), or
+                        // the call went astray (the one asked woke, with
+                        // nobody parked behind it in its generation): ask
+                        // again, the one parked longest now.
                         _ = parked.newly_parked.notified() => {
-                            if !parked.is_wanted() {
+                            if parked.is_wanted() {
+                                parked.ask_oldest();
+                            } else {
                                 parked.reclaim_one();
                             }
                         }
@@ -260,14 +269,28 @@ pub async fn serve<M: MakeService>(
         connections.spawn(fut);
     }
     drop(listener);
-    // Parked connections close: the flag first, then the wake (each checks
-    // the flag once its wait is registered).
-    parked.closing.store(true, Ordering::SeqCst);
-    parked.reclaim.notify_waiters();
+    // Parked connections close (the sweep has stopped with the loop).
+    parked.close_all();
     // Open connections finish their in-flight requests (the caller bounds
     // the wait).
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Closes parked connections whose idle time is up, a generation per
+/// sweep interval, until the listener stops accepting.
+async fn sweep_parked(listener: Arc<ListenerShared>) {
+    let width = listener.parked.width;
+    // Missed ticks are caught up at once (the interval's default): a
+    // generation's idle time is counted from the clock, not from sweeps
+    // that ran late on a busy runtime.
+    let mut sweeps = tokio::time::interval_at(tokio::time::Instant::now() + width, width);
+    loop {
+        tokio::select! {
+            _ = listener.shutdown.stopped() => return,
+            _ = sweeps.tick() => listener.parked.sweep(),
+        }
+    }
 }
 
 /// hyper's connection builders, one per protocol, configured once per
@@ -383,8 +406,8 @@ where
     ///   connection's wake;
     /// - an HTTP/1.1 connection with nothing in flight and no new request
     ///   for a park interval (below) is parked: taken back from hyper, its
-    ///   buffers freed, waiting for its next bytes; parked for
-    ///   `idle_timeout` (less the interval), it is closed;
+    ///   buffers freed, waiting for its next bytes; `idle_timeout` after
+    ///   its last answer (see [`ConnLimits::park_sweep`]), it is closed;
     /// - an HTTP/2 connection with no request in flight and no new one for
     ///   `idle_timeout` (checked twice per timeout, so between 1 and 1.5 of
     ///   them) gets a graceful shutdown (a request in flight is still
@@ -649,25 +672,17 @@ where
 
     /// A parked connection waits for its next bytes (read into the stack,
     /// then handed to a new hyper connection first), and is closed when
-    /// parked for `idle_timeout` (less the park interval it waited before
-    /// parking), at shutdown, or when the listener, at its cap, wants its
-    /// slot (the one parked longest first).
+    /// the sweep closes its generation (its idle time is up), at shutdown,
+    /// or when the listener, at its cap, wants its slot (the one parked
+    /// longest first).
     async fn wait_parked<I>(&mut self, io: &mut ConnIo<I>) -> Unparked
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let _counted = ParkedConnection::new(&self.listener);
-        let idle = tokio::time::sleep(
-            self.listener
-                .limits
-                .idle_timeout
-                .saturating_sub(self.listener.limits.park_interval()),
-        );
-        tokio::pin!(idle);
-        // The listener's call to close, at its cap, or at shutdown (the
-        // flag and this wait take less room than a wait on the stop).
-        let reclaim = self.listener.parked.reclaim.notified();
-        tokio::pin!(reclaim);
+        let parked = &self.listener.parked;
+        let counted = ParkedConnection::new(&self.listener);
+        let wait = counted.wait();
+        tokio::pin!(wait);
         let closed = loop {
             let event = std::future::poll_fn(|cx| {
                 let mut first = [0u8; WAKE_READ];
@@ -683,16 +698,19 @@ where
                     }
                     Poll::Pending => {}
                 }
-                let reclaimed = reclaim.as_mut().poll(cx).is_ready();
+                let told = wait.as_mut().poll(cx).is_ready();
                 // Checked once the wait above is registered: the listener
-                // sets it, then wakes every connection waiting.
-                if self.listener.parked.is_closing() {
+                // (or the sweep) marks, then wakes every connection waiting.
+                if parked.is_closing() {
                     return Poll::Ready(ParkEvent::Stop);
                 }
-                if reclaimed {
+                if parked.is_expired(counted.generation) {
+                    return Poll::Ready(ParkEvent::Idle);
+                }
+                if told {
                     return Poll::Ready(ParkEvent::Reclaimed);
                 }
-                idle.as_mut().poll(cx).map(|()| ParkEvent::Idle)
+                Poll::Pending
             })
             .await;
             match event {
@@ -711,17 +729,17 @@ where
                     tracing::debug!(peer = %self.peer, "idle connection closed");
                     break Unparked::Close;
                 }
-                ParkEvent::Reclaimed if self.listener.parked.take_want() => {
+                ParkEvent::Reclaimed if parked.take_want() => {
                     tracing::debug!(peer = %self.peer, "parked connection closed: the listener is at max_connections");
                     return Unparked::Close;
                 }
                 // Not needed after all: wait for the next call.
-                ParkEvent::Reclaimed => reclaim.set(self.listener.parked.reclaim.notified()),
+                ParkEvent::Reclaimed => wait.set(counted.wait()),
             }
         };
         // A parked connection closing for any other reason frees a slot
         // too: one fewer for the listener to ask for.
-        self.listener.parked.take_want();
+        parked.take_want();
         closed
     }
 }
@@ -775,6 +793,24 @@ impl ConnLimits {
             .min(self.header_read_timeout / 4)
             .min(self.idle_timeout / 2)
             .max(Duration::from_millis(10))
+    }
+
+    /// The parked connections' sweep interval (the park interval, or a
+    /// 64th of the time parked if more) and how many sweeps a connection
+    /// stays parked. Counted from its last answer, it is closed after
+    /// `idle_timeout` (it parks a park interval after that answer at the
+    /// earliest, and a sweep does not close a generation before every
+    /// connection in it has been parked for the rest), and at most a park
+    /// interval and two sweep intervals more (2 s with the defaults, where
+    /// the time parked is a whole number of sweeps).
+    fn park_sweep(&self) -> (Duration, u64) {
+        let parked_for = self.idle_timeout.saturating_sub(self.park_interval());
+        let width = self.park_interval().max(parked_for / MAX_GENERATIONS);
+        // Parked at the end of a generation's interval at the latest, a
+        // connection is closed `lifetime` sweeps after that interval
+        // starts: one for its own generation, the rest for its idle time.
+        let sweeps = parked_for.as_nanos().div_ceil(width.as_nanos());
+        (width, 1 + u64::try_from(sweeps).unwrap_or(u64::MAX))
     }
 }
 
@@ -1086,20 +1122,36 @@ impl http_body::Body for TrackedBody {
 }
 
 /// A listener's parked connections: how many, the call that closes the
-/// one parked longest when the accept loop needs its slot, and the call
-/// that closes them all at shutdown.
-#[derive(Default)]
+/// one parked longest when the accept loop needs its slot, the sweep that
+/// closes those parked for their idle time, and the call that closes them
+/// all at shutdown.
+///
+/// Connections park in generations, one per sweep interval, and a
+/// generation is closed all at once when its idle time is up: one timer per
+/// listener instead of one per parked connection (a timer is over 100
+/// bytes in every parked connection's task, and an entry in the timer
+/// wheel put in and taken out at each park).
 struct ParkedSet {
     count: std::sync::atomic::AtomicUsize,
     /// Slots the accept loop waits for: a parked connection that closes,
-    /// for whatever reason, takes one off, and one told to close by
-    /// `reclaim` closes only if one is still wanted (a notification can
+    /// for whatever reason, takes one off, and one told to close by a
+    /// reclaim closes only if one is still wanted (a notification can
     /// outlive its need: passed on by a connection that woke, or kept by
     /// `Notify` with nobody waiting).
     wanted: std::sync::atomic::AtomicUsize,
-    /// Waited on by parked connections only, in the order they parked;
-    /// at shutdown, every one is woken to see `closing`.
-    reclaim: tokio::sync::Notify,
+    /// A ring of generations: generation `g` is in `generations[g % len]`,
+    /// and `len` is one more than `lifetime`, so the slot a generation is
+    /// closed from is never the one connections park in.
+    generations: Box<[Generation]>,
+    /// The generation connections park in now (the sweep advances it).
+    current: AtomicU64,
+    /// Every generation below this one is to close.
+    expired_below: AtomicU64,
+    /// Sweeps a connection stays parked for: it is closed by the sweep
+    /// that makes its generation this much older than the current one.
+    lifetime: u64,
+    /// The sweep interval.
+    width: Duration,
     /// The listener stopped: parked connections close.
     closing: AtomicBool,
     /// Told each time a connection parks (the accept loop, at the cap,
@@ -1107,7 +1159,41 @@ struct ParkedSet {
     newly_parked: tokio::sync::Notify,
 }
 
+/// The connections parked within one sweep interval.
+#[derive(Default)]
+struct Generation {
+    /// Waited on by this generation's connections, in the order they
+    /// parked: told one at a time to give a slot up, all at once to close
+    /// when their idle time is up or at shutdown.
+    wait: tokio::sync::Notify,
+    parked: std::sync::atomic::AtomicUsize,
+}
+
+/// At most this many generations (and sweeps) in a parked connection's
+/// idle time: with a long `idle_timeout`, a sweep interval is a 64th of it.
+const MAX_GENERATIONS: u32 = 64;
+
 impl ParkedSet {
+    fn new(limits: &ConnLimits) -> ParkedSet {
+        let (width, lifetime) = limits.park_sweep();
+        ParkedSet {
+            count: Default::default(),
+            wanted: Default::default(),
+            generations: (0..=lifetime).map(|_| Generation::default()).collect(),
+            current: AtomicU64::new(0),
+            expired_below: AtomicU64::new(0),
+            lifetime,
+            width,
+            closing: AtomicBool::new(false),
+            newly_parked: Default::default(),
+        }
+    }
+
+    fn generation(&self, g: u64) -> &Generation {
+        // The ring has at most MAX_GENERATIONS + 3 slots: the index fits.
+        &self.generations[(g % self.generations.len() as u64) as usize]
+    }
+
     fn any(&self) -> bool {
         self.count.load(Ordering::Relaxed) > 0
     }
@@ -1116,16 +1202,53 @@ impl ParkedSet {
         self.closing.load(Ordering::SeqCst)
     }
 
+    fn is_expired(&self, g: u64) -> bool {
+        g < self.expired_below.load(Ordering::SeqCst)
+    }
+
     fn is_wanted(&self) -> bool {
         self.wanted.load(Ordering::Relaxed) > 0
+    }
+
+    /// One sweep: the next generation starts, and the one whose idle time
+    /// is now up is told to close (the mark first, then the wake: each
+    /// connection checks the mark once its wait is registered).
+    fn sweep(&self) {
+        let now = self.current.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(expired) = now.checked_sub(self.lifetime) {
+            self.expired_below.store(expired + 1, Ordering::SeqCst);
+            self.generation(expired).wait.notify_waiters();
+        }
+    }
+
+    /// Every parked connection closes (the listener stopped).
+    fn close_all(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        for generation in &self.generations {
+            generation.wait.notify_waiters();
+        }
     }
 
     /// Asks the connection parked longest, if any is parked, to close.
     fn reclaim_one(&self) {
         if self.any() {
             self.wanted.fetch_add(1, Ordering::Relaxed);
-            self.reclaim.notify_one();
+            self.ask_oldest();
         }
+    }
+
+    /// Tells the oldest generation with a connection parked to give one
+    /// up (its connection parked longest wakes first). With none parked
+    /// just now, the call waits in the current generation for the next
+    /// connection to park.
+    fn ask_oldest(&self) {
+        let now = self.current.load(Ordering::SeqCst);
+        let oldest = now.saturating_sub(self.lifetime);
+        let generation = (oldest..=now)
+            .map(|g| self.generation(g))
+            .find(|g| g.parked.load(Ordering::Relaxed) > 0)
+            .unwrap_or_else(|| self.generation(now));
+        generation.wait.notify_one();
     }
 
     /// A parked connection closes, or the accept loop got a slot another
@@ -1138,24 +1261,51 @@ impl ParkedSet {
 }
 
 /// One parked connection, counted (and in the gauge) however it ends or
-/// wakes.
-struct ParkedConnection<'a>(&'a ListenerShared);
+/// wakes, with the generation it parked in.
+struct ParkedConnection<'a> {
+    listener: &'a ListenerShared,
+    generation: u64,
+}
 
 impl<'a> ParkedConnection<'a> {
     fn new(listener: &'a ListenerShared) -> Self {
-        listener.parked.count.fetch_add(1, Ordering::Relaxed);
-        listener.parked.newly_parked.notify_one();
+        let parked = &listener.parked;
+        let generation = parked.current.load(Ordering::SeqCst);
+        parked
+            .generation(generation)
+            .parked
+            .fetch_add(1, Ordering::Relaxed);
+        parked.count.fetch_add(1, Ordering::Relaxed);
+        parked.newly_parked.notify_one();
         if let Some(m) = &listener.metrics {
             m.parked_connections.inc();
         }
-        ParkedConnection(listener)
+        ParkedConnection {
+            listener,
+            generation,
+        }
+    }
+
+    /// What ends its wait: a call to give its slot up, its generation's
+    /// close, or the listener's.
+    fn wait(&self) -> tokio::sync::futures::Notified<'a> {
+        self.listener
+            .parked
+            .generation(self.generation)
+            .wait
+            .notified()
     }
 }
 
 impl Drop for ParkedConnection<'_> {
     fn drop(&mut self) {
-        self.0.parked.count.fetch_sub(1, Ordering::Relaxed);
-        if let Some(m) = &self.0.metrics {
+        let parked = &self.listener.parked;
+        parked
+            .generation(self.generation)
+            .parked
+            .fetch_sub(1, Ordering::Relaxed);
+        parked.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(m) = &self.listener.metrics {
             m.parked_connections.dec();
         }
     }
@@ -1203,6 +1353,145 @@ mod tests {
         assert!(default_max_connections() >= 16);
         if let Some(limit) = open_files_soft_limit() {
             assert!(default_max_connections() < limit);
+        }
+    }
+
+    fn limits(header_read_timeout: Duration, idle_timeout: Duration) -> ConnLimits {
+        ConnLimits {
+            max_connections: 2,
+            header_read_timeout,
+            idle_timeout,
+            http2_max_streams: 1,
+        }
+    }
+
+    #[test]
+    fn the_sweep_closes_a_parked_connection_no_sooner_than_its_idle_time() {
+        let secs = Duration::from_secs;
+        // The defaults: a sweep a second, closed by the 60th after parking.
+        assert_eq!(limits(secs(10), secs(60)).park_sweep(), (secs(1), 60));
+        // A long idle time: a 64th of it per sweep, not 3,600 generations.
+        let (width, lifetime) = limits(secs(10), secs(3600)).park_sweep();
+        assert_eq!((width, lifetime), (secs(3599) / 64, 65));
+        for (header, idle) in [
+            (secs(10), secs(60)),
+            (secs(1), secs(2)),
+            (Duration::from_millis(40), secs(7)),
+            (secs(60), Duration::from_millis(15)),
+            (secs(10), secs(3600)),
+            (secs(10), secs(86_400 * 30)),
+        ] {
+            let l = limits(header, idle);
+            let (width, lifetime) = l.park_sweep();
+            let parked_for = idle.saturating_sub(l.park_interval());
+            // Parked at the end of its generation's interval, it still
+            // waits out the rest of its idle time...
+            assert!(
+                width * (lifetime as u32 - 1) >= parked_for,
+                "{header:?} {idle:?}"
+            );
+            // ...and at most two sweeps more.
+            assert!(
+                width * lifetime as u32 <= parked_for + 2 * width,
+                "{header:?} {idle:?}"
+            );
+            assert!(
+                lifetime <= u64::from(MAX_GENERATIONS) + 2,
+                "{header:?} {idle:?}"
+            );
+        }
+    }
+
+    fn listener(limits: ConnLimits) -> ListenerShared {
+        let (_, draining) = crate::shutdown::stop_pair();
+        let (_, shutdown) = crate::shutdown::stop_pair();
+        ListenerShared {
+            tls: None,
+            builders: HttpBuilders::new(&limits),
+            parked: ParkedSet::new(&limits),
+            limits,
+            draining,
+            shutdown,
+            metrics: None,
+        }
+    }
+
+    fn is_told<F: Future + Unpin>(wait: &mut F) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(wait).poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn a_parked_generation_is_told_to_close_by_the_sweep_that_ends_its_idle_time() {
+        let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
+        let first = ParkedConnection::new(&l);
+        let mut first_wait = Box::pin(first.wait());
+        assert!(!is_told(&mut first_wait));
+        l.parked.sweep();
+        let second = ParkedConnection::new(&l);
+        let mut second_wait = Box::pin(second.wait());
+        assert!(!is_told(&mut second_wait));
+        assert_eq!(l.parked.count.load(Ordering::Relaxed), 2);
+        for _ in 1..l.parked.lifetime - 1 {
+            l.parked.sweep();
+        }
+        assert!(!is_told(&mut first_wait), "closed a sweep early");
+        assert!(!l.parked.is_expired(first.generation));
+        l.parked.sweep();
+        assert!(is_told(&mut first_wait));
+        assert!(l.parked.is_expired(first.generation));
+        assert!(!is_told(&mut second_wait), "the next generation closed too");
+        assert!(!l.parked.is_expired(second.generation));
+        l.parked.sweep();
+        assert!(is_told(&mut second_wait));
+        assert!(l.parked.is_expired(second.generation));
+        drop((first, second));
+        assert!(!l.parked.any());
+    }
+
+    #[tokio::test]
+    async fn a_reclaim_asks_the_connection_parked_longest() {
+        let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
+        let older = ParkedConnection::new(&l);
+        let mut older_wait = Box::pin(older.wait());
+        let old = ParkedConnection::new(&l);
+        let mut old_wait = Box::pin(old.wait());
+        l.parked.sweep();
+        let young = ParkedConnection::new(&l);
+        let mut young_wait = Box::pin(young.wait());
+        for wait in [&mut older_wait, &mut old_wait, &mut young_wait] {
+            assert!(!is_told(wait));
+        }
+        l.parked.reclaim_one();
+        assert!(is_told(&mut older_wait));
+        assert!(!is_told(&mut old_wait) && !is_told(&mut young_wait));
+        assert!(l.parked.take_want());
+        drop((older_wait, older));
+        // The older generation is asked first while anyone is in it.
+        l.parked.reclaim_one();
+        assert!(is_told(&mut old_wait));
+        assert!(!is_told(&mut young_wait));
+        assert!(l.parked.take_want());
+        drop((old_wait, old));
+        l.parked.reclaim_one();
+        assert!(is_told(&mut young_wait));
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_every_generation_is_told() {
+        let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
+        let mut parked = Vec::new();
+        for _ in 0..3 {
+            let conn = ParkedConnection::new(&l);
+            let mut wait = Box::pin(conn.wait());
+            assert!(!is_told(&mut wait));
+            parked.push((conn, wait));
+            l.parked.sweep();
+        }
+        l.parked.close_all();
+        assert!(l.parked.is_closing());
+        for (_, wait) in &mut parked {
+            assert!(is_told(wait));
         }
     }
 
