@@ -167,6 +167,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
             let n = this.unread.len().min(buf.remaining());
             buf.put_slice(&this.unread[..n]);
             this.unread.advance(n);
+            if this.unread.is_empty() {
+                // Emptied, it would still hold its allocation (the bytes
+                // that woke a parked connection, or hyper's whole read
+                // buffer when given back), kept through the next park.
+                this.unread = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -258,6 +264,37 @@ mod tests {
         io.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"abcdef");
         assert!(!io.has_unread());
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_once_read_free_the_buffer_they_came_from() {
+        /// hyper's read buffer, as `into_parts` gives it back: a few
+        /// unparsed bytes in a big allocation.
+        struct ReadBuffer(Vec<u8>, Arc<AtomicBool>);
+        impl AsRef<[u8]> for ReadBuffer {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for ReadBuffer {
+            fn drop(&mut self) {
+                self.1.store(true, Ordering::Relaxed);
+            }
+        }
+        let freed = Arc::new(AtomicBool::new(false));
+        let mut buffer = Bytes::from_owner(ReadBuffer(vec![b'x'; 8192], freed.clone()));
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = ConnIo::new(server, Arc::default());
+        io.unread(buffer.split_to(5));
+        drop(buffer);
+        let mut read = [0u8; 3];
+        io.read_exact(&mut read).await.unwrap();
+        assert!(!freed.load(Ordering::Relaxed), "freed with bytes unread");
+        io.read_exact(&mut read[..2]).await.unwrap();
+        assert!(
+            freed.load(Ordering::Relaxed),
+            "the stream kept the buffer after its last unread byte was read"
+        );
     }
 
     #[tokio::test]
