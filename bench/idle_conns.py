@@ -8,8 +8,10 @@ PID from /proc and prints one JSON line:
 
   {"opened": 10000, "failed": 0, "open_fds": 10012, "rss_kib": 41234, ...}
 
-With --settle S it waits S more seconds with them still open and idle and
-reads VmRSS again ("rss_settled_kib", with "open_fds_settled"): what an idle
+With --settle S it then sends one more request on each connection (with
+--again; a server that parks idle connections has parked them by then:
+each is woken, served, and parks again), waits S more seconds with them
+still open and idle and reads VmRSS again ("rss_settled_kib", with "open_fds_settled"): what an idle
 connection costs once the server has done what it does with idle ones
 (toastgate parks them) and the allocator has returned what was freed.
 
@@ -17,7 +19,7 @@ With --after-close S it then closes them all, waits S seconds and reads
 VmRSS again ("rss_after_close_kib"): whether the server gave the memory back.
 
 Bounded in time: the whole run gives up after --deadline seconds.
-Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3] [--settle 15] [--after-close 60]
+Usage: idle_conns.py --port PORT --pid PID [--count 10000] [--hold 3] [--again] [--settle 15] [--after-close 60]
 """
 
 import argparse
@@ -46,26 +48,38 @@ def open_fds(pid):
         return -1
 
 
+async def one_request(reader, writer, host, port, path):
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1]
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    if length:
+        await reader.readexactly(length)
+    if status != b"200":
+        raise RuntimeError(f"status {status.decode()}")
+
+
 async def open_one(host, port, path, sem, conns):
     async with sem:
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
-        )
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = head.split(b" ", 2)[1]
-        length = 0
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        if length:
-            await reader.readexactly(length)
-        if status != b"200":
+        try:
+            await one_request(reader, writer, host, port, path)
+        except BaseException:
             writer.close()
-            raise RuntimeError(f"status {status.decode()}")
-        conns.append(writer)
+            raise
+        conns.append((reader, writer))
+
+
+async def again(conn, host, port, path, sem):
+    async with sem:
+        await one_request(*conn, host, port, path)
 
 
 async def run(args):
@@ -91,10 +105,20 @@ async def run(args):
         "rss_kib": vm_rss_kib(args.pid),
     }
     if args.settle > 0:
+        if args.again:
+            results = await asyncio.gather(
+                *(again(c, args.host, args.port, args.path, sem) for c in conns),
+                return_exceptions=True,
+            )
+            again_errors = [r for r in results if isinstance(r, BaseException)]
+            out["again_failed"] = len(again_errors)
+            out["failed"] += len(again_errors)
+            if again_errors and not out["first_error"]:
+                out["first_error"] = repr(again_errors[0])
         await asyncio.sleep(args.settle)
         out["rss_settled_kib"] = vm_rss_kib(args.pid)
         out["open_fds_settled"] = open_fds(args.pid)
-    for w in conns:
+    for _, w in conns:
         # Reset instead of a FIN: 10,000 client sockets in TIME_WAIT would hold
         # that many loopback ports for a minute and starve the next run.
         sock = w.get_extra_info("socket")
@@ -118,6 +142,8 @@ def main():
     p.add_argument("--hold", type=float, default=3.0, help="seconds idle before reading RSS")
     p.add_argument("--settle", type=float, default=0.0,
                    help="then seconds more, still idle, before reading RSS again")
+    p.add_argument("--again", action="store_true",
+                   help="before those seconds, one more request on each connection")
     p.add_argument("--after-close", type=float, default=0.0,
                    help="seconds to wait after closing them before reading RSS again")
     p.add_argument("--deadline", type=float, default=90.0)

@@ -51,6 +51,10 @@ pub(super) struct Hold {
     /// hyper's last write or flush found the socket full: bytes are not
     /// yet sent (a client not reading its answer), and hyper is not idle.
     write_blocked: AtomicBool,
+    /// The connection's slot in its listener, given back with the last
+    /// holder of this: the stream (here rather than in the connection's
+    /// task, where it would take room while the connection is parked).
+    _slot: Option<super::Slot>,
 }
 
 /// What hyper did while its stream was held.
@@ -67,6 +71,13 @@ pub(super) enum Held {
 }
 
 impl Hold {
+    pub fn with_slot(slot: super::Slot) -> Hold {
+        Hold {
+            _slot: Some(slot),
+            ..Hold::default()
+        }
+    }
+
     pub fn start(&self) {
         self.shutdown_asked.store(false, Ordering::Relaxed);
         self.moved.store(false, Ordering::Relaxed);
@@ -114,7 +125,9 @@ impl Hold {
 /// A connection's stream as hyper sees it: `unread` first, then `io`.
 pub(super) struct ConnIo<I> {
     io: I,
-    unread: Bytes,
+    /// Boxed: a parked connection's task keeps the stream, and there is
+    /// rarely anything unread (a `Bytes` inline is 32 bytes, the box 8).
+    unread: Option<Box<Bytes>>,
     hold: Arc<Hold>,
 }
 
@@ -122,7 +135,7 @@ impl<I> ConnIo<I> {
     pub fn new(io: I, hold: Arc<Hold>) -> Self {
         ConnIo {
             io,
-            unread: Bytes::new(),
+            unread: None,
             hold,
         }
     }
@@ -133,18 +146,19 @@ impl<I> ConnIo<I> {
         if bytes.is_empty() {
             return;
         }
-        self.unread = if self.unread.is_empty() {
-            bytes
-        } else {
-            let mut joined = Vec::with_capacity(bytes.len() + self.unread.len());
-            joined.extend_from_slice(&bytes);
-            joined.extend_from_slice(&self.unread);
-            Bytes::from(joined)
-        };
+        match &mut self.unread {
+            None => self.unread = Some(Box::new(bytes)),
+            Some(unread) => {
+                let mut joined = Vec::with_capacity(bytes.len() + unread.len());
+                joined.extend_from_slice(&bytes);
+                joined.extend_from_slice(unread);
+                **unread = Bytes::from(joined);
+            }
+        }
     }
 
     pub fn has_unread(&self) -> bool {
-        !self.unread.is_empty()
+        self.unread.is_some()
     }
 
     /// The hold hyper's use of this stream is judged by.
@@ -163,15 +177,15 @@ impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
         if this.hold.held_move() {
             return Poll::Pending;
         }
-        if !this.unread.is_empty() {
-            let n = this.unread.len().min(buf.remaining());
-            buf.put_slice(&this.unread[..n]);
-            this.unread.advance(n);
-            if this.unread.is_empty() {
+        if let Some(unread) = &mut this.unread {
+            let n = unread.len().min(buf.remaining());
+            buf.put_slice(&unread[..n]);
+            unread.advance(n);
+            if unread.is_empty() {
                 // Emptied, it would still hold its allocation (the bytes
                 // that woke a parked connection, or hyper's whole read
                 // buffer when given back), kept through the next park.
-                this.unread = Bytes::new();
+                this.unread = None;
             }
             return Poll::Ready(Ok(()));
         }

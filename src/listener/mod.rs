@@ -122,8 +122,9 @@ fn parse_open_files_limit(limits: &str) -> Option<usize> {
 /// TLS for a listener: the acceptor (certificate reloads happen behind it).
 pub type Tls = Option<tokio_rustls::TlsAcceptor>;
 
-/// What a listener serves: a service per connection, made from the peer's
-/// address.
+/// What a listener serves: a connection's service, made from the peer's
+/// address each time hyper is given the connection (when it opens, and
+/// when it wakes from parking).
 pub trait MakeService: Send + Sync + 'static {
     type Service: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
         + Clone
@@ -158,17 +159,21 @@ pub async fn serve<M: MakeService>(
     draining: Stop,
     stop_accepting: Stop,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(
-        limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
-    let shared = Arc::new(ListenerShared {
-        tls,
-        builders: HttpBuilders::new(&limits),
-        draining,
-        shutdown: stop_accepting.clone(),
+    let slots = Arc::new(Slots {
+        semaphore: Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)),
         metrics: metrics.clone(),
-        parked: ParkedSet::new(&limits),
-        limits,
+    });
+    let shared = Arc::new(Listener {
+        make,
+        shared: ListenerShared {
+            tls,
+            builders: HttpBuilders::new(&limits),
+            draining,
+            shutdown: stop_accepting.clone(),
+            metrics: metrics.clone(),
+            parked: ParkedSet::new(&limits),
+            limits,
+        },
     });
     let parked = &shared.parked;
     // The connection tasks belong to this loop: if it is dropped (the
@@ -183,14 +188,14 @@ pub async fn serve<M: MakeService>(
         // parked, the next client is accepted and a parked (idle)
         // connection gives its slot up for it, as nginx reuses idle
         // keep-alive connections (the one parked longest closes).
-        let reclaiming = slots.available_permits() == 0 && parked.any();
+        let reclaiming = slots.semaphore.available_permits() == 0 && parked.any();
         let slot = if reclaiming {
             None
         } else {
             tokio::select! {
                 _ = stop_accepting.stopped() => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-                slot = slots.clone().acquire_owned() => match slot {
+                slot = slots.semaphore.acquire() => match slot {
                     Ok(slot) => Some(slot),
                     Err(_) => break,
                 },
@@ -223,7 +228,7 @@ pub async fn serve<M: MakeService>(
         // connection closes only if none has.
         let slot = match slot
             .map(Ok)
-            .unwrap_or_else(|| slots.clone().try_acquire_owned())
+            .unwrap_or_else(|| slots.semaphore.try_acquire())
         {
             Ok(slot) => slot,
             Err(tokio::sync::TryAcquireError::Closed) => break,
@@ -232,7 +237,7 @@ pub async fn serve<M: MakeService>(
                 loop {
                     tokio::select! {
                         _ = stop_accepting.stopped() => break 'accept,
-                        slot = slots.clone().acquire_owned() => match slot {
+                        slot = slots.semaphore.acquire() => match slot {
                             Ok(slot) => {
                                 // Freed some other way: the ask, if still
                                 // open, is withdrawn.
@@ -260,13 +265,9 @@ pub async fn serve<M: MakeService>(
         let _ = tcp.set_nodelay(true);
         let conn = Connection {
             peer,
-            service: make.for_peer(peer),
             listener: shared.clone(),
         };
-        let open = metrics.as_ref().map(|m| OpenConnection::new(m.clone()));
-        // A combinator, not an async block, for the same reason as `run`.
-        let fut = conn.run(tcp).map(move |()| drop((slot, open)));
-        connections.spawn(fut);
+        connections.spawn(conn.run(tcp, Slot::taken(&slots, slot)));
     }
     drop(listener);
     // Parked connections close (the sweep has stopped with the loop).
@@ -279,7 +280,7 @@ pub async fn serve<M: MakeService>(
 
 /// Closes parked connections whose idle time is up, a generation per
 /// sweep interval, until the listener stops accepting.
-async fn sweep_parked(listener: Arc<ListenerShared>) {
+async fn sweep_parked<M>(listener: Arc<Listener<M>>) {
     let width = listener.parked.width;
     // Missed ticks are caught up at once (the interval's default): a
     // generation's idle time is counted from the clock, not from sweeps
@@ -334,41 +335,52 @@ struct ListenerShared {
     parked: ParkedSet,
 }
 
-/// One accepted connection, before its protocol is known.
-struct Connection<S> {
-    peer: SocketAddr,
-    service: S,
-    listener: Arc<ListenerShared>,
+/// A listener: what its connections share, and what makes their service.
+struct Listener<M> {
+    shared: ListenerShared,
+    make: M,
 }
 
-impl<S> Connection<S>
-where
-    S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
-        + Clone
-        + Send
-        + 'static,
-{
+impl<M> std::ops::Deref for Listener<M> {
+    type Target = ListenerShared;
+    fn deref(&self) -> &ListenerShared {
+        &self.shared
+    }
+}
+
+/// One accepted connection, before its protocol is known. Its service is
+/// made each time hyper is given the connection (at the start, and when
+/// it wakes from parking), not kept: a parked connection's task holds only
+/// what it needs to wait.
+struct Connection<M> {
+    peer: SocketAddr,
+    listener: Arc<Listener<M>>,
+}
+
+impl<M: MakeService> Connection<M> {
     /// The connection's whole life, as the one future its task runs. Not
     /// an `async fn`: a generator holding this `match` would keep room for
     /// `self`, the stream and the unboxed TLS future besides the one it
     /// awaits (4.0 KiB per connection, measured, against 1.4 KiB for the
     /// plain future alone then).
-    fn run(self, tcp: TcpStream) -> impl Future<Output = ()> + Send {
+    fn run(self, tcp: TcpStream, slot: Slot) -> impl Future<Output = ()> + Send {
         match self.listener.tls.clone() {
             // The stream to close is closed after the connection's future
             // is gone: its timer and control futures would otherwise be
             // kept beside the close, in every connection's task.
-            None => futures_util::future::Either::Left(self.serve_http(tcp).then(close_stream)),
+            None => {
+                futures_util::future::Either::Left(self.serve_http(tcp, slot).then(close_stream))
+            }
             // Boxed: with the handshake and a TLS stream's connection
             // inline, every connection's task, idle keep-alive ones
             // included, was sized for TLS.
             Some(acceptor) => {
-                futures_util::future::Either::Right(Box::pin(self.serve_tls(acceptor, tcp)))
+                futures_util::future::Either::Right(Box::pin(self.serve_tls(acceptor, tcp, slot)))
             }
         }
     }
 
-    async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+    async fn serve_tls(self, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, slot: Slot) {
         // A client that never finishes its handshake must not hold a slot;
         // one still shaking hands when the listener stops has no request in
         // flight, so the drain does not wait for it.
@@ -381,7 +393,7 @@ where
             _ = self.listener.shutdown.stopped() => return,
         };
         let failure = match outcome {
-            Ok(Ok(tls)) => return close_stream(self.serve_http(tls).await).await,
+            Ok(Ok(tls)) => return close_stream(self.serve_http(tls, slot).await).await,
             Ok(Err(e)) => {
                 tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
                 "error"
@@ -418,19 +430,23 @@ where
     ///   `server.request_timeout` instead.
     ///
     /// hyper's part is boxed, and freed while the connection is parked: a
-    /// parked connection's task holds only its stream and what ends its
-    /// wait (464 bytes, measured in a release build, against 1,376 with
-    /// hyper's part inline).
+    /// parked connection's task holds only its stream, its peer, one
+    /// pointer to its listener and its generation's wait: 280 bytes,
+    /// measured in a release build (1,376 with hyper's part inline). With
+    /// the runtime's header and trailer that is a 384-byte allocation, and
+    /// 8 bytes more would make it 512: the slot and the service are kept
+    /// out of the task for that (in the stream's [`Hold`], and made anew
+    /// at each wake), and unread bytes are boxed.
     ///
     /// Not an `async fn`: rustc keeps an `async fn`'s arguments twice, as
     /// passed and as moved into its body (rust-lang/rust#62958; 256 bytes
     /// more here, measured). For the same reason `wait_parked` borrows the
     /// stream: moved into it, the stream would be kept twice while parked.
-    fn serve_http<I>(mut self, io: I) -> impl Future<Output = Option<ConnIo<I>>> + Send
+    fn serve_http<I>(mut self, io: I, slot: Slot) -> impl Future<Output = Option<ConnIo<I>>> + Send
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let mut io = ConnIo::new(io, Arc::new(Hold::default()));
+        let mut io = ConnIo::new(io, Arc::new(Hold::with_slot(slot)));
         async move {
             let mut woken = false;
             loop {
@@ -457,7 +473,7 @@ where
         let state = Arc::new(ConnState::default());
         let answered = state.clone();
         let told_to_close = self.listener.draining.clone();
-        let service = TowerToHyperService::new(self.service.clone().map_response(
+        let service = TowerToHyperService::new(self.listener.make.for_peer(peer).map_response(
             move |mut resp: Response| {
                 // Draining: HTTP/1.1 clients learn from the answer itself
                 // that this connection ends, instead of racing its close.
@@ -1311,19 +1327,41 @@ impl Drop for ParkedConnection<'_> {
     }
 }
 
-/// Keeps the open-connections gauge right however the connection ends.
-struct OpenConnection(Arc<Metrics>);
+/// A listener's connection slots (`server.max_connections`), and the
+/// open-connections gauge they keep.
+struct Slots {
+    semaphore: Semaphore,
+    metrics: Option<Arc<Metrics>>,
+}
 
-impl OpenConnection {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.open_connections.inc();
-        OpenConnection(metrics)
+/// One connection's slot, given back (and the gauge lowered) however the
+/// connection ends, once its stream is closed: it is kept in the
+/// connection's [`Hold`], whose last holder is the stream.
+struct Slot(Arc<Slots>);
+
+impl Slot {
+    fn taken(slots: &Arc<Slots>, permit: tokio::sync::SemaphorePermit<'_>) -> Slot {
+        // Given back by `drop`, with the gauge, in one place.
+        permit.forget();
+        if let Some(m) = &slots.metrics {
+            m.open_connections.inc();
+        }
+        Slot(slots.clone())
     }
 }
 
-impl Drop for OpenConnection {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open_connections.dec();
+        self.0.semaphore.add_permits(1);
+        if let Some(m) = &self.0.metrics {
+            m.open_connections.dec();
+        }
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
     }
 }
 
