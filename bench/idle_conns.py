@@ -143,7 +143,7 @@ def main():
     p.add_argument("--settle", type=float, default=0.0,
                    help="then seconds more, still idle, before reading RSS again")
     p.add_argument("--again", action="store_true",
-                   help="before those seconds, one more request on each connection")
+                   help="with --settle: before its seconds, one more request on each connection")
     p.add_argument("--after-close", type=float, default=0.0,
                    help="seconds to wait after closing them before reading RSS again")
     p.add_argument("--deadline", type=float, default=90.0)

@@ -22,7 +22,7 @@
 //!   10 ms):
 //!   taken back from hyper, its buffers freed (about 1.5 KiB stay, against
 //!   11 in hyper's hands), it waits for its next bytes and is closed
-//!   `server.idle_timeout` after its answer (2 s more at most with the
+//!   `server.idle_timeout` after its answer (about 2 s more at most with the
 //!   defaults: parked connections are closed a generation at a time, by
 //!   one sweep per listener, every park interval or a 64th of
 //!   `idle_timeout` if more);
@@ -181,7 +181,7 @@ pub async fn serve<M: MakeService>(
     // it ends: a finished task keeps its whole allocation until then. The
     // sweep of parked connections is one of them, until the loop stops.
     let mut connections = tokio::task::JoinSet::new();
-    connections.spawn(sweep_parked(shared.clone()));
+    let sweep = connections.spawn(sweep_parked(shared.clone()));
     let mut backoff = Duration::ZERO;
     'accept: loop {
         // A slot first, the client then; but at the cap, with connections
@@ -246,11 +246,12 @@ pub async fn serve<M: MakeService>(
                             }
                             Err(_) => break 'accept,
                         },
-                        // Nobody is asked to close (none was parked when
-                        // asked, or the one asked closed on its own), or
-                        // the call went astray (the one asked woke, with
-                        // nobody parked behind it in its generation): ask
-                        // again, the one parked longest now.
+                        // Nobody may have been asked to close (none was
+                        // parked when asked, or the one asked closed on
+                        // its own): ask again, the one parked longest now
+                        // (one asked already and still closing takes the
+                        // want; a call too many wakes one that goes back
+                        // to waiting).
                         _ = parked.newly_parked.notified() => {
                             if parked.is_wanted() {
                                 parked.ask_oldest();
@@ -270,7 +271,8 @@ pub async fn serve<M: MakeService>(
         connections.spawn(conn.run(tcp, Slot::taken(&slots, slot)));
     }
     drop(listener);
-    // Parked connections close (the sweep has stopped with the loop).
+    // Parked connections close; no more sweeps.
+    sweep.abort();
     parked.close_all();
     // Open connections finish their in-flight requests (the caller bounds
     // the wait).
@@ -281,16 +283,15 @@ pub async fn serve<M: MakeService>(
 /// Closes parked connections whose idle time is up, a generation per
 /// sweep interval, until the listener stops accepting.
 async fn sweep_parked<M>(listener: Arc<Listener<M>>) {
-    let width = listener.parked.width;
-    // Missed ticks are caught up at once (the interval's default): a
-    // generation's idle time is counted from the clock, not from sweeps
-    // that ran late on a busy runtime.
-    let mut sweeps = tokio::time::interval_at(tokio::time::Instant::now() + width, width);
+    // Each sweep at least `width` after the last one as it ran: a late
+    // sweep (a busy runtime) makes a generation longer, never a later one
+    // shorter, so no connection is closed before its idle time is up.
     loop {
         tokio::select! {
             _ = listener.shutdown.stopped() => return,
-            _ = sweeps.tick() => listener.parked.sweep(),
+            _ = tokio::time::sleep(listener.parked.width) => {}
         }
+        listener.parked.sweep();
     }
 }
 
@@ -431,12 +432,14 @@ impl<M: MakeService> Connection<M> {
     ///
     /// hyper's part is boxed, and freed while the connection is parked: a
     /// parked connection's task holds only its stream, its peer, one
-    /// pointer to its listener and its generation's wait: 280 bytes,
-    /// measured in a release build (1,376 with hyper's part inline). With
-    /// the runtime's header and trailer that is a 384-byte allocation, and
-    /// 8 bytes more would make it 512: the slot and the service are kept
-    /// out of the task for that (in the stream's [`Hold`], and made anew
-    /// at each wake), and unread bytes are boxed.
+    /// pointer to its listener, its place in the parked set and its
+    /// generation's wait: 280 bytes, measured in a release build on
+    /// x86_64 (1,376 before hyper's part was boxed). With tokio's task
+    /// header and trailer (96 bytes, and 8 for the stage's tag), 128-byte
+    /// aligned, that is a 384-byte allocation, and 8 bytes more would make
+    /// it 512: the slot and the service are kept out of the task for that
+    /// (in the stream's [`Hold`], and made anew at each wake), and unread
+    /// bytes are boxed.
     ///
     /// Not an `async fn`: rustc keeps an `async fn`'s arguments twice, as
     /// passed and as moved into its body (rust-lang/rust#62958; 256 bytes
@@ -734,6 +737,18 @@ impl<M: MakeService> Connection<M> {
                 // was handed the listener's call, passes it on when dropped).
                 ParkEvent::Woke(read) => {
                     io.unread(read);
+                    // A call to give a slot up that came with the bytes
+                    // goes to whoever is parked longest now: dropped, the
+                    // wait would pass it on only within its generation,
+                    // perhaps to nobody.
+                    let told = wait
+                        .as_mut()
+                        .poll(&mut Context::from_waker(Waker::noop()))
+                        .is_ready();
+                    drop(counted);
+                    if told && parked.is_wanted() {
+                        parked.ask_oldest();
+                    }
                     return Unparked::Woke;
                 }
                 ParkEvent::Closed(result) => {
@@ -812,21 +827,27 @@ impl ConnLimits {
     }
 
     /// The parked connections' sweep interval (the park interval, or a
-    /// 64th of the time parked if more) and how many sweeps a connection
+    /// 64th of `idle_timeout` if more) and how many sweeps a connection
     /// stays parked. Counted from its last answer, it is closed after
     /// `idle_timeout` (it parks a park interval after that answer at the
     /// earliest, and a sweep does not close a generation before every
     /// connection in it has been parked for the rest), and at most a park
     /// interval and two sweep intervals more (2 s with the defaults, where
-    /// the time parked is a whole number of sweeps).
+    /// the time parked is a whole number of sweeps), plus however late the
+    /// sweeps ran on a busy runtime.
     fn park_sweep(&self) -> (Duration, u64) {
         let parked_for = self.idle_timeout.saturating_sub(self.park_interval());
-        let width = self.park_interval().max(parked_for / MAX_GENERATIONS);
+        let width = self
+            .park_interval()
+            .max(self.idle_timeout / MAX_GENERATIONS);
         // Parked at the end of a generation's interval at the latest, a
         // connection is closed `lifetime` sweeps after that interval
         // starts: one for its own generation, the rest for its idle time.
         let sweeps = parked_for.as_nanos().div_ceil(width.as_nanos());
-        (width, 1 + u64::try_from(sweeps).unwrap_or(u64::MAX))
+        (
+            width,
+            u64::try_from(sweeps).unwrap_or(u64::MAX).saturating_add(1),
+        )
     }
 }
 
@@ -1253,18 +1274,22 @@ impl ParkedSet {
         }
     }
 
-    /// Tells the oldest generation with a connection parked to give one
-    /// up (its connection parked longest wakes first). With none parked
-    /// just now, the call waits in the current generation for the next
-    /// connection to park.
+    /// Tells the oldest generation not yet closed with a connection parked
+    /// to give one up (its connection parked longest wakes first). With
+    /// none parked just now, nobody is told: the accept loop asks again
+    /// when the next one parks.
     fn ask_oldest(&self) {
         let now = self.current.load(Ordering::SeqCst);
-        let oldest = now.saturating_sub(self.lifetime);
-        let generation = (oldest..=now)
+        let oldest = self
+            .expired_below
+            .load(Ordering::SeqCst)
+            .max(now.saturating_sub(self.lifetime));
+        if let Some(generation) = (oldest..=now)
             .map(|g| self.generation(g))
             .find(|g| g.parked.load(Ordering::Relaxed) > 0)
-            .unwrap_or_else(|| self.generation(now));
-        generation.wait.notify_one();
+        {
+            generation.wait.notify_one();
+        }
     }
 
     /// A parked connection closes, or the accept loop got a slot another
@@ -1410,7 +1435,7 @@ mod tests {
         assert_eq!(limits(secs(10), secs(60)).park_sweep(), (secs(1), 60));
         // A long idle time: a 64th of it per sweep, not 3,600 generations.
         let (width, lifetime) = limits(secs(10), secs(3600)).park_sweep();
-        assert_eq!((width, lifetime), (secs(3599) / 64, 65));
+        assert_eq!((width, lifetime), (secs(3600) / 64, 65));
         for (header, idle) in [
             (secs(10), secs(60)),
             (secs(1), secs(2)),
@@ -1513,6 +1538,37 @@ mod tests {
         drop((old_wait, old));
         l.parked.reclaim_one();
         assert!(is_told(&mut young_wait));
+    }
+
+    #[tokio::test]
+    async fn a_reclaim_skips_generations_already_closed() {
+        let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
+        let closing = ParkedConnection::new(&l);
+        let mut closing_wait = Box::pin(closing.wait());
+        assert!(!is_told(&mut closing_wait));
+        for _ in 0..l.parked.lifetime {
+            l.parked.sweep();
+        }
+        // Told to close, and not gone yet.
+        assert!(l.parked.is_expired(closing.generation));
+        let young = ParkedConnection::new(&l);
+        let mut young_wait = Box::pin(young.wait());
+        assert!(!is_told(&mut young_wait));
+        l.parked.reclaim_one();
+        assert!(
+            is_told(&mut young_wait),
+            "the call went to a closed generation"
+        );
+        drop((closing_wait, closing, young_wait, young));
+        // Nobody parked: nobody told, and nothing kept for the next one.
+        assert!(l.parked.take_want());
+        l.parked.ask_oldest();
+        let next = ParkedConnection::new(&l);
+        let mut next_wait = Box::pin(next.wait());
+        assert!(
+            !is_told(&mut next_wait),
+            "a call kept for nobody woke the next to park"
+        );
     }
 
     #[tokio::test]
