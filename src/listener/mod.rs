@@ -20,7 +20,7 @@
 //!   park intervals after its answer (1 s, or a quarter of
 //!   `header_read_timeout` or half of `idle_timeout` if less; at least
 //!   10 ms):
-//!   taken back from hyper, its buffers freed (about 1.5 KiB stay, against
+//!   taken back from hyper, its buffers freed (about 1 KiB stays, against
 //!   11 in hyper's hands), it waits for its next bytes and is closed
 //!   `server.idle_timeout` after its answer (about 2 s more at most with the
 //!   defaults: parked connections are closed a generation at a time, by
