@@ -733,8 +733,7 @@ impl<M: MakeService> Connection<M> {
             })
             .await;
             match event {
-                // Out of the listener's reach again (the reclaim wait, if it
-                // was handed the listener's call, passes it on when dropped).
+                // Out of the listener's reach again.
                 ParkEvent::Woke(read) => {
                     io.unread(read);
                     // A call to give a slot up that came with the bytes
@@ -1227,7 +1226,7 @@ impl ParkedSet {
     }
 
     fn generation(&self, g: u64) -> &Generation {
-        // The ring has at most MAX_GENERATIONS + 3 slots: the index fits.
+        // The ring has at most MAX_GENERATIONS + 2 slots: the index fits.
         &self.generations[(g % self.generations.len() as u64) as usize]
     }
 
@@ -1484,16 +1483,23 @@ mod tests {
         Pin::new(wait).poll(&mut cx).is_ready()
     }
 
+    type Wait<'a> = Pin<Box<tokio::sync::futures::Notified<'a>>>;
+
+    /// A connection parked in the current generation, its wait registered
+    /// and not told yet.
+    fn park(l: &ListenerShared) -> (ParkedConnection<'_>, Wait<'_>) {
+        let conn = ParkedConnection::new(l);
+        let mut wait = Box::pin(conn.wait());
+        assert!(!is_told(&mut wait), "told as it parked");
+        (conn, wait)
+    }
+
     #[tokio::test]
     async fn a_parked_generation_is_told_to_close_by_the_sweep_that_ends_its_idle_time() {
         let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
-        let first = ParkedConnection::new(&l);
-        let mut first_wait = Box::pin(first.wait());
-        assert!(!is_told(&mut first_wait));
+        let (first, mut first_wait) = park(&l);
         l.parked.sweep();
-        let second = ParkedConnection::new(&l);
-        let mut second_wait = Box::pin(second.wait());
-        assert!(!is_told(&mut second_wait));
+        let (second, mut second_wait) = park(&l);
         assert_eq!(l.parked.count.load(Ordering::Relaxed), 2);
         for _ in 1..l.parked.lifetime - 1 {
             l.parked.sweep();
@@ -1515,13 +1521,10 @@ mod tests {
     #[tokio::test]
     async fn a_reclaim_asks_the_connection_parked_longest() {
         let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
-        let older = ParkedConnection::new(&l);
-        let mut older_wait = Box::pin(older.wait());
-        let old = ParkedConnection::new(&l);
-        let mut old_wait = Box::pin(old.wait());
+        let (older, mut older_wait) = park(&l);
+        let (old, mut old_wait) = park(&l);
         l.parked.sweep();
-        let young = ParkedConnection::new(&l);
-        let mut young_wait = Box::pin(young.wait());
+        let (_young, mut young_wait) = park(&l);
         for wait in [&mut older_wait, &mut old_wait, &mut young_wait] {
             assert!(!is_told(wait));
         }
@@ -1543,17 +1546,13 @@ mod tests {
     #[tokio::test]
     async fn a_reclaim_skips_generations_already_closed() {
         let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
-        let closing = ParkedConnection::new(&l);
-        let mut closing_wait = Box::pin(closing.wait());
-        assert!(!is_told(&mut closing_wait));
+        let (closing, closing_wait) = park(&l);
         for _ in 0..l.parked.lifetime {
             l.parked.sweep();
         }
         // Told to close, and not gone yet.
         assert!(l.parked.is_expired(closing.generation));
-        let young = ParkedConnection::new(&l);
-        let mut young_wait = Box::pin(young.wait());
-        assert!(!is_told(&mut young_wait));
+        let (young, mut young_wait) = park(&l);
         l.parked.reclaim_one();
         assert!(
             is_told(&mut young_wait),
@@ -1563,8 +1562,7 @@ mod tests {
         // Nobody parked: nobody told, and nothing kept for the next one.
         assert!(l.parked.take_want());
         l.parked.ask_oldest();
-        let next = ParkedConnection::new(&l);
-        let mut next_wait = Box::pin(next.wait());
+        let (_next, mut next_wait) = park(&l);
         assert!(
             !is_told(&mut next_wait),
             "a call kept for nobody woke the next to park"
@@ -1576,9 +1574,7 @@ mod tests {
         let l = listener(limits(Duration::from_secs(10), Duration::from_secs(60)));
         let mut parked = Vec::new();
         for _ in 0..3 {
-            let conn = ParkedConnection::new(&l);
-            let mut wait = Box::pin(conn.wait());
-            assert!(!is_told(&mut wait));
+            let (conn, wait) = park(&l);
             parked.push((conn, wait));
             l.parked.sweep();
         }
