@@ -73,6 +73,9 @@ pub fn v2_query_params(action: Action) -> &'static [QueryParam] {
         ("minRam", Count),
         ("limit", Count),
         ("marker", Id),
+        // Not in the spec, but stock clients send it (openstacksdk on
+        // every flavor list, novaclient when finding a flavor by name).
+        ("is_public", AdminFilter),
     ];
     const SERVERS: &[QueryParam] = &[
         ("changes-since", Time),
@@ -347,6 +350,12 @@ pub enum QueryKind {
     Word,
     /// Free text (`name`: Nova reads it as a regular expression).
     Text,
+    /// A filter Nova reads only for administrators (`is_public`: a
+    /// boolean as Nova spells it, or `none`). Judged, then left out of the
+    /// query that goes upstream: for a project's user, as toastgate's cloud
+    /// credentials are, Nova answers the same whatever its value, and the
+    /// spec does not define it.
+    AdminFilter,
 }
 
 impl QueryKind {
@@ -370,6 +379,12 @@ impl QueryKind {
                     && value.bytes().all(|b| b.is_ascii_alphabetic() || b == b'_')
             }
             QueryKind::Text => value.chars().count() <= 255 && !value.chars().any(char::is_control),
+            // oslo's bool_from_string(strict=True) spellings, and Nova's `none`.
+            QueryKind::AdminFilter => [
+                "none", "1", "t", "true", "on", "y", "yes", "0", "f", "false", "off", "n", "no",
+            ]
+            .iter()
+            .any(|word| value.eq_ignore_ascii_case(word)),
         };
         if ok {
             Ok(())
@@ -380,8 +395,14 @@ impl QueryKind {
                 QueryKind::Time => "a timestamp such as 2024-01-31T12:00:00Z",
                 QueryKind::Word => "a status name",
                 QueryKind::Text => "text of at most 255 characters, no control characters",
+                QueryKind::AdminFilter => "true, false or none",
             })
         }
+    }
+
+    /// Whether a judged parameter of this kind goes upstream.
+    fn forwarded(self) -> bool {
+        !matches!(self, QueryKind::AdminFilter)
     }
 }
 
@@ -420,7 +441,9 @@ fn judge_query(
         kind.check(&value)
             .map_err(|want| format!("query parameter `{shown}` must be {want}"))?;
         seen.push(name.to_string());
-        out.append_pair(&name, &value);
+        if kind.forwarded() {
+            out.append_pair(&name, &value);
+        }
     }
     Ok(out.finish())
 }
@@ -984,6 +1007,9 @@ mod tests {
             (Method::GET, "web/os-availability-zone", "x=1"),
             (Method::POST, "web/servers/s1/action", "x=1"),
             (Method::DELETE, "web/servers/s1", "force=1"),
+            (Method::GET, "web/flavors", "is_public=maybe"),
+            (Method::GET, "web/flavors", "is_public=None&is_public=true"),
+            (Method::GET, "web/servers/detail", "is_public=true"),
         ];
         for (m, p, q) in refused {
             match classify_v2(&m, p, Some(q)) {
@@ -991,6 +1017,33 @@ mod tests {
                     assert!(msg.contains("query parameter"), "{msg}")
                 }
                 other => panic!("{m} {p}?{q}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn is_public_is_judged_as_nova_spells_it_and_never_forwarded() {
+        let query = |p: &str, q: &str| classify_v2(&Method::GET, p, Some(q)).map(|r| r.query);
+        for value in [
+            "None", "none", "true", "False", "1", "0", "yes", "OFF", "t", "n",
+        ] {
+            for path in ["web/flavors", "web/flavors/detail"] {
+                assert_eq!(query(path, &format!("is_public={value}")).unwrap(), "");
+            }
+        }
+        assert_eq!(
+            query("web/flavors/detail", "minRam=512&is_public=None&limit=3").unwrap(),
+            "minRam=512&limit=3"
+        );
+        for value in ["", "maybe", "truee", "2", "none%00"] {
+            match query("web/flavors", &format!("is_public={value}")) {
+                Err(GatewayError::BadRequest(msg)) => {
+                    assert!(
+                        msg.contains("`is_public` must be true, false or none"),
+                        "{msg}"
+                    )
+                }
+                other => panic!("is_public={value}: {other:?}"),
             }
         }
     }
