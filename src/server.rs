@@ -486,6 +486,7 @@ async fn public(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>)
             }
         }
     }
+    drop_v1_url_prefix(&mut parts.uri);
     let surface = Surface::of_path(parts.uri.path());
     let span = tracing::debug_span!("request", method = %parts.method, path = %parts.uri.path());
     let req = Request::from_parts(parts, Body::new(body));
@@ -504,6 +505,32 @@ async fn public(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>)
     };
     resp.headers_mut().insert(REQUEST_ID, request_id);
     resp
+}
+
+/// The v1.0 spec's URLs begin with `/compute`
+/// (`https://api-compute.cloud.toast.com/compute/v1.0/appkeys/...`): a
+/// script whose base URL only had its host swapped for toastgate's is
+/// served as if it had dropped it.
+const V1_URL_PREFIX: &str = "/compute";
+
+fn drop_v1_url_prefix(uri: &mut http::Uri) {
+    let Some(rest) = uri.path().strip_prefix(V1_URL_PREFIX) else {
+        return;
+    };
+    if rest != "/v1.0" && !rest.starts_with("/v1.0/") {
+        return;
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_string(),
+    };
+    // The rest of a valid path and query is one: the parse cannot fail,
+    // and if it did, the request would be left as it came (and not found).
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = http::uri::PathAndQuery::try_from(path_and_query).ok();
+    if let Ok(stripped) = http::Uri::from_parts(parts) {
+        *uri = stripped;
+    }
 }
 
 /// The public routes: the version documents, the two surfaces, and a
@@ -655,5 +682,38 @@ mod tests {
         assert_eq!(applied.server.shutdown_grace, running.server.shutdown_grace);
         assert_ne!(running.server.request_timeout, Duration::from_secs(7));
         assert_ne!(running.server.idle_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn the_v1_spec_url_prefix_is_dropped_and_nothing_else_is() {
+        let stripped = |uri: &str| {
+            let mut uri: http::Uri = uri.parse().unwrap();
+            drop_v1_url_prefix(&mut uri);
+            uri.to_string()
+        };
+        assert_eq!(
+            stripped("/compute/v1.0/appkeys/K/instances?id=a%20b"),
+            "/v1.0/appkeys/K/instances?id=a%20b"
+        );
+        assert_eq!(
+            stripped("/compute/v1.0/appkeys/K/flavors"),
+            "/v1.0/appkeys/K/flavors"
+        );
+        assert_eq!(
+            stripped("http://gw:8080/compute/v1.0/appkeys/K/flavors"),
+            "http://gw:8080/v1.0/appkeys/K/flavors"
+        );
+        assert_eq!(stripped("/compute/v1.0"), "/v1.0");
+        for kept in [
+            "/compute",
+            "/compute/",
+            "/compute/v2/web/flavors",
+            "/compute/v1.00/appkeys/K/flavors",
+            "/computev1.0/appkeys/K/flavors",
+            "/v1.0/appkeys/K/flavors",
+            "/v2/web/compute/v1.0/x",
+        ] {
+            assert_eq!(stripped(kept), kept);
+        }
     }
 }

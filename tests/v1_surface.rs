@@ -111,6 +111,33 @@ async fn availability_zones() {
     env.stop().await;
 }
 
+/// The spec's URLs begin with `/compute` (its base URL is
+/// `https://api-compute.cloud.toast.com/compute`): a script that only swapped
+/// the host is served the same, errors included in its envelope.
+#[tokio::test]
+async fn the_spec_url_prefix_compute_is_served() {
+    let env = Env::start().await;
+    let jwt = env.token(TEAM);
+    let get = |path: String| {
+        let req = env.http.get(env.url(&path)).header("X-Auth-Token", &jwt);
+        common::http::send(req)
+    };
+    let a = get(format!("/compute{BASE}/availability-zones")).await;
+    assert_eq!(a.status, 200);
+    assert_success(&a.body);
+    assert_eq!(a.body["zones"][0]["zoneName"], "kr-pub-a", "{}", a.body);
+    assert_last_upstream(&env, "GET", "/os-availability-zone");
+
+    let a = get(format!("/compute{BASE}/instances?id=no-such-id")).await;
+    assert_eq!(a.status, 200);
+    assert_failure(&a.body, 10404);
+
+    let a = get(format!("/compute{BASE}/no-such-route")).await;
+    assert_eq!(a.status, 200, "a v1.0 path answers in the envelope");
+    assert_eq!(a.body["header"]["isSuccessful"], false, "{}", a.body);
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn create_instance_translates_every_field() {
     let env = Env::start().await;
