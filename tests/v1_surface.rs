@@ -161,12 +161,28 @@ async fn create_instance_translates_every_field() {
         inst.keys().collect::<Vec<_>>(),
         vec!["id", "name", "status"]
     );
-    assert_eq!(inst["name"], "db-01");
     assert_eq!(inst["status"], "BUILD");
-
-    let r = assert_last_upstream(&env, "POST", "/servers");
+    // Created with another, the instance has the name the upstream gave it
+    // (read back: Nova derives it from the requested one), not the request's.
+    assert_eq!(inst["name"], "db-01-1");
+    let requests = env.compute_requests();
+    let [.., create, read_back] = &requests[..] else {
+        panic!("{requests:?}")
+    };
     assert_eq!(
-        upstream_body(&r),
+        (read_back.method.as_str(), read_back.path.as_str()),
+        (
+            "GET",
+            format!("/v2/{WEB_TENANT}/servers/{}", inst["id"].as_str().unwrap()).as_str()
+        )
+    );
+    let r = create;
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str()),
+        ("POST", format!("/v2/{WEB_TENANT}/servers").as_str())
+    );
+    assert_eq!(
+        upstream_body(r),
         json!({"server": {
             "name": "db-01", "imageRef": IMAGE_CENTOS_7_8, "flavorRef": FLAVOR_R2_C2M4,
             "networks": [{"uuid": NETWORK_VPC1}], "key_name": "db-key",
@@ -178,9 +194,29 @@ async fn create_instance_translates_every_field() {
             "security_groups": [{"name": "default"}, {"name": "web"}]
         }})
     );
-    // Two instances exist upstream.
+    // Two instances exist upstream; the answer named the one it gave the id of.
     let list = env.v1(TEAM, Method::GET, "/instances", None).await;
-    assert_eq!(list["instances"].as_array().unwrap().len(), 2);
+    let listed = list["instances"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    let answered = listed.iter().find(|i| i["id"] == inst["id"]).unwrap();
+    assert_eq!(answered["name"], inst["name"]);
+
+    // One instance: its name is the requested one, and nothing is read back.
+    let before = env.compute_requests().len();
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/instances",
+            Some(json!({"instance": {
+                "name": "db-02", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_R2_C2M4,
+                "networks": [{"id": NETWORK_VPC1}], "keyName": "db-key", "volumes": [{"size": 30}]
+            }})),
+        )
+        .await;
+    assert_success(&b);
+    assert_eq!(b["instance"]["name"], "db-02");
+    assert_eq!(env.compute_requests().len(), before + 1);
     env.stop().await;
 }
 

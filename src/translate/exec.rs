@@ -296,9 +296,18 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
         }
         Step::Create { v2: body, name } => {
             let a = expect_ok(v2.call(Method::POST, "servers", Some(body.clone())).await?)?;
+            let id = &a.body["server"]["id"];
+            let name = match id.as_str() {
+                Some(id) if body["server"]["min_count"].as_u64() > Some(1) => {
+                    name_given_upstream(v2, id)
+                        .await
+                        .unwrap_or_else(|| name.clone())
+                }
+                _ => name.clone(),
+            };
             out.insert(
                 "instance".into(),
-                json!({"id": a.body["server"]["id"], "name": name, "status": "BUILD"}),
+                json!({"id": id, "name": name, "status": "BUILD"}),
             );
         }
         Step::Delete { id } => {
@@ -483,6 +492,22 @@ fn created_image_id(a: &V2Answer) -> Value {
 }
 
 /// A 2xx answer, or the upstream's error with its Nova message.
+/// The name the upstream gave an instance created with others (Nova names
+/// them from the requested one by a template of its own config, by default
+/// `{name}-1`, `{name}-2`, ...). `None` if it cannot be read: the instances
+/// exist by then, so the create still answers success, with the requested
+/// name, rather than an error a client would retry into more instances.
+async fn name_given_upstream(v2: &impl V2Caller, id: &str) -> Option<String> {
+    let a = v2
+        .call(Method::GET, &format!("servers/{id}"), None)
+        .await
+        .ok()?;
+    if !(200..300).contains(&a.status) {
+        return None;
+    }
+    a.body["server"]["name"].as_str().map(str::to_string)
+}
+
 fn expect_ok(a: V2Answer) -> Result<V2Answer, GatewayError> {
     if (200..300).contains(&a.status) {
         return Ok(a);
