@@ -149,7 +149,7 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
         .await["header"]["isSuccessful"],
         true
     );
-    let b = env.v1("web-team", Method::POST, "/instances", Some(json!({"instance": {"name": "b-1", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_U2_C1M1, "networks": [{"id": NETWORK_VPC1}], "keyName": "k1"}}))).await;
+    let b = env.v1("web-team", Method::POST, "/instances", Some(json!({"instance": {"name": "b-1", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_U2_C1M1, "networks": [{"id": NETWORK_VPC1}], "keyName": "k1", "count": 2}}))).await;
     let v1_id = b["instance"]["id"].as_str().unwrap().to_string();
     let v1_detail = env
         .v1(
@@ -301,6 +301,10 @@ async fn every_mutating_action_of_both_surfaces_has_exactly_one_completed_record
     assert_eq!(v2_create["result"]["instance_id"], id.as_str());
     assert_eq!(v2_create["upstream_status"], 202);
     assert_eq!(v2_create["request"]["name"], "a-1");
+    // Two instances: the name read back after the create is not its outcome.
+    let v1_create = create.iter().find(|r| r["surface"] == "v1.0").unwrap();
+    assert_eq!(v1_create["upstream_status"], 202, "{v1_create}");
+    assert_eq!(v1_create["result"]["instance_id"], v1_id.as_str());
     let image = completed(&recs, "instance.create_image");
     assert!(
         image.iter().all(|r| r["result"]["image_id"].is_string()),

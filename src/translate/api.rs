@@ -105,7 +105,13 @@ impl V2Caller for ProjectApi<'_> {
             .map(str::to_string);
         let bytes = resp.into_body();
         if let Ok(mut learned) = self.learned.lock() {
-            learned.status = Some(status);
+            // A mutating Action's outcome is its mutation's answer: a read
+            // after it (a created instance's name) does not replace it.
+            let read_after_write =
+                method == Method::GET && self.action.is_mutating() && learned.status.is_some();
+            if !read_after_write {
+                learned.status = Some(status);
+            }
             // What a mutating call produced (small answers: parsed here).
             if method != Method::GET && (200..300).contains(&status) {
                 let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);

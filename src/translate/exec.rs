@@ -279,7 +279,14 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
                         .map(Value::take)
                         .unwrap_or_default();
                     if *detail {
-                        detail_instances(v2, vec![server]).await?
+                        let found = detail_instances(v2, vec![server]).await?;
+                        if found.is_empty() {
+                            return Err(GatewayError::UpstreamAnswer {
+                                status: 404,
+                                message: format!("Instance {id} could not be found."),
+                            });
+                        }
+                        found
                     } else {
                         vec![response::instance_brief(&server)]
                     }
@@ -430,24 +437,28 @@ async fn list_all_servers<S: serde::de::DeserializeOwned>(
 }
 
 /// v1.0 details: flavors from the cache, root/other volumes from each
-/// server's attachments (fetched concurrently, a few at a time).
+/// server's attachments (fetched concurrently, a few at a time). A server
+/// deleted between the list and its attachments' lookup is left out, as a
+/// list made a moment later would.
 async fn detail_instances(
     v2: &impl V2Caller,
     servers: Vec<Value>,
 ) -> Result<Vec<Value>, GatewayError> {
     let flavors = v2.flavors().await?;
     let with_volumes: Vec<Option<String>> = servers.iter().map(volume_backed_id).collect();
-    let volumes: Vec<Result<ServerVolumes, GatewayError>> =
+    let volumes: Vec<Result<Option<ServerVolumes>, GatewayError>> =
         futures_util::stream::iter(with_volumes)
             .map(|id| server_volumes(v2, id))
             .buffered(8)
             .collect()
             .await;
-    servers
-        .iter()
-        .zip(volumes)
-        .map(|(s, v)| Ok(response::instance_detail(s, &flavors, &v?)))
-        .collect()
+    let mut details = Vec::with_capacity(servers.len());
+    for (server, volumes) in servers.iter().zip(volumes) {
+        if let Some(volumes) = volumes? {
+            details.push(response::instance_detail(server, &flavors, &volumes));
+        }
+    }
+    Ok(details)
 }
 
 /// The id of a server that has volumes attached (only those need a lookup).
@@ -461,12 +472,13 @@ fn volume_backed_id(server: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A server's volumes; `None` if the server is gone (404).
 async fn server_volumes(
     v2: &impl V2Caller,
     id: Option<String>,
-) -> Result<ServerVolumes, GatewayError> {
+) -> Result<Option<ServerVolumes>, GatewayError> {
     let Some(id) = id else {
-        return Ok(ServerVolumes::default());
+        return Ok(Some(ServerVolumes::default()));
     };
     let a = v2
         .call(
@@ -475,7 +487,10 @@ async fn server_volumes(
             None,
         )
         .await?;
-    Ok(ServerVolumes::from_attachments(&expect_ok(a)?.body))
+    if a.status == 404 {
+        return Ok(None);
+    }
+    Ok(Some(ServerVolumes::from_attachments(&expect_ok(a)?.body)))
 }
 
 /// The created image's id: the body's `image_id` (microversion 2.45+), else
@@ -491,7 +506,6 @@ fn created_image_id(a: &V2Answer) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// A 2xx answer, or the upstream's error with its Nova message.
 /// The name the upstream gave an instance created with others (Nova names
 /// them from the requested one by a template of its own config, by default
 /// `{name}-1`, `{name}-2`, ...). `None` if it cannot be read: the instances
@@ -508,6 +522,7 @@ async fn name_given_upstream(v2: &impl V2Caller, id: &str) -> Option<String> {
     a.body["server"]["name"].as_str().map(str::to_string)
 }
 
+/// A 2xx answer, or the upstream's error with its Nova message.
 fn expect_ok(a: V2Answer) -> Result<V2Answer, GatewayError> {
     if (200..300).contains(&a.status) {
         return Ok(a);
@@ -528,6 +543,97 @@ fn expect_ok(a: V2Answer) -> Result<V2Answer, GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream of canned answers by path (404 for any other path).
+    struct Canned(HashMap<&'static str, (u16, Value)>);
+
+    impl V2Caller for Canned {
+        async fn call_raw(
+            &self,
+            _method: Method,
+            path: &str,
+            _body: Option<Value>,
+        ) -> Result<RawAnswer, GatewayError> {
+            let (status, body) = self.0.get(path).cloned().unwrap_or((
+                404,
+                json!({"itemNotFound": {"code": 404, "message": "not found"}}),
+            ));
+            Ok(RawAnswer {
+                status,
+                bytes: serde_json::to_vec(&body).unwrap().into(),
+                location: None,
+            })
+        }
+
+        async fn flavors(&self) -> Result<Arc<HashMap<String, FlavorInfo>>, GatewayError> {
+            Ok(Arc::default())
+        }
+    }
+
+    fn server_with_a_volume(id: &str) -> Value {
+        json!({"id": id, "name": id, "status": "ACTIVE", "flavor": {"id": "f"},
+               "os-extended-volumes:volumes_attached": [{"id": format!("{id}-root")}]})
+    }
+
+    #[tokio::test]
+    async fn a_server_deleted_while_its_details_are_read_is_left_out() {
+        let attachments = |id: &str| {
+            json!({"volumeAttachments": [{"id": format!("{id}-root"), "volumeId": format!("{id}-root"),
+                                          "serverId": id, "device": "/dev/vda"}]})
+        };
+        let upstream = Canned(HashMap::from([
+            (
+                "servers/detail",
+                (
+                    200,
+                    json!({"servers": [server_with_a_volume("s1"), server_with_a_volume("s2")]}),
+                ),
+            ),
+            ("servers/s1/os-volume_attachments", (200, attachments("s1"))),
+            (
+                "servers/s2",
+                (200, json!({"server": server_with_a_volume("s2")})),
+            ),
+            // s2 is deleted after the list: its attachments are not found.
+        ]));
+        let list = plan(&V1Route::InstancesDetail { id: None }, b"").unwrap();
+        let out = execute(&list, &upstream).await.unwrap();
+        let ids: Vec<&Value> = out["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["id"])
+            .collect();
+        assert_eq!(ids, [&json!("s1")]);
+
+        let one = plan(
+            &V1Route::InstancesDetail {
+                id: Some("s2".into()),
+            },
+            b"",
+        )
+        .unwrap();
+        match execute(&one, &upstream).await {
+            Err(GatewayError::UpstreamAnswer {
+                status: 404,
+                message,
+            }) => {
+                assert!(message.contains("s2"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Any other failure of a lookup still fails the list.
+        let mut failing = upstream.0.clone();
+        failing.insert(
+            "servers/s2/os-volume_attachments",
+            (
+                500,
+                json!({"computeFault": {"code": 500, "message": "boom"}}),
+            ),
+        );
+        assert!(execute(&list, &Canned(failing)).await.is_err());
+    }
 
     #[test]
     fn plans_validate_before_anything_is_sent() {
