@@ -249,6 +249,35 @@ async fn queries_carry_only_what_the_spec_defines() {
     let seen = &env.compute_requests()[0];
     assert_eq!(seen.query.as_deref(), Some("limit=1&name=bld"));
 
+    // `is_public` (stock clients send it; not in the spec): judged, then
+    // left out of the upstream query; ill-formed, refused.
+    env.sim.clear_requests();
+    let (s, b) = env
+        .get(
+            "platform",
+            "/v2/web/flavors/detail?is_public=None&minRam=512",
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(!b["flavors"].as_array().unwrap().is_empty(), "{b}");
+    let seen = &env.compute_requests()[0];
+    assert_eq!(seen.query.as_deref(), Some("minRam=512"));
+    let (s, _) = env.get("platform", "/v2/web/flavors?is_public=true").await;
+    assert_eq!(s, 200);
+    assert_eq!(env.compute_requests()[1].query, None);
+    let (s, b) = env.get("platform", "/v2/web/flavors?is_public=maybe").await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        assert_nova_error(&b, "badRequest", 400)
+            .contains("query parameter `is_public` must be true, false or none"),
+        "{b}"
+    );
+    assert_eq!(
+        env.compute_requests().len(),
+        2,
+        "a refused query reached the upstream"
+    );
+
     // v1.0: the same rule, as -4.
     env.sim.clear_requests();
     let b = env

@@ -105,13 +105,7 @@ impl V2Caller for ProjectApi<'_> {
             .map(str::to_string);
         let bytes = resp.into_body();
         if let Ok(mut learned) = self.learned.lock() {
-            // A mutating Action's outcome is its mutation's answer: a read
-            // after it (a created instance's name) does not replace it.
-            let read_after_write =
-                method == Method::GET && self.action.is_mutating() && learned.status.is_some();
-            if !read_after_write {
-                learned.status = Some(status);
-            }
+            learned.status = outcome_status(learned.status, &method, status);
             // What a mutating call produced (small answers: parsed here).
             if method != Method::GET && (200..300).contains(&status) {
                 let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -154,6 +148,18 @@ impl V2Caller for ProjectApi<'_> {
     }
 }
 
+/// The status a v1.0 request's outcome is judged by, after one more upstream
+/// answer: the first call's (a list, a lookup) or the mutation's. A read
+/// after them (a created instance's name read back, a listed server's
+/// volumes, one of them tolerated as gone) does not replace it.
+fn outcome_status(recorded: Option<u16>, method: &Method, status: u16) -> Option<u16> {
+    if *method != Method::GET || recorded.is_none() {
+        Some(status)
+    } else {
+        recorded
+    }
+}
+
 /// The error of a flavor load shared by every request that waited for it,
 /// keeping its classification (a token outage stays a 503, a timeout a 504).
 fn unshared(error: Arc<GatewayError>) -> GatewayError {
@@ -181,6 +187,31 @@ fn unshared(error: Arc<GatewayError>) -> GatewayError {
 
 #[cfg(test)]
 mod tests {
+    use super::outcome_status;
+    use http::Method;
+
+    #[test]
+    fn the_outcome_is_the_first_call_or_the_mutation_never_a_later_read() {
+        // A list, then its servers' volumes (one gone: 404).
+        let mut status = None;
+        for (method, answer) in [(Method::GET, 200), (Method::GET, 200), (Method::GET, 404)] {
+            status = outcome_status(status, &method, answer);
+        }
+        assert_eq!(status, Some(200));
+        // A create, then the name read back (failing).
+        let mut status = None;
+        for (method, answer) in [(Method::POST, 202), (Method::GET, 500)] {
+            status = outcome_status(status, &method, answer);
+        }
+        assert_eq!(status, Some(202));
+        // A lookup before a mutation: the mutation's answer is the outcome.
+        let mut status = None;
+        for (method, answer) in [(Method::GET, 200), (Method::DELETE, 409)] {
+            status = outcome_status(status, &method, answer);
+        }
+        assert_eq!(status, Some(409));
+    }
+
     use super::*;
     use crate::upstream::UpstreamError;
 

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::Method;
@@ -306,8 +307,10 @@ pub async fn execute(plan: &Plan, v2: &impl V2Caller) -> Result<Map<String, Valu
             let id = &a.body["server"]["id"];
             let name = match id.as_str() {
                 Some(id) if body["server"]["min_count"].as_u64() > Some(1) => {
-                    name_given_upstream(v2, id)
+                    tokio::time::timeout(READ_BACK_TIMEOUT, name_given_upstream(v2, id))
                         .await
+                        .ok()
+                        .flatten()
                         .unwrap_or_else(|| name.clone())
                 }
                 _ => name.clone(),
@@ -487,7 +490,9 @@ async fn server_volumes(
             None,
         )
         .await?;
-    if a.status == 404 {
+    // Nova's own "not found" only: a 404 from anything else in the way
+    // (a proxy, a path the upstream does not serve) still fails the list.
+    if a.status == 404 && a.body.get("itemNotFound").is_some() {
         return Ok(None);
     }
     Ok(Some(ServerVolumes::from_attachments(&expect_ok(a)?.body)))
@@ -506,11 +511,16 @@ fn created_image_id(a: &V2Answer) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The name the upstream gave an instance created with others (Nova names
-/// them from the requested one by a template of its own config, by default
-/// `{name}-1`, `{name}-2`, ...). `None` if it cannot be read: the instances
-/// exist by then, so the create still answers success, with the requested
-/// name, rather than an error a client would retry into more instances.
+/// How long a create of several instances waits to read back the name of
+/// the one it answers: short, since the instances exist by then and the
+/// request's own time must not run out on a nicety.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The name the upstream gave an instance created with others (Nova
+/// suffixes the requested one: `{name}-1`, `{name}-2`, ...). `None` if it
+/// cannot be read (nor within [`READ_BACK_TIMEOUT`]): the instances exist
+/// by then, so the create still answers success, with the requested name,
+/// rather than an error a client would retry into more instances.
 async fn name_given_upstream(v2: &impl V2Caller, id: &str) -> Option<String> {
     let a = v2
         .call(Method::GET, &format!("servers/{id}"), None)
@@ -544,6 +554,9 @@ fn expect_ok(a: V2Answer) -> Result<V2Answer, GatewayError> {
 mod tests {
     use super::*;
 
+    /// A canned status for a call that never answers.
+    const HANGS: u16 = 0;
+
     /// An upstream of canned answers by path (404 for any other path).
     struct Canned(HashMap<&'static str, (u16, Value)>);
 
@@ -558,6 +571,9 @@ mod tests {
                 404,
                 json!({"itemNotFound": {"code": 404, "message": "not found"}}),
             ));
+            if status == HANGS {
+                std::future::pending::<()>().await;
+            }
             Ok(RawAnswer {
                 status,
                 bytes: serde_json::to_vec(&body).unwrap().into(),
@@ -573,6 +589,40 @@ mod tests {
     fn server_with_a_volume(id: &str) -> Value {
         json!({"id": id, "name": id, "status": "ACTIVE", "flavor": {"id": "f"},
                "os-extended-volumes:volumes_attached": [{"id": format!("{id}-root")}]})
+    }
+
+    #[tokio::test]
+    async fn a_create_of_several_answers_the_name_read_back_or_else_the_requested_one() {
+        let create = plan(
+            &V1Route::CreateInstance,
+            br#"{"instance": {"name": "multi", "image": "i", "flavor": "f", "networks": [{"id": "n"}],
+                              "keyName": "k", "count": 2, "volumes": [{"size": 20}]}}"#,
+        )
+        .unwrap();
+        let upstream = |read_back: (u16, Value)| {
+            Canned(HashMap::from([
+                ("servers", (202, json!({"server": {"id": "s1"}}))),
+                ("servers/s1", read_back),
+            ]))
+        };
+        let answered = |out: Map<String, Value>| out["instance"].clone();
+        let read = upstream((200, json!({"server": {"id": "s1", "name": "multi-1"}})));
+        assert_eq!(
+            answered(execute(&create, &read).await.unwrap()),
+            json!({"id": "s1", "name": "multi-1", "status": "BUILD"})
+        );
+        // The instances exist: a read back that fails or hangs still
+        // answers success, with the requested name.
+        for read_back in [
+            (500, json!({"computeFault": {"code": 500}})),
+            (HANGS, json!({})),
+        ] {
+            let out = execute(&create, &upstream(read_back)).await.unwrap();
+            assert_eq!(
+                answered(out),
+                json!({"id": "s1", "name": "multi", "status": "BUILD"})
+            );
+        }
     }
 
     #[tokio::test]
@@ -623,6 +673,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
 
+        // A 404 that is not Nova's own "not found" still fails the list.
+        let mut misrouted = upstream.0.clone();
+        misrouted.insert(
+            "servers/s2/os-volume_attachments",
+            (404, json!({"message": "no route"})),
+        );
+        assert!(execute(&list, &Canned(misrouted)).await.is_err());
         // Any other failure of a lookup still fails the list.
         let mut failing = upstream.0.clone();
         failing.insert(
