@@ -41,6 +41,7 @@ pub fn label(action: Option<Action>) -> &'static str {
 actions! {
     FlavorList => "flavor.list", false;
     FlavorListDetail => "flavor.list_detail", false;
+    FlavorGet => "flavor.get", false;
     ZoneList => "zone.list", false;
     KeypairList => "keypair.list", false;
     KeypairGet => "keypair.get", false;

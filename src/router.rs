@@ -139,6 +139,9 @@ fn classify_v2_path<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, R
     let (action, target): (Option<Action>, Option<&'a str>) = match &read[..count] {
         ["flavors"] => pick(m, &[(Method::GET, Action::FlavorList)]),
         ["flavors", "detail"] => pick(m, &[(Method::GET, Action::FlavorListDetail)]),
+        // Not a section of the spec, but the target of every flavor's own
+        // `links` in its answers, and what stock clients read a flavor by.
+        ["flavors", id] => with_target(pick(m, &[(Method::GET, Action::FlavorGet)]), id),
         ["os-availability-zone"] => pick(m, &[(Method::GET, Action::ZoneList)]),
         ["os-keypairs"] => pick(
             m,

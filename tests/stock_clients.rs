@@ -67,6 +67,12 @@ async fn openstacksdk_works_unmodified_through_the_gateway() {
     );
     assert!(ok("flavors_brief").as_u64().unwrap() > 0);
     assert_eq!(ok("flavor_by_name"), FLAVOR_T2_C1M1);
+    assert_eq!(ok("flavor_get"), "t2.c1m1");
+    // The flavor's own link points at the gateway, and is served there.
+    assert_eq!(
+        ok("flavor_link"),
+        &json!([format!("{}/v2/web/flavors/{FLAVOR_T2_C1M1}", env.gw)])
+    );
     assert_eq!(ok("zones"), &json!(["kr-pub-a", "kr-pub-b"]));
     assert_eq!(ok("keypair_create"), true);
     assert_eq!(ok("keypair_get"), "sdk-key");

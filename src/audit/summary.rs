@@ -53,11 +53,10 @@ pub fn summarize(action: Action, v2_body: &Value) -> Value {
         VolumeAttach => under(v2_body, "volumeAttachment", |o| {
             pick(o, &["volumeId", "device", "delete_on_termination", "tag"])
         }),
-        FlavorList | FlavorListDetail | ZoneList | KeypairList | KeypairGet | KeypairDelete
-        | InstanceList | InstanceListDetail | InstanceGet | InstanceDelete | InstanceStart
-        | InstanceStop | VolumeAttachmentList | VolumeAttachmentGet | VolumeDetach => {
-            Value::Object(Map::new())
-        }
+        FlavorList | FlavorListDetail | FlavorGet | ZoneList | KeypairList | KeypairGet
+        | KeypairDelete | InstanceList | InstanceListDetail | InstanceGet | InstanceDelete
+        | InstanceStart | InstanceStop | VolumeAttachmentList | VolumeAttachmentGet
+        | VolumeDetach => Value::Object(Map::new()),
     }
 }
 

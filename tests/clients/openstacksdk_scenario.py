@@ -48,6 +48,10 @@ web = connect("web", platform_jwt)
 step("flavors", lambda: sorted(f.name for f in web.compute.flavors()))
 step("flavors_brief", lambda: len(list(web.compute.flavors(details=False))))
 step("flavor_by_name", lambda: web.compute.find_flavor("t2.c1m1", ignore_missing=False).id)
+step("flavor_get", lambda: web.compute.get_flavor(FLAVOR).name)
+step("flavor_link", lambda: [
+    l["href"] for l in web.compute.get(f"/flavors/{FLAVOR}").json()["flavor"]["links"] if l["rel"] == "self"
+])
 step("zones", lambda: sorted(z.name for z in web.compute.availability_zones()))
 step("keypair_create", lambda: web.compute.create_keypair(name="sdk-key").private_key.startswith("-----BEGIN"))
 step("keypair_get", lambda: web.compute.get_keypair("sdk-key").name)
