@@ -447,7 +447,7 @@ async fn detail_instances(
     v2: &impl V2Caller,
     servers: Vec<Value>,
 ) -> Result<Vec<Value>, GatewayError> {
-    let flavors = v2.flavors().await?;
+    let flavors = with_unlisted_flavors(v2, v2.flavors().await?, &servers).await;
     let with_volumes: Vec<Option<String>> = servers.iter().map(volume_backed_id).collect();
     let volumes: Vec<Result<Option<ServerVolumes>, GatewayError>> =
         futures_util::stream::iter(with_volumes)
@@ -462,6 +462,47 @@ async fn detail_instances(
         }
     }
     Ok(details)
+}
+
+/// The cached flavor list, plus each flavor a server uses that it lacks (a
+/// flavor added since the list was cached, or one not listed), read by id
+/// once per request. One that cannot be read stays out: its fields are
+/// `null` rather than the whole answer an error.
+async fn with_unlisted_flavors(
+    v2: &impl V2Caller,
+    listed: Arc<HashMap<String, FlavorInfo>>,
+    servers: &[Value],
+) -> Arc<HashMap<String, FlavorInfo>> {
+    let mut unlisted: Vec<String> = servers
+        .iter()
+        .filter_map(|s| s["flavor"]["id"].as_str())
+        .filter(|id| !listed.contains_key(*id))
+        .map(str::to_string)
+        .collect();
+    if unlisted.is_empty() {
+        return listed;
+    }
+    unlisted.sort_unstable();
+    unlisted.dedup();
+    let read: Vec<Option<(String, FlavorInfo)>> = futures_util::stream::iter(unlisted)
+        .map(|id| read_flavor(v2, id))
+        .buffered(4)
+        .collect()
+        .await;
+    let mut all = (*listed).clone();
+    all.extend(read.into_iter().flatten());
+    Arc::new(all)
+}
+
+async fn read_flavor(v2: &impl V2Caller, id: String) -> Option<(String, FlavorInfo)> {
+    let a = v2
+        .call(Method::GET, &format!("flavors/{}", segment(&id)), None)
+        .await
+        .ok()?;
+    if a.status != 200 {
+        return None;
+    }
+    response::flavor_info(&a.body["flavor"])
 }
 
 /// The id of a server that has volumes attached (only those need a lookup).
@@ -557,8 +598,16 @@ mod tests {
     /// A canned status for a call that never answers.
     const HANGS: u16 = 0;
 
-    /// An upstream of canned answers by path (404 for any other path).
-    struct Canned(HashMap<&'static str, (u16, Value)>);
+    /// An upstream of canned answers by path (404 for any other path), and
+    /// the paths it was asked for.
+    struct Canned(
+        HashMap<&'static str, (u16, Value)>,
+        std::sync::Mutex<Vec<String>>,
+    );
+
+    fn canned(answers: HashMap<&'static str, (u16, Value)>) -> Canned {
+        Canned(answers, Default::default())
+    }
 
     impl V2Caller for Canned {
         async fn call_raw(
@@ -567,6 +616,7 @@ mod tests {
             path: &str,
             _body: Option<Value>,
         ) -> Result<RawAnswer, GatewayError> {
+            self.1.lock().unwrap().push(path.to_string());
             let (status, body) = self.0.get(path).cloned().unwrap_or((
                 404,
                 json!({"itemNotFound": {"code": 404, "message": "not found"}}),
@@ -600,7 +650,7 @@ mod tests {
         )
         .unwrap();
         let upstream = |read_back: (u16, Value)| {
-            Canned(HashMap::from([
+            canned(HashMap::from([
                 ("servers", (202, json!({"server": {"id": "s1"}}))),
                 ("servers/s1", read_back),
             ]))
@@ -626,12 +676,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flavor_missing_from_the_cached_list_is_read_by_id() {
+        let on = |id: &str, flavor: &str| json!({"id": id, "name": id, "status": "ACTIVE", "flavor": {"id": flavor}});
+        let upstream = canned(HashMap::from([
+            (
+                "servers/detail",
+                (
+                    200,
+                    json!({"servers": [on("s1", "new"), on("s2", "new"), on("s3", "gone")]}),
+                ),
+            ),
+            (
+                "flavors/new",
+                (
+                    200,
+                    json!({"flavor": {"id": "new", "name": "m9.c2m8", "vcpus": 2, "ram": 8192, "disk": 0}}),
+                ),
+            ),
+        ]));
+        let list = plan(&V1Route::InstancesDetail { id: None }, b"").unwrap();
+        let out = execute(&list, &upstream).await.unwrap();
+        let flavors: Vec<&Value> = out["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["flavor"])
+            .collect();
+        let new = json!({"id": "new", "name": "m9.c2m8", "cpu": 2, "ram": 8192});
+        // A flavor that cannot be read either: its fields are null, the
+        // list is still answered.
+        let gone = json!({"id": "gone", "name": null, "cpu": null, "ram": null});
+        assert_eq!(flavors, [&new, &new, &gone]);
+        let asked = upstream.1.lock().unwrap().clone();
+        assert_eq!(asked, ["servers/detail", "flavors/gone", "flavors/new"]);
+    }
+
+    #[tokio::test]
     async fn a_server_deleted_while_its_details_are_read_is_left_out() {
         let attachments = |id: &str| {
             json!({"volumeAttachments": [{"id": format!("{id}-root"), "volumeId": format!("{id}-root"),
                                           "serverId": id, "device": "/dev/vda"}]})
         };
-        let upstream = Canned(HashMap::from([
+        let upstream = canned(HashMap::from([
             (
                 "servers/detail",
                 (
@@ -679,7 +765,7 @@ mod tests {
             "servers/s2/os-volume_attachments",
             (404, json!({"message": "no route"})),
         );
-        assert!(execute(&list, &Canned(misrouted)).await.is_err());
+        assert!(execute(&list, &canned(misrouted)).await.is_err());
         // Any other failure of a lookup still fails the list.
         let mut failing = upstream.0.clone();
         failing.insert(
@@ -689,7 +775,7 @@ mod tests {
                 json!({"computeFault": {"code": 500, "message": "boom"}}),
             ),
         );
-        assert!(execute(&list, &Canned(failing)).await.is_err());
+        assert!(execute(&list, &canned(failing)).await.is_err());
     }
 
     #[test]
