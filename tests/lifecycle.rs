@@ -1,7 +1,8 @@
 //! Running it for real: config reload (file change, SIGHUP) with no failed
 //! request, a broken reload refused, SIGTERM draining slow in-flight
-//! requests without losing an audit record, HTTP/1.1 and HTTP/2 clients told
-//! promptly that their connection ends.
+//! requests without losing an audit record, one outlasting the shutdown grace
+//! cut, HTTP/1.1 and HTTP/2 clients told promptly that their connection
+//! ends.
 
 mod common;
 
@@ -353,5 +354,54 @@ async fn draining_sends_http2_connections_a_goaway_while_the_listener_still_serv
         .unwrap()
         .status();
     assert_eq!(s.as_u16(), 200);
+    sim.shutdown();
+}
+
+/// In-flight requests get `server.shutdown_grace` and no more: one whose
+/// upstream never answers is cut when the grace runs out (its connection
+/// closed), and the gateway stops, rather than waiting for the request's
+/// own timeout.
+#[tokio::test]
+async fn a_request_still_in_flight_when_the_shutdown_grace_runs_out_is_cut() {
+    let env = common::Env::start_with_overlays(
+        fast_sim(),
+        &[],
+        json!({"server": {"shutdown_grace": "1s", "request_timeout": "300s"},
+               "upstream": {"request_timeout": "300s"}}),
+    )
+    .await;
+    env.wait_ready().await;
+    let sim = env.sim.clone();
+    sim.hold_compute(true);
+    // No client timeout: only the gateway can end this request.
+    let request = reqwest::Client::new()
+        .get(env.url("/v2/web/servers/detail"))
+        .bearer_auth(env.token("web-team"))
+        .send();
+    let in_flight = tokio::spawn(request);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sim
+        .requests()
+        .iter()
+        .any(|r| r.path.ends_with("/servers/detail"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Fails the test if the gateway has not stopped within 30 s.
+    env.stop_gateway().await;
+    let answer = tokio::time::timeout(Duration::from_secs(30), in_flight)
+        .await
+        .expect("the client is not left waiting once the gateway stopped")
+        .unwrap();
+    match answer {
+        Err(e) => assert!(!e.is_timeout(), "{e}"),
+        Ok(resp) => panic!("answered {} after the grace ran out", resp.status()),
+    }
+    sim.hold_compute(false);
     sim.shutdown();
 }
