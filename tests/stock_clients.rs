@@ -1,9 +1,11 @@
-//! A stock OpenStack client against the gateway, as the README tells a team
-//! to configure one: openstacksdk with the gateway as its compute endpoint
-//! and the team JWT as its token, through version discovery, flavors (the
-//! SDK's `is_public=None` included), key pairs, a server's whole life,
-//! volume attachments, a policy refusal, and the appkey-credentialed
-//! project. (Needs python3 with openstacksdk: .ci/run installs it.)
+//! Stock OpenStack clients against the gateway, as the README tells a team
+//! to configure one: the gateway as the compute endpoint and the team JWT
+//! as the token. openstacksdk through version discovery, flavors (the SDK's
+//! `is_public=None` included), key pairs, a server's whole life, volume
+//! attachments, a policy refusal, and the appkey-credentialed project;
+//! novaclient finding a flavor by id and by name (as `nova boot` does) and
+//! a server's life. (Needs python3 with openstacksdk and python-novaclient:
+//! .ci/run installs them.)
 
 mod common;
 
@@ -13,28 +15,17 @@ use common::Env;
 use serde_json::{Value, json};
 use toastgate::simulator::{FLAVOR_T2_C1M1, IMAGE_UBUNTU_20_04, NETWORK_VPC1, WEB_VOLUMES};
 
-const SCENARIO: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/clients/openstacksdk_scenario.py"
-);
-
-async fn run_scenario(env: &Env) -> Value {
+/// Runs `tests/clients/{script}` with `args`; what it printed.
+async fn run_scenario(script: &str, args: &[&str]) -> Value {
+    let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
     let run = tokio::process::Command::new("python3")
-        .arg(SCENARIO)
-        .args([
-            env.gw.as_str(),
-            &env.token("platform"),
-            &env.token("readers"),
-            IMAGE_UBUNTU_20_04,
-            FLAVOR_T2_C1M1,
-            NETWORK_VPC1,
-            WEB_VOLUMES[0],
-        ])
+        .arg(path)
+        .args(args)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(180), run)
         .await
-        .expect("the openstacksdk scenario ends within 180 s")
+        .unwrap_or_else(|_| panic!("{script} ends within 180 s"))
         .expect("python3 runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "scenario failed: {stderr}");
@@ -51,7 +42,19 @@ async fn openstacksdk_works_unmodified_through_the_gateway() {
     )
     .await;
     common::wait_ready(&env.http, &env.admin).await;
-    let steps = run_scenario(&env).await;
+    let steps = run_scenario(
+        "openstacksdk_scenario.py",
+        &[
+            env.gw.as_str(),
+            &env.token("platform"),
+            &env.token("readers"),
+            IMAGE_UBUNTU_20_04,
+            FLAVOR_T2_C1M1,
+            NETWORK_VPC1,
+            WEB_VOLUMES[0],
+        ],
+    )
+    .await;
     let ok = |name: &str| -> &Value {
         let step = &steps[name];
         assert!(step.get("ok").is_some(), "{name}: {step}");
@@ -131,4 +134,51 @@ async fn openstacksdk_works_unmodified_through_the_gateway() {
             r.query
         );
     }
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn novaclient_works_unmodified_through_the_gateway() {
+    let env = Env::start().await;
+    common::wait_ready(&env.http, &env.admin).await;
+    let steps = run_scenario(
+        "novaclient_scenario.py",
+        &[
+            env.gw.as_str(),
+            &env.token("platform"),
+            IMAGE_UBUNTU_20_04,
+            FLAVOR_T2_C1M1,
+            NETWORK_VPC1,
+        ],
+    )
+    .await;
+    let ok = |name: &str| -> &Value {
+        let step = &steps[name];
+        assert!(step.get("ok").is_some(), "{name}: {step}");
+        &step["ok"]
+    };
+    assert_eq!(ok("flavor_by_id"), "t2.c1m1");
+    assert_eq!(ok("flavor_by_name"), FLAVOR_T2_C1M1);
+    assert!(ok("flavors_all").as_u64().unwrap() > 0);
+    assert_eq!(ok("keypair"), "nova-key");
+    assert_eq!(ok("active"), "ACTIVE");
+    assert_eq!(ok("listed"), &json!(["nova-vm"]));
+    assert_eq!(ok("found"), true);
+    assert_eq!(ok("zones"), &json!(["kr-pub-a", "kr-pub-b"]));
+    ok("delete");
+    ok("keypair_delete");
+    // Each of the client's requests went to a route of the catalog: the
+    // flavor was read by id, and the upstream saw no `is_public`.
+    let seen = env.sim.requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "GET" && r.path.ends_with(&format!("/flavors/{FLAVOR_T2_C1M1}"))),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|r| r.query.as_deref().is_none_or(|q| !q.contains("is_public"))),
+        "{seen:?}"
+    );
+    env.stop().await;
 }
