@@ -139,6 +139,7 @@ pub const GROUPS: &[(&str, &[Action])] = &[
         &[
             Action::FlavorList,
             Action::FlavorListDetail,
+            Action::FlavorGet,
             Action::ZoneList,
         ],
     ),
@@ -249,6 +250,19 @@ mod tests {
         assert!(resolve_pattern("nothing.*").is_none());
         for (g, actions) in GROUPS {
             assert!(!actions.is_empty(), "{g}");
+        }
+    }
+
+    /// A new Action cannot be left out of the groups teams are given.
+    #[test]
+    fn every_action_is_in_exactly_one_group() {
+        for a in Action::ALL {
+            let groups: Vec<&str> = GROUPS
+                .iter()
+                .filter(|(_, actions)| actions.contains(a))
+                .map(|(g, _)| *g)
+                .collect();
+            assert_eq!(groups.len(), 1, "{a}: {groups:?}");
         }
     }
 }
