@@ -33,6 +33,13 @@ async fn run_scenario(script: &str, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("scenario printed no JSON ({e}): {stderr}"))
 }
 
+/// What step `name` of a scenario returned; fails the test if it raised.
+fn succeeded<'a>(steps: &'a Value, name: &str) -> &'a Value {
+    let step = &steps[name];
+    assert!(step.get("ok").is_some(), "{name}: {step}");
+    &step["ok"]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openstacksdk_works_unmodified_through_the_gateway() {
     let env = Env::start_with_overlays(
@@ -55,11 +62,7 @@ async fn openstacksdk_works_unmodified_through_the_gateway() {
         ],
     )
     .await;
-    let ok = |name: &str| -> &Value {
-        let step = &steps[name];
-        assert!(step.get("ok").is_some(), "{name}: {step}");
-        &step["ok"]
-    };
+    let ok = |name: &str| succeeded(&steps, name);
 
     assert!(
         ok("flavors")
@@ -152,11 +155,7 @@ async fn novaclient_works_unmodified_through_the_gateway() {
         ],
     )
     .await;
-    let ok = |name: &str| -> &Value {
-        let step = &steps[name];
-        assert!(step.get("ok").is_some(), "{name}: {step}");
-        &step["ok"]
-    };
+    let ok = |name: &str| succeeded(&steps, name);
     assert_eq!(ok("flavor_by_id"), "t2.c1m1");
     assert_eq!(ok("flavor_by_name"), FLAVOR_T2_C1M1);
     assert!(ok("flavors_all").as_u64().unwrap() > 0);

@@ -187,31 +187,6 @@ fn unshared(error: Arc<GatewayError>) -> GatewayError {
 
 #[cfg(test)]
 mod tests {
-    use super::outcome_status;
-    use http::Method;
-
-    #[test]
-    fn the_outcome_is_the_first_call_or_the_mutation_never_a_later_read() {
-        // A list, then its servers' volumes (one gone: 404).
-        let mut status = None;
-        for (method, answer) in [(Method::GET, 200), (Method::GET, 200), (Method::GET, 404)] {
-            status = outcome_status(status, &method, answer);
-        }
-        assert_eq!(status, Some(200));
-        // A create, then the name read back (failing).
-        let mut status = None;
-        for (method, answer) in [(Method::POST, 202), (Method::GET, 500)] {
-            status = outcome_status(status, &method, answer);
-        }
-        assert_eq!(status, Some(202));
-        // A lookup before a mutation: the mutation's answer is the outcome.
-        let mut status = None;
-        for (method, answer) in [(Method::GET, 200), (Method::DELETE, 409)] {
-            status = outcome_status(status, &method, answer);
-        }
-        assert_eq!(status, Some(409));
-    }
-
     use super::*;
     use crate::upstream::UpstreamError;
 
@@ -235,5 +210,27 @@ mod tests {
                 assert_eq!((e.status(), e.result_code()), (status, code), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn the_outcome_is_the_first_call_or_the_mutation_never_a_later_read() {
+        // A list, then its servers' volumes (one gone: 404).
+        let mut status = None;
+        for (method, answer) in [(Method::GET, 200), (Method::GET, 200), (Method::GET, 404)] {
+            status = outcome_status(status, &method, answer);
+        }
+        assert_eq!(status, Some(200));
+        // A create, then the name read back (failing).
+        let mut status = None;
+        for (method, answer) in [(Method::POST, 202), (Method::GET, 500)] {
+            status = outcome_status(status, &method, answer);
+        }
+        assert_eq!(status, Some(202));
+        // A lookup before a mutation: the mutation's answer is the outcome.
+        let mut status = None;
+        for (method, answer) in [(Method::GET, 200), (Method::DELETE, 409)] {
+            status = outcome_status(status, &method, answer);
+        }
+        assert_eq!(status, Some(409));
     }
 }
