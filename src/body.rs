@@ -232,6 +232,34 @@ mod tests {
         assert_eq!(&to_upstream_bytes(&json!({"n": 2.0}))[..], br#"{"n":2.0}"#);
     }
 
+    /// A decimal goes upstream as the very double a correctly rounding
+    /// parser (Python's `float`, Rust's `str::parse`) reads from the
+    /// caller's text, never one a step away.
+    #[test]
+    fn decimals_reach_the_upstream_as_the_caller_wrote_them() {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let digits = next() % 100_000_000_000_000_000;
+            let exponent = (next() % 600) as i64 - 300;
+            let text = format!("{digits}.{}e{exponent}", next() % 1000);
+            let want: f64 = text.parse().unwrap();
+            if !want.is_finite() || (want.fract() == 0.0 && want.abs() >= INTEGER_LIMIT) {
+                continue;
+            }
+            let got = parse_strict(text.as_bytes()).unwrap();
+            assert_eq!(got.as_f64(), Some(want), "{text}");
+            let sent = to_upstream_bytes(&got);
+            let resent: f64 = std::str::from_utf8(&sent).unwrap().parse().unwrap();
+            assert_eq!(resent, want, "{text} went upstream as {sent:?}");
+        }
+    }
+
     #[test]
     fn errors_say_what_is_wrong() {
         let e = parse_strict(br#"{"a":1,"a":2}"#).unwrap_err();

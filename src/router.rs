@@ -424,7 +424,14 @@ fn judge_query(
     };
     let mut seen: Vec<String> = Vec::new();
     let mut out = url::form_urlencoded::Serializer::new(String::new());
-    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(name), Some(value)) = (form_decode(name), form_decode(value)) else {
+            let shown: String = pair.chars().take(64).collect();
+            return Err(format!(
+                "query parameter `{shown}` is not valid UTF-8 once percent-decoded"
+            ));
+        };
         let shown: String = name.chars().take(64).collect();
         let Some((_, kind)) = accepted.iter().find(|(n, _)| *n == name) else {
             let names: Vec<&str> = accepted.iter().map(|(n, _)| *n).collect();
@@ -438,7 +445,7 @@ fn judge_query(
                 }
             ));
         };
-        if seen.iter().any(|s| *s == name) {
+        if seen.contains(&name) {
             return Err(format!("query parameter `{shown}` is given more than once"));
         }
         kind.check(&value)
@@ -449,6 +456,17 @@ fn judge_query(
         }
     }
     Ok(out.finish())
+}
+
+/// One name or value of an `application/x-www-form-urlencoded` query
+/// (`+` is a space), decoded; `None` when the bytes it spells are not
+/// UTF-8 (refused rather than passed on with U+FFFD in their place).
+fn form_decode(raw: &str) -> Option<String> {
+    let spaced = raw.replace('+', " ");
+    let decoded = percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()?;
+    Some(decoded.into_owned())
 }
 
 /// A classified v1.0 request.
@@ -557,7 +575,18 @@ pub fn classify_v1(
     if rest.as_slice() == ["tokens"] {
         return Err(GatewayError::TokenApi);
     }
-    let accepted = v1_query_params(method, &rest);
+    // The route first: a query on a path or method the API does not have is
+    // answered as such (-5 / -7), not as an unaccepted parameter (-4).
+    let Some(accepted) = v1_endpoint_query_params(method, &rest) else {
+        if is_known_path(&rest) {
+            return Err(RouteError::MethodNotAllowed {
+                method: method.to_string(),
+                path: format!("/v1.0/appkeys/{{appkey}}/{}", rest.join("/")),
+            }
+            .into());
+        }
+        return Err(no_route().into());
+    };
     let judged =
         judge_query(query, accepted, || "this v1.0 API".into()).map_err(GatewayError::Invalid)?;
     let q = |name: &str| query_param(&judged, name);
@@ -591,13 +620,8 @@ pub fn classify_v1(
         (Method::DELETE, ["keypairs"]) => V1Route::DeleteKeypair {
             name: required("name")?,
         },
-        (m, segs) if is_known_path(segs) => {
-            return Err(RouteError::MethodNotAllowed {
-                method: m.to_string(),
-                path: format!("/v1.0/appkeys/{{appkey}}/{}", segs.join("/")),
-            }
-            .into());
-        }
+        // Every endpoint of `v1_endpoint_query_params` has its arm above (a
+        // unit test holds the two together).
         _ => return Err(no_route().into()),
     };
     Ok(V1Request {
@@ -619,14 +643,18 @@ fn is_known_path(segs: &[&str]) -> bool {
     )
 }
 
-/// The query parameters the v1.0 spec defines per endpoint.
-fn v1_query_params(method: &Method, rest: &[&str]) -> &'static [QueryParam] {
+/// The v1.0 endpoints (method and path after the appkey) and the query
+/// parameters the spec defines for each; `None`: not an endpoint.
+fn v1_endpoint_query_params(method: &Method, rest: &[&str]) -> Option<&'static [QueryParam]> {
     use QueryKind::Id;
     match (method.as_str(), rest) {
-        ("GET" | "DELETE", ["instances"]) | ("GET", ["instances-detail"]) => &[("id", Id)],
-        ("DELETE", ["instances", _, "attachments"]) => &[("volumeId", Id)],
-        ("GET" | "DELETE", ["keypairs"]) => &[("name", QueryKind::Text)],
-        _ => &[],
+        ("GET" | "DELETE", ["instances"]) | ("GET", ["instances-detail"]) => Some(&[("id", Id)]),
+        ("DELETE", ["instances", _, "attachments"]) => Some(&[("volumeId", Id)]),
+        ("GET" | "DELETE", ["keypairs"]) => Some(&[("name", QueryKind::Text)]),
+        ("GET", ["availability-zones"] | ["flavors"])
+        | ("POST", ["instances"] | ["keypairs"])
+        | ("POST", ["instances", _, "attachments" | "action"]) => Some(&[]),
+        _ => None,
     }
 }
 
@@ -958,6 +986,63 @@ mod tests {
                 Err(GatewayError::TokenApi)
             ));
         }
+        // The route is decided before the query is judged: a query does not
+        // turn "no such API" (-5) or "not supported" (-7) into "invalid
+        // parameter" (-4).
+        assert!(matches!(
+            classify_v1(&Method::GET, "k/volumes", Some("id=x")),
+            Err(GatewayError::NoRoute(RouteError::NotFound { .. }))
+        ));
+        assert!(matches!(
+            classify_v1(&Method::PUT, "k/instances", Some("id=x")),
+            Err(GatewayError::NoRoute(RouteError::MethodNotAllowed { .. }))
+        ));
+        assert!(matches!(
+            classify_v1(&Method::GET, "k/availability-zones", Some("id=x")),
+            Err(GatewayError::Invalid(m)) if m.contains("`id`")
+        ));
+    }
+
+    /// Every endpoint with a query list has its route, and every method of
+    /// a known path without one is "not supported".
+    #[test]
+    fn every_v1_endpoint_has_its_route() {
+        let paths = [
+            "availability-zones",
+            "instances",
+            "instances-detail",
+            "instances/i-1/attachments",
+            "instances/i-1/action",
+            "flavors",
+            "keypairs",
+        ];
+        let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
+        let mut endpoints = 0;
+        for path in paths {
+            let rest: Vec<&str> = path.split('/').collect();
+            for m in &methods {
+                let query = match (m.as_str(), path) {
+                    ("DELETE", "instances") => Some("id=i-1"),
+                    ("DELETE", "instances/i-1/attachments") => Some("volumeId=v-1"),
+                    ("DELETE", "keypairs") => Some("name=k"),
+                    _ => None,
+                };
+                let classified = classify_v1(m, &format!("k/{path}"), query);
+                if v1_endpoint_query_params(m, &rest).is_some() {
+                    endpoints += 1;
+                    assert!(classified.is_ok(), "{m} {path}: {classified:?}");
+                } else {
+                    assert!(
+                        matches!(
+                            classified,
+                            Err(GatewayError::NoRoute(RouteError::MethodNotAllowed { .. }))
+                        ),
+                        "{m} {path}: {classified:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(endpoints, 12, "the v1.0 spec's endpoints");
     }
 
     #[test]
@@ -973,6 +1058,16 @@ mod tests {
             "limit=2&marker=abc-1&name=web.*&status=ACTIVE"
         );
         assert_eq!(ok(Method::GET, "web/servers/detail", "").unwrap(), "");
+        // `+` is a space; UTF-8 passes whole; empty pairs are nothing.
+        assert_eq!(
+            ok(
+                Method::GET,
+                "web/servers/detail",
+                "name=a+b%20%C3%A9&&limit=1"
+            )
+            .unwrap(),
+            "name=a+b+%C3%A9&limit=1"
+        );
         assert_eq!(
             ok(Method::GET, "web/flavors/detail", "minDisk=20&minRam=1024").unwrap(),
             "minDisk=20&minRam=1024"
@@ -1013,6 +1108,10 @@ mod tests {
             (Method::GET, "web/flavors", "is_public=maybe"),
             (Method::GET, "web/flavors", "is_public=None&is_public=true"),
             (Method::GET, "web/servers/detail", "is_public=true"),
+            // Bytes that are not UTF-8: refused, not sent on as U+FFFD.
+            (Method::GET, "web/servers/detail", "name=%FF"),
+            (Method::GET, "web/servers/detail", "name=web%C3"),
+            (Method::GET, "web/servers/detail", "%FFname=x"),
         ];
         for (m, p, q) in refused {
             match classify_v2(&m, p, Some(q)) {

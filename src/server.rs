@@ -486,6 +486,7 @@ async fn public(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>)
             }
         }
     }
+    decode_unreserved_escapes(&mut parts.uri);
     drop_v1_url_prefix(&mut parts.uri);
     let surface = Surface::of_path(parts.uri.path());
     let span = tracing::debug_span!("request", method = %parts.method, path = %parts.uri.path());
@@ -520,16 +521,63 @@ fn drop_v1_url_prefix(uri: &mut http::Uri) {
     if rest != "/v1.0" && !rest.starts_with("/v1.0/") {
         return;
     }
+    let rest = rest.to_string();
+    replace_path(uri, &rest);
+}
+
+/// Percent-encoded unreserved characters (letters, digits, `-._~`) written
+/// plainly, as RFC 3986 (6.2.2.2) says an equivalent URI is: the upstream
+/// decodes them before it routes, so the gateway must judge the path the
+/// upstream will act on. Otherwise `servers/%64etail` would be judged as
+/// reading one server (`%64etail`) and run upstream as `servers/detail`,
+/// another Action. Every other escape (`%20`, `%2F`, ...) is left as it is.
+fn decode_unreserved_escapes(uri: &mut http::Uri) {
+    let path = uri.path();
+    if !path.contains('%') {
+        return;
+    }
+    let bytes = path.as_bytes();
+    let mut plain = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(b) => {
+                plain.push(b);
+                i += 3;
+            }
+            None => {
+                plain.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // Only ASCII bytes were replaced by ASCII bytes: still UTF-8.
+    if plain.len() != bytes.len()
+        && let Ok(plain) = String::from_utf8(plain)
+    {
+        replace_path(uri, &plain);
+    }
+}
+
+/// `uri` with its path replaced, its query kept.
+fn replace_path(uri: &mut http::Uri, path: &str) {
     let path_and_query = match uri.query() {
-        Some(query) => format!("{rest}?{query}"),
-        None => rest.to_string(),
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
     };
-    // The rest of a valid path and query is one: the parse cannot fail,
-    // and if it did, the request would be left as it came (and not found).
+    // A valid path (a piece of one, or one with unreserved escapes decoded)
+    // and a valid query make a valid whole: the parse cannot fail, and if
+    // it did, the request would be left as it came (and not found).
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = http::uri::PathAndQuery::try_from(path_and_query).ok();
-    if let Ok(stripped) = http::Uri::from_parts(parts) {
-        *uri = stripped;
+    if let Ok(replaced) = http::Uri::from_parts(parts) {
+        *uri = replaced;
     }
 }
 
@@ -682,6 +730,47 @@ mod tests {
         assert_eq!(applied.server.shutdown_grace, running.server.shutdown_grace);
         assert_ne!(running.server.request_timeout, Duration::from_secs(7));
         assert_ne!(running.server.idle_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_no_other() {
+        let decoded = |uri: &str| {
+            let mut uri: http::Uri = uri.parse().unwrap();
+            decode_unreserved_escapes(&mut uri);
+            uri.to_string()
+        };
+        assert_eq!(
+            decoded("/v2/web/servers/%64etail"),
+            "/v2/web/servers/detail"
+        );
+        assert_eq!(
+            decoded("/v2/web/servers/%44ETAIL"),
+            "/v2/web/servers/DETAIL"
+        );
+        assert_eq!(
+            decoded("/v2/%77eb/os-keypairs/a%2Db%5Fc%2ed%7E?x=%64"),
+            "/v2/web/os-keypairs/a-b_c.d~?x=%64",
+            "the query is the query judge's to decode"
+        );
+        for kept in [
+            "/v2/web/os-keypairs/my%20key",
+            "/v2/web/servers/a%2Fb",
+            "/v2/web/servers/%00",
+            "/v2/web/servers/%",
+            "/v2/web/servers/%6",
+            "/v2/web/servers/%zz",
+            "/v2/web/servers/%C3%A9",
+            "/v2/web/servers/detail",
+        ] {
+            assert_eq!(decoded(kept), kept);
+        }
+        // Dot segments come out as such (and the router refuses them).
+        assert_eq!(decoded("/v2/web/servers/%2e%2E"), "/v2/web/servers/..");
+        // Decoded once, as the upstream decodes: `%2564` is `%64`, an id.
+        assert_eq!(
+            decoded("/v2/web/servers/%2564etail"),
+            "/v2/web/servers/%2564etail"
+        );
     }
 
     #[test]

@@ -182,3 +182,50 @@ async fn a_team_without_allow_rules_may_do_nothing() {
     );
     env.stop().await;
 }
+
+/// The upstream decodes `%64` to `d` before it routes: the gateway judges
+/// the route the upstream will run, however its words are spelled, and
+/// sends the plain spelling it judged.
+#[tokio::test]
+async fn a_percent_encoded_route_word_is_judged_as_the_route_it_spells() {
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &[],
+        json!({"teams": {"one-server": {
+            "projects": ["web"],
+            "allow": [{"actions": ["instance.get"]}]
+        }}}),
+    )
+    .await;
+    let id = env.web_u2_server("platform", "k", "enc-0").await;
+    env.sim.clear_requests();
+
+    let (s, b) = env.get("one-server", "/v2/web/servers/%64etail").await;
+    assert_eq!(s, 403, "{b}");
+    let msg = assert_nova_error(&b, "forbidden", 403);
+    assert!(msg.contains("`instance.list_detail`"), "{msg}");
+    assert!(
+        env.compute_requests().is_empty(),
+        "a refused listing reached the upstream: {:?}",
+        env.compute_requests()
+    );
+
+    // What the team may do still works, escapes or not, and goes upstream
+    // spelled plainly.
+    let (s, b) = env
+        .get("one-server", &format!("/v2/web/%73ervers/{id}"))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["server"]["id"], id.as_str());
+    let paths: Vec<String> = env.compute_requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        [format!("/v2/6cdebe3eb0094910bc41f1d42ebe4cb7/servers/{id}")]
+    );
+
+    // A team allowed to list gets the listing the escapes spell.
+    let (s, b) = env.get("platform", "/v2/web/servers/%64etail").await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["servers"][0]["status"].is_string(), "{b}");
+    env.stop().await;
+}

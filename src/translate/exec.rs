@@ -37,12 +37,19 @@ pub struct RawAnswer {
 }
 
 impl RawAnswer {
-    /// The body as a JSON value (`null` when empty).
+    /// The body as a JSON value (`null` when empty). An error answer whose
+    /// body is not JSON (a load balancer's HTML 503, a proxy's text 404)
+    /// keeps its status, with a `null` body: the status is what the caller
+    /// must learn (`10503`, `10404`), not that the body was unreadable.
     pub fn into_json(self) -> Result<V2Answer, GatewayError> {
         let body = if self.bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&self.bytes).map_err(|_| not_json(self.status))?
+            match serde_json::from_slice(&self.bytes) {
+                Ok(body) => body,
+                Err(_) if !(200..300).contains(&self.status) => Value::Null,
+                Err(_) => return Err(not_json(self.status)),
+            }
         };
         Ok(V2Answer {
             status: self.status,
@@ -583,7 +590,7 @@ fn expect_ok(a: V2Answer) -> Result<V2Answer, GatewayError> {
         .as_object()
         .and_then(|o| o.values().next())
         .and_then(|fault| fault["message"].as_str())
-        .unwrap_or("no error message")
+        .unwrap_or("no Nova error message")
         .to_string();
     Err(GatewayError::UpstreamAnswer {
         status: a.status,
@@ -868,5 +875,32 @@ mod tests {
             location: Some("https://x/v2/t/images/img-2".into()),
         };
         assert_eq!(created_image_id(&a), json!("img-2"));
+    }
+
+    /// An error answer keeps its status whatever its body is; only a
+    /// success the gateway cannot read is the gateway's 502.
+    #[test]
+    fn an_error_answer_without_json_keeps_its_status() {
+        let raw = |status: u16, body: &'static str| RawAnswer {
+            status,
+            bytes: bytes::Bytes::from_static(body.as_bytes()),
+            location: None,
+        };
+        let status_of = |e: GatewayError| match e {
+            GatewayError::UpstreamAnswer { status, message } => (status, message),
+            other => panic!("{other:?}"),
+        };
+        let html = "<html><body>503 Service Unavailable</body></html>";
+        let e = expect_ok(raw(503, html).into_json().unwrap()).unwrap_err();
+        assert_eq!(status_of(e), (503, "no Nova error message".to_string()));
+        let e = raw(404, "Not Found").parse_ok::<Value>().unwrap_err();
+        assert_eq!(status_of(e).0, 404);
+        let e = raw(504, "gateway timeout").parse_ok::<Value>().unwrap_err();
+        assert_eq!(e.result_code(), 10504);
+
+        let e = raw(200, "<html>").into_json().unwrap_err();
+        assert_eq!(status_of(e).0, 502);
+        let e = raw(200, "<html>").parse_ok::<Value>().unwrap_err();
+        assert_eq!(status_of(e).0, 502);
     }
 }
