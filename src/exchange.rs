@@ -74,6 +74,9 @@ pub struct Exchange {
     pub idempotency_ticket: Option<crate::idempotency::Ticket>,
     /// Answered from the idempotency store, not by the upstream.
     pub replayed: bool,
+    /// Its `received` audit record was written: its `completed` record is
+    /// owed, full webhook backlog or not.
+    pub received_recorded: bool,
     /// Time spent waiting for the upstream so far.
     pub upstream_wait: crate::metrics::UpstreamWait,
 }
@@ -121,6 +124,7 @@ impl Exchange {
             idempotency_key: None,
             idempotency_ticket: None,
             replayed: false,
+            received_recorded: false,
             upstream_wait: Default::default(),
         }
     }

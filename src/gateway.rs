@@ -38,7 +38,7 @@ use http::{HeaderMap, Request};
 use serde_json::Value;
 
 use crate::action::Action;
-use crate::audit::{AuditLog, Stage};
+use crate::audit::{AuditLog, Owed, Stage};
 use crate::auth::{Authenticator, CacheOutcome, Identity, VerifiedTokens};
 use crate::body;
 use crate::config::{AuditLevel, Config, Project};
@@ -413,7 +413,9 @@ impl Gateway {
             // The failure's detail (a file path) is logged by write_audit,
             // never shown to the caller.
             let deadline = config.server.request_timeout;
-            if let Err(e) = Box::pin(self.write_audit(record, deadline)).await
+            let written = Box::pin(self.write_audit(record, Owed::No, deadline)).await;
+            x.received_recorded = written.is_ok();
+            if let Err(e) = written
                 && config.audit.fail_closed
             {
                 let why = match e {
@@ -545,8 +547,14 @@ impl Gateway {
         };
         if level != AuditLevel::None && self.audit.is_enabled() {
             // Boxed (see `admit`): reads are not audited by default.
+            let owed = if x.received_recorded {
+                Owed::Yes
+            } else {
+                Owed::No
+            };
             let written = Box::pin(self.write_audit(
                 x.audit_record(Stage::Completed, level, Some(&ending)),
+                owed,
                 config.server.request_timeout,
             ))
             .await
@@ -662,9 +670,10 @@ impl Gateway {
     async fn write_audit(
         &self,
         record: crate::audit::AuditRecord,
+        owed: Owed,
         deadline: std::time::Duration,
     ) -> Result<(), crate::audit::AuditError> {
-        let result = tokio::time::timeout(deadline, self.audit.write(record))
+        let result = tokio::time::timeout(deadline, self.audit.write(record, owed))
             .await
             .unwrap_or(Err(crate::audit::AuditError::NotConfirmed(deadline)));
         let label = if result.is_ok() { "written" } else { "failed" };

@@ -16,7 +16,7 @@ use common::tempdir::TempDir;
 use serde_json::{Value, json};
 use toastgate::action::Action;
 use toastgate::audit::{
-    self, AuditCommand, AuditError, AuditLog, AuditRecord, Decision, GENESIS, Stage,
+    self, AuditCommand, AuditError, AuditLog, AuditRecord, Decision, GENESIS, Owed, Stage,
 };
 use toastgate::config::{Audit, AuditFileConfig, AuditLevel, FsyncPolicy};
 
@@ -60,7 +60,7 @@ fn rec(i: usize) -> AuditRecord {
 
 async fn write_n(log: &AuditLog, range: std::ops::Range<usize>) {
     for i in range {
-        log.write(rec(i)).await.unwrap();
+        log.write(rec(i), Owed::No).await.unwrap();
     }
 }
 
@@ -318,7 +318,9 @@ async fn rotation_loses_and_duplicates_nothing_and_the_chain_spans_files() {
     let mut tasks = Vec::new();
     for i in 50..150 {
         let log = log.clone();
-        tasks.push(tokio::spawn(async move { log.write(rec(i)).await }));
+        tasks.push(tokio::spawn(
+            async move { log.write(rec(i), Owed::No).await },
+        ));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
@@ -495,7 +497,7 @@ async fn write_errors_are_counted_and_the_sink_recovers() {
     // The folder disappears: writes fail (not silently into the unlinked file).
     fs::remove_dir_all(&sub).unwrap();
     for i in 2..4 {
-        let err = log.write(rec(i)).await.unwrap_err();
+        let err = log.write(rec(i), Owed::No).await.unwrap_err();
         assert!(matches!(err, AuditError::Io(_)), "{err}");
         assert!(err.to_string().contains("audit.jsonl"), "{err}");
     }
@@ -518,10 +520,10 @@ async fn write_errors_are_counted_and_the_sink_recovers() {
     // The path turned into something unwritable (a folder): Err again.
     fs::remove_file(&path).unwrap();
     fs::create_dir(&path).unwrap();
-    assert!(log.write(rec(6)).await.is_err());
+    assert!(log.write(rec(6), Owed::No).await.is_err());
     assert_eq!(log.stats().failed, 3);
     fs::remove_dir(&path).unwrap();
-    log.write(rec(7)).await.unwrap();
+    log.write(rec(7), Owed::No).await.unwrap();
     assert!(audit::verify(&path, false).unwrap().is_intact());
 }
 
@@ -533,7 +535,7 @@ async fn concurrent_writes_keep_the_chain() {
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let log = log.clone();
-            tokio::spawn(async move { log.write(rec(i)).await })
+            tokio::spawn(async move { log.write(rec(i), Owed::No).await })
         })
         .collect();
     for t in tasks {
@@ -552,7 +554,7 @@ async fn concurrent_writes_keep_the_chain() {
 async fn disabled_log_accepts_and_drops() {
     let log = AuditLog::disabled();
     assert!(!log.is_enabled());
-    log.write(rec(0)).await.unwrap();
+    log.write(rec(0), Owed::No).await.unwrap();
     log.flush().await.unwrap();
     assert_eq!(log.stats().written, 0);
     let none = Audit {
@@ -674,7 +676,7 @@ async fn no_secret_reaches_the_file() {
     r.action = Some("instance.create");
     r.request = Some(audit::summarize(Action::InstanceCreate, &create_body()));
     r.result = Some(json!({"instance_id": "i-new"}));
-    log.write(r).await.unwrap();
+    log.write(r, Owed::No).await.unwrap();
     let text = fs::read_to_string(&path).unwrap();
     for secret in SECRETS {
         assert!(!text.contains(secret), "{secret} leaked");
@@ -750,7 +752,7 @@ fn query_fixture(dir: &TempDir) -> PathBuf {
     rt.block_on(async {
         let log = AuditLog::open(&file_cfg(&path)).unwrap();
         for r in records {
-            log.write(r).await.unwrap();
+            log.write(r, Owed::No).await.unwrap();
         }
         log.flush().await.unwrap();
     });
@@ -988,7 +990,7 @@ async fn tail_follow_sees_every_record_across_rotations() {
     write_n(&log, 3..40).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     for i in 40..46 {
-        log.write(rec(i)).await.unwrap();
+        log.write(rec(i), Owed::No).await.unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     log.flush().await.unwrap();

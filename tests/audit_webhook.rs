@@ -335,6 +335,65 @@ async fn a_full_backlog_refuses_mutating_requests_until_the_receiver_catches_up(
     env.stop().await;
 }
 
+/// Only an admitted action's `completed` record may pass the bound: the
+/// records of audited reads stop there too (served all the same), or they
+/// would grow the unsent spool until rotation deleted records never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audited_reads_do_not_grow_a_full_backlog() {
+    let dir = TempDir::new("webhook-reads");
+    let file = dir.join("audit.jsonl");
+    let receiver = Receiver::start().await;
+    receiver.set(Mode::Down);
+    let env = Env::start_on(
+        start_sim(fast_sim()).await,
+        &[],
+        json!({"audit": {
+            "file": {"path": file},
+            "webhook": {"url": receiver.url, "timeout": "10s", "max_backlog_bytes": 2500},
+            "rules": [{"actions": ["read"], "level": "metadata"}]
+        }}),
+        &secrets(),
+    )
+    .await;
+    // Each read writes one record until the bound is passed.
+    for _ in 0..20 {
+        assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    }
+    let full = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        full >= 2500,
+        "20 audited reads passed the bound: {full} bytes"
+    );
+    assert!(
+        full < 2500 + 1000,
+        "one record past it at most: {full} bytes"
+    );
+    // Past the bound: reads still served, nothing more appended.
+    for _ in 0..20 {
+        assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    }
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        full,
+        "records were appended past a full backlog"
+    );
+    assert_eq!(create_keypair(&env, "past-the-bound").await, 503);
+    let metrics = env.metrics().await;
+    let failed = metrics
+        .lines()
+        .find(|l| l.starts_with("toastgate_audit_records_total{result=\"failed\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        failed >= 20.0,
+        "the reads' records not written are counted: {failed}"
+    );
+
+    receiver.set(Mode::Up);
+    until_all_delivered(&receiver, &file).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_gateway_sends_on_from_where_it_left_off_across_rotations() {
     let dir = TempDir::new("webhook-restart");

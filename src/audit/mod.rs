@@ -57,6 +57,14 @@ pub use chain::{BrokenLink, GENESIS, VerifyReport, verify};
 pub use cli::{AuditCommand, run_cli, run_cli_with};
 pub use summary::{result_ids, summarize};
 
+/// Whether a record is the `completed` record owed to an action admitted
+/// with its `received` record: written even past a full webhook backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owed {
+    Yes,
+    No,
+}
+
 /// Which point of a request a record describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -292,16 +300,17 @@ impl AuditLog {
 
     /// Appends `record`; Ok once it is written (and synced under
     /// `fsync: always`). Awaits the writer without blocking the runtime.
-    pub async fn write(&self, record: AuditRecord) -> Result<(), AuditError> {
+    pub async fn write(&self, record: AuditRecord, owed: Owed) -> Result<(), AuditError> {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
-        // A full webhook backlog stops new actions and their refusal
-        // records, never the `completed` record of an action already
-        // admitted (that would turn a performed action into an unrecorded one).
-        let admitted_completion =
-            record.stage == Stage::Completed && record.decision == Decision::Allowed;
-        if !admitted_completion
+        // A full webhook backlog stops new actions and every record but the
+        // `completed` one of an action admitted with its `received` record
+        // (that would turn a performed action into an unrecorded one): the
+        // records of audited reads, replays and refusals would otherwise
+        // grow the unsent spool past its bound, until rotation deleted
+        // records never sent.
+        if owed == Owed::No
             && inner
                 .backlog
                 .is_full(inner.counters.bytes.load(Ordering::Acquire))
