@@ -41,7 +41,7 @@ use crate::action::Action;
 use crate::audit::{AuditLog, Owed, Stage};
 use crate::auth::{Authenticator, CacheOutcome, Identity, VerifiedTokens};
 use crate::body;
-use crate::config::{AuditLevel, Config, Project};
+use crate::config::{AuditLevel, Config, KeySource, Project};
 use crate::error::{Ending, GatewayError};
 use crate::exchange::{Exchange, Judged, Surface};
 use crate::idempotency::{self, Claim, IdempotencyStore, Refused};
@@ -59,7 +59,7 @@ use crate::upstream::token::TokenBroker;
 /// What a reload swaps as one unit: the config and everything derived from it.
 pub struct Snapshot {
     pub config: Arc<Config>,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// JWTs verified recently (per snapshot: a reload starts empty).
     verified: VerifiedTokens,
     pub limiter: Arc<RateLimiter>,
@@ -67,9 +67,31 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn build(config: Config) -> Result<Snapshot, StartError> {
+        let auth = Authenticator::with_ca(&config.auth, config.upstream.ca_file.as_deref())?;
+        Snapshot::with_auth(config, Arc::new(auth))
+    }
+
+    /// A reload's snapshot. A JWKS URL's fetched key set carries over when
+    /// `auth` and `upstream.ca_file` are unchanged: a new, empty one would
+    /// lock every caller out if the IdP is down at that moment, which the
+    /// running gateway survives on the keys it holds. Key files (PEM,
+    /// JWKS file, HS secret) are read again: a reload is how a rotated one
+    /// takes effect.
+    pub fn rebuild(config: Config, previous: &Snapshot) -> Result<Snapshot, StartError> {
+        let keeps_remote_keys = matches!(config.auth.keys, KeySource::JwksUrl { .. })
+            && config.auth == previous.config.auth
+            && config.upstream.ca_file == previous.config.upstream.ca_file;
+        if keeps_remote_keys {
+            let auth = previous.auth.clone();
+            return Snapshot::with_auth(config, auth);
+        }
+        Snapshot::build(config)
+    }
+
+    fn with_auth(config: Config, auth: Arc<Authenticator>) -> Result<Snapshot, StartError> {
         Ok(Snapshot {
             verified: VerifiedTokens::new(config.auth.leeway, config.auth.verified_token_cache),
-            auth: Authenticator::with_ca(&config.auth, config.upstream.ca_file.as_deref())?,
+            auth,
             limiter: RateLimiter::new(&config)?,
             config: Arc::new(config),
         })

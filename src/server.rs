@@ -330,8 +330,11 @@ fn reload_once(
             })
         })
         .and_then(|config| {
-            Snapshot::build(keep_restart_only_settings(config, &current.config))
-                .map_err(|e| vec![e.to_string()])
+            Snapshot::rebuild(
+                keep_restart_only_settings(config, &current.config),
+                &current,
+            )
+            .map_err(|e| vec![e.to_string()])
         });
     match built {
         Ok(snapshot) => {

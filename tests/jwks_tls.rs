@@ -5,24 +5,29 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::tempdir::TempDir;
-use common::{Env, assert_nova_error, fast_sim};
+use common::{Env, assert_nova_error, fast_sim, fixtures, secrets, start_sim};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
+use toastgate::config::Config;
+use toastgate::server::{Listeners, ReloadSource, run_with_reload};
 
 /// A private CA, an HTTPS server on 127.0.0.1 with a leaf it signed, serving
 /// one JWKS with an ES256 key; the CA's PEM is written to `dir/ca.pem`.
 struct Idp {
     url: String,
     signing: KeyPair,
+    /// Cleared: the IdP answers 503 (down).
+    up: Arc<AtomicBool>,
 }
 
 async fn private_idp(dir: &TempDir) -> Idp {
@@ -60,22 +65,28 @@ async fn private_idp(dir: &TempDir) -> Idp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/jwks", listener.local_addr().unwrap());
     let body = Bytes::from(jwks.to_string());
+    let up = Arc::new(AtomicBool::new(true));
+    let serving = up.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, body) = (acceptor.clone(), body.clone());
+            let (acceptor, body, up) = (acceptor.clone(), body.clone(), serving.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return; // a client that does not trust the CA
                 };
                 let service = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
+                    let (body, up) = (body.clone(), up.load(Ordering::SeqCst));
                     async move {
-                        Ok::<_, std::convert::Infallible>(
+                        let answer = if up {
                             hyper::Response::builder()
                                 .header("content-type", "application/json")
                                 .body(Full::new(body))
-                                .unwrap(),
-                        )
+                        } else {
+                            hyper::Response::builder()
+                                .status(503)
+                                .body(Full::new(Bytes::from_static(b"down")))
+                        };
+                        Ok::<_, std::convert::Infallible>(answer.unwrap())
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -84,7 +95,7 @@ async fn private_idp(dir: &TempDir) -> Idp {
             });
         }
     });
-    Idp { url, signing }
+    Idp { url, signing, up }
 }
 
 /// A gateway verifying ES256 tokens against the IdP's JWKS URL.
@@ -142,4 +153,96 @@ async fn without_the_ca_the_jwks_url_is_not_trusted() {
     assert_eq!(s, 503, "{b}");
     assert!(assert_nova_error(&b, "serviceUnavailable", 503).contains("signing keys"));
     env.stop().await;
+}
+
+/// A reload that leaves `auth` as it was keeps the keys already fetched: an
+/// IdP that is down at that moment locks nobody out. One that changes
+/// `auth` starts afresh, and says so by needing the IdP.
+#[tokio::test]
+async fn a_reload_keeps_the_fetched_keys_while_the_idp_is_down() {
+    let dir = TempDir::new("jwks-reload");
+    let idp = private_idp(&dir).await;
+    let sim = start_sim(fast_sim()).await;
+    let auth = jwks_auth(&idp, Some(&dir.join("ca.pem")));
+    let text = |extra: &Value| {
+        fixtures::to_text(&fixtures::gateway_config(
+            &sim.base_url(),
+            &[],
+            extra.clone(),
+        ))
+    };
+    let path = dir.join("toastgate.yaml");
+    std::fs::write(&path, text(&auth)).unwrap();
+    let config = Config::load(&path, &secrets()).unwrap();
+    let listeners = Listeners::bind(config.listen.public, config.listen.admin)
+        .await
+        .unwrap();
+    let gw = format!("http://{}", listeners.public.local_addr().unwrap());
+    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+    let (stop, stopped) = toastgate::shutdown::stop_pair();
+    let source = ReloadSource {
+        path: path.clone(),
+        secrets: secrets(),
+        poll: Duration::from_millis(100),
+    };
+    let server = tokio::spawn(run_with_reload(config, listeners, stopped, Some(source)));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let token = es256_token(&idp, "web-team");
+    let flavors = |http: reqwest::Client, gw: String, token: String| async move {
+        let r = http
+            .get(format!("{gw}/v2/web/flavors"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let call = || flavors(http.clone(), gw.clone(), token.clone());
+    assert_eq!(call().await.0, 200, "keys fetched while the IdP is up");
+
+    idp.up.store(false, Ordering::SeqCst);
+    // An unrelated change: a new team.
+    let mut changed = auth.clone();
+    changed["teams"] = json!({"new-team": {"projects": ["web"], "allow": [{"actions": ["read"]}]}});
+    std::fs::write(&path, text(&changed)).unwrap();
+    let reloads = |n: u32| format!("toastgate_config_reloads_total{{result=\"success\"}} {n}");
+    assert!(
+        common::metrics::eventually_contains(
+            &http,
+            &admin,
+            &reloads(1),
+            100,
+            Duration::from_millis(100)
+        )
+        .await,
+        "the new file was not loaded"
+    );
+    let (s, b) = call().await;
+    assert_eq!(s, 200, "the reload dropped the keys it held: {b}");
+
+    // `auth` itself changed (a wider leeway): a fresh key cache, which the
+    // IdP, down, cannot fill.
+    changed["auth"]["leeway"] = json!("45s");
+    std::fs::write(&path, text(&changed)).unwrap();
+    assert!(
+        common::metrics::eventually_contains(
+            &http,
+            &admin,
+            &reloads(2),
+            100,
+            Duration::from_millis(100)
+        )
+        .await,
+        "the changed auth was not loaded"
+    );
+    let (s, b) = call().await;
+    assert_eq!(s, 503, "{b}");
+    idp.up.store(true, Ordering::SeqCst);
+
+    stop.stop();
+    server.await.unwrap().unwrap();
+    sim.shutdown();
 }

@@ -206,7 +206,7 @@ pub struct Server {
     pub http2_max_streams: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Auth {
     pub issuer: String,
     pub audience: Vec<String>,
@@ -218,7 +218,7 @@ pub struct Auth {
     pub keys: KeySource,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum KeySource {
     HsSecret(Secret),
     JwksUrl {
