@@ -260,13 +260,34 @@ fn same_link_head(body: &[u8], url_start: usize, head: std::ops::Range<usize>) -
 }
 
 /// Where the JSON string holding the URL whose `://` is at `separator`
-/// starts (just after its opening quote), if it is `"http://` or `"https://`.
+/// starts (just after its opening quote), if it is `"http://` or `"https://`
+/// and the value of an `href` key: where Nova puts every link (`links`,
+/// `servers_links`, `flavors_links`, in either key order). Any other string
+/// is the caller's data (a metadata value, a name, a URL quoted inside a
+/// longer text) and is never touched, whatever URL it holds.
 fn url_start(body: &[u8], separator: usize) -> Option<usize> {
     let before = &body[..separator];
-    [&b"\"https"[..], &b"\"http"[..]]
+    let start = [&b"\"https"[..], &b"\"http"[..]]
         .iter()
         .find(|scheme| before.ends_with(scheme))
-        .map(|scheme| separator - scheme.len() + 1)
+        .map(|scheme| separator - scheme.len() + 1)?;
+    is_href_value(&body[..start - 1]).then_some(start)
+}
+
+/// Whether `before` (a body up to a string's opening quote) ends with an
+/// `"href"` key and its colon, JSON whitespace allowed around the colon.
+/// An escaped quote (`\"`) never passes: the byte before it is `\`.
+fn is_href_value(before: &[u8]) -> bool {
+    let trimmed = |b: &[u8]| -> usize {
+        b.iter()
+            .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+            .map_or(0, |last| last + 1)
+    };
+    let before = &before[..trimmed(before)];
+    let Some(key) = before.strip_suffix(b":") else {
+        return false;
+    };
+    key[..trimmed(key)].ends_with(b"\"href\"")
 }
 
 /// In `rest` (what follows a URL's `://`), the end of the first path
@@ -303,10 +324,12 @@ pub fn rewrite_location(
     tenant_id: &str,
     gateway_project_base: &str,
 ) -> Option<String> {
-    let quoted = format!("\"{value}\"");
-    let rewritten = rewrite_links(quoted.as_bytes(), tenant_id, gateway_project_base)?;
+    // Written as a link of a body is (an `href` value) and rewritten alike.
+    const KEY: &str = "\"href\":\"";
+    let link = format!("{KEY}{value}\"");
+    let rewritten = rewrite_links(link.as_bytes(), tenant_id, gateway_project_base)?;
     let s = String::from_utf8(rewritten).ok()?;
-    Some(s.trim_matches('"').to_string())
+    Some(s.strip_prefix(KEY)?.strip_suffix('"')?.to_string())
 }
 
 fn version_object(base: &str) -> Value {
@@ -372,19 +395,47 @@ mod tests {
         assert!(rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none());
         let b = format!(r#"{{"note":"see /{T}/servers"}}"#);
         assert!(rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none());
+        // A URL that is not the value of an `href` is the caller's data: a
+        // metadata value, a name, a link quoted inside a longer text.
+        for b in [
+            format!(r#"{{"metadata":{{"runbook":"https://wiki.example.com/p/{T}/runbook"}}}}"#),
+            format!(r#"{{"name":"https://h/v2/{T}/servers"}}"#),
+            format!(r#"{{"description":"see \"href\": \"https://h/v2/{T}/x\""}}"#),
+            format!(r#"{{"description":"a\"href\":\"https://h/v2/{T}/x"}}"#),
+            format!(r#"["https://h/v2/{T}/x"]"#),
+            format!(r#"{{"hrefs":"https://h/v2/{T}/x","xhref":"https://h/v2/{T}/x"}}"#),
+        ] {
+            assert!(
+                rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none(),
+                "{b}"
+            );
+        }
+    }
+
+    #[test]
+    fn rewrites_every_href_value_however_spaced_and_ordered() {
+        let b = format!(
+            "{{\"links\": [{{\"rel\": \"self\", \"href\" :\n\t\"https://h/v2/{T}/servers/x\"}}]}}"
+        );
+        let out = String::from_utf8(rewrite_links(b.as_bytes(), T, "https://gw/v2/web").unwrap())
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\"links\": [{\"rel\": \"self\", \"href\" :\n\t\"https://gw/v2/web/servers/x\"}]}"
+        );
     }
 
     #[test]
     fn rewrites_links_behind_a_path_prefix_and_before_a_query() {
         let b = format!(
-            r#"{{"a":"https://h:8774/compute/v2/{T}/servers/x","b":"http://h/{T}?limit=1","c":"https://h/v2/{T}#f","d":"https://h/v2/{T}/x\/y","e":"https://h v/{T}/x","f":"https://h/x?t=/{T}/"}}"#
+            r#"[{{"href":"https://h:8774/compute/v2/{T}/servers/x"}},{{"href":"http://h/{T}?limit=1"}},{{"href":"https://h/v2/{T}#f"}},{{"href":"https://h/v2/{T}/x\/y"}},{{"href":"https://h v/{T}/x"}},{{"href":"https://h/x?t=/{T}/"}}]"#
         );
         let out = String::from_utf8(rewrite_links(b.as_bytes(), T, "https://gw/v2/web").unwrap())
             .unwrap();
         assert_eq!(
             out,
             format!(
-                r#"{{"a":"https://gw/v2/web/servers/x","b":"https://gw/v2/web?limit=1","c":"https://gw/v2/web#f","d":"https://gw/v2/web/x\/y","e":"https://h v/{T}/x","f":"https://h/x?t=/{T}/"}}"#
+                r#"[{{"href":"https://gw/v2/web/servers/x"}},{{"href":"https://gw/v2/web?limit=1"}},{{"href":"https://gw/v2/web#f"}},{{"href":"https://gw/v2/web/x\/y"}},{{"href":"https://h v/{T}/x"}},{{"href":"https://h/x?t=/{T}/"}}]"#
             ),
             "a string spaced before the tenant is not a plain URL and stays as it is; \
              what follows the tenant is copied as it is"
@@ -393,16 +444,41 @@ mod tests {
 
     #[test]
     fn a_link_like_an_earlier_one_is_rewritten_only_where_its_tenant_segment_ends() {
-        let b = format!(
-            r#"["https://h/v2/{T}/a","https://h/v2/{T}x/b","https://h/v2/{T}?c","https://h/v2/{T}","https://h2/v2/{T}/d","https://h/v2/{T}/e","https://h/{T}/f","https://h/v2/{T}/g","https://h/{T}x","https://h/{T}#h"]"#
-        );
+        let hrefs = |links: &[&str]| {
+            let links: Vec<String> = links
+                .iter()
+                .map(|l| format!(r#"{{"href":"{}"}}"#, l.replace("{T}", T)))
+                .collect();
+            format!("[{}]", links.join(","))
+        };
+        let b = hrefs(&[
+            "https://h/v2/{T}/a",
+            "https://h/v2/{T}x/b",
+            "https://h/v2/{T}?c",
+            "https://h/v2/{T}",
+            "https://h2/v2/{T}/d",
+            "https://h/v2/{T}/e",
+            "https://h/{T}/f",
+            "https://h/v2/{T}/g",
+            "https://h/{T}x",
+            "https://h/{T}#h",
+        ]);
         let out = String::from_utf8(rewrite_links(b.as_bytes(), T, "https://gw/v2/web").unwrap())
             .unwrap();
         assert_eq!(
             out,
-            format!(
-                r#"["https://gw/v2/web/a","https://h/v2/{T}x/b","https://gw/v2/web?c","https://gw/v2/web","https://gw/v2/web/d","https://gw/v2/web/e","https://gw/v2/web/f","https://gw/v2/web/g","https://h/{T}x","https://gw/v2/web#h"]"#
-            )
+            hrefs(&[
+                "https://gw/v2/web/a",
+                "https://h/v2/{T}x/b",
+                "https://gw/v2/web?c",
+                "https://gw/v2/web",
+                "https://gw/v2/web/d",
+                "https://gw/v2/web/e",
+                "https://gw/v2/web/f",
+                "https://gw/v2/web/g",
+                "https://h/{T}x",
+                "https://gw/v2/web#h",
+            ])
         );
     }
 
@@ -440,10 +516,11 @@ mod tests {
                 proptest::sample::select(vec![
                     "\"https://", "\"http://", "h", "h2:80", "/", "/v2", "/6cdebe3eb0094910bc41f1d42ebe4cb7",
                     "x", "?", "#", " ", "\\", "\"", ",", ":", "://",
+                    "\"href\":", "\"href\": ",
                     // Whole link heads, so that most bodies hold several.
-                    "\"https://h/v2/6cdebe3eb0094910bc41f1d42ebe4cb7",
-                    "\"https://h/6cdebe3eb0094910bc41f1d42ebe4cb7",
-                    "\"http://h2:80/v2/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                    "\"href\":\"https://h/v2/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                    "\"href\":\"https://h/6cdebe3eb0094910bc41f1d42ebe4cb7",
+                    "\"href\": \"http://h2:80/v2/6cdebe3eb0094910bc41f1d42ebe4cb7",
                 ]),
                 0..60,
             )
@@ -464,6 +541,7 @@ mod tests {
                 proptest::sample::select(vec![
                     "\"https://", "\"http://", "\"http:/", "\"", "ab", "aba", "abab", "b", "/", "/v2",
                     "?", "#", " ", "\\", ":", "://", "\"https://abab/", "\"http://h/abab",
+                    "\"href\":", "\"href\":\"https://abab/", "\"href\":\"http://h/abab",
                 ]),
                 0..60,
             )

@@ -7,7 +7,8 @@ use common::{Env, WEB_TENANT, assert_nova_error, first_fixed_ip};
 use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{
-    FLAVOR_M2_C2M4, FLAVOR_R2_C2M4, IMAGE_CENTOS_7_8, SUBNET_VPC1, WEB_VOLUMES,
+    FLAVOR_M2_C2M4, FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, SUBNET_VPC1,
+    WEB_VOLUMES,
 };
 
 const TEAM: &str = "web-team";
@@ -587,5 +588,33 @@ async fn an_unreachable_upstream_is_a_clear_502_and_a_slow_one_a_504() {
     let (s, b) = env.get(TEAM, "/v2/web/flavors").await;
     assert_eq!(s, 502, "{b}");
     assert!(assert_nova_error(&b, "computeFault", 502).contains("unreachable"));
+    env.stop().await;
+}
+
+/// Only links are rewritten: a URL in the caller's own data (a metadata
+/// value naming the tenant, as a console or wiki URL may) comes back as it
+/// was sent, next to the server's links pointing at the gateway.
+#[tokio::test]
+async fn urls_in_metadata_are_data_and_stay_as_sent() {
+    let env = Env::start().await;
+    env.web_keypair("web-team", "k").await;
+    let runbook = format!("https://wiki.example.com/p/{WEB_TENANT}/runbook");
+    let (s, b) = env
+        .post(
+            "web-team",
+            "/v2/web/servers",
+            json!({"server": {"name": "meta-0", "imageRef": IMAGE_CENTOS_7_8,
+                              "flavorRef": FLAVOR_U2_C1M1,
+                              "networks": [{"uuid": NETWORK_VPC1}], "key_name": "k",
+                              "metadata": {"runbook": runbook}}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["server"]["id"].as_str().unwrap().to_string();
+    let (s, b) = env.get("web-team", &format!("/v2/web/servers/{id}")).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["server"]["metadata"]["runbook"], runbook.as_str(), "{b}");
+    let own = b["server"]["links"][0]["href"].as_str().unwrap();
+    assert_eq!(own, env.url(&format!("/v2/web/servers/{id}")));
     env.stop().await;
 }
