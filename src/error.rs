@@ -116,8 +116,13 @@ pub enum GatewayError {
 pub enum RouteError {
     #[error("no such route: {method} {path}")]
     NotFound { method: String, path: String },
-    #[error("{method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
+    #[error("{method} is not allowed on {path} (allowed: {allowed})")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The methods the path takes, for the message and v2's `Allow`.
+        allowed: String,
+    },
 }
 
 /// Where a failure came from.
@@ -329,6 +334,12 @@ impl GatewayError {
             Self::nova_fault(status): {"code": status.as_u16(), "message": self.to_string()}
         });
         let mut resp = (status, axum::Json(body)).into_response();
+        // RFC 9110 (15.5.6): a 405 says which methods the target takes.
+        if let GatewayError::NoRoute(RouteError::MethodNotAllowed { allowed, .. }) = self
+            && let Ok(allowed) = HeaderValue::from_str(allowed)
+        {
+            resp.headers_mut().insert(header::ALLOW, allowed);
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -419,6 +430,7 @@ mod tests {
             NoRoute(RouteError::MethodNotAllowed {
                 method: "PUT".into(),
                 path: "/x".into(),
+                allowed: "GET".into(),
             }),
             BadRequest("b".into()),
             Invalid("i".into()),

@@ -112,7 +112,36 @@ pub fn classify_v2<'a>(
     Ok(V2Route { query, ..route })
 }
 
+/// The methods a request's route would take, for a 405's `Allow`; only
+/// asked when `method` is not one of them.
+const METHODS: [Method; 4] = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
+
+fn allowed_methods(takes: impl Fn(&Method) -> bool) -> String {
+    let allowed: Vec<&str> = METHODS
+        .iter()
+        .filter(|m| takes(m))
+        .map(Method::as_str)
+        .collect();
+    allowed.join(", ")
+}
+
 fn classify_v2_path<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, RouteError> {
+    match route_v2(method, path) {
+        Err(RouteError::MethodNotAllowed {
+            method,
+            path: shown,
+            ..
+        }) => Err(RouteError::MethodNotAllowed {
+            method,
+            path: shown,
+            allowed: allowed_methods(|m| route_v2(m, path).is_ok()),
+        }),
+        routed => routed,
+    }
+}
+
+/// [`classify_v2_path`] without the `Allow` list of a 405.
+fn route_v2<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, RouteError> {
     let not_found = || RouteError::NotFound {
         method: method.to_string(),
         path: format!("/v2/{path}"),
@@ -192,6 +221,7 @@ fn classify_v2_path<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, R
             return Err(RouteError::MethodNotAllowed {
                 method: m.to_string(),
                 path: format!("/v2/{path}"),
+                allowed: String::new(),
             });
         }
         ["servers", id, "os-volume_attachments"] => with_target(
@@ -228,6 +258,7 @@ fn classify_v2_path<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, R
         None => Err(RouteError::MethodNotAllowed {
             method: m.to_string(),
             path: format!("/v2/{path}"),
+            allowed: String::new(),
         }),
     }
 }
@@ -582,6 +613,7 @@ pub fn classify_v1(
             return Err(RouteError::MethodNotAllowed {
                 method: method.to_string(),
                 path: format!("/v1.0/appkeys/{{appkey}}/{}", rest.join("/")),
+                allowed: allowed_methods(|m| v1_endpoint_query_params(m, &rest).is_some()),
             }
             .into());
         }
@@ -995,7 +1027,8 @@ mod tests {
         ));
         assert!(matches!(
             classify_v1(&Method::PUT, "k/instances", Some("id=x")),
-            Err(GatewayError::NoRoute(RouteError::MethodNotAllowed { .. }))
+            Err(GatewayError::NoRoute(RouteError::MethodNotAllowed { allowed, .. }))
+                if allowed == "GET, POST, DELETE"
         ));
         assert!(matches!(
             classify_v1(&Method::GET, "k/availability-zones", Some("id=x")),

@@ -623,7 +623,11 @@ fn no_route(req: &Request<Body>, kind: RouteKind) -> GatewayError {
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
     GatewayError::NoRoute(match kind {
         RouteKind::NotFound => crate::error::RouteError::NotFound { method, path },
-        RouteKind::BadMethod => crate::error::RouteError::MethodNotAllowed { method, path },
+        RouteKind::BadMethod => crate::error::RouteError::MethodNotAllowed {
+            method,
+            path,
+            allowed: "GET".to_string(),
+        },
     })
 }
 

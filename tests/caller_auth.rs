@@ -236,16 +236,34 @@ async fn unknown_project_and_unknown_route_are_refused_not_forwarded() {
     assert_eq!(status, 404);
     assert_nova_error(&body, "itemNotFound", 404);
 
-    let (status, body) = env
-        .call(
+    let answer = env
+        .request(
             "web-team",
             reqwest::Method::PATCH,
             "/v2/web/servers/x",
             None,
         )
         .await;
-    assert_eq!(status, 405);
-    assert_nova_error(&body, "badMethod", 405);
+    assert_eq!(answer.status, 405);
+    let message = assert_nova_error(&answer.body, "badMethod", 405);
+    assert!(message.contains("(allowed: GET, PUT, DELETE)"), "{message}");
+    // RFC 9110: a 405 names the methods the target takes.
+    assert_eq!(answer.headers["allow"], "GET, PUT, DELETE");
+    let answer = env
+        .request(
+            "web-team",
+            reqwest::Method::DELETE,
+            "/v2/web/servers/x/action",
+            None,
+        )
+        .await;
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.headers["allow"], "POST");
+    let answer = env
+        .request("web-team", reqwest::Method::POST, "/v2/", None)
+        .await;
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.headers["allow"], "GET");
 
     let (status, body) = env
         .post(
