@@ -176,13 +176,8 @@ impl Gateway {
             );
             AuditLog::disabled()
         };
-        // A replica that dies mid-request frees its keys after this.
-        let in_flight = config.server.request_timeout + std::time::Duration::from_secs(30);
-        let idempotency = IdempotencyStore::new(
-            config.idempotency.window,
-            in_flight,
-            config.idempotency.max_entries,
-        );
+        let idempotency =
+            IdempotencyStore::new(config.idempotency.window, config.idempotency.max_entries);
         Ok(Arc::new(Gateway {
             idempotency,
             traces,
@@ -477,7 +472,12 @@ impl Gateway {
             }
             _ => None,
         };
-        match self.idempotency.claim(redis, team, key, fingerprint).await {
+        let hold = idempotency::running_hold(snap.config.server.request_timeout);
+        match self
+            .idempotency
+            .claim(redis, team, key, fingerprint, hold)
+            .await
+        {
             Ok(claim) => Ok(Some(claim)),
             Err(Refused::InFlight) => Err(GatewayError::IdempotencyInFlight),
             Err(Refused::Mismatch) => Err(GatewayError::IdempotencyMismatch),

@@ -179,8 +179,16 @@ fn strip_private_keys(value: &mut Value) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 enum Entry {
-    InFlight { fingerprint: String },
-    Done { fingerprint: String, answer: Stored },
+    InFlight {
+        fingerprint: String,
+        /// How long the marker holds ([`running_hold`] at the claim).
+        #[serde(default)]
+        hold_ms: u64,
+    },
+    Done {
+        fingerprint: String,
+        answer: Stored,
+    },
 }
 
 /// What a request with a key may do.
@@ -209,11 +217,20 @@ pub struct Ticket {
     redis: Option<Arc<RedisBackend>>,
 }
 
+/// How long a running request holds its key at most: its phases (bounded
+/// by `server.request_timeout`), then its `completed` audit record (bounded
+/// by the same again, a hung volume) and the keeping of its answer, with a
+/// margin. A marker that expired sooner would let a retry run the create a
+/// second time while the first is still finishing; a replica that died
+/// mid-request frees its keys after this.
+pub fn running_hold(request_timeout: Duration) -> Duration {
+    request_timeout * 2 + Duration::from_secs(30)
+}
+
 /// Keys and answers: in process, or on the shared Redis.
 pub struct IdempotencyStore {
     local: moka::sync::Cache<String, Entry>,
     window: Duration,
-    in_flight: Duration,
 }
 
 impl std::fmt::Debug for IdempotencyStore {
@@ -225,10 +242,9 @@ impl std::fmt::Debug for IdempotencyStore {
     }
 }
 
-/// In-process entries live `window` once done, `in_flight` while running.
+/// In-process entries live `window` once done, their hold while running.
 struct Lifetimes {
     window: Duration,
-    in_flight: Duration,
 }
 
 impl moka::Expiry<String, Entry> for Lifetimes {
@@ -255,40 +271,38 @@ impl moka::Expiry<String, Entry> for Lifetimes {
 impl Lifetimes {
     fn lifetime(&self, entry: &Entry) -> Duration {
         match entry {
-            Entry::InFlight { .. } => self.in_flight,
+            Entry::InFlight { hold_ms, .. } => Duration::from_millis((*hold_ms).max(1)),
             Entry::Done { .. } => self.window,
         }
     }
 }
 
 impl IdempotencyStore {
-    /// `window`: how long answers are kept; `in_flight`: how long a running
-    /// request holds its key at most (a replica that died mid-request frees
-    /// it then); `max_entries`: the in-process bound.
-    pub fn new(window: Duration, in_flight: Duration, max_entries: u64) -> IdempotencyStore {
+    /// `window`: how long answers are kept; `max_entries`: the in-process
+    /// bound.
+    pub fn new(window: Duration, max_entries: u64) -> IdempotencyStore {
         let local = moka::sync::Cache::builder()
             .max_capacity(max_entries)
-            .expire_after(Lifetimes { window, in_flight })
+            .expire_after(Lifetimes { window })
             .build();
-        IdempotencyStore {
-            local,
-            window,
-            in_flight,
-        }
+        IdempotencyStore { local, window }
     }
 
     /// Claims `key` of `team` for a request with `fingerprint`, on `redis`
-    /// when given (shared by every replica), else in process.
+    /// when given (shared by every replica), else in process; a first claim
+    /// holds the key for `hold` at most ([`running_hold`]).
     pub(crate) async fn claim(
         &self,
         redis: Option<(&Arc<RedisBackend>, &str)>,
         team: &str,
         key: &str,
         fingerprint: &str,
+        hold: Duration,
     ) -> Result<Claim, Refused> {
         let digest = hex(&Sha256::digest(key.as_bytes()));
         let running = Entry::InFlight {
             fingerprint: fingerprint.to_string(),
+            hold_ms: millis(hold),
         };
         let (store_key, existing) = match redis {
             None => {
@@ -309,7 +323,9 @@ impl IdempotencyStore {
                 fingerprint: fingerprint.to_string(),
                 redis: redis.map(|(b, _)| b.clone()),
             })),
-            Some(Entry::InFlight { fingerprint: f }) if f == fingerprint => Err(Refused::InFlight),
+            Some(Entry::InFlight { fingerprint: f, .. }) if f == fingerprint => {
+                Err(Refused::InFlight)
+            }
             Some(Entry::Done {
                 fingerprint: f,
                 answer,
@@ -326,6 +342,10 @@ impl IdempotencyStore {
         running: &Entry,
     ) -> Result<Option<Entry>, Refused> {
         let value = serde_json::to_string(running).map_err(|_| Refused::Unavailable)?;
+        let hold_ms = match running {
+            Entry::InFlight { hold_ms, .. } => *hold_ms,
+            Entry::Done { .. } => millis(self.window),
+        };
         let timeout = backend.timeout().max(Duration::from_millis(250));
         // Twice: the key may expire between a refused SET and the GET.
         for _ in 0..2 {
@@ -336,7 +356,7 @@ impl IdempotencyStore {
                         .arg(&value)
                         .arg("NX")
                         .arg("PX")
-                        .arg(millis(self.in_flight)),
+                        .arg(hold_ms),
                     timeout,
                 )
                 .await
@@ -490,43 +510,75 @@ mod tests {
 
     #[tokio::test]
     async fn first_replay_conflict_and_mismatch_in_process() {
-        let store = IdempotencyStore::new(Duration::from_secs(60), Duration::from_secs(5), 100);
-        let Ok(Claim::First(ticket)) = store.claim(None, "web-team", "k1", "fp-a").await else {
+        const HOLD: Duration = Duration::from_secs(5);
+        let store = IdempotencyStore::new(Duration::from_secs(60), 100);
+        let Ok(Claim::First(ticket)) = store.claim(None, "web-team", "k1", "fp-a", HOLD).await
+        else {
             panic!("the first claim runs");
         };
         assert_eq!(
             store
-                .claim(None, "web-team", "k1", "fp-a")
+                .claim(None, "web-team", "k1", "fp-a", HOLD)
                 .await
                 .unwrap_err(),
             Refused::InFlight
         );
         assert_eq!(
             store
-                .claim(None, "web-team", "k1", "fp-b")
+                .claim(None, "web-team", "k1", "fp-b", HOLD)
                 .await
                 .unwrap_err(),
             Refused::Mismatch
         );
         // Another team's key of the same name is another key.
         assert!(matches!(
-            store.claim(None, "batch-team", "k1", "fp-b").await,
+            store.claim(None, "batch-team", "k1", "fp-b", HOLD).await,
             Ok(Claim::First(_))
         ));
         let answer = Stored::new(202, &HeaderMap::new(), b"{\"server\":{}}", None).unwrap();
         store.complete(ticket, answer.clone()).await;
-        match store.claim(None, "web-team", "k1", "fp-a").await {
+        match store.claim(None, "web-team", "k1", "fp-a", HOLD).await {
             Ok(Claim::Replay(got)) => assert_eq!(got, answer),
             other => panic!("{other:?}"),
         }
         // Released: the next claim runs again.
-        let Ok(Claim::First(t)) = store.claim(None, "web-team", "k2", "fp").await else {
+        let Ok(Claim::First(t)) = store.claim(None, "web-team", "k2", "fp", HOLD).await else {
             panic!()
         };
         store.release(t).await;
         assert!(matches!(
-            store.claim(None, "web-team", "k2", "fp").await,
+            store.claim(None, "web-team", "k2", "fp", HOLD).await,
             Ok(Claim::First(_))
         ));
+    }
+
+    /// A running marker holds for the hold of its claim (not the window of
+    /// answers), and then frees the key.
+    #[tokio::test]
+    async fn a_running_marker_holds_for_its_claims_hold() {
+        let store = IdempotencyStore::new(Duration::from_secs(600), 100);
+        let hold = Duration::from_secs(2);
+        let Ok(Claim::First(_running)) = store.claim(None, "web-team", "k", "fp", hold).await
+        else {
+            panic!("the first claim runs");
+        };
+        assert_eq!(
+            store
+                .claim(None, "web-team", "k", "fp", hold)
+                .await
+                .unwrap_err(),
+            Refused::InFlight
+        );
+        tokio::time::sleep(hold + Duration::from_millis(500)).await;
+        assert!(matches!(
+            store.claim(None, "web-team", "k", "fp", hold).await,
+            Ok(Claim::First(_))
+        ));
+    }
+
+    #[test]
+    fn a_running_request_holds_its_key_past_both_of_its_deadlines() {
+        let request_timeout = Duration::from_secs(60);
+        assert!(running_hold(request_timeout) > request_timeout * 2);
     }
 }

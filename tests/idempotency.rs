@@ -207,6 +207,21 @@ async fn a_client_that_times_out_and_retries_on_another_replica_creates_one_inst
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // The running marker outlasts both of A's deadlines (its phases, then
+    // its audit record: `server.request_timeout` each, 10 s here), so no
+    // retry can run the create again while A is still finishing.
+    let mut conn = redis.connection().unwrap();
+    let markers: Vec<String> = redis::cmd("KEYS")
+        .arg("idem:idem:*")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    let held_ms = redis.pttl(&markers[0]);
+    assert!(
+        held_ms > 2 * 10_000 + 25_000,
+        "the running marker holds for {held_ms} ms only"
+    );
+
     let http = reqwest::Client::new();
     let (s, h, b409) = post_with_key(&http, b, "/v2/web/servers", key, &body)
         .await
