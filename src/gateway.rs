@@ -650,7 +650,9 @@ impl Gateway {
                 Box::pin(self.idempotency.release(ticket)).await;
                 resp
             }
-            Some(ticket) => Box::pin(self.keep_answer(ticket, resp, x.result.clone())).await,
+            Some(ticket) => {
+                Box::pin(self.keep_answer(x.surface, ticket, resp, x.result.clone())).await
+            }
             None => resp,
         }
     }
@@ -658,6 +660,7 @@ impl Gateway {
     /// Keeps the answer the caller gets for repeats of its key.
     async fn keep_answer(
         &self,
+        surface: crate::exchange::Surface,
         ticket: crate::idempotency::Ticket,
         resp: Response,
         result: Option<Value>,
@@ -666,10 +669,12 @@ impl Gateway {
         let bytes = match axum::body::to_bytes(body, usize::MAX).await {
             Ok(b) => b,
             Err(e) => {
+                // The action may have run: the key is not freed (repeats
+                // meet the running marker, 409, until it expires).
                 tracing::warn!(error = %e, "idempotency: the answer could not be read to keep it");
-                self.idempotency.release(ticket).await;
+                drop(ticket);
                 return render_error(
-                    crate::exchange::Surface::V2,
+                    surface,
                     &GatewayError::Internal("the answer could not be read".into()),
                 );
             }
