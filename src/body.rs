@@ -115,6 +115,12 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        // serde_json reads `-0` as the float -0.0 (to keep its sign), which
+        // would go upstream as `-0.0`: a float where the upstream's Python
+        // reads the integer 0. Zero is what was judged: zero goes.
+        if v == 0.0 && v.is_sign_negative() {
+            return Ok(Value::from(0));
+        }
         if v.fract() == 0.0 && v.abs() >= INTEGER_LIMIT {
             return Err(E::custom(format!(
                 "the number {v} is a whole number beyond 64 bits, which toastgate cannot forward exactly"
@@ -219,6 +225,7 @@ mod tests {
             ),
             (br#"{"n":-9223372036854775808}"#, json!({"n": i64::MIN})),
             (br#"{"n":2.0}"#, json!({"n": 2.0})),
+            (br#"{"n":-0}"#, json!({"n": 0})),
             (br#"{"s":"\u00e9\ud83d\ude00"}"#, json!({"s": "é😀"})),
             (br#""just a string""#, json!("just a string")),
         ];
@@ -230,6 +237,10 @@ mod tests {
             assert_eq!(&serde_json::from_slice::<Value>(&sent).unwrap(), want);
         }
         assert_eq!(&to_upstream_bytes(&json!({"n": 2.0}))[..], br#"{"n":2.0}"#);
+        let zero = parse_strict(br#"{"boot_index":-0}"#).unwrap();
+        assert_eq!(&to_upstream_bytes(&zero)[..], br#"{"boot_index":0}"#);
+        let zero = parse_strict(br#"{"x":0.0}"#).unwrap();
+        assert_eq!(&to_upstream_bytes(&zero)[..], br#"{"x":0.0}"#);
     }
 
     /// A decimal goes upstream as the very double a correctly rounding
