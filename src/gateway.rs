@@ -38,6 +38,7 @@ use http::{HeaderMap, Request};
 use serde_json::Value;
 
 use crate::action::Action;
+use crate::audit::refusals::{NO_TEAM, RefusalSampler};
 use crate::audit::{AuditLog, Owed, Stage};
 use crate::auth::{Authenticator, CacheOutcome, Identity, VerifiedTokens};
 use crate::body;
@@ -104,6 +105,8 @@ pub struct Gateway {
     pub broker: Arc<TokenBroker>,
     pub metrics: Arc<Metrics>,
     pub audit: AuditLog,
+    /// Refusal records held to `audit.refusal_records` per caller.
+    refusals: RefusalSampler,
     compute: Compute,
     flavors: FlavorCache,
     /// `Idempotency-Key` answers (in process; on Redis when the limits are).
@@ -178,6 +181,7 @@ impl Gateway {
         };
         let idempotency =
             IdempotencyStore::new(config.idempotency.window, config.idempotency.max_entries);
+        let refusals = RefusalSampler::new(&config.audit.refusal_records);
         Ok(Arc::new(Gateway {
             idempotency,
             traces,
@@ -189,6 +193,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config)?),
             broker,
             metrics,
+            refusals,
             audit,
             compute,
             flavors: FlavorCache::default(),
@@ -574,13 +579,28 @@ impl Gateway {
             } else {
                 Owed::No
             };
-            let written = Box::pin(self.write_audit(
-                x.audit_record(Stage::Completed, level, Some(&ending)),
-                owed,
-                config.server.request_timeout,
-            ))
-            .await
-            .is_ok();
+            let record = x.audit_record(Stage::Completed, level, Some(&ending));
+            // A refusal's record may be held back (counted in the caller's
+            // next one): refusals cost the refused nothing to send.
+            let record = if ending.refused {
+                self.refusals.admit(x.team().unwrap_or(NO_TEAM), record)
+            } else {
+                Some(record)
+            };
+            let written = match record {
+                Some(record) => {
+                    Box::pin(self.write_audit(record, owed, config.server.request_timeout))
+                        .await
+                        .is_ok()
+                }
+                None => {
+                    self.metrics
+                        .audit_records
+                        .with_label_values(&["suppressed"])
+                        .inc();
+                    false
+                }
+            };
             // A mutating Action is never answered as a success without its
             // completed record (it ran: say so, with what it produced).
             let succeeded = ending.outcome == Outcome::Ok;
@@ -689,6 +709,28 @@ impl Gateway {
             }
         }
         Response::from_parts(parts, axum::body::Body::from(bytes))
+    }
+
+    /// Writes the held-back refusal records of callers quiet for `quiet`
+    /// (every caller's, with zero: at shutdown), each carrying the count of
+    /// the others held back.
+    pub async fn write_held_refusals(&self, quiet: std::time::Duration) {
+        let deadline = self.snapshot().config.server.request_timeout;
+        for record in self.refusals.drain(quiet) {
+            let _ = Box::pin(self.write_audit(record, Owed::No, deadline)).await;
+        }
+    }
+
+    /// Every second, the held-back refusal records of callers quiet for a
+    /// second, until `stop`.
+    pub async fn write_held_refusals_until(self: Arc<Self>, stop: crate::shutdown::Stop) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = stop.stopped() => return,
+                _ = tokio::time::sleep(EVERY) => self.write_held_refusals(EVERY).await,
+            }
+        }
     }
 
     /// Writes one record, waiting at most `deadline` for the writer to

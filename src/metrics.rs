@@ -456,7 +456,7 @@ impl Metrics {
             },
             audit_records: counter(
                 "toastgate_audit_records_total",
-                "Audit records by result (written, failed).",
+                "Audit records by result (written, failed, suppressed).",
                 &["result"],
             ),
             in_flight: gauge(
@@ -485,7 +485,7 @@ impl Metrics {
         for mode in ["fail_open", "fail_closed"] {
             m.ratelimit_degraded.with_label_values(&[mode]).inc_by(0);
         }
-        for result in ["written", "failed"] {
+        for result in ["written", "failed", "suppressed"] {
             m.audit_records.with_label_values(&[result]).inc_by(0);
         }
         for result in ["success", "failure"] {

@@ -119,6 +119,7 @@ pub async fn run_with_reload(
         &gateway, &stop,
     )));
     gateway.snapshot().limiter.spawn_maintenance(stop.clone());
+    tokio::spawn(gateway.clone().write_held_refusals_until(stop.clone()));
     let (webhook_handle, webhook_stop) = stop_pair();
     let shipper = start_audit_webhook(&gateway, webhook_stop)?;
     if let Some(source) = reload {
@@ -213,6 +214,8 @@ pub async fn run_with_reload(
     {
         admin.abort();
     }
+    // What the last refusals held back, written before the final flush.
+    gateway.write_held_refusals(Duration::ZERO).await;
     if let Err(e) = gateway.audit.flush().await {
         tracing::error!(error = %e, "audit log flush failed at shutdown");
     }
@@ -388,6 +391,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     if new.audit.file != running.audit.file
         || new.audit.stdout != running.audit.stdout
         || new.audit.webhook != running.audit.webhook
+        || new.audit.refusal_records != running.audit.refusal_records
     {
         changed("audit sinks");
     }
@@ -418,6 +422,7 @@ fn keep_restart_only_settings(mut new: Config, running: &Config) -> Config {
     new.audit.file = running.audit.file.clone();
     new.audit.stdout = running.audit.stdout;
     new.audit.webhook = running.audit.webhook.clone();
+    new.audit.refusal_records = running.audit.refusal_records.clone();
     new.idempotency = running.idempotency;
     new.traces = running.traces.clone();
     new

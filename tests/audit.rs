@@ -392,6 +392,92 @@ async fn refusals_are_recorded() {
     assert!(refused[0]["team"].is_null(), "unauthenticated: no team");
 }
 
+/// A flood of refused requests (no JWT needed to send one) writes at most
+/// `audit.refusal_records` per caller; the rest are counted, in the next
+/// record written or, once the caller is quiet, in its last refusal: the
+/// records and their counts add up to every refusal. Another caller's
+/// refusals are recorded meanwhile.
+#[tokio::test]
+async fn a_refusal_flood_is_recorded_at_a_bounded_rate_and_every_refusal_counted() {
+    let dir = TempDir::new("audit-refusal-flood");
+    let file = dir.join("audit.jsonl");
+    let env = Env::start_with_overlays(
+        fast_sim(),
+        &["overlays/batch-team-read-only.yaml"],
+        json!({"audit": {
+            "file": {"path": file},
+            "refusal_records": {"rate": "1/h", "burst": 5}
+        }}),
+    )
+    .await;
+    const FLOOD: u64 = 60;
+    for _ in 0..FLOOD {
+        let resp = env
+            .http
+            .get(env.url("/v2/web/servers"))
+            .header("X-Auth-Token", "garbage")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+    }
+    // A team's refusal has a budget of its own.
+    let (s, _) = env
+        .post(
+            "batch-team",
+            "/v2/batch/os-keypairs",
+            json!({"keypair": {"name": "x"}}),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let unauthenticated = |recs: &[Value]| -> Vec<Value> {
+        recs.iter()
+            .filter(|r| r["decision"] == "refused" && r["team"].is_null())
+            .cloned()
+            .collect()
+    };
+    let now = records(&file);
+    let written = unauthenticated(&now);
+    assert_eq!(written.len(), 5, "the burst, then held back: {written:?}");
+    assert!(
+        now.iter()
+            .any(|r| r["team"] == "batch-team" && r["reason"] == "policy:action"),
+        "the team's refusal is recorded at once"
+    );
+    let metrics = env.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "toastgate_audit_records_total{{result=\"suppressed\"}} {}",
+            FLOOD - 5
+        )),
+        "held-back records are counted in the metrics"
+    );
+
+    // Quiet for a second: the last held-back refusal is written, carrying
+    // the count of the others.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let written = loop {
+        let written = unauthenticated(&records(&file));
+        if written.len() > 5 {
+            break written;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held-back refusals were never written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(written.len(), 6, "{written:?}");
+    assert_eq!(written[5]["suppressed"], FLOOD - 6);
+    assert_eq!(written[5]["reason"], "auth:malformed");
+    let counted: u64 = written
+        .iter()
+        .map(|r| 1 + r["suppressed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(counted, FLOOD, "every refusal is in a record or a count");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn an_audit_sink_that_cannot_write_blocks_mutating_requests() {
     let dir = TempDir::new("audit-failclosed");

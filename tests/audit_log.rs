@@ -32,6 +32,7 @@ fn cfg(path: &Path, max_bytes: u64, keep: u32, fsync: FsyncPolicy) -> Audit {
         webhook: None,
         fail_closed: true,
         rules: Vec::new(),
+        refusal_records: Default::default(),
     }
 }
 
@@ -563,6 +564,7 @@ async fn disabled_log_accepts_and_drops() {
         webhook: None,
         fail_closed: true,
         rules: Vec::new(),
+        refusal_records: Default::default(),
     };
     assert!(!AuditLog::open(&none).unwrap().is_enabled());
 }

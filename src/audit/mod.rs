@@ -40,6 +40,7 @@
 
 pub mod chain;
 mod cli;
+pub mod refusals;
 mod sink;
 mod summary;
 mod webhook;
@@ -127,6 +128,10 @@ pub struct AuditRecord {
     pub result: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<f64>,
+    /// On a refusal record: how many refusal records of the same caller
+    /// were held back (`audit.refusal_records`) and are counted here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 impl AuditRecord {
@@ -161,6 +166,7 @@ impl AuditRecord {
             upstream_status: None,
             result: None,
             latency_ms: None,
+            suppressed: None,
         }
     }
 }

@@ -467,6 +467,19 @@ pub struct AuditFile {
     /// Actions at `request`, reads not recorded.
     #[serde(default)]
     pub rules: Vec<AuditRuleFile>,
+    /// Refusal records written per caller (a team; callers without a valid
+    /// JWT count as one); the others are counted in the next one written
+    /// (`suppressed`). Default: 10/s, burst 100.
+    pub refusal_records: Option<RefusalRecordsFile>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefusalRecordsFile {
+    /// `N/s`, `N/m` or `N/h`.
+    pub rate: String,
+    /// Written at once before the rate applies (default: the rate's N).
+    pub burst: Option<u32>,
 }
 
 impl Default for AuditFile {
@@ -477,6 +490,7 @@ impl Default for AuditFile {
             webhook: None,
             fail_closed: true,
             rules: Vec::new(),
+            refusal_records: None,
         }
     }
 }

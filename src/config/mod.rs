@@ -350,6 +350,29 @@ pub struct Audit {
     pub webhook: Option<AuditWebhook>,
     pub fail_closed: bool,
     pub rules: Vec<(BTreeSet<Action>, AuditLevel)>,
+    pub refusal_records: RefusalRecords,
+}
+
+/// Refusal records written per caller (a team, or all callers without a
+/// valid JWT together), GCRA; the rest are counted (`suppressed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRecords {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+impl Default for RefusalRecords {
+    /// 10 a second, 100 at once: far above what a caller's honest mistakes
+    /// produce, far below what a flood would write.
+    fn default() -> Self {
+        RefusalRecords {
+            rate: Rate {
+                count: 10,
+                per: Duration::from_secs(1),
+            },
+            burst: 100,
+        }
+    }
 }
 
 /// Shipping the audit file's records to an HTTP receiver.

@@ -512,6 +512,19 @@ fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
         (100, Duration::from_secs(5))
     );
     assert!(!format!("{ok:?}").contains("hook-secret-123"));
+    assert_eq!(ok.audit.refusal_records, RefusalRecords::default());
+    let limited = load(json!({"file": file, "refusal_records": {"rate": "2/m"}})).expect("valid");
+    assert_eq!(
+        limited.audit.refusal_records,
+        RefusalRecords {
+            rate: Rate {
+                count: 2,
+                per: Duration::from_secs(60)
+            },
+            burst: 2
+        },
+        "burst defaults to the rate's N"
+    );
 
     let rows = [
         (
@@ -533,6 +546,14 @@ fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
         (
             json!({"file": file, "webhook": {"url": "https://a.example", "bearer_token_env": "NOPE"}}),
             "audit.webhook.bearer_token_env: environment variable `NOPE` is not set",
+        ),
+        (
+            json!({"file": file, "refusal_records": {"rate": "often"}}),
+            "audit.refusal_records.rate: `often` is not a rate",
+        ),
+        (
+            json!({"file": file, "refusal_records": {"rate": "5/s", "burst": 0}}),
+            "audit.refusal_records.burst: must be at least 1",
         ),
     ];
     for (audit, expected) in rows {

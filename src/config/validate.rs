@@ -16,8 +16,8 @@ use super::file::{
 use super::{
     AllowRule, Audit, AuditFileConfig, AuditLevel, AuditWebhook, Auth, Backend, Config,
     ConfigError, ConfigProblem, Constraints, Credentials, Idempotency, KeySource, Listen, Project,
-    Rate, RateLimits, RateRule, RedisTls, SecretSource, Server, Team, TlsFiles, TokenKey,
-    TokenPolicy, Upstream, parse_algorithm, parse_rate,
+    Rate, RateLimits, RateRule, RedisTls, RefusalRecords, SecretSource, Server, Team, TlsFiles,
+    TokenKey, TokenPolicy, Upstream, parse_algorithm, parse_rate,
 };
 use crate::action::Action;
 use crate::secret::Secret;
@@ -790,12 +790,21 @@ impl Validator<'_> {
             rules.push((actions, r.level));
         }
         let webhook = a.webhook.map(|w| self.audit_webhook(w, file.as_ref()));
+        let refusal_records = match a.refusal_records {
+            Some(r) => {
+                let rate = self.rate("audit.refusal_records.rate", &r.rate);
+                let burst = self.burst("audit.refusal_records.burst", r.burst, &rate);
+                RefusalRecords { rate, burst }
+            }
+            None => RefusalRecords::default(),
+        };
         Audit {
             file,
             stdout: a.stdout,
             webhook,
             fail_closed: a.fail_closed,
             rules,
+            refusal_records,
         }
     }
 
