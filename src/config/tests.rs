@@ -537,7 +537,11 @@ fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
         ),
         (
             json!({"file": file, "webhook": {"url": "ftp://a.example"}}),
-            "audit.webhook.url: must be an http:// or https:// URL",
+            "audit.webhook.url: `ftp://a.example` must be an http(s) URL with a host",
+        ),
+        (
+            json!({"file": file, "webhook": {"url": "https://user:pw@a.example/in"}}),
+            "audit.webhook.url: must not carry credentials",
         ),
         (
             json!({"file": file, "webhook": {"url": "https://a.example", "batch_max": 0}}),
@@ -635,7 +639,11 @@ fn traces_are_off_unless_an_endpoint_is_given_and_checked_when_it_is() {
         (json!({"service_name": "x"}), "traces: set `otlp_endpoint`"),
         (
             json!({"otlp_endpoint": "collector:4318"}),
-            "traces.otlp_endpoint: must be an http",
+            "traces.otlp_endpoint: `collector:4318` must be an http(s) URL",
+        ),
+        (
+            json!({"otlp_endpoint": "https://u:secret@collector/v1/traces"}),
+            "traces.otlp_endpoint: must not carry credentials",
         ),
         (
             json!({"otlp_endpoint": "http://c", "sample_ratio": 1.5}),

@@ -941,14 +941,9 @@ impl Validator<'_> {
             }
             return None;
         };
-        let url_ok = url::Url::parse(&endpoint)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !url_ok {
-            self.problem(
-                "traces.otlp_endpoint",
-                "must be an http:// or https:// URL (OTLP/HTTP)",
-            );
-        }
+        // The shared URL checks (no credentials, one the client accepts);
+        // the endpoint is used as written.
+        self.url("traces.otlp_endpoint", &endpoint);
         let sample_ratio = t.sample_ratio.unwrap_or(1.0);
         if !(0.0..=1.0).contains(&sample_ratio) {
             self.problem("traces.sample_ratio", "must be between 0 and 1");
@@ -1009,11 +1004,9 @@ impl Validator<'_> {
             ),
             Some(_) => {}
         }
-        let url_ok = url::Url::parse(&w.url)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-        if !url_ok {
-            self.problem("audit.webhook.url", "must be an http:// or https:// URL");
-        }
+        // The shared URL checks (no credentials: the token goes in
+        // `bearer_token_*`; one the client accepts); used as written.
+        self.url("audit.webhook.url", &w.url);
         if w.batch_max == 0 || w.batch_max > 10_000 {
             self.problem("audit.webhook.batch_max", "must be between 1 and 10000");
         }
