@@ -422,3 +422,79 @@ async fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     // counts millions.
     assert!(accept_errors < 10_000.0, "{accept_errors} accept errors");
 }
+
+/// A client that stops reading its answers (HTTP/1.1: pipelined requests
+/// until the socket is full) holds them unsent: closed once none has been
+/// taken for `idle_timeout` (3 s here), with no token needed to try it.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answers_is_closed() {
+    let env =
+        Env::start_with_overlays(fast_sim(), &["overlays/connection-limits.yaml"], json!({})).await;
+    let addr: std::net::SocketAddr = env.gw.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let conn = socket.connect(addr).await.unwrap();
+    let (mut reader, mut writer) = conn.into_split();
+    // Far more answers (the versions document, ~0.5 KiB each) than any
+    // socket buffers hold.
+    const PIPELINED: usize = 20_000;
+    let writing = tokio::spawn(async move {
+        let request = b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n".repeat(PIPELINED);
+        // Stops when the gateway stops reading, and fails once it closes.
+        let _ = writer.write_all(&request).await;
+        writer
+    });
+    assert!(
+        metrics::gauge_becomes(&env.http, &env.admin, "toastgate_open_connections", 0).await,
+        "a connection whose answers are never read stays open"
+    );
+    // What had been sent, then the end: not every answer.
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut received)).await;
+    let answers = received
+        .windows(b"HTTP/1.1 200".len())
+        .filter(|w| *w == b"HTTP/1.1 200")
+        .count();
+    assert!(answers < PIPELINED, "{answers} answers");
+    writing.abort();
+    // Good requests are served meanwhile and after.
+    assert_eq!(env.get("web-team", "/v2/web/flavors").await.0, 200);
+    env.stop().await;
+}
+
+/// The same over HTTP/2: a client that never opens its stream window gets
+/// its answer's head and never its body; closed once nothing has been
+/// taken for `idle_timeout`.
+#[tokio::test]
+async fn an_http2_client_that_never_opens_its_window_is_closed() {
+    let env =
+        Env::start_with_overlays(fast_sim(), &["overlays/connection-limits.yaml"], json!({})).await;
+    let addr = env.gw.trim_start_matches("http://").to_string();
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(&addr).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(io)
+            .await
+            .unwrap();
+    let driver = tokio::spawn(conn);
+    send.ready().await.unwrap();
+    // No token needed: the versions document.
+    let answer = send
+        .send_request(
+            hyper::Request::get("http://gw/")
+                .body(http_body_util::Full::<bytes::Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    tokio::time::timeout(Duration::from_secs(30), driver)
+        .await
+        .expect("a connection holding an answer its client never takes stayed open")
+        .unwrap()
+        .ok();
+    drop(answer);
+    assert!(metrics::gauge_becomes(&env.http, &env.admin, "toastgate_open_connections", 0).await);
+    env.stop().await;
+}

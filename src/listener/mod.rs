@@ -499,12 +499,7 @@ impl<M: MakeService> Connection<M> {
             // future would be stored twice its size (1.6 KiB more per
             // idle connection, measured).
             hyper::service::Service::call(&service, req).map(move |answer| {
-                answer.map(|resp| {
-                    resp.map(|body| TrackedBody {
-                        body,
-                        _in_flight: in_flight,
-                    })
-                })
+                answer.map(|resp| resp.map(|body| TrackedBody::new(body, in_flight)))
             })
         });
         let hold = io.hold().clone();
@@ -548,6 +543,12 @@ impl<M: MakeService> Connection<M> {
         // anew, and a client dribbling a head must not restart it forever.
         let mut park_from = 1;
         let mut shut_down = false;
+        // Answers the client has yet to take, and since when none of them
+        // has been taken: a client that stops reading (a full socket, an
+        // HTTP/2 window it never opens) would hold its answers, and so the
+        // connection, forever.
+        let mut answers_taken = 0;
+        let mut untaken_since: Option<tokio::time::Instant> = None;
         loop {
             // After any event (a timer reset among them), every control
             // future is polled once, and then only when one of them wakes.
@@ -593,6 +594,21 @@ impl<M: MakeService> Connection<M> {
                 ConnEvent::Check => {
                     let finished = state.finished.load(Ordering::Relaxed);
                     let busy = finished != requests;
+                    // Seen untaken at two checks `idle_timeout` apart, with
+                    // none taken in between: closed.
+                    let taken = state.answers_done.load(Ordering::Relaxed);
+                    let untaken = taken != state.answers.load(Ordering::Relaxed);
+                    match untaken_since {
+                        _ if !untaken => untaken_since = None,
+                        Some(since) if taken == answers_taken => {
+                            if since.elapsed() >= self.listener.limits.idle_timeout {
+                                tracing::debug!(%peer, "answers not taken within idle_timeout; closed");
+                                return Served::Ended(None);
+                            }
+                        }
+                        _ => untaken_since = Some(tokio::time::Instant::now()),
+                    }
+                    answers_taken = taken;
                     if shut_down {
                         if !busy {
                             tracing::debug!(%peer, "connection still open after its shutdown; dropped");
@@ -1104,6 +1120,11 @@ struct ConnState {
     started: AtomicU64,
     /// Requests answered or abandoned.
     finished: AtomicU64,
+    /// Answers handed to hyper, and those hyper is done with (sent in
+    /// full, or dropped): the difference is what the client has yet to
+    /// take.
+    answers: AtomicU64,
+    answers_done: AtomicU64,
     /// It speaks HTTP/2 (its answers never say `Connection: close`).
     http2: AtomicBool,
 }
@@ -1134,7 +1155,23 @@ impl Drop for InFlight {
 /// in full, or dropped): a connection still sending an answer is not idle.
 pub struct TrackedBody {
     body: axum::body::Body,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+}
+
+impl TrackedBody {
+    fn new(body: axum::body::Body, in_flight: InFlight) -> TrackedBody {
+        in_flight.0.answers.fetch_add(1, Ordering::Relaxed);
+        TrackedBody { body, in_flight }
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.in_flight
+            .0
+            .answers_done
+            .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl http_body::Body for TrackedBody {
@@ -1693,10 +1730,10 @@ mod tests {
         });
         let counted = state.clone();
         let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-            let body = TrackedBody {
-                body: axum::body::Body::from(vec![b'x'; ANSWER]),
-                _in_flight: InFlight::start(counted.clone()),
-            };
+            let body = TrackedBody::new(
+                axum::body::Body::from(vec![b'x'; ANSWER]),
+                InFlight::start(counted.clone()),
+            );
             std::future::ready(Ok::<_, Infallible>(http::Response::new(body)))
         });
         let mut segments = Segments {
