@@ -31,7 +31,21 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
         .map_err(|e| TlsError::Key(key.display().to_string(), e.to_string()))?;
     let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
         .map_err(|e| TlsError::Key(key.display().to_string(), e.to_string()))?;
-    Ok(CertifiedKey::new(chain, signing))
+    let certified = CertifiedKey::new(chain, signing);
+    // A key that is not the certificate's would load and then fail every
+    // handshake (a rotation that replaced one file of the pair, say).
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
+        }
+        Err(_) => Err(TlsError::Key(
+            key.display().to_string(),
+            format!(
+                "not the private key of the certificate in {}",
+                cert.display()
+            ),
+        )),
+    }
 }
 
 /// Installs aws-lc-rs as the process-wide rustls provider, once. Our own
@@ -121,5 +135,39 @@ impl ReloadingCert {
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key, as PEM files in a fresh folder.
+    fn pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert_file, key_file)
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let dir = std::env::temp_dir().join(format!("toastgate-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert_a, key_a) = pair(&dir, "a");
+        let (_, key_b) = pair(&dir, "b");
+        assert!(load_certified_key(&cert_a, &key_a).is_ok());
+        let e = load_certified_key(&cert_a, &key_b).unwrap_err().to_string();
+        assert!(e.contains("not the private key of the certificate"), "{e}");
+        assert!(ReloadingCert::load(&cert_a, &key_b).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
