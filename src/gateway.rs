@@ -107,6 +107,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     /// Refusal records held to `audit.refusal_records` per caller.
     refusals: RefusalSampler,
+    /// Requests whose caller hung up, going on in tasks of their own.
+    detached: Arc<Detached>,
     compute: Compute,
     flavors: FlavorCache,
     /// `Idempotency-Key` answers (in process; on Redis when the limits are).
@@ -194,6 +196,7 @@ impl Gateway {
             broker,
             metrics,
             refusals,
+            detached: Arc::default(),
             audit,
             compute,
             flavors: FlavorCache::default(),
@@ -237,6 +240,7 @@ impl Gateway {
         let trace =
             self.traces
                 .request_context(req.headers(), req.method().as_str(), req.uri().path());
+        let detached = self.detached.clone();
         let request = self.serve(surface, req, client);
         // Boxed once, wrapper included: it is moved whole only into the
         // box, and a hang-up moves just the pointer into a task.
@@ -246,7 +250,12 @@ impl Gateway {
             )),
             None => Box::pin(request),
         };
-        match SeenThrough(Some(request)).await {
+        match (SeenThrough {
+            request: Some(request),
+            detached,
+        })
+        .await
+        {
             Some(resp) => resp,
             None => {
                 tracing::error!("a request panicked (a bug): answered 500");
@@ -711,6 +720,12 @@ impl Gateway {
         Response::from_parts(parts, axum::body::Body::from(bytes))
     }
 
+    /// Requests going on after their caller hung up (shutdown waits for
+    /// them).
+    pub fn detached_requests(&self) -> &Detached {
+        &self.detached
+    }
+
     /// Writes the held-back refusal records of callers quiet for `quiet`
     /// (every caller's, with zero: at shutdown), each carrying the count of
     /// the others held back.
@@ -760,14 +775,64 @@ impl Gateway {
 /// no task spawned per request). Dropped before it is done (the caller hung
 /// up), it goes on in a task of its own, as a spawned request did before:
 /// outside a runtime it is dropped, and a runtime shutting down cancels the
-/// new task at once. A panic ends it as `None`.
-struct SeenThrough(Option<Pin<Box<dyn Future<Output = Response> + Send>>>);
+/// new task at once (shutdown first waits for such tasks: [`Detached`]). A
+/// panic ends it as `None`.
+struct SeenThrough {
+    request: Option<Pin<Box<dyn Future<Output = Response> + Send>>>,
+    detached: Arc<Detached>,
+}
+
+/// Requests going on in tasks of their own after their caller hung up:
+/// counted, so that shutdown can wait for them as for those still on a
+/// connection (their `completed` audit records among what they finish).
+#[derive(Debug, Default)]
+pub struct Detached {
+    running: std::sync::atomic::AtomicUsize,
+    finished: tokio::sync::Notify,
+}
+
+impl Detached {
+    fn spawn(
+        self: &Arc<Self>,
+        runtime: &tokio::runtime::Handle,
+        request: Pin<Box<dyn Future<Output = Response> + Send>>,
+    ) {
+        /// Counts the task off however it ends (finished, or cancelled).
+        struct Running(Arc<Detached>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0
+                    .running
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                self.0.finished.notify_waiters();
+            }
+        }
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let running = Running(self.clone());
+        runtime.spawn(async move {
+            let _running = running;
+            request.await
+        });
+    }
+
+    /// Resolves once no detached request is running.
+    pub async fn all_finished(&self) {
+        loop {
+            let finished = self.finished.notified();
+            if self.running.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            finished.await;
+        }
+    }
+}
 
 impl Future for SeenThrough {
     type Output = Option<Response>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Response>> {
-        let Some(request) = self.0.as_mut() else {
+        let Some(request) = self.request.as_mut() else {
             return Poll::Ready(None);
         };
         let polled =
@@ -775,11 +840,11 @@ impl Future for SeenThrough {
         match polled {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(resp)) => {
-                self.0 = None;
+                self.request = None;
                 Poll::Ready(Some(resp))
             }
             Err(_) => {
-                self.0 = None;
+                self.request = None;
                 Poll::Ready(None)
             }
         }
@@ -788,10 +853,10 @@ impl Future for SeenThrough {
 
 impl Drop for SeenThrough {
     fn drop(&mut self) {
-        if let Some(request) = self.0.take()
+        if let Some(request) = self.request.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(request);
+            self.detached.spawn(&runtime, request);
         }
     }
 }
@@ -804,16 +869,30 @@ mod tests {
         Response::new(Body::empty())
     }
 
+    fn seen_through(
+        request: Pin<Box<dyn Future<Output = Response> + Send>>,
+        detached: &Arc<Detached>,
+    ) -> SeenThrough {
+        SeenThrough {
+            request: Some(request),
+            detached: detached.clone(),
+        }
+    }
+
     #[tokio::test]
     async fn a_request_is_answered_where_it_is_awaited_and_a_panic_is_none() {
-        let answered = SeenThrough(Some(Box::pin(async { ok() }))).await;
+        let detached = Arc::default();
+        let answered = seen_through(Box::pin(async { ok() }), &detached).await;
         assert_eq!(answered.map(|r| r.status()), Some(http::StatusCode::OK));
-        let panicked = SeenThrough(Some(Box::pin(async {
-            if std::hint::black_box(true) {
-                panic!("a bug");
-            }
-            ok()
-        })))
+        let panicked = seen_through(
+            Box::pin(async {
+                if std::hint::black_box(true) {
+                    panic!("a bug");
+                }
+                ok()
+            }),
+            &detached,
+        )
         .await;
         assert!(panicked.is_none());
     }
@@ -822,19 +901,29 @@ mod tests {
     async fn a_request_dropped_half_way_goes_on_in_a_task_of_its_own() {
         let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let mut request = SeenThrough(Some(Box::pin(async move {
-            let _ = wait.await;
-            let _ = done.send(());
-            ok()
-        })));
+        let detached: Arc<Detached> = Arc::default();
+        let mut request = seen_through(
+            Box::pin(async move {
+                let _ = wait.await;
+                let _ = done.send(());
+                ok()
+            }),
+            &detached,
+        );
         // Polled once, then the caller goes away.
         let polled = futures_util::poll!(&mut request);
         assert!(polled.is_pending());
         drop(request);
+        // Counted while it runs on its own: shutdown waits for it.
+        let mut all_finished = Box::pin(detached.all_finished());
+        assert!(futures_util::poll!(&mut all_finished).is_pending());
         go_on.send(()).expect("the request is still alive");
         tokio::time::timeout(std::time::Duration::from_secs(10), finished)
             .await
             .expect("the request finished")
             .expect("the request ran to its end");
+        tokio::time::timeout(std::time::Duration::from_secs(10), all_finished)
+            .await
+            .expect("counted off once finished");
     }
 }

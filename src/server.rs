@@ -197,7 +197,8 @@ pub async fn run_with_reload(
     );
     tokio::time::sleep(drain_delay).await;
     accepting.stop();
-    match tokio::time::timeout(grace, &mut public).await {
+    let grace_ends = tokio::time::Instant::now() + grace;
+    match tokio::time::timeout_at(grace_ends, &mut public).await {
         Ok(r) => finished("public", r)?,
         Err(_) => {
             tracing::warn!(
@@ -206,6 +207,17 @@ pub async fn run_with_reload(
             );
             public.abort();
         }
+    }
+    // Requests whose caller hung up go on in tasks of their own, off any
+    // connection: they get the same grace.
+    if tokio::time::timeout_at(grace_ends, gateway.detached_requests().all_finished())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "requests whose callers hung up were still running when the shutdown grace ran out; cut"
+        );
     }
     admin_handle.stop();
     if tokio::time::timeout(Duration::from_secs(5), &mut admin)

@@ -247,6 +247,84 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
     sim.shutdown();
 }
 
+/// Requests whose callers hung up go on in tasks of their own: SIGTERM
+/// waits for them too (within `shutdown_grace`), so each action that ran
+/// has its completed record, though no connection is left to wait for.
+#[tokio::test]
+async fn sigterm_waits_for_requests_whose_callers_hung_up() {
+    let sim = start_sim(fast_sim()).await;
+    let dir = TempDir::new("life-term-hung-up");
+    let audit = dir.join("audit.jsonl");
+    let (mut p, gw, admin) = serve(
+        dir.path(),
+        &sim,
+        &[],
+        json!({"audit": {"file": {"path": audit}}}),
+    );
+    let http = reqwest::Client::new();
+    wait_ready(&http, &admin).await;
+    let web = common::process::team_token(dir.path(), "web-team");
+
+    sim.set_latency(Duration::from_millis(2000));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let mut gave_up = Vec::new();
+    for i in 0..3 {
+        let (http, gw, web) = (impatient.clone(), gw.clone(), web.clone());
+        gave_up.push(tokio::spawn(async move {
+            http.post(format!("{gw}/v2/web/os-keypairs"))
+                .bearer_auth(&web)
+                .json(&json!({"keypair": {"name": format!("hung-up-{i}")}}))
+                .send()
+                .await
+                .is_err()
+        }));
+    }
+    for g in gave_up {
+        assert!(g.await.unwrap(), "the caller gave up");
+    }
+    // All three reached the upstream, which holds them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/os-keypairs"))
+        .count()
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the creates never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "toastgate did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let completed = text
+        .lines()
+        .filter(|l| l.contains("\"stage\":\"completed\"") && l.contains("keypair.create"))
+        .count();
+    assert_eq!(
+        completed, 3,
+        "every action that ran has its completed record"
+    );
+    sim.shutdown();
+}
+
 #[tokio::test]
 async fn readyz_turns_unready_while_the_listener_still_serves_during_the_drain_delay() {
     let sim = start_sim(fast_sim()).await;
