@@ -206,9 +206,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { config, .. } => {
             let config = config.unwrap_or_default();
             match Config::load(&config, &SecretSource::process_env()) {
-                Ok(_) => {
-                    println!("ok");
-                    Ok(ExitCode::SUCCESS)
+                Ok(config) => {
+                    let problems = server::startup_problems(&config);
+                    if problems.is_empty() {
+                        println!("ok");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    for p in problems {
+                        println!("{p}");
+                    }
+                    Ok(ExitCode::FAILURE)
                 }
                 Err(e) => {
                     for p in e.problems() {

@@ -102,6 +102,30 @@ fn start_audit_webhook(
         .start_webhook(&config.audit, client, gateway.metrics.clone(), stop))
 }
 
+/// What `serve` makes at start from the files a valid config names, made
+/// without serving, as problems naming their key: the JWT keys (PEM and
+/// JWKS files parsed against `auth.algorithms`) and the upstream client's
+/// trust (`upstream.ca_file` parsed). `check-config` reports them too, so
+/// that a config it calls ok is one `serve` starts with.
+pub fn startup_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) =
+        crate::auth::Authenticator::with_ca(&config.auth, config.upstream.ca_file.as_deref())
+    {
+        let text = e.to_string();
+        problems.push(if text.starts_with("auth.") {
+            text
+        } else {
+            format!("auth.keys: {text}")
+        });
+    }
+    let client = crate::upstream::ClientSettings::of(&config.upstream);
+    if let Err(e) = crate::upstream::UpstreamClient::new(&client) {
+        problems.push(format!("upstream.ca_file: {e}"));
+    }
+    problems
+}
+
 /// [`run`], plus config reload on SIGHUP and when the file changes.
 pub async fn run_with_reload(
     config: Config,

@@ -73,6 +73,49 @@ fn check_config_names_the_path_of_an_unknown_key_and_refuses_inline_secrets() {
     assert!(!text.contains("hunter2"), "the inline secret was echoed");
 }
 
+/// Key and CA files are parsed as `serve` parses them at start: a file that
+/// is there but holds no usable key or certificate is a problem named by
+/// its key, not an `ok` followed by a gateway that will not start.
+#[test]
+fn check_config_parses_the_key_and_ca_files_serve_loads() {
+    let dir = TempDir::new("cli-files");
+    let secrets = dir.join("demo-secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    for entry in std::fs::read_dir("config/demo-secrets").unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), secrets.join(entry.file_name())).unwrap();
+    }
+    let key = dir.join("not-a-key.pem");
+    std::fs::write(&key, "this is not a PEM public key\n").unwrap();
+    let ca = dir.join("not-a-ca.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let config = fixtures::merged(
+        Path::new("config/demo.yaml"),
+        &[],
+        json!({
+            "auth": {"algorithms": ["ES256"], "keys": {
+                "type": "pem", "secret_file": null, "files": [{"path": key}]
+            }},
+            "upstream": {"ca_file": ca},
+        }),
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, fixtures::to_text(&config)).unwrap();
+    let out = toastgate(["check-config", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("auth.keys: key file"), "{text}");
+    assert!(
+        text.contains("upstream.ca_file: cannot read CA file"),
+        "{text}"
+    );
+    assert!(!text.lines().any(|l| l.trim() == "ok"), "{text}");
+}
+
 #[test]
 fn check_config_on_a_missing_file_says_so() {
     let out = toastgate(["check-config", "--config", "/nonexistent/toastgate.yaml"]);
