@@ -201,17 +201,21 @@ verbatim (with its comments). */}}
 {{- end }}
 {{- end }}
 
-{{/* Fails when terminationGracePeriodSeconds would kill a drain early. */}}
+{{/* Fails when terminationGracePeriodSeconds would kill a drain early: the
+preStop sleep, then server.drain_delay (the listener still serving), then up
+to server.shutdown_grace for requests in flight. */}}
 {{- define "toastgate.checkGrace" -}}
 {{- $cfg := include "toastgate.configMap" . | fromYaml }}
 {{- $server := get $cfg "server" | default dict }}
 {{- $graceText := get $server "shutdown_grace" | default "30s" }}
 {{- $grace := include "toastgate.durationSeconds" $graceText }}
-{{- if $grace }}
+{{- $drainText := get $server "drain_delay" | default "0s" }}
+{{- $drain := include "toastgate.durationSeconds" $drainText }}
+{{- if and $grace $drain }}
 {{- $sleep := int (.Values.lifecycle.preStopSleepSeconds | default 0) }}
-{{- $need := add (int $grace) $sleep }}
+{{- $need := add (int $grace) (int $drain) $sleep }}
 {{- if le (int .Values.terminationGracePeriodSeconds) $need }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed config server.shutdown_grace (%s: %ss) + lifecycle.preStopSleepSeconds (%d), or SIGKILL cuts the drain short" (int .Values.terminationGracePeriodSeconds) $graceText $grace $sleep) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed config server.shutdown_grace (%s: %ss) + server.drain_delay (%s: %ss) + lifecycle.preStopSleepSeconds (%d), or SIGKILL cuts the drain short" (int .Values.terminationGracePeriodSeconds) $graceText $grace $drainText $drain $sleep) }}
 {{- end }}
 {{- end }}
 {{- end }}
