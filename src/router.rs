@@ -350,16 +350,26 @@ fn with_target<'a>(
     (found.0, Some(target))
 }
 
+/// Longest path segment once decoded: 255 characters (a key pair's name, at
+/// most, upstream) of up to 4 UTF-8 bytes each.
+const MAX_SEGMENT_BYTES: usize = 255 * 4;
+
 /// A path segment that cannot escape its place once the upstream decodes it:
-/// not empty, not `.`/`..` (raw or percent-encoded), no encoded slash or NUL.
+/// not empty, not `.`/`..` (raw or percent-encoded), no encoded slash or NUL;
+/// its length judged as the upstream reads it, decoded (a name of spaces or
+/// Hangul is three times longer encoded).
 fn is_safe_segment(s: &str) -> bool {
-    if s.is_empty() || s.len() > 255 {
+    if s.is_empty() || s.len() > 3 * MAX_SEGMENT_BYTES {
         return false;
     }
     // The common case (ids, route words) holds none of `%`, `.`, `\`: no
     // decoding to worry about, no copy to make.
     if !s.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
-        return true;
+        return s.len() <= MAX_SEGMENT_BYTES;
+    }
+    let escapes = s.bytes().filter(|&b| b == b'%').count();
+    if s.len().saturating_sub(2 * escapes) > MAX_SEGMENT_BYTES {
+        return false;
     }
     let lower = s.to_ascii_lowercase();
     let decoded_dots = lower.replace("%2e", ".");
@@ -718,6 +728,33 @@ mod tests {
             V2Kind::Action(a) => a,
             V2Kind::ServerAction => panic!("server action"),
         }
+    }
+
+    /// A key pair's name is judged as long as the upstream reads it: 200
+    /// spaces are 600 bytes encoded and 200 characters decoded.
+    #[test]
+    fn a_segment_is_as_long_as_it_is_decoded() {
+        let spaces = "%20".repeat(200);
+        let path = format!("web/os-keypairs/{spaces}");
+        let route = classify_v2(&Method::GET, &path, None);
+        assert!(matches!(
+            route,
+            Ok(V2Route {
+                kind: V2Kind::Action(Action::KeypairGet),
+                ..
+            })
+        ));
+        let too_long = "%20".repeat(MAX_SEGMENT_BYTES + 1);
+        assert!(classify_v2(&Method::GET, &format!("web/os-keypairs/{too_long}"), None).is_err());
+        let plain_too_long = "k".repeat(MAX_SEGMENT_BYTES + 1);
+        assert!(
+            classify_v2(
+                &Method::GET,
+                &format!("web/os-keypairs/{plain_too_long}"),
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]

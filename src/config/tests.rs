@@ -708,3 +708,37 @@ fn upstream_urls_the_client_cannot_call_are_refused_with_their_key() {
     let c = Config::from_yaml(&yaml, &secrets(), None).expect("valid");
     assert_eq!(c.upstream.compute_url, "http://127.0.0.1:8774/compute");
 }
+
+#[test]
+fn the_admin_listener_may_not_overlap_the_public_one() {
+    let with_listen = |public: &str, admin: &str| {
+        let mut config: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+        config["listen"] = json!({"public": public, "admin": admin});
+        problems(&config.to_string(), &secrets())
+    };
+    for (public, admin) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),
+    ] {
+        let problems = with_listen(public, admin);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("listen.admin: must differ from listen.public")),
+            "{public} / {admin}: {problems:?}"
+        );
+    }
+    for (public, admin) in [
+        ("0.0.0.0:8080", "127.0.0.1:9090"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("0.0.0.0:8080", "[::1]:8080"),
+    ] {
+        assert_eq!(
+            with_listen(public, admin),
+            Vec::<String>::new(),
+            "{public} / {admin}"
+        );
+    }
+}

@@ -43,7 +43,16 @@ impl ConfigFile {
             admin: v.socket_addr("listen.admin", &self.listen.admin),
             tls,
         };
-        if listen.public == listen.admin && listen.public.port() != 0 {
+        // The same port on an overlapping address cannot be bound twice:
+        // equal, or one of them unspecified (`0.0.0.0` covers its family,
+        // `[::]` both, as Linux binds it dual-stack).
+        let (p, a) = (listen.public.ip(), listen.admin.ip());
+        let v6_any = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
+        let overlapping = p == a
+            || v6_any(p)
+            || v6_any(a)
+            || (p.is_ipv4() == a.is_ipv4() && (p.is_unspecified() || a.is_unspecified()));
+        if overlapping && listen.public.port() == listen.admin.port() && listen.public.port() != 0 {
             v.problem("listen.admin", "must differ from listen.public");
         }
         let upstream = v.upstream(self.upstream);
