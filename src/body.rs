@@ -117,7 +117,8 @@ impl<'de> Visitor<'de> for StrictVisitor {
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
         // serde_json reads `-0` as the float -0.0 (to keep its sign), which
         // would go upstream as `-0.0`: a float where the upstream's Python
-        // reads the integer 0. Zero is what was judged: zero goes.
+        // reads the integer 0. Zero is what was judged: zero goes (`-0.0`,
+        // read alike, too).
         if v == 0.0 && v.is_sign_negative() {
             return Ok(Value::from(0));
         }
@@ -241,6 +242,9 @@ mod tests {
         assert_eq!(&to_upstream_bytes(&zero)[..], br#"{"boot_index":0}"#);
         let zero = parse_strict(br#"{"x":0.0}"#).unwrap();
         assert_eq!(&to_upstream_bytes(&zero)[..], br#"{"x":0.0}"#);
+        // serde_json reads `-0.0` as it reads `-0`: it goes as `0` too.
+        let zero = parse_strict(br#"{"x":-0.0}"#).unwrap();
+        assert_eq!(&to_upstream_bytes(&zero)[..], br#"{"x":0}"#);
     }
 
     /// A decimal goes upstream as the very double a correctly rounding

@@ -107,8 +107,8 @@ pub struct Gateway {
     pub audit: AuditLog,
     /// Refusal records held to `audit.refusal_records` per caller.
     refusals: RefusalSampler,
-    /// Requests whose caller hung up, going on in tasks of their own.
-    detached: Arc<Detached>,
+    /// Every request inside the gateway (shutdown waits for them).
+    requests: Arc<Requests>,
     compute: Compute,
     flavors: FlavorCache,
     /// `Idempotency-Key` answers (in process; on Redis when the limits are).
@@ -196,7 +196,7 @@ impl Gateway {
             broker,
             metrics,
             refusals,
-            detached: Arc::default(),
+            requests: Arc::default(),
             audit,
             compute,
             flavors: FlavorCache::default(),
@@ -240,7 +240,7 @@ impl Gateway {
         let trace =
             self.traces
                 .request_context(req.headers(), req.method().as_str(), req.uri().path());
-        let detached = self.detached.clone();
+        let counted = self.requests.start();
         let request = self.serve(surface, req, client);
         // Boxed once, wrapper included: it is moved whole only into the
         // box, and a hang-up moves just the pointer into a task.
@@ -252,7 +252,7 @@ impl Gateway {
         };
         match (SeenThrough {
             request: Some(request),
-            detached,
+            counted: Some(counted),
         })
         .await
         {
@@ -602,13 +602,8 @@ impl Gateway {
                         .await
                         .is_ok()
                 }
-                None => {
-                    self.metrics
-                        .audit_records
-                        .with_label_values(&["suppressed"])
-                        .inc();
-                    false
-                }
+                // Held back: counted once a record carries it.
+                None => false,
             };
             // A mutating Action is never answered as a success without its
             // completed record (it ran: say so, with what it produced).
@@ -720,10 +715,10 @@ impl Gateway {
         Response::from_parts(parts, axum::body::Body::from(bytes))
     }
 
-    /// Requests going on after their caller hung up (shutdown waits for
-    /// them).
-    pub fn detached_requests(&self) -> &Detached {
-        &self.detached
+    /// Every request inside the gateway, on its connection or not
+    /// (shutdown waits for them).
+    pub fn requests(&self) -> &Requests {
+        &self.requests
     }
 
     /// Writes the held-back refusal records of callers quiet for `quiet`
@@ -757,6 +752,14 @@ impl Gateway {
         owed: Owed,
         deadline: std::time::Duration,
     ) -> Result<(), crate::audit::AuditError> {
+        // The refusals this record stands for besides itself: counted apart,
+        // so that written and suppressed add up to every record made.
+        if let Some(held_back) = record.suppressed {
+            self.metrics
+                .audit_records
+                .with_label_values(&["suppressed"])
+                .inc_by(held_back);
+        }
         let result = tokio::time::timeout(deadline, self.audit.write(record, owed))
             .await
             .unwrap_or(Err(crate::audit::AuditError::NotConfirmed(deadline)));
@@ -775,55 +778,59 @@ impl Gateway {
 /// no task spawned per request). Dropped before it is done (the caller hung
 /// up), it goes on in a task of its own, as a spawned request did before:
 /// outside a runtime it is dropped, and a runtime shutting down cancels the
-/// new task at once (shutdown first waits for such tasks: [`Detached`]). A
-/// panic ends it as `None`.
+/// new task at once (shutdown first waits for every request: [`Requests`]).
+/// A panic ends it as `None`.
 struct SeenThrough {
     request: Option<Pin<Box<dyn Future<Output = Response> + Send>>>,
-    detached: Arc<Detached>,
+    counted: Option<Counted>,
 }
 
-/// Requests going on in tasks of their own after their caller hung up:
-/// counted, so that shutdown can wait for them as for those still on a
-/// connection (their `completed` audit records among what they finish).
+/// Every request inside the gateway, on its connection or, once its caller
+/// hung up, in a task of its own: counted, so that shutdown waits for them
+/// all. A connection's end is not its requests' end: an HTTP/2 stream's
+/// request runs in a task of hyper's, one whose caller hung up in one of
+/// ours, each to its `completed` audit record.
 #[derive(Debug, Default)]
-pub struct Detached {
+pub struct Requests {
     running: std::sync::atomic::AtomicUsize,
+    /// Someone waits in [`Requests::all_finished`]: only then does the last
+    /// request to end notify (no lock taken per request otherwise).
+    waiting: std::sync::atomic::AtomicBool,
     finished: tokio::sync::Notify,
 }
 
-impl Detached {
-    fn spawn(
-        self: &Arc<Self>,
-        runtime: &tokio::runtime::Handle,
-        request: Pin<Box<dyn Future<Output = Response> + Send>>,
-    ) {
-        /// Counts the task off however it ends (finished, or cancelled).
-        struct Running(Arc<Detached>);
-        impl Drop for Running {
-            fn drop(&mut self) {
-                self.0
-                    .running
-                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                self.0.finished.notify_waiters();
-            }
-        }
+/// One request, counted until dropped: answered, finished in a task of its
+/// own, or cancelled.
+struct Counted(Arc<Requests>);
+
+impl Requests {
+    fn start(self: &Arc<Self>) -> Counted {
         self.running
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let running = Running(self.clone());
-        runtime.spawn(async move {
-            let _running = running;
-            request.await
-        });
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted(self.clone())
     }
 
-    /// Resolves once no detached request is running.
+    /// Resolves once no request is running.
     pub async fn all_finished(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.store(true, SeqCst);
         loop {
+            // Made before the count is read: a last request ending in
+            // between notifies it.
             let finished = self.finished.notified();
-            if self.running.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            if self.running.load(SeqCst) == 0 {
                 return;
             }
             finished.await;
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.0.running.fetch_sub(1, SeqCst) == 1 && self.0.waiting.load(SeqCst) {
+            self.0.finished.notify_waiters();
         }
     }
 }
@@ -856,7 +863,12 @@ impl Drop for SeenThrough {
         if let Some(request) = self.request.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            self.detached.spawn(&runtime, request);
+            // Still counted while it goes on.
+            let counted = self.counted.take();
+            runtime.spawn(async move {
+                let _counted = counted;
+                request.await
+            });
         }
     }
 }
@@ -871,18 +883,18 @@ mod tests {
 
     fn seen_through(
         request: Pin<Box<dyn Future<Output = Response> + Send>>,
-        detached: &Arc<Detached>,
+        requests: &Arc<Requests>,
     ) -> SeenThrough {
         SeenThrough {
             request: Some(request),
-            detached: detached.clone(),
+            counted: Some(requests.start()),
         }
     }
 
     #[tokio::test]
     async fn a_request_is_answered_where_it_is_awaited_and_a_panic_is_none() {
-        let detached = Arc::default();
-        let answered = seen_through(Box::pin(async { ok() }), &detached).await;
+        let requests = Arc::default();
+        let answered = seen_through(Box::pin(async { ok() }), &requests).await;
         assert_eq!(answered.map(|r| r.status()), Some(http::StatusCode::OK));
         let panicked = seen_through(
             Box::pin(async {
@@ -891,31 +903,49 @@ mod tests {
                 }
                 ok()
             }),
-            &detached,
+            &requests,
         )
         .await;
         assert!(panicked.is_none());
+    }
+
+    /// Shutdown waits for every request, not only those whose caller hung
+    /// up: an HTTP/2 stream's runs in hyper's task, which outlives its
+    /// connection's.
+    #[tokio::test]
+    async fn every_request_is_counted_until_it_ends() {
+        let requests: Arc<Requests> = Arc::default();
+        assert!(futures_util::poll!(Box::pin(requests.all_finished())).is_ready());
+        let (one, two) = (requests.start(), requests.start());
+        let mut all_finished = Box::pin(requests.all_finished());
+        assert!(futures_util::poll!(&mut all_finished).is_pending());
+        drop(one);
+        assert!(futures_util::poll!(&mut all_finished).is_pending());
+        drop(two);
+        tokio::time::timeout(std::time::Duration::from_secs(10), all_finished)
+            .await
+            .expect("told when the last one ended");
     }
 
     #[tokio::test]
     async fn a_request_dropped_half_way_goes_on_in_a_task_of_its_own() {
         let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let detached: Arc<Detached> = Arc::default();
+        let requests: Arc<Requests> = Arc::default();
         let mut request = seen_through(
             Box::pin(async move {
                 let _ = wait.await;
                 let _ = done.send(());
                 ok()
             }),
-            &detached,
+            &requests,
         );
         // Polled once, then the caller goes away.
         let polled = futures_util::poll!(&mut request);
         assert!(polled.is_pending());
         drop(request);
         // Counted while it runs on its own: shutdown waits for it.
-        let mut all_finished = Box::pin(detached.all_finished());
+        let mut all_finished = Box::pin(requests.all_finished());
         assert!(futures_util::poll!(&mut all_finished).is_pending());
         go_on.send(()).expect("the request is still alive");
         tokio::time::timeout(std::time::Duration::from_secs(10), finished)

@@ -287,7 +287,13 @@ fn is_href_value(before: &[u8]) -> bool {
     let Some(key) = before.strip_suffix(b":") else {
         return false;
     };
-    key[..trimmed(key)].ends_with(b"\"href\"")
+    let Some(before_key) = key[..trimmed(key)].strip_suffix(b"\"href\"") else {
+        return false;
+    };
+    // The key's opening quote is a real one, not an escaped quote inside a
+    // string (`"x\"href":...`): an even number of backslashes before it.
+    let backslashes = before_key.iter().rev().take_while(|&&b| b == b'\\').count();
+    backslashes % 2 == 0
 }
 
 /// In `rest` (what follows a URL's `://`), the end of the first path
@@ -404,6 +410,7 @@ mod tests {
             format!(r#"{{"description":"a\"href\":\"https://h/v2/{T}/x"}}"#),
             format!(r#"["https://h/v2/{T}/x"]"#),
             format!(r#"{{"hrefs":"https://h/v2/{T}/x","xhref":"https://h/v2/{T}/x"}}"#),
+            format!(r#"{{"x\"href":"https://h/v2/{T}/x"}}"#),
         ] {
             assert!(
                 rewrite_links(b.as_bytes(), T, "http://gw/v2/web").is_none(),

@@ -350,25 +350,26 @@ fn with_target<'a>(
     (found.0, Some(target))
 }
 
-/// Longest path segment once decoded: 255 characters (a key pair's name, at
-/// most, upstream) of up to 4 UTF-8 bytes each.
-const MAX_SEGMENT_BYTES: usize = 255 * 4;
+/// Longest path segment, as the upstream reads it (decoded): 255 characters
+/// (a key pair's name, at most, upstream).
+const MAX_SEGMENT_CHARS: usize = 255;
 
 /// A path segment that cannot escape its place once the upstream decodes it:
 /// not empty, not `.`/`..` (raw or percent-encoded), no encoded slash or NUL;
-/// its length judged as the upstream reads it, decoded (a name of spaces or
-/// Hangul is three times longer encoded).
+/// its length judged as the upstream reads it, decoded (a name of spaces is
+/// three times longer encoded, one of Hangul nine times).
 fn is_safe_segment(s: &str) -> bool {
-    if s.is_empty() || s.len() > 3 * MAX_SEGMENT_BYTES {
+    // Encoded, a character takes at most 12 bytes (4 UTF-8 bytes as %XX).
+    if s.is_empty() || s.len() > 12 * MAX_SEGMENT_CHARS {
         return false;
     }
     // The common case (ids, route words) holds none of `%`, `.`, `\`: no
     // decoding to worry about, no copy to make.
     if !s.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
-        return s.len() <= MAX_SEGMENT_BYTES;
+        return s.len() <= MAX_SEGMENT_CHARS || s.chars().count() <= MAX_SEGMENT_CHARS;
     }
-    let escapes = s.bytes().filter(|&b| b == b'%').count();
-    if s.len().saturating_sub(2 * escapes) > MAX_SEGMENT_BYTES {
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8_lossy();
+    if decoded.chars().count() > MAX_SEGMENT_CHARS {
         return false;
     }
     let lower = s.to_ascii_lowercase();
@@ -730,31 +731,32 @@ mod tests {
         }
     }
 
-    /// A key pair's name is judged as long as the upstream reads it: 200
-    /// spaces are 600 bytes encoded and 200 characters decoded.
+    /// A key pair's name is judged as long as the upstream reads it: 255
+    /// characters, however long encoded (a space is 3 bytes, a Hangul
+    /// syllable 9).
     #[test]
     fn a_segment_is_as_long_as_it_is_decoded() {
-        let spaces = "%20".repeat(200);
-        let path = format!("web/os-keypairs/{spaces}");
-        let route = classify_v2(&Method::GET, &path, None);
-        assert!(matches!(
-            route,
-            Ok(V2Route {
-                kind: V2Kind::Action(Action::KeypairGet),
-                ..
-            })
-        ));
-        let too_long = "%20".repeat(MAX_SEGMENT_BYTES + 1);
-        assert!(classify_v2(&Method::GET, &format!("web/os-keypairs/{too_long}"), None).is_err());
-        let plain_too_long = "k".repeat(MAX_SEGMENT_BYTES + 1);
-        assert!(
-            classify_v2(
-                &Method::GET,
-                &format!("web/os-keypairs/{plain_too_long}"),
-                None
+        let keypair = |name: &str| {
+            let path = format!("web/os-keypairs/{name}");
+            matches!(
+                classify_v2(&Method::GET, &path, None),
+                Ok(V2Route {
+                    kind: V2Kind::Action(Action::KeypairGet),
+                    ..
+                })
             )
-            .is_err()
-        );
+        };
+        let hangul = "%ED%95%9C";
+        for (name, fits) in [
+            ("%20".repeat(200), true),
+            (hangul.repeat(MAX_SEGMENT_CHARS), true),
+            (hangul.repeat(MAX_SEGMENT_CHARS + 1), false),
+            (format!("{}{}", "%20".repeat(200), "k".repeat(56)), false),
+            ("k".repeat(MAX_SEGMENT_CHARS), true),
+            ("k".repeat(MAX_SEGMENT_CHARS + 1), false),
+        ] {
+            assert_eq!(keypair(&name), fits, "{} bytes", name.len());
+        }
     }
 
     #[test]

@@ -232,9 +232,10 @@ pub async fn run_with_reload(
             public.abort();
         }
     }
-    // Requests whose caller hung up go on in tasks of their own, off any
-    // connection: they get the same grace.
-    if tokio::time::timeout_at(grace_ends, gateway.detached_requests().all_finished())
+    // Requests whose caller hung up go on in tasks of their own, an HTTP/2
+    // stream's in hyper's: every request gets the same grace, wherever it
+    // runs.
+    if tokio::time::timeout_at(grace_ends, gateway.requests().all_finished())
         .await
         .is_err()
     {

@@ -513,6 +513,15 @@ fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
     );
     assert!(!format!("{ok:?}").contains("hook-secret-123"));
     assert_eq!(ok.audit.refusal_records, RefusalRecords::default());
+    // A query is the receiver's business (a function key, a source tag).
+    let queried = load(json!({"file": file, "webhook": {
+        "url": "https://audit.example.com/ingest?source=toastgate"
+    }}))
+    .expect("valid");
+    assert_eq!(
+        queried.audit.webhook.unwrap().url,
+        "https://audit.example.com/ingest?source=toastgate"
+    );
     let limited = load(json!({"file": file, "refusal_records": {"rate": "2/m"}})).expect("valid");
     assert_eq!(
         limited.audit.refusal_records,
@@ -542,6 +551,10 @@ fn the_audit_webhook_needs_the_file_spool_and_a_backlog_rotation_keeps() {
         (
             json!({"file": file, "webhook": {"url": "https://user:pw@a.example/in"}}),
             "audit.webhook.url: must not carry credentials",
+        ),
+        (
+            json!({"file": file, "webhook": {"url": "https://a.example/in#x"}}),
+            "audit.webhook.url: must not carry a fragment",
         ),
         (
             json!({"file": file, "webhook": {"url": "https://a.example", "batch_max": 0}}),

@@ -109,7 +109,18 @@ impl Validator<'_> {
         })
     }
 
+    /// A base URL (others are made from it): no query or fragment.
     fn url(&mut self, path: &str, text: &str) -> String {
+        self.checked_url(path, text, Endpoint::Base)
+    }
+
+    /// A URL used as written (a webhook, an OTLP endpoint): a query is
+    /// the receiver's business; still no fragment and no credentials.
+    fn endpoint_url(&mut self, path: &str, text: &str) {
+        self.checked_url(path, text, Endpoint::AsWritten);
+    }
+
+    fn checked_url(&mut self, path: &str, text: &str, kind: Endpoint) -> String {
         // Problems quote the URL, unless it may hold a password.
         let shown = if text.contains('@') {
             "the URL (not repeated: it holds an `@`, maybe credentials)".to_string()
@@ -118,8 +129,14 @@ impl Validator<'_> {
         };
         match url::Url::parse(text) {
             Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.has_host() => {
-                if u.query().is_some() || u.fragment().is_some() {
-                    self.problem(path, "must not carry a query or fragment");
+                if u.fragment().is_some() || (kind == Endpoint::Base && u.query().is_some()) {
+                    self.problem(
+                        path,
+                        match kind {
+                            Endpoint::Base => "must not carry a query or fragment",
+                            Endpoint::AsWritten => "must not carry a fragment",
+                        },
+                    );
                 }
                 if !u.username().is_empty() || u.password().is_some() {
                     self.problem(path, "must not carry credentials (user or password)");
@@ -952,7 +969,7 @@ impl Validator<'_> {
         };
         // The shared URL checks (no credentials, one the client accepts);
         // the endpoint is used as written.
-        self.url("traces.otlp_endpoint", &endpoint);
+        self.endpoint_url("traces.otlp_endpoint", &endpoint);
         let sample_ratio = t.sample_ratio.unwrap_or(1.0);
         if !(0.0..=1.0).contains(&sample_ratio) {
             self.problem("traces.sample_ratio", "must be between 0 and 1");
@@ -1015,7 +1032,7 @@ impl Validator<'_> {
         }
         // The shared URL checks (no credentials: the token goes in
         // `bearer_token_*`; one the client accepts); used as written.
-        self.url("audit.webhook.url", &w.url);
+        self.endpoint_url("audit.webhook.url", &w.url);
         if w.batch_max == 0 || w.batch_max > 10_000 {
             self.problem("audit.webhook.batch_max", "must be between 1 and 10000");
         }
@@ -1096,4 +1113,13 @@ fn valid_name(s: &str) -> bool {
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// What a URL in the config is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// A base the gateway appends paths to.
+    Base,
+    /// Called exactly as written.
+    AsWritten,
 }

@@ -37,8 +37,8 @@ pub struct RawAnswer {
 }
 
 impl RawAnswer {
-    /// The body as a JSON value (`null` when empty). An error answer whose
-    /// body is not JSON (a load balancer's HTML 503, a proxy's text 404)
+    /// The body as a JSON value (`null` when empty). An error answer (4xx,
+    /// 5xx) whose body is not JSON (a load balancer's HTML 503, a proxy's text 404)
     /// keeps its status, with a `null` body: the status is what the caller
     /// must learn (`10503`, `10404`), not that the body was unreadable.
     pub fn into_json(self) -> Result<V2Answer, GatewayError> {
@@ -47,7 +47,7 @@ impl RawAnswer {
         } else {
             match serde_json::from_slice(&self.bytes) {
                 Ok(body) => body,
-                Err(_) if !(200..300).contains(&self.status) => Value::Null,
+                Err(_) if self.status >= 400 => Value::Null,
                 Err(_) => return Err(not_json(self.status)),
             }
         };
@@ -899,6 +899,9 @@ mod tests {
         assert_eq!(e.result_code(), 10504);
 
         let e = raw(200, "<html>").into_json().unwrap_err();
+        assert_eq!(status_of(e).0, 502);
+        // A redirect is no answer of the API's: the gateway's 502 too.
+        let e = raw(301, "<html>Moved</html>").into_json().unwrap_err();
         assert_eq!(status_of(e).0, 502);
         let e = raw(200, "<html>").parse_ok::<Value>().unwrap_err();
         assert_eq!(status_of(e).0, 502);
