@@ -278,6 +278,13 @@ fn url_start(body: &[u8], separator: usize) -> Option<usize> {
 /// `"href"` key and its colon, JSON whitespace allowed around the colon.
 /// An escaped quote (`\"`) never passes: the byte before it is `\`.
 fn is_href_value(before: &[u8]) -> bool {
+    // Nova writes compact JSON: `"href": "` with one space, or none; those
+    // are read without a scan.
+    for compact in [&b"\"href\": "[..], &b"\"href\":"[..]] {
+        if let Some(before_key) = before.strip_suffix(compact) {
+            return key_quote_is_real(before_key);
+        }
+    }
     let trimmed = |b: &[u8]| -> usize {
         b.iter()
             .rposition(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
@@ -290,8 +297,13 @@ fn is_href_value(before: &[u8]) -> bool {
     let Some(before_key) = key[..trimmed(key)].strip_suffix(b"\"href\"") else {
         return false;
     };
-    // The key's opening quote is a real one, not an escaped quote inside a
-    // string (`"x\"href":...`): an even number of backslashes before it.
+    key_quote_is_real(before_key)
+}
+
+/// The key's opening quote, after `before_key`, is a real one, not an
+/// escaped quote inside a string (`"x\"href":...`): an even number of
+/// backslashes before it.
+fn key_quote_is_real(before_key: &[u8]) -> bool {
     let backslashes = before_key.iter().rev().take_while(|&&b| b == b'\\').count();
     backslashes % 2 == 0
 }
