@@ -178,6 +178,28 @@ async fn sighup_reloads_the_config() {
     sim.shutdown();
 }
 
+/// Waits (at most `within`) for the gateway `p` to exit, asserts it exited
+/// 0, and counts the completed `keypair.create` records in its audit file.
+fn completed_creates_once_exited(p: &mut KillOnDrop, audit: &Path, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "toastgate did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    std::fs::read_to_string(audit)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"stage\":\"completed\"") && l.contains("keypair.create"))
+        .count()
+}
+
 #[tokio::test]
 async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record() {
     let sim = start_sim(fast_sim()).await;
@@ -223,25 +245,9 @@ async fn sigterm_lets_slow_in_flight_requests_finish_and_loses_no_audit_record()
     for r in inflight {
         assert_eq!(r.await.unwrap(), 200, "an in-flight request was cut off");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "toastgate did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status:?}");
-    let text = std::fs::read_to_string(&audit).unwrap();
-    let completed = text
-        .lines()
-        .filter(|l| l.contains("\"stage\":\"completed\"") && l.contains("keypair.create"))
-        .count();
     assert_eq!(
-        completed, 5,
+        completed_creates_once_exited(&mut p, &audit, Duration::from_secs(10)),
+        5,
         "every in-flight action has its completed record"
     );
     sim.shutdown();
@@ -301,25 +307,9 @@ async fn sigterm_waits_for_requests_whose_callers_hung_up() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     p.signal("-TERM");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = p.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "toastgate did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status:?}");
-    let text = std::fs::read_to_string(&audit).unwrap();
-    let completed = text
-        .lines()
-        .filter(|l| l.contains("\"stage\":\"completed\"") && l.contains("keypair.create"))
-        .count();
     assert_eq!(
-        completed, 3,
+        completed_creates_once_exited(&mut p, &audit, Duration::from_secs(30)),
+        3,
         "every action that ran has its completed record"
     );
     sim.shutdown();
