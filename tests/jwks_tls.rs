@@ -11,15 +11,13 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::tempdir::TempDir;
-use common::{Env, assert_nova_error, fast_sim, fixtures, secrets, start_sim};
+use common::{Env, ReloadingGateway, assert_nova_error, fast_sim, fixtures, start_sim};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
-use toastgate::config::Config;
-use toastgate::server::{Listeners, ReloadSource, run_with_reload};
 
 /// A private CA, an HTTPS server on 127.0.0.1 with a leaf it signed, serving
 /// one JWKS with an ES256 key; the CA's PEM is written to `dir/ca.pem`.
@@ -173,19 +171,8 @@ async fn a_reload_keeps_the_fetched_keys_while_the_idp_is_down() {
     };
     let path = dir.join("toastgate.yaml");
     std::fs::write(&path, text(&auth)).unwrap();
-    let config = Config::load(&path, &secrets()).unwrap();
-    let listeners = Listeners::bind(config.listen.public, config.listen.admin)
-        .await
-        .unwrap();
-    let gw = format!("http://{}", listeners.public.local_addr().unwrap());
-    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
-    let (stop, stopped) = toastgate::shutdown::stop_pair();
-    let source = ReloadSource {
-        path: path.clone(),
-        secrets: secrets(),
-        poll: Duration::from_millis(100),
-    };
-    let server = tokio::spawn(run_with_reload(config, listeners, stopped, Some(source)));
+    let gateway = ReloadingGateway::start(&path).await;
+    let (gw, admin) = (gateway.gw.clone(), gateway.admin.clone());
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -242,7 +229,6 @@ async fn a_reload_keeps_the_fetched_keys_while_the_idp_is_down() {
     assert_eq!(s, 503, "{b}");
     idp.up.store(true, Ordering::SeqCst);
 
-    stop.stop();
-    server.await.unwrap().unwrap();
+    gateway.stop().await;
     sim.shutdown();
 }

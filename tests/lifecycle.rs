@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::process::KillOnDrop;
 use common::tempdir::TempDir;
-use common::{fast_sim, fixtures, h2_handshake, metrics, secrets, start_sim, wait_ready};
+use common::{
+    ReloadingGateway, fast_sim, fixtures, h2_handshake, metrics, secrets, start_sim, wait_ready,
+};
 use serde_json::{Value, json};
-use toastgate::config::Config;
-use toastgate::server::{Listeners, ReloadSource, run_with_reload};
-use toastgate::shutdown::stop_pair;
 use toastgate::simulator::SimHandle;
 
 /// batch-team limited to reads.
@@ -48,28 +47,13 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
     let dir = TempDir::new("life-reload");
     let path = dir.join("toastgate.yaml");
     std::fs::write(&path, config_text(&sim, &[BATCH_READ_ONLY])).unwrap();
-    let config = Config::load(&path, &secrets()).unwrap();
-    let listeners = Listeners::bind(config.listen.public, config.listen.admin)
-        .await
-        .unwrap();
-    let gw = format!("http://{}", listeners.public.local_addr().unwrap());
-    let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+    let gateway = ReloadingGateway::start(&path).await;
+    let (gw, admin) = (gateway.gw.clone(), gateway.admin.clone());
     let mint = |team: &str| {
-        toastgate::auth::mint_token(&config.auth, team, "t", Duration::from_secs(600)).unwrap()
+        toastgate::auth::mint_token(&gateway.config.auth, team, "t", Duration::from_secs(600))
+            .unwrap()
     };
     let (web, batch) = (mint("web-team"), mint("batch-team"));
-    let (stop, stopped) = stop_pair();
-    let source = ReloadSource {
-        path: path.clone(),
-        secrets: secrets(),
-        poll: Duration::from_millis(100),
-    };
-    let server = tokio::spawn(run_with_reload(
-        config.clone(),
-        listeners,
-        stopped,
-        Some(source),
-    ));
     let http = reqwest::Client::new();
 
     assert_eq!(keypair(&http, &gw, &batch, "batch", "before").await, 403);
@@ -138,8 +122,7 @@ async fn reload_changes_an_allowlist_mid_traffic_with_no_failed_request_and_refu
         "{m}"
     );
 
-    stop.stop();
-    server.await.unwrap().unwrap();
+    gateway.stop().await;
     sim.shutdown();
 }
 

@@ -141,6 +141,53 @@ where
     (send, tokio::spawn(conn))
 }
 
+/// A gateway run by `server::run_with_reload` on the config file at `path`
+/// (test secrets), which it checks for changes every 100 ms.
+pub struct ReloadingGateway {
+    pub gw: String,
+    pub admin: String,
+    /// The config it started with.
+    pub config: Config,
+    stop: StopHandle,
+    server: tokio::task::JoinHandle<Result<(), server::RunError>>,
+}
+
+impl ReloadingGateway {
+    pub async fn start(path: &std::path::Path) -> ReloadingGateway {
+        let config = Config::load(path, &secrets()).unwrap();
+        let listeners = Listeners::bind(config.listen.public, config.listen.admin)
+            .await
+            .unwrap();
+        let gw = format!("http://{}", listeners.public.local_addr().unwrap());
+        let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+        let (stop, stopped) = stop_pair();
+        let source = server::ReloadSource {
+            path: path.to_path_buf(),
+            secrets: secrets(),
+            poll: Duration::from_millis(100),
+        };
+        let server = tokio::spawn(server::run_with_reload(
+            config.clone(),
+            listeners,
+            stopped,
+            Some(source),
+        ));
+        ReloadingGateway {
+            gw,
+            admin,
+            config,
+            stop,
+            server,
+        }
+    }
+
+    /// Stops it and asserts it ended cleanly.
+    pub async fn stop(self) {
+        self.stop.stop();
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 impl Env {
     /// A fast simulator and the gateway on tests/fixtures/gateway.yaml.
     pub async fn start() -> Env {
