@@ -735,11 +735,8 @@ impl Gateway {
     /// second, until `stop`.
     pub async fn write_held_refusals_until(self: Arc<Self>, stop: crate::shutdown::Stop) {
         const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-        loop {
-            tokio::select! {
-                _ = stop.stopped() => return,
-                _ = tokio::time::sleep(EVERY) => self.write_held_refusals(EVERY).await,
-            }
+        while !stop.sleep(EVERY).await {
+            self.write_held_refusals(EVERY).await;
         }
     }
 

@@ -313,7 +313,9 @@ impl IdempotencyStore {
             }
             Some((backend, prefix)) => {
                 let store_key = format!("{prefix}:idem:{team}:{digest}");
-                let existing = self.claim_on_redis(backend, &store_key, &running).await?;
+                let existing = self
+                    .claim_on_redis(backend, &store_key, &running, millis(hold))
+                    .await?;
                 (store_key, existing)
             }
         };
@@ -334,18 +336,16 @@ impl IdempotencyStore {
         }
     }
 
-    /// `SET NX` the running marker; if the key was there, its entry.
+    /// `SET NX` the running marker for `hold_ms`; if the key was there, its
+    /// entry.
     async fn claim_on_redis(
         &self,
         backend: &Arc<RedisBackend>,
         store_key: &str,
         running: &Entry,
+        hold_ms: u64,
     ) -> Result<Option<Entry>, Refused> {
         let value = serde_json::to_string(running).map_err(|_| Refused::Unavailable)?;
-        let hold_ms = match running {
-            Entry::InFlight { hold_ms, .. } => *hold_ms,
-            Entry::Done { .. } => millis(self.window),
-        };
         let timeout = backend.timeout().max(Duration::from_millis(250));
         // Twice: the key may expire between a refused SET and the GET.
         for _ in 0..2 {

@@ -241,7 +241,7 @@ pub async fn run_with_reload(
     {
         tracing::warn!(
             ?grace,
-            "requests whose callers hung up were still running when the shutdown grace ran out; cut"
+            "requests were still running when the shutdown grace ran out (callers that hung up, HTTP/2 streams); cut"
         );
     }
     admin_handle.stop();
