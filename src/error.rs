@@ -175,6 +175,7 @@ impl GatewayError {
             | AuditUnavailable(_)
             | AuditIncomplete { .. }
             | Timeout(_)
+            | Upstream(UpstreamError::Busy { .. })
             | Internal(_) => Origin::Gateway,
             TokenUnavailable { .. } => Origin::Identity,
             UpstreamUnauthorized(_) | Upstream(_) | UpstreamAnswer { .. } => Origin::Upstream,
@@ -232,6 +233,7 @@ impl GatewayError {
             TokenUnavailable { .. } => "token_unavailable".into(),
             UpstreamUnauthorized(_) => "upstream:401".into(),
             Upstream(UpstreamError::Timeout(_)) => "upstream_timeout".into(),
+            Upstream(UpstreamError::Busy { .. }) => "upstream_busy".into(),
             Upstream(_) => "upstream_unreachable".into(),
             UpstreamAnswer { status, .. } => format!("upstream:{status}").into(),
             Timeout(_) => "timeout".into(),
@@ -264,6 +266,7 @@ impl GatewayError {
             AuditIncomplete { .. } | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             UpstreamUnauthorized(_) => StatusCode::BAD_GATEWAY,
             Upstream(UpstreamError::Timeout(_)) | Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Upstream(UpstreamError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             UpstreamAnswer { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -303,7 +306,8 @@ impl GatewayError {
             | GatewayError::RateLimitUnavailable { .. }
             | GatewayError::IdempotencyUnavailable
             | GatewayError::AuditUnavailable(_) => Some(5),
-            GatewayError::IdempotencyInFlight => Some(1),
+            GatewayError::IdempotencyInFlight
+            | GatewayError::Upstream(UpstreamError::Busy { .. }) => Some(1),
             _ => None,
         }
     }
@@ -462,6 +466,10 @@ mod tests {
             UpstreamUnauthorized("p".into()),
             Upstream(UpstreamError::Timeout(Duration::from_secs(1))),
             Upstream(UpstreamError::Unreachable("refused".into())),
+            Upstream(UpstreamError::Busy {
+                max_connections: 4,
+                waited: Duration::from_secs(5),
+            }),
             UpstreamAnswer {
                 status: 409,
                 message: "m".into(),
@@ -503,6 +511,7 @@ mod tests {
             (Upstream, 502, 10502, O::UpstreamError, false),
             (Upstream, 504, 10504, O::UpstreamError, false),
             (Upstream, 502, 10502, O::UpstreamError, false),
+            (Gateway, 503, 10503, O::GatewayError, false),
             (Upstream, 409, 10409, O::UpstreamRejected, false),
         ];
         let all = every_variant();
@@ -557,6 +566,7 @@ mod tests {
                     | GatewayError::RateLimitUnavailable { .. }
                     | GatewayError::AuditUnavailable(_)
                     | GatewayError::IdempotencyInFlight
+                    | GatewayError::Upstream(UpstreamError::Busy { .. })
                     | GatewayError::IdempotencyUnavailable
             );
             assert_eq!(e.retry_after_secs().is_some(), expected, "{e:?}");
@@ -740,6 +750,10 @@ mod tests {
                 variant(|e| matches!(e, G::Upstream(UpstreamError::Unreachable(_)))),
             ),
             (
+                "every upstream connection busy",
+                variant(|e| matches!(e, G::Upstream(UpstreamError::Busy { .. }))),
+            ),
+            (
                 "upstream or request timeout",
                 variant(|e| matches!(e, G::Upstream(UpstreamError::Timeout(_)))),
             ),
@@ -840,6 +854,10 @@ mod tests {
             (
                 "refused a freshly obtained token",
                 variant(|e| matches!(e, G::UpstreamUnauthorized(_))),
+            ),
+            (
+                "compute connections stayed busy",
+                variant(|e| matches!(e, G::Upstream(UpstreamError::Busy { .. }))),
             ),
             (
                 "upstream too slow",

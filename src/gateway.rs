@@ -171,7 +171,7 @@ impl Gateway {
             ComputeBase::parse(&config.upstream.compute_url)?,
             broker.clone(),
             metrics.clone(),
-            config.upstream.request_timeout,
+            &config.upstream,
         );
         let audit = if config.audit.enabled() {
             AuditLog::open(&config.audit)?

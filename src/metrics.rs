@@ -61,8 +61,16 @@ struct UpstreamOutcomes {
 
 impl UpstreamOutcomes {
     /// The answer's status class, or the kind of failure.
-    const CLASSES: [&'static str; 7] =
-        ["2xx", "3xx", "4xx", "5xx", "timeout", "unreachable", "body"];
+    const CLASSES: [&'static str; 8] = [
+        "2xx",
+        "3xx",
+        "4xx",
+        "5xx",
+        "timeout",
+        "unreachable",
+        "body",
+        "busy",
+    ];
 
     fn new(vec: IntCounterVec) -> Self {
         let series = Self::CLASSES
@@ -167,6 +175,8 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     pub open_connections: IntGauge,
     pub parked_connections: IntGauge,
+    pub upstream_connections: IntGauge,
+    pub upstream_connection_waits: prometheus::IntCounter,
     pub accept_errors: prometheus::IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -312,6 +322,20 @@ impl Metrics {
                 "Open HTTP/1.1 connections on the public listener idle between requests and parked: held without hyper's buffers until their next request or server.idle_timeout.",
             ),
         );
+        let upstream_connections = registered(
+            &registry,
+            IntGauge::new(
+                "toastgate_upstream_connections",
+                "Connections open to the compute API, idle or busy (at most upstream.max_connections).",
+            ),
+        );
+        let upstream_connection_waits = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "toastgate_upstream_connection_waits_total",
+                "Compute API calls that found all upstream.max_connections connections busy and queued for one (at most upstream.queue_timeout).",
+            ),
+        );
         let accept_errors = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -361,6 +385,8 @@ impl Metrics {
             ),
             open_connections,
             parked_connections,
+            upstream_connections,
+            upstream_connection_waits,
             accept_errors,
             tls_handshake_failures: counter(
                 "toastgate_tls_handshake_failures_total",
@@ -398,12 +424,12 @@ impl Metrics {
             ),
             upstream_errors: counter(
                 "toastgate_upstream_errors_total",
-                "Upstream compute API calls that got no answer, by Action and kind (timeout, unreachable, body).",
+                "Upstream compute API calls that got no answer, by Action and kind (timeout, unreachable, body, busy: not sent, every connection busy).",
                 &["action", "kind"],
             ),
             upstream_outcomes: UpstreamOutcomes::new(counter(
                 "toastgate_upstream_outcomes_total",
-                "Upstream compute API calls by outcome: the answer's status class (2xx..5xx) or the failure (timeout, unreachable, body).",
+                "Upstream compute API calls by outcome: the answer's status class (2xx..5xx) or the failure (timeout, unreachable, body, busy).",
                 &["class"],
             )),
             token_waits: counter(

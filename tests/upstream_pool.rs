@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::tempdir::TempDir;
-use common::{Env, fast_sim, secrets, start_sim};
+use common::{Env, assert_nova_error, assert_v1_failure, fast_sim, metrics, secrets, start_sim};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -34,6 +34,9 @@ struct Relay {
     seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     /// Bumped to close every connection open at that moment.
     cut: watch::Sender<u64>,
+    /// Whether requests go on to the simulator (false: each waits until
+    /// it is true again).
+    gate: watch::Sender<bool>,
 }
 
 impl Relay {
@@ -47,6 +50,7 @@ impl Relay {
             closed: Arc::default(),
             seen: Arc::default(),
             cut: watch::channel(0).0,
+            gate: watch::channel(true).0,
         };
         let (accepted, closed, seen) = (
             relay.accepted.clone(),
@@ -54,6 +58,7 @@ impl Relay {
             relay.seen.clone(),
         );
         let cut = relay.cut.clone();
+        let gate = relay.gate.clone();
         let client = reqwest::Client::new();
         tokio::spawn(async move {
             loop {
@@ -69,12 +74,18 @@ impl Relay {
                     tls.clone(),
                 );
                 let mut cut = cut.subscribe();
+                let gate = gate.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let host = req.headers().get(http::header::HOST);
                         let host = host.map(|h| h.to_str().unwrap().to_string());
                         seen.lock().unwrap().push((req.version(), host));
-                        forward(client.clone(), upstream.clone(), req)
+                        let mut gate = gate.subscribe();
+                        let (client, upstream) = (client.clone(), upstream.clone());
+                        async move {
+                            let _ = gate.wait_for(|open| *open).await;
+                            forward(client, upstream, req).await
+                        }
                     });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -115,6 +126,15 @@ impl Relay {
     /// What every request relayed was: its version and `Host`.
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Holds every request from now on (and those arriving) until `release`.
+    fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.gate.send_replace(true);
     }
 
     /// `n` HTTP/1.1 requests carrying this relay's `Host`.
@@ -345,5 +365,107 @@ async fn over_tls_with_http1_connections_are_reused() {
     }
     assert_eq!(relay.accepted(), 1);
     assert_eq!(relay.seen(), relay.http1_requests(5));
+    env.stop().await;
+}
+
+/// `upstream.max_connections: 2` and six concurrent calls while the
+/// upstream holds every request: two connections open and carry a call
+/// each, four calls queue; once the upstream answers, the queued calls take
+/// the two connections in turn. Every call succeeds, on two connections in
+/// all.
+#[tokio::test]
+async fn calls_beyond_max_connections_queue_for_a_connection_and_all_succeed() {
+    let (env, relay) = through_relay(None, json!({"max_connections": 2})).await;
+    relay.hold();
+    let calls = futures_util::future::join_all(
+        (0..6).map(|_| env.request(TEAM, reqwest::Method::GET, "/v2/web/servers/detail", None)),
+    );
+    let release = async {
+        wait_until("two calls reached the upstream", || relay.seen().len() == 2).await;
+        assert!(
+            metrics::gauge_becomes(
+                &env.http,
+                &env.admin,
+                "toastgate_upstream_connection_waits_total",
+                4
+            )
+            .await,
+            "four calls queued: {}",
+            env.metrics().await
+        );
+        let text = env.metrics().await;
+        assert_eq!(metrics::value(&text, "toastgate_upstream_connections"), 2.0);
+        assert_eq!(relay.accepted(), 2, "no third connection");
+        assert_eq!(relay.seen().len(), 2, "the queued calls were not sent");
+        relay.release();
+    };
+    let (answers, ()) = tokio::join!(calls, release);
+    for a in answers {
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    assert_eq!(relay.seen().len(), 6);
+    assert_eq!(
+        relay.accepted(),
+        2,
+        "never more than upstream.max_connections"
+    );
+    let text = env.metrics().await;
+    assert_eq!(metrics::value(&text, "toastgate_upstream_connections"), 2.0);
+    assert_eq!(
+        metrics::sum(&text, "toastgate_upstream_errors_total"),
+        0.0,
+        "no call failed"
+    );
+    env.stop().await;
+}
+
+/// `upstream.max_connections: 1`: while a call holds the one connection
+/// longer than `upstream.queue_timeout`, the next calls are refused, never
+/// sent: v2 503 `serviceUnavailable` with `Retry-After: 1`, v1.0 `10503`.
+/// The call holding the connection still succeeds.
+#[tokio::test]
+async fn a_call_that_finds_every_connection_busy_past_the_queue_timeout_is_refused_unsent() {
+    let (env, relay) = through_relay(
+        None,
+        json!({"max_connections": 1, "queue_timeout": "200ms"}),
+    )
+    .await;
+    servers_detail(&env).await;
+    relay.hold();
+    let held = env.request(TEAM, reqwest::Method::GET, "/v2/web/servers/detail", None);
+    let refused = async {
+        wait_until("the held call reached the upstream", || {
+            relay.seen().len() == 2
+        })
+        .await;
+        let a = env
+            .request(TEAM, reqwest::Method::GET, "/v2/web/flavors", None)
+            .await;
+        assert_eq!(a.status, 503, "{}", a.body);
+        let message = assert_nova_error(&a.body, "serviceUnavailable", 503);
+        assert!(
+            message.contains("all 1 upstream connections (upstream.max_connections) stayed busy")
+                && message.contains("not sent"),
+            "{message}"
+        );
+        assert_eq!(a.headers["retry-after"], "1");
+        let v1 = env.v1(TEAM, reqwest::Method::GET, "/instances", None).await;
+        let message = assert_v1_failure(&v1, 10503);
+        assert!(message.contains("stayed busy"), "{message}");
+        assert_eq!(relay.seen().len(), 2, "the refused calls were never sent");
+        relay.release();
+    };
+    let (a, ()) = tokio::join!(held, refused);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(relay.accepted(), 1);
+    let text = env.metrics().await;
+    // The v2 call and at least one of the v1.0 surface's calls.
+    let busy = metrics::sum(&text, r#"toastgate_upstream_outcomes_total{class="busy"}"#);
+    assert!(busy >= 2.0, "{text}");
+    assert_eq!(metrics::sum(&text, "toastgate_upstream_errors_total"), busy);
+    assert!(
+        text.contains(r#"toastgate_upstream_errors_total{action="flavor.list",kind="busy"} 1"#),
+        "{text}"
+    );
     env.stop().await;
 }

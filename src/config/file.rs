@@ -132,6 +132,16 @@ pub struct UpstreamFile {
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
+    /// Compute API connections open at once, idle or busy. Default: what
+    /// the open-file limit leaves beside `server.max_connections` and 64
+    /// more, between 16 and 1024.
+    pub max_connections: Option<usize>,
+    /// How long a compute call waits for a connection when all
+    /// `max_connections` are busy before it fails (503, never sent).
+    /// Default 5 s, or half of `request_timeout` if that is less.
+    #[schemars(with = "Option<String>")]
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

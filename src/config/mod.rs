@@ -182,6 +182,8 @@ pub struct Upstream {
     pub ca_file: Option<PathBuf>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    pub max_connections: usize,
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

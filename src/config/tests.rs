@@ -755,3 +755,68 @@ fn the_admin_listener_may_not_overlap_the_public_one() {
         );
     }
 }
+
+#[test]
+fn upstream_connections_and_their_queue_wait_are_bounded_and_checked() {
+    let with_upstream = |extra: Value| {
+        let mut config: Value = serde_saphyr::from_str(GOOD).expect("GOOD is YAML");
+        let upstream = config["upstream"].as_object_mut().expect("upstream");
+        for (k, v) in extra.as_object().expect("an object") {
+            upstream.insert(k.clone(), v.clone());
+        }
+        Config::from_yaml(&config.to_string(), &secrets(), None).map_err(|e| {
+            e.problems()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        })
+    };
+    let set = with_upstream(json!({"max_connections": 8, "queue_timeout": "250ms"})).unwrap();
+    assert_eq!(set.upstream.max_connections, 8);
+    assert_eq!(set.upstream.queue_timeout, Duration::from_millis(250));
+
+    // Defaults: 5 s, or half a shorter request timeout.
+    let default = with_upstream(json!({})).unwrap();
+    assert_eq!(default.upstream.queue_timeout, Duration::from_secs(5));
+    assert!((16..=1024).contains(&default.upstream.max_connections));
+    let short = with_upstream(json!({"request_timeout": "4s"})).unwrap();
+    assert_eq!(short.upstream.queue_timeout, Duration::from_secs(2));
+
+    // Beyond the open-file limit (where there is one) beside the listener's cap.
+    let huge = with_upstream(json!({"max_connections": usize::MAX / 2}));
+    match crate::listener::open_files_soft_limit() {
+        Some(limit) if limit < usize::MAX / 2 => {
+            let problems = huge.expect_err("beyond the open-file limit");
+            let expected =
+                format!("and 64 for the rest exceeds this process's open-file limit ({limit})");
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with("upstream.max_connections: ") && p.contains(&expected)),
+                "{problems:?}"
+            );
+        }
+        _ => assert!(huge.is_ok(), "no finite open-file limit to exceed"),
+    }
+
+    for (extra, expected) in [
+        (
+            json!({"max_connections": 0}),
+            "upstream.max_connections: must be greater than zero",
+        ),
+        (
+            json!({"queue_timeout": "0s"}),
+            "upstream.queue_timeout: must be greater than zero",
+        ),
+        (
+            json!({"queue_timeout": "30s", "request_timeout": "30s"}),
+            "upstream.queue_timeout: must be less than upstream.request_timeout (30s)",
+        ),
+    ] {
+        let problems = with_upstream(extra.clone()).expect_err(expected);
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "{extra}: {problems:?}"
+        );
+    }
+}

@@ -26,6 +26,22 @@ use crate::secret::Secret;
 /// token, so a mistyped extra digit should not become gigabytes.
 const MAX_VERIFIED_TOKEN_CACHE: u64 = 1_000_000;
 
+/// How long a compute call waits for a free connection, unless
+/// `upstream.queue_timeout` says otherwise (and at most half of
+/// `upstream.request_timeout`).
+const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The compute connections the open-file limit leaves beside the public
+/// listener's cap and 64 descriptors for everything else (audit file,
+/// identity, Redis...): between 16 and 1024, 1024 where the limit is unknown.
+fn default_upstream_connections(file_limit: Option<usize>, listener_cap: usize) -> usize {
+    file_limit
+        .map_or(1024, |limit| {
+            limit.saturating_sub(listener_cap.saturating_add(64))
+        })
+        .clamp(16, 1024)
+}
+
 impl ConfigFile {
     pub fn validate(
         self,
@@ -55,9 +71,9 @@ impl ConfigFile {
         if overlapping && listen.public.port() == listen.admin.port() && listen.public.port() != 0 {
             v.problem("listen.admin", "must differ from listen.public");
         }
-        let upstream = v.upstream(self.upstream);
-        let token = v.token(self.token);
         let server = v.server(self.server);
+        let upstream = v.upstream(self.upstream, server.max_connections);
+        let token = v.token(self.token);
         let auth = v.auth(self.auth);
         let projects = v.projects(self.projects, &upstream);
         let teams = v.teams(self.teams, &projects);
@@ -269,7 +285,7 @@ impl Validator<'_> {
         }
     }
 
-    fn upstream(&mut self, u: UpstreamFile) -> Upstream {
+    fn upstream(&mut self, u: UpstreamFile, listener_cap: usize) -> Upstream {
         let compute_v1_url = u
             .compute_v1_url
             .as_deref()
@@ -283,10 +299,49 @@ impl Validator<'_> {
                 format!("`{}` is not a readable file", ca.display()),
             );
         }
+        let file_limit = crate::listener::open_files_soft_limit();
+        let max_connections = match u.max_connections {
+            Some(0) => {
+                self.problem("upstream.max_connections", "must be greater than zero");
+                1
+            }
+            Some(n) => {
+                if let Some(limit) = file_limit
+                    && listener_cap.saturating_add(n).saturating_add(64) > limit
+                {
+                    self.problem(
+                        "upstream.max_connections",
+                        format!(
+                            "{n} with server.max_connections ({listener_cap}) and 64 for the rest exceeds this process's open-file limit ({limit}): the gateway would run out of descriptors first"
+                        ),
+                    );
+                }
+                n
+            }
+            None => default_upstream_connections(file_limit, listener_cap),
+        };
+        let queue_timeout = match u.queue_timeout {
+            Some(t) => {
+                let t = self.positive("upstream.queue_timeout", t);
+                if t >= u.request_timeout {
+                    self.problem(
+                        "upstream.queue_timeout",
+                        format!(
+                            "must be less than upstream.request_timeout ({:?}): a call that waited that long has no time left to run",
+                            u.request_timeout
+                        ),
+                    );
+                }
+                t
+            }
+            None => DEFAULT_QUEUE_TIMEOUT.min(u.request_timeout / 2),
+        };
         Upstream {
             identity_url: self.url("upstream.identity_url", &u.identity_url),
             compute_url: self.url("upstream.compute_url", &u.compute_url),
             compute_v1_url,
+            max_connections,
+            queue_timeout,
             connect_timeout: self.positive("upstream.connect_timeout", u.connect_timeout),
             request_timeout: self.positive("upstream.request_timeout", u.request_timeout),
             identity_timeout: self.positive("upstream.identity_timeout", u.identity_timeout),
@@ -1122,4 +1177,24 @@ enum Endpoint {
     Base,
     /// Called exactly as written.
     AsWritten,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_upstream_connections;
+
+    #[test]
+    fn compute_connections_default_to_what_the_file_limit_leaves() {
+        // Debian's 1024: the listener's default cap (832) leaves 128.
+        assert_eq!(default_upstream_connections(Some(1024), 832), 128);
+        // Docker's 1048576: the listener's 10,000, and the 1024 ceiling.
+        assert_eq!(default_upstream_connections(Some(1_048_576), 10_000), 1024);
+        // Nothing left (an explicit listener cap near the limit): the floor.
+        assert_eq!(default_upstream_connections(Some(1024), 1000), 16);
+        assert_eq!(default_upstream_connections(None, 10_000), 1024);
+        assert_eq!(
+            default_upstream_connections(Some(usize::MAX), usize::MAX),
+            16
+        );
+    }
 }

@@ -12,7 +12,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 
-use super::pool::OriginPool;
+use super::pool::{Limits, OriginPool};
 use super::token::{IdentityError, TokenBroker, UpstreamToken};
 use super::{UpstreamClient, UpstreamError};
 use crate::action::Action;
@@ -138,14 +138,20 @@ impl Compute {
         base: ComputeBase,
         broker: Arc<TokenBroker>,
         metrics: Arc<Metrics>,
-        request_timeout: Duration,
+        settings: &crate::config::Upstream,
     ) -> Self {
+        let limits = Limits {
+            max_connections: settings.max_connections,
+            queue_timeout: settings.queue_timeout,
+            open: metrics.upstream_connections.clone(),
+            waits: metrics.upstream_connection_waits.clone(),
+        };
         Compute {
-            connections: client.origin_pool(base.origin()),
+            connections: client.origin_pool(base.origin(), limits),
             base,
             broker,
             metrics,
-            request_timeout,
+            request_timeout: settings.request_timeout,
         }
     }
 

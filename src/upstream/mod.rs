@@ -44,6 +44,14 @@ pub enum UpstreamError {
     BodyTooLarge(usize),
     #[error("upstream response body could not be read: {0}")]
     Body(String),
+    /// Not sent: every connection the gateway may open was busy.
+    #[error(
+        "all {max_connections} upstream connections (upstream.max_connections) stayed busy for {waited:.1?}: the call was not sent"
+    )]
+    Busy {
+        max_connections: usize,
+        waited: Duration,
+    },
 }
 
 impl UpstreamError {
@@ -53,6 +61,7 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::Unreachable(_) => "unreachable",
             UpstreamError::BodyTooLarge(_) | UpstreamError::Body(_) => "body",
+            UpstreamError::Busy { .. } => "busy",
         }
     }
 }
@@ -132,13 +141,14 @@ impl UpstreamClient {
     }
 
     /// A pool of connections to `origin` alone, on this client's connector
-    /// and pool settings.
-    pub fn origin_pool(&self, origin: http::Uri) -> pool::OriginPool {
+    /// and idle settings, within `limits`.
+    pub fn origin_pool(&self, origin: http::Uri, limits: pool::Limits) -> pool::OriginPool {
         pool::OriginPool::new(
             self.connector.clone(),
             origin,
             self.pool_max_idle_per_host,
             self.pool_idle_timeout,
+            limits,
         )
     }
 

@@ -31,7 +31,17 @@
 //! concurrent first requests are not gathered onto one new connection:
 //! each connects, the last one is shared, the others close once their
 //! request ends.
+//!
+//! And unlike hyper-util's, the connections are counted: at most
+//! `upstream.max_connections` are open at once, idle or busy, so a flood
+//! of callers cannot make the gateway open a socket per caller and run out
+//! of descriptors. A connection holds its slot until its socket closes (the
+//! slot lives in the connection's I/O task). A call that finds every slot
+//! taken and no idle connection waits, first come first served, for a slot
+//! or for a connection put back, at most `upstream.queue_timeout`; then it
+//! fails with [`UpstreamError::Busy`], never having been sent.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -42,6 +52,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::Connection as _;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt as _;
 
 use super::{Connector, UpstreamError, error_chain, read_body};
@@ -58,6 +69,31 @@ pub struct OriginPool {
     inner: Arc<Inner>,
 }
 
+/// How many connections a pool may have open, how long a call waits for
+/// one when all are busy, and where the pool reports both.
+#[derive(Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub queue_timeout: Duration,
+    /// Connections open now (`toastgate_upstream_connections`).
+    pub open: prometheus::IntGauge,
+    /// Calls that found every connection busy and queued
+    /// (`toastgate_upstream_connection_waits_total`).
+    pub waits: prometheus::IntCounter,
+}
+
+impl Limits {
+    /// Limits reported to metrics registered nowhere (tests).
+    pub fn unregistered(max_connections: usize, queue_timeout: Duration) -> Self {
+        Limits {
+            max_connections,
+            queue_timeout,
+            open: prometheus::IntGauge::new("open", "open").expect("a valid name"),
+            waits: prometheus::IntCounter::new("waits", "waits").expect("a valid name"),
+        }
+    }
+}
+
 struct Inner {
     connector: Connector,
     /// `scheme://authority/`, what the connector dials.
@@ -67,6 +103,58 @@ struct Inner {
     max_idle: usize,
     idle_timeout: Duration,
     idle: Mutex<Idle>,
+    /// One permit per connection that may be open; each open connection's
+    /// I/O task holds one.
+    slots: Arc<Semaphore>,
+    limits: Limits,
+    /// Calls queued for a connection: a connection put back wakes one.
+    queued: AtomicUsize,
+    put_back: Notify,
+}
+
+/// An open connection's share of `upstream.max_connections`, given back
+/// when its I/O task ends (its socket closed).
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: &prometheus::IntGauge) -> Slot {
+        open.inc();
+        Slot {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// What a queued call got.
+enum Turn {
+    Idle(Sender),
+    Slot(OwnedSemaphorePermit),
+}
+
+/// Counts a call among the queued while it waits.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Queued(count)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -118,7 +206,13 @@ impl OriginPool {
     /// A pool for `origin` (`scheme://authority/`). Within a tokio runtime,
     /// a task closes connections left idle past `idle_timeout` (it ends with
     /// the pool).
-    pub fn new(connector: Connector, origin: Uri, max_idle: usize, idle_timeout: Duration) -> Self {
+    pub fn new(
+        connector: Connector,
+        origin: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+        limits: Limits,
+    ) -> Self {
         let inner = Arc::new(Inner {
             connector,
             host: host_header(&origin),
@@ -126,6 +220,10 @@ impl OriginPool {
             max_idle,
             idle_timeout,
             idle: Mutex::new(Idle::default()),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            queued: AtomicUsize::new(0),
+            put_back: Notify::new(),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(close_expired(Arc::downgrade(&inner)));
@@ -170,12 +268,20 @@ impl OriginPool {
             } else {
                 self.inner.checkout()
             };
-            let (sender, reused) = match pooled {
-                Some(sender) => (sender, true),
+            let turn = match pooled {
+                Some(sender) => Turn::Idle(sender),
+                None => match self.inner.slots.clone().try_acquire_owned() {
+                    Ok(permit) => Turn::Slot(permit),
+                    // Boxed, as rarely taken as connecting.
+                    Err(_) => Box::pin(self.inner.queue(only_new)).await?,
+                },
+            };
+            let (sender, reused) = match turn {
+                Turn::Idle(sender) => (sender, true),
                 // Boxed: connecting (TLS, either handshake) is a future
                 // of kilobytes, and every request's future would carry
                 // (and move) that room.
-                None => (Box::pin(self.inner.connect()).await?, false),
+                Turn::Slot(permit) => (Box::pin(self.inner.connect(permit)).await?, false),
             };
             let unsent = match sender {
                 Sender::H1(mut tx) => {
@@ -235,6 +341,46 @@ impl From<hyper::client::conn::TrySendError<Request<Body>>> for Unsent {
 }
 
 impl Inner {
+    /// Waits, first come first served, for a free slot or (unless
+    /// `only_new`) a connection put back, at most `queue_timeout`.
+    async fn queue(&self, only_new: bool) -> Result<Turn, UpstreamError> {
+        self.limits.waits.inc();
+        let _queued = Queued::enter(&self.queued);
+        let waited = Instant::now();
+        // Made once: the call keeps its place in the semaphore's queue
+        // however many times a put-back connection wakes it for nothing.
+        let slot = self.slots.clone().acquire_owned();
+        let expired = tokio::time::sleep(self.limits.queue_timeout);
+        tokio::pin!(slot, expired);
+        loop {
+            let put_back = self.put_back.notified();
+            tokio::pin!(put_back);
+            // Enabled before looking, so a connection put back between
+            // the look and the wait still wakes this call.
+            put_back.as_mut().enable();
+            if !only_new && let Some(sender) = self.checkout() {
+                return Ok(Turn::Idle(sender));
+            }
+            tokio::select! {
+                biased;
+                permit = &mut slot => {
+                    // The semaphore is never closed.
+                    let permit = permit.map_err(|_| self.busy(waited))?;
+                    return Ok(Turn::Slot(permit));
+                }
+                () = &mut put_back, if !only_new => {}
+                () = &mut expired => return Err(self.busy(waited)),
+            }
+        }
+    }
+
+    fn busy(&self, waited: Instant) -> UpstreamError {
+        UpstreamError::Busy {
+            max_connections: self.limits.max_connections,
+            waited: waited.elapsed(),
+        }
+    }
+
     /// The shared HTTP/2 connection, else the most recently used idle
     /// HTTP/1.1 connection that is neither closed nor expired.
     fn checkout(&self) -> Option<Sender> {
@@ -260,9 +406,16 @@ impl Inner {
         if tx.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.h1.len() < self.max_idle {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.h1.len() >= self.max_idle {
+                // Dropped, closing: its slot goes to a queued call.
+                return;
+            }
             idle.h1.push((tx, Instant::now()));
+        }
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.put_back.notify_one();
         }
     }
 
@@ -297,8 +450,10 @@ impl Inner {
     }
 
     /// A new connection, HTTP/2 if TLS negotiated it (then shared from now
-    /// on), else HTTP/1.1; its I/O runs in a task of its own.
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
+    /// on), else HTTP/1.1; its I/O runs in a task of its own, which holds
+    /// the connection's slot (from `permit`) until the socket closes.
+    async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Sender, UpstreamError> {
+        let slot = Slot::new(permit, &self.limits.open);
         let unreachable =
             |e: &(dyn std::error::Error + 'static)| UpstreamError::Unreachable(error_chain(e));
         let io = self
@@ -318,7 +473,7 @@ impl Inner {
                 .handshake(io)
                 .await
                 .map_err(|e| unreachable(&e))?;
-            tokio::spawn(run_connection(conn));
+            tokio::spawn(run_connection(conn, slot));
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             let id = idle.next_h2_id;
             idle.next_h2_id += 1;
@@ -336,7 +491,7 @@ impl Inner {
                 .handshake(io)
                 .await
                 .map_err(|e| unreachable(&e))?;
-            tokio::spawn(run_connection(conn));
+            tokio::spawn(run_connection(conn, slot));
             Ok(Sender::H1(tx))
         }
     }
@@ -362,13 +517,14 @@ impl Inner {
     }
 }
 
-async fn run_connection<F>(conn: F)
+async fn run_connection<F>(conn: F, slot: Slot)
 where
     F: std::future::Future<Output = hyper::Result<()>>,
 {
     if let Err(e) = conn.await {
         tracing::debug!(error = %error_chain(&e), "upstream connection ended");
     }
+    drop(slot);
 }
 
 /// Every `idle_timeout` (at least every second), drops the connections
@@ -489,7 +645,10 @@ mod tests {
             pool_max_idle_per_host: 8,
         })
         .unwrap();
-        client.origin_pool(origin.clone())
+        client.origin_pool(
+            origin.clone(),
+            Limits::unregistered(64, Duration::from_secs(5)),
+        )
     }
 
     /// An HTTP/2 connection to a server of its own (in memory), which

@@ -457,6 +457,7 @@ impl TokenBroker {
             "tenantId": project.tenant_id,
             "passwordCredentials": {"username": username, "password": password.expose()},
         }});
+        let sent = Instant::now();
         let (status, value) = self.identity_post(&url, &body).await?;
         if status != 200 {
             return Err(if status == 401 || status == 403 || status == 400 {
@@ -465,7 +466,7 @@ impl TokenBroker {
                 IdentityError::Unavailable(format!("HTTP {status}"))
             });
         }
-        token_from_access(&self.policy, &value)
+        token_from_access(&self.policy, &value, sent)
     }
 
     async fn fetch_appkey(
@@ -477,6 +478,7 @@ impl TokenBroker {
         let base = self.upstream.compute_v1_url.as_deref().unwrap_or_default();
         let url = format!("{base}/v1.0/appkeys/{appkey}/tokens");
         let body = json!({"auth": {"username": access_key_id, "password": secret.expose()}});
+        let sent = Instant::now();
         let (status, value) = self.identity_post(&url, &body).await?;
         if status != 200 {
             return Err(IdentityError::Unavailable(format!("HTTP {status}")));
@@ -491,7 +493,7 @@ impl TokenBroker {
                 IdentityError::RejectedV1 { code }
             });
         }
-        token_from_access(&self.policy, &value)
+        token_from_access(&self.policy, &value, sent)
     }
 
     async fn identity_post(
@@ -522,10 +524,14 @@ impl TokenBroker {
 }
 
 /// Builds a token from `{"access":{"token":{"id","expires","issued_at"}}}`,
-/// the shape both token APIs share.
+/// the shape both token APIs share. Its life is counted from when the
+/// identity call was `sent`, not from when the answer came: the token may
+/// have been issued any time in between, and a slow answer must not
+/// stretch it past its real end.
 fn token_from_access(
     policy: &TokenPolicy,
     value: &serde_json::Value,
+    sent: Instant,
 ) -> Result<UpstreamToken, IdentityError> {
     let token = &value["access"]["token"];
     let id = token["id"]
@@ -541,7 +547,6 @@ fn token_from_access(
     })?;
     header.set_sensitive(true);
     let issued = token["issued_at"].as_str().and_then(parse_identity_time);
-    let received = Instant::now();
     let lifetime = lifetime(issued, expires, Utc::now())
         .ok_or_else(|| IdentityError::BadResponse("token already expired when issued".into()))?;
     let usable_for = lifetime.saturating_sub(expiry_margin(lifetime));
@@ -553,8 +558,8 @@ fn token_from_access(
         id: Secret::new(id),
         header,
         expires_at: expires,
-        usable_until: received + usable_for,
-        refresh_at: received + refresh_after,
+        usable_until: sent + usable_for,
+        refresh_at: sent + refresh_after,
     })
 }
 
@@ -669,18 +674,35 @@ mod tests {
                 "expires": "2017-05-16T03:17:50Z",
             }}})
         };
-        let token = token_from_access(&policy(), &access("f94a9f1ac6a2418c")).unwrap();
+        let token =
+            token_from_access(&policy(), &access("f94a9f1ac6a2418c"), Instant::now()).unwrap();
         assert_eq!(token.header, "f94a9f1ac6a2418c");
         assert!(token.header.is_sensitive(), "never shown by Debug");
         assert_eq!(token.id.expose(), "f94a9f1ac6a2418c");
         for id in ["zq9\nzq9", "zq9\u{7f}zq9", ""] {
-            match token_from_access(&policy(), &access(id)) {
+            match token_from_access(&policy(), &access(id), Instant::now()) {
                 Err(IdentityError::BadResponse(why)) => {
                     assert!(!why.contains("zq9"), "the token is not echoed: {why}")
                 }
                 other => panic!("{id:?}: {other:?}"),
             }
         }
+    }
+
+    /// A one-hour token whose answer took 20 s is usable until 30 s before
+    /// an hour after the call was sent (the margin), not after it answered.
+    #[test]
+    fn a_token_lives_from_when_its_identity_call_was_sent() {
+        let answer = json!({"access": {"token": {
+            "id": "f94a9f1ac6a2418c",
+            "issued_at": "2017-05-16T02:17:50Z",
+            "expires": "2017-05-16T03:17:50Z",
+        }}});
+        let sent = Instant::now() - Duration::from_secs(20);
+        let token = token_from_access(&policy(), &answer, sent).unwrap();
+        assert_eq!(token.usable_until, sent + Duration::from_secs(3570));
+        assert!(token.refresh_at >= sent + Duration::from_secs(2700));
+        assert!(token.refresh_at <= sent + Duration::from_secs(3060));
     }
 
     #[test]
