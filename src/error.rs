@@ -182,6 +182,17 @@ impl GatewayError {
         }
     }
 
+    /// A failure of a compute call that certainly never reached the
+    /// upstream (no cloud token, no connection free). Only the request's
+    /// last call: an earlier one may have.
+    pub fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::TokenUnavailable { .. }
+                | GatewayError::Upstream(UpstreamError::Busy { .. })
+        )
+    }
+
     /// A decision of the gateway's own rules (authentication, policy, rate
     /// limits, the audit promise): always audited, as `decision: refused`.
     pub fn is_refusal(&self) -> bool {

@@ -67,6 +67,9 @@ pub struct Exchange {
     pub judged: Option<Judged>,
     pub upstream_status: Option<u16>,
     pub result: Option<Value>,
+    /// A call other than a GET went upstream (or may have: any that was
+    /// not refused unsent), so the request may have changed something.
+    pub mutation_sent: bool,
     pub rate: Option<crate::ratelimit::Decision>,
     /// The request's `Idempotency-Key`, if it sent one.
     pub idempotency_key: Option<String>,
@@ -120,6 +123,7 @@ impl Exchange {
             judged: None,
             upstream_status: None,
             result: None,
+            mutation_sent: false,
             rate: None,
             idempotency_key: None,
             idempotency_ticket: None,

@@ -548,6 +548,7 @@ impl Gateway {
         let learned = api.learned();
         x.upstream_status = learned.status;
         x.result = learned.result;
+        x.mutation_sent = learned.mutation_sent;
         Ok(Answer::V1(payload?))
     }
 
@@ -561,10 +562,8 @@ impl Gateway {
     ) -> Response {
         let config = &snap.config;
         // Nothing went upstream: the key is free for a retry.
-        let not_performed = matches!(
-            &answer,
-            Err(e) if e.is_refusal() || matches!(e, GatewayError::TokenUnavailable { .. })
-        );
+        let not_performed =
+            matches!(&answer, Err(e) if e.is_refusal() || e.never_sent() && !x.mutation_sent);
         let (mut resp, mut ending) = match answer {
             Ok(a) => {
                 let resp = a.into_response();

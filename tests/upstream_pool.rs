@@ -372,10 +372,14 @@ async fn over_tls_with_http1_connections_are_reused() {
 /// upstream holds every request: two connections open and carry a call
 /// each, four calls queue; once the upstream answers, the queued calls take
 /// the two connections in turn. Every call succeeds, on two connections in
-/// all.
+/// all. (Timeouts far beyond the test's own waits: only the cap decides.)
 #[tokio::test]
 async fn calls_beyond_max_connections_queue_for_a_connection_and_all_succeed() {
-    let (env, relay) = through_relay(None, json!({"max_connections": 2})).await;
+    let (env, relay) = through_relay(
+        None,
+        json!({"max_connections": 2, "request_timeout": "120s", "queue_timeout": "100s"}),
+    )
+    .await;
     relay.hold();
     let calls = futures_util::future::join_all(
         (0..6).map(|_| env.request(TEAM, reqwest::Method::GET, "/v2/web/servers/detail", None)),
@@ -421,15 +425,24 @@ async fn calls_beyond_max_connections_queue_for_a_connection_and_all_succeed() {
 
 /// `upstream.max_connections: 1`: while a call holds the one connection
 /// longer than `upstream.queue_timeout`, the next calls are refused, never
-/// sent: v2 503 `serviceUnavailable` with `Retry-After: 1`, v1.0 `10503`.
-/// The call holding the connection still succeeds.
+/// sent: v2 503 `serviceUnavailable` with `Retry-After: 1`, v1.0 `10503`,
+/// and a create's `Idempotency-Key` is left free for its retry. The call
+/// holding the connection still succeeds.
 #[tokio::test]
 async fn a_call_that_finds_every_connection_busy_past_the_queue_timeout_is_refused_unsent() {
     let (env, relay) = through_relay(
         None,
-        json!({"max_connections": 1, "queue_timeout": "200ms"}),
+        json!({"max_connections": 1, "queue_timeout": "200ms", "request_timeout": "120s"}),
     )
     .await;
+    let create_with_key = || {
+        env.http
+            .post(env.url("/v2/web/os-keypairs"))
+            .bearer_auth(env.token(TEAM))
+            .header("Idempotency-Key", "busy-then-retried")
+            .json(&json!({"keypair": {"name": "busy-key"}}))
+            .send()
+    };
     servers_detail(&env).await;
     relay.hold();
     let held = env.request(TEAM, reqwest::Method::GET, "/v2/web/servers/detail", None);
@@ -452,16 +465,25 @@ async fn a_call_that_finds_every_connection_busy_past_the_queue_timeout_is_refus
         let v1 = env.v1(TEAM, reqwest::Method::GET, "/instances", None).await;
         let message = assert_v1_failure(&v1, 10503);
         assert!(message.contains("stayed busy"), "{message}");
+        let create = create_with_key().await.unwrap();
+        assert_eq!(create.status(), 503);
         assert_eq!(relay.seen().len(), 2, "the refused calls were never sent");
         relay.release();
     };
     let (a, ()) = tokio::join!(held, refused);
     assert_eq!(a.status, 200, "{}", a.body);
+    // The key was freed: the retry runs (not a replay of the 503).
+    let retry = create_with_key().await.unwrap();
+    assert_eq!(retry.status(), 200);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(body["keypair"]["name"], "busy-key", "{body}");
+    assert_eq!(relay.seen().len(), 3);
     assert_eq!(relay.accepted(), 1);
     let text = env.metrics().await;
-    // The v2 call and at least one of the v1.0 surface's calls.
+    // The v2 calls and at least one of the v1.0 surface's calls.
     let busy = metrics::sum(&text, r#"toastgate_upstream_outcomes_total{class="busy"}"#);
-    assert!(busy >= 2.0, "{text}");
+    assert!(busy >= 3.0, "{text}");
     assert_eq!(metrics::sum(&text, "toastgate_upstream_errors_total"), busy);
     assert!(
         text.contains(r#"toastgate_upstream_errors_total{action="flavor.list",kind="busy"} 1"#),

@@ -133,8 +133,8 @@ pub struct UpstreamFile {
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
     /// Compute API connections open at once, idle or busy. Default: what
-    /// the open-file limit leaves beside `server.max_connections` and 64
-    /// more, between 16 and 1024.
+    /// the open-file limit leaves beside `server.max_connections` and 128
+    /// more (the admin listener's and the rest), between 16 and 1024.
     pub max_connections: Option<usize>,
     /// How long a compute call waits for a connection when all
     /// `max_connections` are busy before it fails (503, never sent).

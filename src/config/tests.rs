@@ -782,13 +782,20 @@ fn upstream_connections_and_their_queue_wait_are_bounded_and_checked() {
     let short = with_upstream(json!({"request_timeout": "4s"})).unwrap();
     assert_eq!(short.upstream.queue_timeout, Duration::from_secs(2));
 
+    let huge = with_upstream(json!({"max_connections": 1_000_001})).expect_err("too many");
+    assert!(
+        huge.iter()
+            .any(|p| p == "upstream.max_connections: must be at most 1000000"),
+        "{huge:?}"
+    );
     // Beyond the open-file limit (where there is one) beside the listener's cap.
-    let huge = with_upstream(json!({"max_connections": usize::MAX / 2}));
+    let many = with_upstream(json!({"max_connections": 1_000_000}));
     match crate::listener::open_files_soft_limit() {
-        Some(limit) if limit < usize::MAX / 2 => {
-            let problems = huge.expect_err("beyond the open-file limit");
-            let expected =
-                format!("and 64 for the rest exceeds this process's open-file limit ({limit})");
+        Some(limit) if limit < 1_000_000 => {
+            let problems = many.expect_err("beyond the open-file limit");
+            let expected = format!(
+                "and 128 for the admin listener and the rest exceeds this process's open-file limit ({limit})"
+            );
             assert!(
                 problems
                     .iter()
@@ -796,7 +803,7 @@ fn upstream_connections_and_their_queue_wait_are_bounded_and_checked() {
                 "{problems:?}"
             );
         }
-        _ => assert!(huge.is_ok(), "no finite open-file limit to exceed"),
+        _ => assert!(many.is_ok(), "no open-file limit to exceed"),
     }
 
     for (extra, expected) in [

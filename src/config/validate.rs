@@ -31,13 +31,22 @@ const MAX_VERIFIED_TOKEN_CACHE: u64 = 1_000_000;
 /// `upstream.request_timeout`).
 const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Descriptors kept beside the public listener's and the compute
+/// connections: the admin listener's 64 connections, and 64 for the rest
+/// (standard streams, listening sockets, the audit file, Redis, identity,
+/// JWKS, webhook and OTLP calls...).
+const OTHER_DESCRIPTORS: usize = 128;
+
+/// Beyond any file limit a process gets.
+const MAX_UPSTREAM_CONNECTIONS: usize = 1_000_000;
+
 /// The compute connections the open-file limit leaves beside the public
-/// listener's cap and 64 descriptors for everything else (audit file,
-/// identity, Redis...): between 16 and 1024, 1024 where the limit is unknown.
+/// listener's cap and [`OTHER_DESCRIPTORS`]: between 16 and 1024, 1024
+/// where the limit is unknown.
 fn default_upstream_connections(file_limit: Option<usize>, listener_cap: usize) -> usize {
     file_limit
         .map_or(1024, |limit| {
-            limit.saturating_sub(listener_cap.saturating_add(64))
+            limit.saturating_sub(listener_cap.saturating_add(OTHER_DESCRIPTORS))
         })
         .clamp(16, 1024)
 }
@@ -305,14 +314,24 @@ impl Validator<'_> {
                 self.problem("upstream.max_connections", "must be greater than zero");
                 1
             }
+            Some(n) if n > MAX_UPSTREAM_CONNECTIONS => {
+                self.problem(
+                    "upstream.max_connections",
+                    format!("must be at most {MAX_UPSTREAM_CONNECTIONS}"),
+                );
+                MAX_UPSTREAM_CONNECTIONS
+            }
             Some(n) => {
                 if let Some(limit) = file_limit
-                    && listener_cap.saturating_add(n).saturating_add(64) > limit
+                    && listener_cap
+                        .saturating_add(n)
+                        .saturating_add(OTHER_DESCRIPTORS)
+                        > limit
                 {
                     self.problem(
                         "upstream.max_connections",
                         format!(
-                            "{n} with server.max_connections ({listener_cap}) and 64 for the rest exceeds this process's open-file limit ({limit}): the gateway would run out of descriptors first"
+                            "{n} with server.max_connections ({listener_cap}) and {OTHER_DESCRIPTORS} for the admin listener and the rest exceeds this process's open-file limit ({limit}): the gateway would run out of descriptors first"
                         ),
                     );
                 }
@@ -1185,8 +1204,8 @@ mod tests {
 
     #[test]
     fn compute_connections_default_to_what_the_file_limit_leaves() {
-        // Debian's 1024: the listener's default cap (832) leaves 128.
-        assert_eq!(default_upstream_connections(Some(1024), 832), 128);
+        // A soft limit of 1024: the listener's default cap (832) leaves 64.
+        assert_eq!(default_upstream_connections(Some(1024), 832), 64);
         // Docker's 1048576: the listener's 10,000, and the 1024 ceiling.
         assert_eq!(default_upstream_connections(Some(1_048_576), 10_000), 1024);
         // Nothing left (an explicit listener cap near the limit): the floor.

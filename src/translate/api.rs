@@ -44,6 +44,9 @@ pub struct Learned {
     pub status: Option<u16>,
     /// Ids of what the mutating call produced (from its v2 answer).
     pub result: Option<Value>,
+    /// A call other than a GET went out (any not refused unsent): the
+    /// request may have changed something upstream.
+    pub mutation_sent: bool,
 }
 
 /// One v1.0 request's view of its project's v2 API.
@@ -96,7 +99,14 @@ impl V2Caller for ProjectApi<'_> {
         let resp = self
             .compute
             .call(self.project, &forward, self.action, self.waited)
-            .await?;
+            .await;
+        if method != Method::GET
+            && !matches!(resp, Err(ref e) if crate::upstream::compute::never_sent(e))
+            && let Ok(mut learned) = self.learned.lock()
+        {
+            learned.mutation_sent = true;
+        }
+        let resp = resp?;
         let status = resp.status().as_u16();
         let location = resp
             .headers()

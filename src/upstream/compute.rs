@@ -122,6 +122,15 @@ pub enum CallError {
     Transport(#[from] UpstreamError),
 }
 
+/// Whether the failed call certainly never reached the upstream: no token
+/// to send it with, or no connection free for it.
+pub fn never_sent(e: &CallError) -> bool {
+    matches!(
+        e,
+        CallError::Token { .. } | CallError::Transport(UpstreamError::Busy { .. })
+    )
+}
+
 /// The compute API of every project, through one pool of connections.
 pub struct Compute {
     connections: OriginPool,

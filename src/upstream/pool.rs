@@ -37,9 +37,11 @@
 //! of callers cannot make the gateway open a socket per caller and run out
 //! of descriptors. A connection holds its slot until its socket closes (the
 //! slot lives in the connection's I/O task). A call that finds every slot
-//! taken and no idle connection waits, first come first served, for a slot
-//! or for a connection put back, at most `upstream.queue_timeout`; then it
-//! fails with [`UpstreamError::Busy`], never having been sent.
+//! taken and no idle connection queues: for a freed slot (in turn), for a
+//! connection put back or for an HTTP/2 connection to share (whichever
+//! comes first; a call arriving just then may take a put-back connection
+//! before it), at most `upstream.queue_timeout`; then it fails with
+//! [`UpstreamError::Busy`], never having been sent.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -262,6 +264,8 @@ impl OriginPool {
         // does not say it closed: the next turn connects anew rather than
         // take that connection again.
         let mut only_new = false;
+        // Counted in the waits once, however many turns this call takes.
+        let mut queued_before = false;
         loop {
             let pooled = if only_new {
                 None
@@ -273,7 +277,12 @@ impl OriginPool {
                 None => match self.inner.slots.clone().try_acquire_owned() {
                     Ok(permit) => Turn::Slot(permit),
                     // Boxed, as rarely taken as connecting.
-                    Err(_) => Box::pin(self.inner.queue(only_new)).await?,
+                    Err(_) => {
+                        if !std::mem::replace(&mut queued_before, true) {
+                            self.inner.limits.waits.inc();
+                        }
+                        Box::pin(self.inner.queue(only_new)).await?
+                    }
                 },
             };
             let (sender, reused) = match turn {
@@ -341,10 +350,9 @@ impl From<hyper::client::conn::TrySendError<Request<Body>>> for Unsent {
 }
 
 impl Inner {
-    /// Waits, first come first served, for a free slot or (unless
-    /// `only_new`) a connection put back, at most `queue_timeout`.
+    /// Waits for a free slot (in turn) or, unless `only_new`, a connection
+    /// put back or shared, at most `queue_timeout`.
     async fn queue(&self, only_new: bool) -> Result<Turn, UpstreamError> {
-        self.limits.waits.inc();
         let _queued = Queued::enter(&self.queued);
         let waited = Instant::now();
         // Made once: the call keeps its place in the semaphore's queue
@@ -355,17 +363,25 @@ impl Inner {
         loop {
             let put_back = self.put_back.notified();
             tokio::pin!(put_back);
-            // Enabled before looking, so a connection put back between
-            // the look and the wait still wakes this call.
-            put_back.as_mut().enable();
-            if !only_new && let Some(sender) = self.checkout() {
-                return Ok(Turn::Idle(sender));
+            if !only_new {
+                // Enabled before looking, so a connection put back (or an
+                // HTTP/2 one shared) between the look and the wait still
+                // wakes this call.
+                put_back.as_mut().enable();
+                if let Some(sender) = self.checkout() {
+                    return Ok(Turn::Idle(sender));
+                }
             }
             tokio::select! {
                 biased;
                 permit = &mut slot => {
                     // The semaphore is never closed.
                     let permit = permit.map_err(|_| self.busy(waited))?;
+                    // A connection that came meanwhile (an HTTP/2 one
+                    // another call opened) is better than one more.
+                    if !only_new && let Some(sender) = self.checkout() {
+                        return Ok(Turn::Idle(sender));
+                    }
                     return Ok(Turn::Slot(permit));
                 }
                 () = &mut put_back, if !only_new => {}
@@ -484,6 +500,9 @@ impl Inner {
                     last_used: Instant::now(),
                     id,
                 });
+                drop(idle);
+                // Every queued call can go on this one connection.
+                self.put_back.notify_waiters();
             }
             Ok(Sender::H2(tx, id))
         } else {
