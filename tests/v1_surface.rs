@@ -8,7 +8,7 @@ use common::{Env, WEB_TENANT, assert_v1_failure};
 use reqwest::Method;
 use serde_json::{Value, json};
 use toastgate::simulator::{
-    FLAVOR_M2_C2M4, FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1,
+    FLAVOR_M2_C2M4, FLAVOR_R2_C2M4, FLAVOR_U2_C1M1, IMAGE_CENTOS_7_8, NETWORK_VPC1, NETWORK_VPC2,
     RecordedRequest, WEB_VOLUMES,
 };
 
@@ -923,5 +923,57 @@ async fn concurrent_upstream_calls_count_once_in_the_overhead() {
         overhead > 0.0 && duration - overhead >= 0.6,
         "duration {duration} s, overhead {overhead} s"
     );
+    env.stop().await;
+}
+
+/// A server's addresses are listed in its NICs' order, as the upstream's
+/// `addresses` object gives them (by network, in NIC order), not sorted by
+/// network name: `vpc2` first here, on both surfaces.
+#[tokio::test]
+async fn addresses_keep_the_nic_order() {
+    let env = Env::start().await;
+    create_keypair(&env, "nics-key").await;
+    let b = env
+        .v1(
+            TEAM,
+            Method::POST,
+            "/instances",
+            Some(json!({"instance": {
+                "name": "two-nics", "image": IMAGE_CENTOS_7_8, "flavor": FLAVOR_U2_C1M1,
+                "networks": [{"id": NETWORK_VPC2}, {"id": NETWORK_VPC1}],
+                "keyName": "nics-key",
+            }})),
+        )
+        .await;
+    assert_success(&b);
+    let id = b["instance"]["id"].as_str().unwrap().to_string();
+
+    let (status, v2) = env.get(TEAM, &format!("/v2/web/servers/{id}")).await;
+    assert_eq!(status, 200, "{v2}");
+    let networks: Vec<&String> = v2["server"]["addresses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(networks, ["vpc2", "vpc1"], "{v2}");
+
+    let detail = env
+        .v1(
+            TEAM,
+            Method::GET,
+            &format!("/instances-detail?id={id}"),
+            None,
+        )
+        .await;
+    assert_success(&detail);
+    let ips: Vec<&str> = detail["instances"][0]["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ipAddress"].as_str().unwrap())
+        .collect();
+    assert_eq!(ips.len(), 2, "{detail}");
+    assert!(ips[0].starts_with("172.16.0."), "vpc2 first: {ips:?}");
+    assert!(ips[1].starts_with("192.168.0."), "{ips:?}");
     env.stop().await;
 }
