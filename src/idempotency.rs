@@ -87,7 +87,8 @@ pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, String> {
 }
 
 /// What makes two requests "the same": surface, Action, project and the
-/// judged body (as it goes upstream, re-serialized).
+/// judged body (as it goes upstream), its objects' members sorted by name:
+/// the same members in another order are the same request.
 pub fn fingerprint(surface: &str, action: Action, project: &str, body: Option<&Value>) -> String {
     let mut h = Sha256::new();
     for part in [surface, action.name(), project] {
@@ -95,9 +96,45 @@ pub fn fingerprint(surface: &str, action: Action, project: &str, body: Option<&V
         h.update([0]);
     }
     if let Some(body) = body {
-        h.update(body.to_string().as_bytes());
+        let mut canonical = String::new();
+        write_sorted(body, &mut canonical);
+        h.update(canonical.as_bytes());
     }
     hex(&h.finalize())
+}
+
+/// `value` as compact JSON with every object's members sorted by name
+/// (bytewise): what serde_json wrote for any value before objects kept
+/// their order, so fingerprints stored by earlier versions (on Redis)
+/// still match.
+fn write_sorted(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(members) => {
+            let mut sorted: Vec<(&String, &Value)> = members.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (name, member)) in sorted.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::from(name.as_str()).to_string());
+                out.push(':');
+                write_sorted(member, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_sorted(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -161,8 +198,10 @@ impl Stored {
 fn strip_private_keys(value: &mut Value) -> bool {
     match value {
         Value::Object(map) => {
-            let mut removed = map.remove("private_key").is_some();
-            removed |= map.remove("privateKey").is_some();
+            // Shifted out, not swapped: the replay keeps the first
+            // answer's member order.
+            let mut removed = map.shift_remove("private_key").is_some();
+            removed |= map.shift_remove("privateKey").is_some();
             for v in map.values_mut() {
                 removed |= strip_private_keys(v);
             }
@@ -464,6 +503,45 @@ mod tests {
             assert!(parse_key(&headers(&[bad])).is_err(), "{bad}");
         }
         assert!(parse_key(&headers(&["a", "b"])).is_err(), "twice");
+    }
+
+    /// The same members in another order are the same request, and the
+    /// fingerprint is the one earlier versions stored (sorted compact JSON).
+    #[test]
+    fn fingerprints_ignore_member_order() {
+        let a: Value = serde_json::from_str(
+            r#"{"server": {"name": "a", "networks": [{"uuid": "n", "fixed_ip": "1"}], "flavorRef": "f"}}"#,
+        )
+        .unwrap();
+        let b: Value = serde_json::from_str(
+            r#"{"server": {"flavorRef": "f", "networks": [{"fixed_ip": "1", "uuid": "n"}], "name": "a"}}"#,
+        )
+        .unwrap();
+        assert_ne!(a.to_string(), b.to_string(), "objects keep their order");
+        let fp = |v: &Value| fingerprint("v2", Action::InstanceCreate, "web", Some(v));
+        assert_eq!(fp(&a), fp(&b));
+        let mut sorted = String::new();
+        write_sorted(&a, &mut sorted);
+        assert_eq!(
+            sorted,
+            r#"{"server":{"flavorRef":"f","name":"a","networks":[{"fixed_ip":"1","uuid":"n"}]}}"#
+        );
+        // Arrays keep their order: another order is another request.
+        let c: Value = serde_json::from_str(
+            r#"{"server": {"name": "a", "networks": [{"uuid": "m"}, {"uuid": "n"}], "flavorRef": "f"}}"#,
+        )
+        .unwrap();
+        let d: Value = serde_json::from_str(
+            r#"{"server": {"name": "a", "networks": [{"uuid": "n"}, {"uuid": "m"}], "flavorRef": "f"}}"#,
+        )
+        .unwrap();
+        assert_ne!(fp(&c), fp(&d));
+        // Escapes and numbers are written as serde_json writes them.
+        let e: Value =
+            serde_json::from_str(r#"{"z": "a\"b\u00e9", "a": -0.5e3, "m": null}"#).unwrap();
+        let mut out = String::new();
+        write_sorted(&e, &mut out);
+        assert_eq!(out, r#"{"a":-500.0,"m":null,"z":"a\"bé"}"#);
     }
 
     #[test]

@@ -841,9 +841,10 @@ fn remove_at(doc: &mut serde_json::Value, path: &str) -> bool {
         }
     }
     // An array element is not taken out: the elements after it would move
-    // and later problems would name the wrong index.
+    // and later problems would name the wrong index. A member is shifted
+    // out, not swapped: the next problem found is the next in the file.
     match (last, at) {
-        ((key, None), serde_json::Value::Object(map)) => map.remove(*key).is_some(),
+        ((key, None), serde_json::Value::Object(map)) => map.shift_remove(*key).is_some(),
         _ => false,
     }
 }

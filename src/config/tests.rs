@@ -468,6 +468,15 @@ fn every_structural_problem_is_reported_not_just_the_first() {
     }
     assert!(!p.join(" ").contains("missing field"), "{p:#?}");
 
+    // Several in one section: reported in the file's order.
+    let yaml = GOOD.replace(
+        "listen: { public: \"127.0.0.1:8080\", admin: \"127.0.0.1:9090\" }",
+        "listen: { zz: 1, public: \"127.0.0.1:8080\", aa: 2, admin: \"127.0.0.1:9090\", mm: 3 }",
+    );
+    let p = problems(&yaml, &secrets());
+    let fields: Vec<&str> = p.iter().map(|p| &p[..p.find(':').unwrap()]).collect();
+    assert_eq!(fields, ["listen.zz", "listen.aa", "listen.mm"], "{p:#?}");
+
     // A missing required key is reported, and ends the search.
     let yaml = GOOD.replace("  audience: toastgate\n", "");
     let p = problems(&yaml, &secrets());
