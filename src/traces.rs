@@ -169,10 +169,13 @@ pub fn finish_request(attributes: impl FnOnce() -> Vec<KeyValue>, status_code: u
     }
 }
 
-/// A client span for one upstream call, child of the request's span: ends
-/// when dropped. Without export, a no-op that only carries the context.
+/// A client span for one upstream call, child of the request's span, ended
+/// by `end`. Without export, a no-op that only carries the context.
 pub struct CallSpan {
     cx: Context,
+    /// A span of this call's own was started (export is on): only then is
+    /// there anything to record or end.
+    own: bool,
 }
 
 impl CallSpan {
@@ -181,7 +184,7 @@ impl CallSpan {
     /// export off a call pays for no name or attribute it would not send.
     pub fn start(describe: impl FnOnce() -> (Cow<'static, str>, Vec<KeyValue>)) -> CallSpan {
         let parent = Context::current();
-        let cx = match parent.get::<RequestTracer>() {
+        let (cx, own) = match parent.get::<RequestTracer>() {
             Some(RequestTracer(tracer)) => {
                 let (name, attributes) = describe();
                 let span = tracer
@@ -189,11 +192,11 @@ impl CallSpan {
                     .with_kind(SpanKind::Client)
                     .with_attributes(attributes)
                     .start_with_context(tracer, &parent);
-                parent.with_span(span)
+                (parent.with_span(span), true)
             }
-            None => parent,
+            None => (parent, false),
         };
-        CallSpan { cx }
+        CallSpan { cx, own }
     }
 
     /// Adds `traceparent` (and `tracestate`) for this call to `headers`,
@@ -211,6 +214,11 @@ impl CallSpan {
 
     /// What came of the call: an HTTP status, or a failure.
     pub fn end(self, outcome: Result<u16, &str>) {
+        // Not the caller's span (a continued trace, export off): it is not
+        // ours to end, and a no-op span would still read the clock.
+        if !self.own {
+            return;
+        }
         let span = self.cx.span();
         match outcome {
             Ok(status) => {
