@@ -170,7 +170,8 @@ pub fn finish_request(attributes: impl FnOnce() -> Vec<KeyValue>, status_code: u
 }
 
 /// A client span for one upstream call, child of the request's span, ended
-/// by `end`. Without export, a no-op that only carries the context.
+/// by `end` (or, without an outcome, when dropped: a call cut off by a
+/// timeout). Without export, a no-op that only carries the context.
 pub struct CallSpan {
     cx: Context,
     /// A span of this call's own was started (export is on): only then is
