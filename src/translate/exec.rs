@@ -604,6 +604,8 @@ mod tests {
 
     /// A canned status for a call that never answers.
     const HANGS: u16 = 0;
+    /// A canned status for a call never sent: no upstream connection free.
+    const BUSY: u16 = 1;
 
     /// An upstream of canned answers by path (404 for any other path), and
     /// the paths it was asked for.
@@ -630,6 +632,14 @@ mod tests {
             ));
             if status == HANGS {
                 std::future::pending::<()>().await;
+            }
+            if status == BUSY {
+                return Err(GatewayError::Upstream(
+                    crate::upstream::UpstreamError::Busy {
+                        max_connections: 1,
+                        waited: Duration::from_secs(1),
+                    },
+                ));
             }
             Ok(RawAnswer {
                 status,
@@ -668,11 +678,12 @@ mod tests {
             answered(execute(&create, &read).await.unwrap()),
             json!({"id": "s1", "name": "multi-1", "status": "BUILD"})
         );
-        // The instances exist: a read back that fails or hangs still
-        // answers success, with the requested name.
+        // The instances exist: a read back that fails, hangs or finds no
+        // connection free still answers success, with the requested name.
         for read_back in [
             (500, json!({"computeFault": {"code": 500}})),
             (HANGS, json!({})),
+            (BUSY, json!({})),
         ] {
             let out = execute(&create, &upstream(read_back)).await.unwrap();
             assert_eq!(
