@@ -192,18 +192,23 @@ fn is_plausible_host(h: &str) -> bool {
 /// no links, which then go out without a copy).
 ///
 /// It looks for URLs, not for the tenant: every `"http://` / `"https://`
-/// string (found by one precompiled search for `://`, rare in JSON outside
-/// URLs), then the tenant among that URL's path segments. A hex tenant id
-/// would match all over a JSON body full of hex ids; `://` does not.
-/// (Measured: searching for the tenant and then for the string around it
-/// took 5.1k more instructions per `GET servers/detail`, `bench/callgrind.sh`.)
+/// string (found by its `://`), then the tenant among that URL's path
+/// segments. A hex tenant id would match all over a JSON body full of hex
+/// ids; `://` does not. (Measured: searching for the tenant and then for the
+/// string around it took 5.1k more instructions per `GET servers/detail`,
+/// `bench/callgrind.sh`.)
+///
+/// `://` is found through its first slash: a one-byte search skips a
+/// compact JSON body about four times faster than a search for the three
+/// bytes, and a Nova body has slashes only in its URLs; once a link is
+/// rewritten, the rest of its string (the slashes of `/servers/{id}`) is
+/// skipped with one more one-byte search, for its closing quote. (Measured
+/// on the benchmark's body, 16 links in 7.9 KB: 9.4k -> 8.5k instructions,
+/// 0.55 -> 0.46 us; bench/README.md.)
 pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -> Option<Vec<u8>> {
-    static SCHEME_SEPARATOR: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
-        std::sync::OnceLock::new();
     if tenant_id.is_empty() {
         return None;
     }
-    let finder = SCHEME_SEPARATOR.get_or_init(|| memchr::memmem::Finder::new("://").into_owned());
     let mut out: Option<Vec<u8>> = None;
     let mut copied_up_to = 0;
     // The links of one answer nearly always share scheme, host and path up
@@ -213,7 +218,13 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
     // each segment. Same answer: the scan reads only that part's bytes, and
     // the byte after it is checked as the scan would.
     let mut known_heads = [0..0, 0..0];
-    for separator in finder.find_iter(body) {
+    let mut from = 0;
+    while let Some(found) = memchr::memchr(b'/', &body[from..]) {
+        let slash = from + found;
+        from = slash + 1;
+        let Some(separator) = scheme_separator_at(body, slash) else {
+            continue;
+        };
         let Some(url_start) = url_start(body, separator) else {
             continue;
         };
@@ -241,11 +252,20 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
         buf.extend_from_slice(&body[copied_up_to..url_start]);
         buf.extend_from_slice(gateway_project_base.as_bytes());
         copied_up_to = link_end;
+        // The rest of this string cannot start a link (no quote in it):
+        // its slashes need not be looked at.
+        from = memchr::memchr(b'"', &body[link_end..]).map_or(body.len(), |q| link_end + q);
     }
     out.map(|mut buf| {
         buf.extend_from_slice(&body[copied_up_to..]);
         buf
     })
+}
+
+/// Where `://` starts, if the slash at `slash` is its first slash.
+fn scheme_separator_at(body: &[u8], slash: usize) -> Option<usize> {
+    let separator = slash.checked_sub(1)?;
+    (body.get(separator..separator + 3)? == b"://").then_some(separator)
 }
 
 /// Where the link at `url_start` ends, if it starts with the same bytes as
