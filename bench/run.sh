@@ -199,10 +199,12 @@ to_us() {
     }'
 }
 
-declare -A RPS P50 P99 CPU_REQ OL_RPS OL_P50 OL_P99
+declare -A RPS P50 P99 CPU_REQ USER_REQ SYS_REQ OL_RPS OL_P50 OL_P99
 CLK_TCK=$(getconf CLK_TCK)
-# user + system CPU ticks a process has used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# User and system CPU ticks a process has used so far ("user sys").
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# per_request TICKS REQUESTS -> microseconds per request, one decimal.
+per_request() { awk -v k="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.1f", k / hz * 1e6 / n }'; }
 
 # Tokens (d)'s gateway verified, not found in its verified-token cache:
 # during (h), how much of (h) measures the cache and how much HS256.
@@ -214,14 +216,14 @@ H_MISSES=0 H_REQUESTS=0
 
 # Closed loop: wrk, 1 thread, CONNS connections, as fast as the target allows.
 measure_closed() {
-    local t=$1 r=$2 out non2xx ticks requests misses=0
+    local t=$1 r=$2 out non2xx user0 sys0 user1 sys1 requests misses=0
     local -a extra=()
     [ -z "${WRK_ARGS[$t]:-}" ] || read -r -a extra <<<"${WRK_ARGS[$t]}"
     wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}" >"$TMP/wrk-$t-$r-warm.txt"
     [ "$t" != h ] || misses=$(auth_cache_misses)
-    ticks=$(cpu_ticks "${WORKER[$t]}")
+    read -r user0 sys0 < <(cpu_ticks "${WORKER[$t]}")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${extra[@]}" -H "${HDR[$t]}" "${URL[$t]}")
-    ticks=$(($(cpu_ticks "${WORKER[$t]}") - ticks))
+    read -r user1 sys1 < <(cpu_ticks "${WORKER[$t]}")
     [ "$t" != h ] || misses=$(($(auth_cache_misses) - misses))
     echo "$out" >"$TMP/wrk-$t-$r.txt"
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
@@ -231,10 +233,14 @@ measure_closed() {
     P50[$t,$r]=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     P99[$t,$r]=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
     # CPU the target process spent per request: steadier than req/s on a
-    # shared machine, and what a second worker would have to share.
+    # shared machine, and what a second worker would have to share. Split
+    # too: user is the proxy's own code (and the vDSO clock), sys the
+    # kernel's networking on its behalf, where the host's noise shows.
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    CPU_REQ[$t,$r]=$(awk -v k="$ticks" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", k / hz * 1e6 / n }')
-    log "closed-loop round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s, p50 ${P50[$t,$r]} us, p99 ${P99[$t,$r]} us, ${CPU_REQ[$t,$r]} us CPU/req"
+    CPU_REQ[$t,$r]=$(per_request $((user1 - user0 + sys1 - sys0)) "$requests")
+    USER_REQ[$t,$r]=$(per_request $((user1 - user0)) "$requests")
+    SYS_REQ[$t,$r]=$(per_request $((sys1 - sys0)) "$requests")
+    log "closed-loop round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s, p50 ${P50[$t,$r]} us, p99 ${P99[$t,$r]} us, ${CPU_REQ[$t,$r]} us CPU/req (user ${USER_REQ[$t,$r]}, sys ${SYS_REQ[$t,$r]})"
     if [ "$t" = h ]; then
         H_MISSES=$((H_MISSES + misses)) H_REQUESTS=$((H_REQUESTS + requests))
     fi
@@ -279,7 +285,7 @@ F_ALL_REQUESTS=$(cat "$TMP"/wrk-f-*.txt | awk '/requests in/ {n += $1} END {prin
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { print v[(NR + 1) / 2] }'; }
 # A target's figure: the median over the rounds.
 for t in a b c d e f g h i; do
-    for m in RPS P50 P99 CPU_REQ; do
+    for m in RPS P50 P99 CPU_REQ USER_REQ SYS_REQ; do
         declare -n fig=$m
         vals=()
         for r in $(seq 1 "$ROUNDS"); do vals+=("${fig[$t,$r]}"); done
@@ -382,6 +388,8 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 paired R_DB RPS d b
 paired R_DC RPS d c
 paired R_CPU CPU_REQ d b
+paired R_UCPU USER_REQ d b
+paired R_SCPU SYS_REQ d b
 paired R_ED RPS e d
 paired R_GD RPS g d
 paired R_HD RPS h d
@@ -435,7 +443,7 @@ cat <<EOF
 
 GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, $HREFS links rewritten by toastgate), the same request and JWT for every target;
 (e), (f): a rate-limited team's JWT; (g): GET /v1.0/appkeys/BenchAppKey/instances, translated from the same upstream answer; (h): 10,000 JWTs in rotation; (i): (d) logging one JSON line per request at info (to a file), as the Helm chart deploys it, where (d) and the others log at warn.
-Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..i, a..i, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request. Open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s; at half of (b)'s max, (b) and (d) in $ROUNDS rounds, the p99 (d) adds taken within each (each round's in brackets; the open-loop columns are round 1's).
+Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..i, a..i, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request (the checks split it). Open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s; at half of (b)'s max, (b) and (d) in $ROUNDS rounds, the p99 (d) adds taken within each (each round's in brackets; the open-loop columns are round 1's).
 One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread
 (wrk -t1, oha --worker-threads 1); nothing pinned, so load generator, proxy and upstream share the $(nproc) cores.
 
@@ -458,6 +466,8 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 |---|---:|---:|---|
 | throughput (d)/(b) ($R_DB_ROUNDS) | $R_DB | >= 0.90 | $(verdict "$R_DB" ">=" 0.9) |
 | CPU per request (d)/(b) ($R_CPU_ROUNDS) | $R_CPU | <= 1.15 | $(verdict "$R_CPU" "<=" 1.15) |
+| user-space CPU per request (d)/(b) ($R_UCPU_ROUNDS); medians (d) ${USER_REQ[d]} us, (b) ${USER_REQ[b]} us | $R_UCPU | (info) | |
+| kernel (system) CPU per request (d)/(b) ($R_SCPU_ROUNDS); medians (d) ${SYS_REQ[d]} us, (b) ${SYS_REQ[b]} us | $R_SCPU | (info) | |
 | throughput (d)/(c) ($R_DC_ROUNDS) | $R_DC | (info) | |
 | open-loop p99 added by (d) over (b) @ $RATE/s (half of (b)'s max) (${ADDED_PER[*]}) | $ADDED us | <= 200 us | $(if [ "$ADDED" -lt 0 ]; then echo "noise: (b) p99 above (d)"; else verdict "$ADDED" "<=" 200; fi) |
 | same @ $RATE_D/s (half of (d)'s max) | $ADDED_D us | (info) | |

@@ -278,11 +278,13 @@ impl Gateway {
         let mut x = Exchange::start(surface, &parts, client);
         let _in_flight = InFlight::new(&self.metrics, surface.label());
         let limit = snap.config.server.request_timeout;
+        // Counted from the exchange's start (its clock read, not another).
+        let deadline = crate::upstream::deadline(x.started, limit);
         // Boxed: an awaited future is stored in its caller's future, and
         // rustc keeps room for it twice (rust-lang/rust#62958), so unboxed
         // phases made this future 61 KiB, copied whole on every move.
         let phases = Box::pin(self.phases(&snap, &mut x, parts, body));
-        let answer = tokio::time::timeout(limit, phases)
+        let answer = tokio::time::timeout_at(deadline, phases)
             .await
             .unwrap_or(Err(GatewayError::Timeout(limit)));
         self.finish(&snap, &mut x, answer).await

@@ -591,6 +591,38 @@ async fn an_unreachable_upstream_is_a_clear_502_and_a_slow_one_a_504() {
     env.stop().await;
 }
 
+/// `server.request_timeout` bounds the whole request, whatever the
+/// upstream's own limit: a gateway allowing 1 s a request and 5 s an
+/// upstream call answers a 3 s upstream with its own timeout, in each
+/// surface's form (the upstream's limit is the other test's 504).
+#[tokio::test]
+async fn the_request_timeout_bounds_a_request_before_the_upstream_limit() {
+    let env = Env::start_with_overlays(
+        common::fast_sim(),
+        &[],
+        json!({"server": {"request_timeout": "1s"}, "upstream": {"request_timeout": "5s"}}),
+    )
+    .await;
+    assert_eq!(env.get(TEAM, "/v2/web/flavors").await.0, 200);
+    env.sim.set_latency(std::time::Duration::from_secs(3));
+    let (s, b) = env.get(TEAM, "/v2/web/flavors").await;
+    assert_eq!(s, 504, "{b}");
+    let message = assert_nova_error(&b, "computeFault", 504);
+    assert!(
+        message.contains("request did not complete within 1s"),
+        "{b}"
+    );
+    let b = env.v1(TEAM, Method::GET, "/flavors", None).await;
+    let message = common::assert_v1_failure(&b, 10504);
+    assert!(
+        message.contains("request did not complete within 1s"),
+        "{b}"
+    );
+    env.sim.set_latency(std::time::Duration::ZERO);
+    assert_eq!(env.get(TEAM, "/v2/web/flavors").await.0, 200);
+    env.stop().await;
+}
+
 /// Only links are rewritten: a URL in the caller's own data (a metadata
 /// value naming the tenant, as a console or wiki URL may) comes back as it
 /// was sent, next to the server's links pointing at the gateway.

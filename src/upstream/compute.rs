@@ -249,7 +249,7 @@ impl Compute {
         // kilobyte is copied once, into the box, and the timer moves only
         // the pointer.
         let exchange = Box::pin(self.connections.send_buffered(req, MAX_BODY));
-        let result = super::within(self.request_timeout, exchange).await;
+        let result = super::within_from(started, self.request_timeout, exchange).await;
         let answer = match &result {
             Ok(resp) => Ok(resp.status()),
             Err(e) => Err(e.kind()),

@@ -15,7 +15,7 @@ pub mod pool;
 pub mod token;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -180,10 +180,32 @@ pub async fn within<T>(
     deadline: Duration,
     exchange: impl std::future::Future<Output = Result<T, UpstreamError>>,
 ) -> Result<T, UpstreamError> {
-    match tokio::time::timeout(deadline, exchange).await {
+    within_from(Instant::now(), deadline, exchange).await
+}
+
+/// [`within`], the time counted from `started`, an instant the caller has
+/// already read (a clock read saved per call on the request path).
+pub async fn within_from<T>(
+    started: Instant,
+    limit: Duration,
+    exchange: impl std::future::Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match tokio::time::timeout_at(deadline(started, limit), exchange).await {
         Ok(result) => result,
-        Err(_) => Err(UpstreamError::Timeout(deadline)),
+        Err(_) => Err(UpstreamError::Timeout(limit)),
     }
+}
+
+/// `limit` after `from`, as a timer deadline; a limit too large for the
+/// clock (durations in the config have no upper bound) is a deadline about
+/// 30 years on, as `tokio::time::timeout` makes it.
+pub fn deadline(from: Instant, limit: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    let at = from
+        .checked_add(limit)
+        .or_else(|| from.checked_add(FAR))
+        .unwrap_or(from);
+    tokio::time::Instant::from_std(at)
 }
 
 /// Reads an upstream body completely, within a size cap (the caller bounds
@@ -319,5 +341,40 @@ impl opentelemetry_http::HttpClient for OtlpHttp {
             Ok(Err(e)) => Err(Box::new(e)),
             Err(e) => Err(Box::new(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_is_the_limit_after_the_instant_given() {
+        let from = Instant::now();
+        let at = deadline(from, Duration::from_millis(1500));
+        assert_eq!(at.into_std(), from + Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_limit_past_the_clock_is_a_far_deadline_not_a_panic() {
+        let from = Instant::now();
+        let at = deadline(from, Duration::MAX).into_std();
+        assert!(
+            at >= from + Duration::from_secs(86_400 * 365 * 29),
+            "{at:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn within_from_counts_from_the_instant_given() {
+        // Started a second ago with a one-second limit: already out of time,
+        // though the exchange itself never ends.
+        let started = Instant::now() - Duration::from_secs(1);
+        let never = std::future::pending::<Result<(), UpstreamError>>();
+        let result = within_from(started, Duration::from_secs(1), never).await;
+        assert!(
+            matches!(result, Err(UpstreamError::Timeout(limit)) if limit == Duration::from_secs(1)),
+            "{result:?}"
+        );
     }
 }
