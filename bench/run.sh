@@ -199,7 +199,7 @@ to_us() {
     }'
 }
 
-declare -A RPS P50 P99 CPU_REQ USER_REQ SYS_REQ OL_RPS OL_P50 OL_P99
+declare -A RPS P50 P99 CPU_REQ USER_REQ SYS_REQ OL_RPS OL_P50 OL_P99 OL_USER OL_SYS
 CLK_TCK=$(getconf CLK_TCK)
 # User and system CPU ticks a process has used so far ("user sys").
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -249,12 +249,14 @@ measure_closed() {
 # Open loop: oha sends at a fixed RATE whatever the answers do; with
 # --latency-correction a stall counts against every request it delayed.
 measure_open() {
-    local t=$1 rate=$2 key=$3 json
+    local t=$1 rate=$2 key=$3 json user0 sys0 user1 sys1 answered
     oha --worker-threads 1 --no-tui -z 2s -q "$rate" -c "$CONNS" -H "${HDR[$t]}" "${URL[$t]}" >/dev/null
+    read -r user0 sys0 < <(cpu_ticks "${WORKER[$t]}")
     json=$(oha --worker-threads 1 --no-tui -w --output-format json -z "${OPEN_DURATION}s" -q "$rate" \
         --latency-correction -c "$CONNS" -H "${HDR[$t]}" "${URL[$t]}")
+    read -r user1 sys1 < <(cpu_ticks "${WORKER[$t]}")
     echo "$json" >"$TMP/oha-$key.json"
-    read -r "OL_RPS[$key]" "OL_P50[$key]" "OL_P99[$key]" < <(python3 -c '
+    read -r "OL_RPS[$key]" "OL_P50[$key]" "OL_P99[$key]" answered < <(python3 -c '
 import json, sys
 d = json.loads(sys.stdin.read())
 codes = d.get("statusCodeDistribution", {})
@@ -262,9 +264,15 @@ bad = {k: v for k, v in codes.items() if not k.startswith("2")}
 if bad or d.get("errorDistribution"):
     sys.exit("non-2xx or errors: %r %r" % (bad, d.get("errorDistribution")))
 p = d["latencyPercentiles"]
-print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99"] * 1e6))
+print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99"] * 1e6),
+      sum(codes.values()))
 ' <<<"$json") || die "${NAME[$t]}: open-loop run failed (see $TMP/oha-$key.json)"
-    log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$key]} req/s sent, p50 ${OL_P50[$key]} us, p99 ${OL_P99[$key]} us"
+    # At a rate both proxies carry, the CPU per request compares their work
+    # alone: in the closed loop, a faster proxy also keeps its peers busier,
+    # and waking a busy peer costs the kernel less than waking an idle one.
+    OL_USER[$key]=$(per_request $((user1 - user0)) "$answered")
+    OL_SYS[$key]=$(per_request $((sys1 - sys0)) "$answered")
+    log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$key]} req/s sent, p50 ${OL_P50[$key]} us, p99 ${OL_P99[$key]} us, CPU/req user ${OL_USER[$key]} us, sys ${OL_SYS[$key]} us"
 }
 
 # Other work on this shared machine skews everything: keep a record of it.
@@ -401,6 +409,17 @@ CALLS_PER_REQ=$(ratio "$REDIS_CALLS" "$F_ALL_REQUESTS")
 ADDED_PER=("$((OL_P99[d] - OL_P99[b]))")
 for r in $(seq 2 "$ROUNDS"); do ADDED_PER+=("$((OL_P99[d@$r] - OL_P99[b@$r]))"); done
 ADDED=$(median "${ADDED_PER[@]}")
+# CPU per request at that equal rate, (d)/(b) within each round, user and
+# system apart; and the medians of each.
+OL_KEYS=("")
+for r in $(seq 2 "$ROUNDS"); do OL_KEYS+=("@$r"); done
+OL_UR=() OL_SR=() OL_UD=() OL_UB=() OL_SD=() OL_SB=()
+for k in "${OL_KEYS[@]}"; do
+    OL_UR+=("$(ratio "${OL_USER[d$k]}" "${OL_USER[b$k]}")")
+    OL_SR+=("$(ratio "${OL_SYS[d$k]}" "${OL_SYS[b$k]}")")
+    OL_UD+=("${OL_USER[d$k]}") OL_UB+=("${OL_USER[b$k]}")
+    OL_SD+=("${OL_SYS[d$k]}") OL_SB+=("${OL_SYS[b$k]}")
+done
 ADDED_D=$((OL_P99[d2] - OL_P99[b2]))
 # What a Redis decision adds at the same load: (f) over (e), open loop.
 REDIS_P99=$((OL_P99[f2] - OL_P99[e2]))
@@ -471,6 +490,8 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 | throughput (d)/(c) ($R_DC_ROUNDS) | $R_DC | (info) | |
 | open-loop p99 added by (d) over (b) @ $RATE/s (half of (b)'s max) (${ADDED_PER[*]}) | $ADDED us | <= 200 us | $(if [ "$ADDED" -lt 0 ]; then echo "noise: (b) p99 above (d)"; else verdict "$ADDED" "<=" 200; fi) |
 | same @ $RATE_D/s (half of (d)'s max) | $ADDED_D us | (info) | |
+| at that equal rate (open loop @ $RATE/s), user-space CPU per request (d)/(b) (${OL_UR[*]}); medians (d) $(median "${OL_UD[@]}") us, (b) $(median "${OL_UB[@]}") us | $(median "${OL_UR[@]}") | (info) | |
+| at that equal rate, kernel (system) CPU per request (d)/(b) (${OL_SR[*]}); medians (d) $(median "${OL_SD[@]}") us, (b) $(median "${OL_SB[@]}") us | $(median "${OL_SR[@]}") | (info) | |
 | (e) rate-limit rule in process: throughput (e)/(d) ($R_ED_ROUNDS) | $R_ED | >= 0.95 | $(verdict "$R_ED" ">=" 0.95) |
 | (f) Redis script calls per request | $CALLS_PER_REQ | <= 1 | $(verdict "$CALLS_PER_REQ" "<=" 1) |
 | (f) Redis round trip p99 on loopback during (f) @ $RATE_D/s (a second client, $RAW_RTT_N paced calls of a one-line script; p50 $RAW_RTT_P50 us, max $RAW_RTT_MAX us) | $RAW_RTT_P99 us | <= 1000 us | $(verdict "$RAW_RTT_P99" "<=" 1000) |
