@@ -235,7 +235,9 @@ measure_closed() {
     # CPU the target process spent per request: steadier than req/s on a
     # shared machine, and what a second worker would have to share. Split
     # too: user is the proxy's own code (and the vDSO clock), sys the
-    # kernel's networking on its behalf, where the host's noise shows.
+    # kernel's work for it (its sockets, epoll, futexes, page faults). The
+    # sum is the process's measured run time; the split is sampled (each
+    # tick counts for the mode it lands in), so it is noisier than the sum.
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     CPU_REQ[$t,$r]=$(per_request $((user1 - user0 + sys1 - sys0)) "$requests")
     USER_REQ[$t,$r]=$(per_request $((user1 - user0)) "$requests")
@@ -267,9 +269,10 @@ p = d["latencyPercentiles"]
 print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99"] * 1e6),
       sum(codes.values()))
 ' <<<"$json") || die "${NAME[$t]}: open-loop run failed (see $TMP/oha-$key.json)"
-    # At a rate both proxies carry, the CPU per request compares their work
-    # alone: in the closed loop, a faster proxy also keeps its peers busier,
-    # and waking a busy peer costs the kernel less than waking an idle one.
+    # At the same offered rate, the CPU per request compares the proxies'
+    # own work; in the closed loop each runs at its own rate, and the rate
+    # changes what a request costs (requests per wake-up, whether the
+    # peers it wakes are idle).
     OL_USER[$key]=$(per_request $((user1 - user0)) "$answered")
     OL_SYS[$key]=$(per_request $((sys1 - sys0)) "$answered")
     log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$key]} req/s sent, p50 ${OL_P50[$key]} us, p99 ${OL_P99[$key]} us, CPU/req user ${OL_USER[$key]} us, sys ${OL_SYS[$key]} us"
@@ -409,12 +412,16 @@ CALLS_PER_REQ=$(ratio "$REDIS_CALLS" "$F_ALL_REQUESTS")
 ADDED_PER=("$((OL_P99[d] - OL_P99[b]))")
 for r in $(seq 2 "$ROUNDS"); do ADDED_PER+=("$((OL_P99[d@$r] - OL_P99[b@$r]))"); done
 ADDED=$(median "${ADDED_PER[@]}")
-# CPU per request at that equal rate, (d)/(b) within each round, user and
+# CPU per request at that equal rate, (d)/(b) within each round, in all,
+# user and
 # system apart; and the medians of each.
 OL_KEYS=("")
 for r in $(seq 2 "$ROUNDS"); do OL_KEYS+=("@$r"); done
-OL_UR=() OL_SR=() OL_UD=() OL_UB=() OL_SD=() OL_SB=()
+OL_CR=() OL_UR=() OL_SR=() OL_UD=() OL_UB=() OL_SD=() OL_SB=() OL_SENT=()
 for k in "${OL_KEYS[@]}"; do
+    OL_CR+=("$(ratio "$(awk -v u="${OL_USER[d$k]}" -v s="${OL_SYS[d$k]}" 'BEGIN { print u + s }')" \
+        "$(awk -v u="${OL_USER[b$k]}" -v s="${OL_SYS[b$k]}" 'BEGIN { print u + s }')")")
+    OL_SENT+=("${OL_RPS[b$k]}/${OL_RPS[d$k]}")
     OL_UR+=("$(ratio "${OL_USER[d$k]}" "${OL_USER[b$k]}")")
     OL_SR+=("$(ratio "${OL_SYS[d$k]}" "${OL_SYS[b$k]}")")
     OL_UD+=("${OL_USER[d$k]}") OL_UB+=("${OL_USER[b$k]}")
@@ -462,7 +469,7 @@ cat <<EOF
 
 GET /v2/bench/servers/detail (4 servers, $(wc -c <"$TMP/www/servers-detail.json") B of JSON, $HREFS links rewritten by toastgate), the same request and JWT for every target;
 (e), (f): a rate-limited team's JWT; (g): GET /v1.0/appkeys/BenchAppKey/instances, translated from the same upstream answer; (h): 10,000 JWTs in rotation; (i): (d) logging one JSON line per request at info (to a file), as the Helm chart deploys it, where (d) and the others log at warn.
-Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..i, a..i, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request (the checks split it). Open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s; at half of (b)'s max, (b) and (d) in $ROUNDS rounds, the p99 (d) adds taken within each (each round's in brackets; the open-loop columns are round 1's).
+Closed loop: wrk -t1 -c$CONNS, $ROUNDS interleaved rounds (a..i, a..i, ...) of ${WARMUP}s warm-up + ${DURATION}s per target; each figure is the median round's, each ratio the median of the rounds' ratios (each round's in brackets); CPU/req is the target process's user+sys time per request (the checks split it; the split is tick-sampled). Open loop: oha -q RATE --latency-correction -c$CONNS, 2s warm-up + ${OPEN_DURATION}s; at half of (b)'s max, (b) and (d) in $ROUNDS rounds, the p99 (d) adds taken within each (each round's in brackets; the open-loop columns are round 1's).
 One worker per proxy (nginx worker_processes 1, TOKIO_WORKER_THREADS=1 for bare_proxy and toastgate), one load-generator thread
 (wrk -t1, oha --worker-threads 1); nothing pinned, so load generator, proxy and upstream share the $(nproc) cores.
 
@@ -490,8 +497,9 @@ Open loop at half of (d)'s max rate ($RATE_D/s): p99 (b) ${OL_P99[b2]} us, (d) $
 | throughput (d)/(c) ($R_DC_ROUNDS) | $R_DC | (info) | |
 | open-loop p99 added by (d) over (b) @ $RATE/s (half of (b)'s max) (${ADDED_PER[*]}) | $ADDED us | <= 200 us | $(if [ "$ADDED" -lt 0 ]; then echo "noise: (b) p99 above (d)"; else verdict "$ADDED" "<=" 200; fi) |
 | same @ $RATE_D/s (half of (d)'s max) | $ADDED_D us | (info) | |
-| at that equal rate (open loop @ $RATE/s), user-space CPU per request (d)/(b) (${OL_UR[*]}); medians (d) $(median "${OL_UD[@]}") us, (b) $(median "${OL_UB[@]}") us | $(median "${OL_UR[@]}") | (info) | |
-| at that equal rate, kernel (system) CPU per request (d)/(b) (${OL_SR[*]}); medians (d) $(median "${OL_SD[@]}") us, (b) $(median "${OL_SB[@]}") us | $(median "${OL_SR[@]}") | (info) | |
+| CPU per request (d)/(b) at an equal rate, the open-loop runs @ $RATE/s (${OL_CR[*]}; sent/s (b)/(d): ${OL_SENT[*]}) | $(median "${OL_CR[@]}") | (info) | |
+| the same, user-space CPU per request (d)/(b) @ $RATE/s (${OL_UR[*]}); medians (d) $(median "${OL_UD[@]}") us, (b) $(median "${OL_UB[@]}") us | $(median "${OL_UR[@]}") | (info) | |
+| the same, kernel (system) CPU per request (d)/(b) @ $RATE/s (${OL_SR[*]}); medians (d) $(median "${OL_SD[@]}") us, (b) $(median "${OL_SB[@]}") us | $(median "${OL_SR[@]}") | (info) | |
 | (e) rate-limit rule in process: throughput (e)/(d) ($R_ED_ROUNDS) | $R_ED | >= 0.95 | $(verdict "$R_ED" ">=" 0.95) |
 | (f) Redis script calls per request | $CALLS_PER_REQ | <= 1 | $(verdict "$CALLS_PER_REQ" "<=" 1) |
 | (f) Redis round trip p99 on loopback during (f) @ $RATE_D/s (a second client, $RAW_RTT_N paced calls of a one-line script; p50 $RAW_RTT_P50 us, max $RAW_RTT_MAX us) | $RAW_RTT_P99 us | <= 1000 us | $(verdict "$RAW_RTT_P99" "<=" 1000) |

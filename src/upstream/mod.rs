@@ -180,7 +180,10 @@ pub async fn within<T>(
     deadline: Duration,
     exchange: impl std::future::Future<Output = Result<T, UpstreamError>>,
 ) -> Result<T, UpstreamError> {
-    within_from(Instant::now(), deadline, exchange).await
+    match tokio::time::timeout(deadline, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Timeout(deadline)),
+    }
 }
 
 /// [`within`], the time counted from `started`, an instant the caller has
@@ -196,16 +199,12 @@ pub async fn within_from<T>(
     }
 }
 
-/// `limit` after `from`, as a timer deadline; a limit too large for the
-/// clock (durations in the config have no upper bound) is a deadline about
-/// 30 years on, as `tokio::time::timeout` makes it.
+/// `limit` after `from`, as a timer deadline. Durations in the config have
+/// no upper bound, and one near `Duration::MAX` would overflow the clock:
+/// limits are capped at 30 years, which no request outlives.
 pub fn deadline(from: Instant, limit: Duration) -> tokio::time::Instant {
     const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    let at = from
-        .checked_add(limit)
-        .or_else(|| from.checked_add(FAR))
-        .unwrap_or(from);
-    tokio::time::Instant::from_std(at)
+    tokio::time::Instant::from_std(from + limit.min(FAR))
 }
 
 /// Reads an upstream body completely, within a size cap (the caller bounds
@@ -367,13 +366,19 @@ mod tests {
 
     #[tokio::test]
     async fn within_from_counts_from_the_instant_given() {
-        // Started a second ago with a one-second limit: already out of time,
-        // though the exchange itself never ends.
-        let started = Instant::now() - Duration::from_secs(1);
+        // Started an hour ago with an hour's limit: out of time at once (a
+        // timer counted from now would not end within the test's 5 s).
+        let hour = Duration::from_secs(3600);
+        let Some(started) = Instant::now().checked_sub(hour) else {
+            panic!("this clock cannot go an hour back");
+        };
         let never = std::future::pending::<Result<(), UpstreamError>>();
-        let result = within_from(started, Duration::from_secs(1), never).await;
+        let result =
+            tokio::time::timeout(Duration::from_secs(5), within_from(started, hour, never))
+                .await
+                .expect("timed out at once, not an hour from now");
         assert!(
-            matches!(result, Err(UpstreamError::Timeout(limit)) if limit == Duration::from_secs(1)),
+            matches!(result, Err(UpstreamError::Timeout(limit)) if limit == hour),
             "{result:?}"
         );
     }
