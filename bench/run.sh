@@ -199,7 +199,7 @@ to_us() {
     }'
 }
 
-declare -A RPS P50 P99 CPU_REQ USER_REQ SYS_REQ OL_RPS OL_P50 OL_P99 OL_USER OL_SYS
+declare -A RPS P50 P99 CPU_REQ USER_REQ SYS_REQ OL_RPS OL_P50 OL_P99 OL_CPU OL_USER OL_SYS
 CLK_TCK=$(getconf CLK_TCK)
 # User and system CPU ticks a process has used so far ("user sys").
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -273,6 +273,7 @@ print(round(d["summary"]["requestsPerSec"]), round(p["p50"] * 1e6), round(p["p99
     # own work; in the closed loop each runs at its own rate, and the rate
     # changes what a request costs (requests per wake-up, whether the
     # peers it wakes are idle).
+    OL_CPU[$key]=$(per_request $((user1 - user0 + sys1 - sys0)) "$answered")
     OL_USER[$key]=$(per_request $((user1 - user0)) "$answered")
     OL_SYS[$key]=$(per_request $((sys1 - sys0)) "$answered")
     log "open-loop @ $rate req/s ${NAME[$t]}: ${OL_RPS[$key]} req/s sent, p50 ${OL_P50[$key]} us, p99 ${OL_P99[$key]} us, CPU/req user ${OL_USER[$key]} us, sys ${OL_SYS[$key]} us"
@@ -412,15 +413,13 @@ CALLS_PER_REQ=$(ratio "$REDIS_CALLS" "$F_ALL_REQUESTS")
 ADDED_PER=("$((OL_P99[d] - OL_P99[b]))")
 for r in $(seq 2 "$ROUNDS"); do ADDED_PER+=("$((OL_P99[d@$r] - OL_P99[b@$r]))"); done
 ADDED=$(median "${ADDED_PER[@]}")
-# CPU per request at that equal rate, (d)/(b) within each round, in all,
-# user and
-# system apart; and the medians of each.
+# CPU per request at that equal rate, (d)/(b) within each round, in all
+# and user and system apart; and the medians of each.
 OL_KEYS=("")
 for r in $(seq 2 "$ROUNDS"); do OL_KEYS+=("@$r"); done
 OL_CR=() OL_UR=() OL_SR=() OL_UD=() OL_UB=() OL_SD=() OL_SB=() OL_SENT=()
 for k in "${OL_KEYS[@]}"; do
-    OL_CR+=("$(ratio "$(awk -v u="${OL_USER[d$k]}" -v s="${OL_SYS[d$k]}" 'BEGIN { print u + s }')" \
-        "$(awk -v u="${OL_USER[b$k]}" -v s="${OL_SYS[b$k]}" 'BEGIN { print u + s }')")")
+    OL_CR+=("$(ratio "${OL_CPU[d$k]}" "${OL_CPU[b$k]}")")
     OL_SENT+=("${OL_RPS[b$k]}/${OL_RPS[d$k]}")
     OL_UR+=("$(ratio "${OL_USER[d$k]}" "${OL_USER[b$k]}")")
     OL_SR+=("$(ratio "${OL_SYS[d$k]}" "${OL_SYS[b$k]}")")
