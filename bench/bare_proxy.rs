@@ -4,15 +4,20 @@
 //! header work beyond pointing the URI at the upstream.
 //!
 //! ```text
-//! TOKIO_WORKER_THREADS=1 bare_proxy LISTEN_ADDR UPSTREAM_ADDR
+//! TOKIO_WORKER_THREADS=1 bare_proxy LISTEN_ADDR UPSTREAM_ADDR [SPIN_NS]
 //! ```
 //! e.g. `bare_proxy 127.0.0.1:47002 127.0.0.1:47001`. The runtime is
 //! `new_multi_thread()` like toastgate's, so `TOKIO_WORKER_THREADS` sets the
 //! worker count of both the same way.
+//!
+//! `SPIN_NS` (bench/spin.sh only; absent or 0 everywhere else): the proxy
+//! busy-waits that long in user space on every request before forwarding
+//! it, work that touches no socket, to see what user-space time alone
+//! costs a proxy on this machine (and whether it costs kernel time too).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -31,20 +36,23 @@ type ProxyBody = Either<Incoming, Full<Bytes>>;
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_ADDR");
+        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_ADDR [SPIN_NS]");
         std::process::exit(2);
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN_ADDR is host:port");
     let upstream: SocketAddr = upstream.parse().expect("UPSTREAM_ADDR is host:port");
+    let spin = Duration::from_nanos(args.next().map_or(0, |n| {
+        n.parse().expect("SPIN_NS is a whole number of nanoseconds")
+    }));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(serve(listen, upstream));
+    runtime.block_on(serve(listen, upstream, spin));
 }
 
-async fn serve(listen: SocketAddr, upstream: SocketAddr) {
+async fn serve(listen: SocketAddr, upstream: SocketAddr, spin: Duration) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
@@ -55,7 +63,9 @@ async fn serve(listen: SocketAddr, upstream: SocketAddr) {
     let authority = upstream.to_string();
 
     let listener = TcpListener::bind(listen).await.expect("bind LISTEN_ADDR");
-    eprintln!("bare_proxy listening on {listen}, forwarding to {upstream}");
+    eprintln!(
+        "bare_proxy listening on {listen}, forwarding to {upstream}, spinning {spin:?} per request"
+    );
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -70,7 +80,8 @@ async fn serve(listen: SocketAddr, upstream: SocketAddr) {
         let client = client.clone();
         let authority = authority.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| forward(client.clone(), authority.clone(), req));
+            let service =
+                service_fn(move |req| forward(client.clone(), authority.clone(), spin, req));
             // Errors here are the caller hanging up; nothing to report.
             let _ = http1::Builder::new()
                 .keep_alive(true)
@@ -83,8 +94,12 @@ async fn serve(listen: SocketAddr, upstream: SocketAddr) {
 async fn forward(
     client: ProxyClient,
     authority: String,
+    spin: Duration,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    if !spin.is_zero() {
+        spin_for(spin);
+    }
     let path = req
         .uri()
         .path_and_query()
@@ -104,6 +119,14 @@ async fn forward(
         Ok(resp) => resp.map(Either::Left),
         Err(_) => error(StatusCode::BAD_GATEWAY),
     })
+}
+
+/// Busy-waits in user space (the clock is the vDSO's: no system call).
+fn spin_for(spin: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < spin {
+        std::hint::spin_loop();
+    }
 }
 
 fn error(status: StatusCode) -> Response<ProxyBody> {
