@@ -64,7 +64,8 @@ async fn serve(listen: SocketAddr, upstream: SocketAddr, spin: Duration) {
 
     let listener = TcpListener::bind(listen).await.expect("bind LISTEN_ADDR");
     eprintln!(
-        "bare_proxy listening on {listen}, forwarding to {upstream}, spinning {spin:?} per request"
+        "bare_proxy listening on {listen}, forwarding to {upstream}, spinning {} ns per request",
+        spin.as_nanos()
     );
     loop {
         let (stream, _) = match listener.accept().await {

@@ -36,7 +36,7 @@ SPIN_NS=${SPIN_NS:-2000}
 for knob in ROUNDS DURATION WARMUP CONNS SPIN_NS; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || { echo "bench/spin.sh: $knob must be a positive integer (got '${!knob}')" >&2; exit 2; }
 done
-((ROUNDS % 2 == 1)) || { echo "bench/spin.sh: ROUNDS must be odd, for a median round (got $ROUNDS)" >&2; exit 2; }
+((ROUNDS % 2 == 1)) || { echo "bench/spin.sh: ROUNDS must be odd, for a median (got $ROUNDS)" >&2; exit 2; }
 START=$(date +%s)
 # shellcheck source=bench/common.sh
 . "$BENCH/common.sh"
@@ -60,6 +60,9 @@ RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$TOASTGATE" serve --config "$TMP/toastgate
 PIDS+=($!)
 TG_PID=$!
 wait_ready "http://127.0.0.1:$P_ADMIN/readyz" 60
+# A bare_proxy built before SPIN_NS would ignore it, and (b+) would be (b).
+grep -q "spinning $SPIN_NS ns per request" "$TMP/bare_proxy_spin.log" ||
+    die "$BARE_PROXY does not spin (no 'spinning $SPIN_NS ns per request' in its log): rebuild it (drop SKIP_BUILD)"
 JWT=$(RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team bench --ttl 2h)
 
 TARGETS=(b s d)
@@ -80,7 +83,7 @@ cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 ipis() { awk '$1 == "RES:" || $1 == "CAL:" { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }' /proc/interrupts; }
 grep -qE '^ *(RES|CAL):' /proc/interrupts || die "/proc/interrupts has no RES/CAL lines on this kernel"
 
-declare -A RPS USER SYS CPU IPI
+declare -A RPS USR SYS CPU IPI
 measure() {
     local t=$1 r=$2 out user0 sys0 user1 sys1 ipi0 ipi1 requests
     wrk -t1 -c"$CONNS" -d"${WARMUP}s" -H "Authorization: Bearer $JWT" "${URL[$t]}" >/dev/null
@@ -90,28 +93,32 @@ measure() {
     ipi1=$(ipis)
     read -r user1 sys1 < <(cpu_ticks "${PID[$t]}")
     ! grep -q 'Non-2xx' <<<"$out" || die "${NAME[$t]}: non-2xx answers under load: $out"
+    if grep -q 'Socket errors' <<<"$out"; then log "${NAME[$t]}: $(grep 'Socket errors' <<<"$out")"; fi
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     ((requests > 0)) || die "${NAME[$t]}: no requests answered"
     RPS[$t,$r]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-    read -r "USER[$t,$r]" "SYS[$t,$r]" "CPU[$t,$r]" "IPI[$t,$r]" < <(awk \
+    read -r "USR[$t,$r]" "SYS[$t,$r]" "CPU[$t,$r]" "IPI[$t,$r]" < <(awk \
         -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v i=$((ipi1 - ipi0)) -v n="$requests" -v hz="$CLK_TCK" \
         'BEGIN { printf "%.2f %.2f %.2f %.3f\n", u / hz * 1e6 / n, s / hz * 1e6 / n, (u + s) / hz * 1e6 / n, i / n }')
-    log "round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s; per request user ${USER[$t,$r]} us, sys ${SYS[$t,$r]} us, IPIs ${IPI[$t,$r]}"
+    log "round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s; per request user ${USR[$t,$r]} us, sys ${SYS[$t,$r]} us, IPIs ${IPI[$t,$r]}"
 }
 
-log "measuring: $ROUNDS rounds of (b) (b+) (d), ${DURATION}s each"
+log "measuring: $ROUNDS rounds of (b) (b+) (d), ${DURATION}s each, each round starting one target later"
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 MEASURE_START=$(date +%s)
 for r in $(seq 1 "$ROUNDS"); do
-    for t in "${TARGETS[@]}"; do
-        measure "$t" "$r"
+    # The order rotates (b b+ d, b+ d b, d b b+, ...): no target always
+    # follows the same one.
+    for i in 0 1 2; do
+        measure "${TARGETS[$(((r - 1 + i) % 3))]}" "$r"
     done
 done
 MEASURED=$(($(date +%s) - MEASURE_START))
 
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { print v[(NR + 1) / 2] }'; }
 # column ARRAY TARGET: the median of ARRAY's rounds for TARGET, then every
-# round's in brackets, in order.
+# round's in brackets, in order. Each figure is its own median: one row's
+# figures may come from different rounds (user + system need not be CPU).
 column() {
     local -n a=$1
     local t=$2 r
@@ -119,8 +126,9 @@ column() {
     for r in $(seq 1 "$ROUNDS"); do v+=("${a[$t,$r]}"); done
     echo "$(median "${v[@]}") (${v[*]})"
 }
-# within EXPR: EXPR (awk, over x[b] x[s] x[d] of one array) taken within
-# each round; the median round's, then every round's.
+# within ARRAY EXPR: EXPR (awk, over b, s and d: the targets' figures in
+# ARRAY) taken within each round; the median of the rounds', then every
+# round's.
 within() {
     local -n a=$1
     local expr=$2 r
@@ -135,24 +143,26 @@ cat <<EOF
 
 ## What toastgate's work costs at saturation: (d) against the bare proxy with a spin
 
-GET servers/detail (7.9 KB, 16 links), closed loop \`wrk -t1 -c$CONNS\`, ${WARMUP} s warm-up + ${DURATION} s, $ROUNDS interleaved rounds of (b), (b+), (d); one worker each; each target's median round, every round's figure in brackets, in order.
+GET servers/detail (7.9 KB, 16 links), closed loop \`wrk -t1 -c$CONNS\`, ${WARMUP} s warm-up + ${DURATION} s, $ROUNDS interleaved rounds of (b), (b+), (d); one worker each, the order rotating by round. Each cell is the median of that figure's rounds, every round's in brackets, in order (one row's cells may come from different rounds: user + system need not equal CPU). User and system time are sampled at the kernel's tick (each tick counts whole for the mode it lands in): their sum is steadier than the split.
 
 | target | req/s | user CPU/req (us) | system CPU/req (us) | CPU/req (us) | IPIs/req |
 |---|---|---|---|---|---|
 EOF
 for t in "${TARGETS[@]}"; do
-    echo "| ${NAME[$t]} | $(column RPS "$t") | $(column USER "$t") | $(column SYS "$t") | $(column CPU "$t") | $(column IPI "$t") |"
+    echo "| ${NAME[$t]} | $(column RPS "$t") | $(column USR "$t") | $(column SYS "$t") | $(column CPU "$t") | $(column IPI "$t") |"
 done
 cat <<EOF
 
-Within each round (median round, then every round):
+Taken within each round (the median of the rounds' differences, then every round's):
 
 | comparison | median (rounds) |
 |---|---|
-| user CPU/req the spin adds, (b+) - (b) | $(within USER "s - b") us |
+| user CPU/req the spin adds, (b+) - (b) | $(within USR "s - b") us |
 | system CPU/req that adds, (b+) - (b) | $(within SYS "s - b") us |
-| user CPU/req toastgate adds, (d) - (b) | $(within USER "d - b") us |
+| user CPU/req toastgate adds, (d) - (b) | $(within USR "d - b") us |
 | system CPU/req toastgate adds, (d) - (b) | $(within SYS "d - b") us |
+| CPU/req the spin adds, (b+) - (b) | $(within CPU "s - b") us |
+| CPU/req toastgate adds, (d) - (b) | $(within CPU "d - b") us |
 | CPU/req (d) - (b+) | $(within CPU "d - s") us |
 | throughput (d)/(b+) | $(within RPS "d / s") |
 | throughput (d)/(b) | $(within RPS "d / b") |
