@@ -140,7 +140,7 @@ impl Exchange {
     }
 
     pub fn team(&self) -> Option<&str> {
-        self.caller.as_ref().map(|c| c.team.as_str())
+        self.caller.as_ref().map(|c| &*c.team)
     }
 
     /// The team as a metrics label: bounded to the configured teams.
@@ -182,8 +182,11 @@ impl Exchange {
             self.surface.label(),
             decision,
         );
-        r.team = self.caller.as_ref().map(|c| c.team.clone());
-        r.subject = self.caller.as_ref().and_then(|c| c.subject.clone());
+        r.team = self.caller.as_ref().map(|c| c.team.to_string());
+        r.subject = self
+            .caller
+            .as_ref()
+            .and_then(|c| c.subject.as_deref().map(str::to_string));
         r.client = self.client.map(|c| c.to_string());
         r.action = self.action.map(Action::name);
         r.project = self.project.as_ref().map(|p| p.alias.clone());

@@ -10,11 +10,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1),
-/// plus the ones toastgate owns on each side. The standard names compare
-/// as `HeaderName`s (an enum tag each), not as strings: this runs for every
-/// header of every answer.
+/// plus the ones toastgate owns on each side. Compared as `HeaderName`s,
+/// never as strings: a standard name is an enum tag, and a custom one
+/// differs from it by that tag alone (`as_str` on a standard name reads a
+/// table this runs too rarely to keep in cache). A `static`, not a
+/// `const`: a `const` array would be built and dropped on every call.
+/// This runs for every header of every answer.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    const STANDARD: [HeaderName; 7] = [
+    static HOP_BY_HOP: [HeaderName; 9] = [
         header::CONNECTION,
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,
@@ -22,8 +25,10 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
     ];
-    STANDARD.contains(name) || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+    HOP_BY_HOP.contains(name)
 }
 
 /// The only caller headers that reach the upstream. An allow list, not a
@@ -31,17 +36,18 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `X-Auth-Token` instead), cookies, and headers an upstream might trust
 /// (`X-Roles`, `X-Service-Token`, `X-Identity-Status`, forwarding headers)
 /// never pass. `Accept-Encoding` stays out so links can be rewritten.
+/// Compared as `HeaderName`s, as [`is_hop_by_hop`] does.
 fn is_forwarded(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "accept"
-            | "accept-language"
-            | "content-type"
-            | "user-agent"
-            | "openstack-api-version"
-            | "x-openstack-nova-api-version"
-            | "x-openstack-request-id"
-    )
+    static FORWARDED: [HeaderName; 7] = [
+        header::ACCEPT,
+        header::ACCEPT_LANGUAGE,
+        header::CONTENT_TYPE,
+        header::USER_AGENT,
+        HeaderName::from_static("openstack-api-version"),
+        HeaderName::from_static("x-openstack-nova-api-version"),
+        HeaderName::from_static("x-openstack-request-id"),
+    ];
+    FORWARDED.contains(name)
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
@@ -56,12 +62,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
         && connection_names(&connection).any(|n| !n.eq_ignore_ascii_case("keep-alive"));
+    if !lists_more {
+        // Only the fixed names: gathered on the stack, four at a time (an
+        // answer rarely has more than `Connection`), nothing allocated.
+        loop {
+            let mut gone: [Option<HeaderName>; 4] = Default::default();
+            for (slot, name) in gone
+                .iter_mut()
+                .zip(headers.keys().filter(|k| is_hop_by_hop(k)))
+            {
+                *slot = Some(name.clone());
+            }
+            let full = gone[3].is_some();
+            for name in gone.into_iter().flatten() {
+                headers.remove(name);
+            }
+            if !full {
+                return;
+            }
+        }
+    }
     let gone: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
             is_hop_by_hop(k)
-                || (lists_more
-                    && connection_names(&connection).any(|n| n.eq_ignore_ascii_case(k.as_str())))
+                || connection_names(&connection).any(|n| n.eq_ignore_ascii_case(k.as_str()))
         })
         .cloned()
         .collect();
@@ -691,6 +716,67 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-custom"]);
+    }
+
+    #[test]
+    fn every_fixed_hop_by_hop_header_leaves_the_answer_however_many() {
+        // Nine of them, with only `keep-alive` in `Connection`: more than
+        // one batch of the stack's four.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        for name in [
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            h.insert(name, HeaderValue::from_static("x"));
+        }
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("x-keep-alive", HeaderValue::from_static("kept"));
+        h.insert("date", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "date", "x-keep-alive"]);
+    }
+
+    #[test]
+    fn exactly_the_allowed_caller_headers_go_upstream() {
+        let allowed = [
+            "accept",
+            "accept-language",
+            "content-type",
+            "user-agent",
+            "openstack-api-version",
+            "x-openstack-nova-api-version",
+            "x-openstack-request-id",
+        ];
+        let refused = [
+            "accept-encoding",
+            "content-length",
+            "x-openstack-request-ids",
+            "openstack-api-versions",
+            "x-roles",
+            "cookie",
+            "host",
+        ];
+        let mut h = HeaderMap::new();
+        for name in allowed.iter().chain(&refused) {
+            // Sent in upper case: names are case-insensitive.
+            let upper = HeaderName::from_bytes(name.to_ascii_uppercase().as_bytes()).unwrap();
+            h.insert(upper, HeaderValue::from_static("v"));
+        }
+        let out = upstream_request_headers(&h, true);
+        let mut sent: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        sent.sort_unstable();
+        let mut want = allowed.to_vec();
+        want.sort_unstable();
+        assert_eq!(sent, want);
     }
 
     #[test]

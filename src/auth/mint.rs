@@ -86,8 +86,8 @@ mod tests {
         assert_eq!(
             auth.authenticate(&token).await,
             Ok(Identity {
-                team: "web-team".to_string(),
-                subject: Some("ci-bot".to_string())
+                team: "web-team".into(),
+                subject: Some("ci-bot".into())
             })
         );
         let claims: Value = serde_json::from_slice(

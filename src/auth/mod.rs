@@ -52,11 +52,12 @@ const MAX_LEEWAY: Duration = Duration::from_secs(300);
 // ---------------------------------------------------------------------------
 // Public types
 
-/// Who is calling, as proven by a verified JWT.
+/// Who is calling, as proven by a verified JWT. Shared strings: the
+/// verified-token cache hands out a clone on every request it answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub team: String,
-    pub subject: Option<String>,
+    pub team: Arc<str>,
+    pub subject: Option<Arc<str>>,
 }
 
 /// Why a caller's token was refused. The messages are safe to show the

@@ -192,7 +192,7 @@ pub(super) fn jwk(key: &KeyMaterial, family: AlgorithmFamily, kid: &str) -> Valu
 
 pub(super) fn identity(team: &str) -> Identity {
     Identity {
-        team: team.to_string(),
-        subject: Some("alice".to_string()),
+        team: team.into(),
+        subject: Some("alice".into()),
     }
 }

@@ -147,7 +147,10 @@ impl Authenticator {
             Slot::Str(sub) => Some(sub),
             _ => None,
         };
-        Ok(Identity { team, subject })
+        Ok(Identity {
+            team: team.into(),
+            subject: subject.map(Into::into),
+        })
     }
 }
 
@@ -233,7 +236,7 @@ mod tests {
         assert_eq!(
             auth.authenticate(&token).await,
             Ok(Identity {
-                team: "t".to_string(),
+                team: "t".into(),
                 subject: None
             })
         );
