@@ -1,3 +1,5 @@
+# shellcheck shell=bash disable=SC2034
+# (SC2034: what this file sets is read by the script that sources it.)
 # bench/common.sh: what bench/run.sh and bench/callgrind.sh share: logging,
 # tools, the release build, a scratch directory cleaned up on exit, the
 # upstream and toastgate configs, and waiting for a server. Sourced (not

@@ -77,67 +77,11 @@ declare -A URL=(
 wait_ready "${URL[b]}"
 wait_ready "${URL[s]}"
 
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
-# Rescheduling and function-call interrupts so far, all CPUs summed.
-ipis() { awk '$1 == "RES:" || $1 == "CAL:" { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i } END { print s + 0 }' /proc/interrupts; }
-grep -qE '^ *(RES|CAL):' /proc/interrupts || die "/proc/interrupts has no RES/CAL lines on this kernel"
-
-declare -A RPS USR SYS CPU IPI
-measure() {
-    local t=$1 r=$2 out user0 sys0 user1 sys1 ipi0 ipi1 requests
-    wrk -t1 -c"$CONNS" -d"${WARMUP}s" -H "Authorization: Bearer $JWT" "${URL[$t]}" >/dev/null
-    read -r user0 sys0 < <(cpu_ticks "${PID[$t]}")
-    ipi0=$(ipis)
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "Authorization: Bearer $JWT" "${URL[$t]}")
-    ipi1=$(ipis)
-    read -r user1 sys1 < <(cpu_ticks "${PID[$t]}")
-    ! grep -q 'Non-2xx' <<<"$out" || die "${NAME[$t]}: non-2xx answers under load: $out"
-    if grep -q 'Socket errors' <<<"$out"; then log "${NAME[$t]}: $(grep 'Socket errors' <<<"$out")"; fi
-    requests=$(awk '/requests in/ {print $1}' <<<"$out")
-    ((requests > 0)) || die "${NAME[$t]}: no requests answered"
-    RPS[$t,$r]=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-    read -r "USR[$t,$r]" "SYS[$t,$r]" "CPU[$t,$r]" "IPI[$t,$r]" < <(awk \
-        -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v i=$((ipi1 - ipi0)) -v n="$requests" -v hz="$CLK_TCK" \
-        'BEGIN { printf "%.2f %.2f %.2f %.3f\n", u / hz * 1e6 / n, s / hz * 1e6 / n, (u + s) / hz * 1e6 / n, i / n }')
-    log "round $r ${NAME[$t]}: ${RPS[$t,$r]} req/s; per request user ${USR[$t,$r]} us, sys ${SYS[$t,$r]} us, IPIs ${IPI[$t,$r]}"
-}
+# shellcheck source=bench/rounds.sh
+. "$BENCH/rounds.sh"
 
 log "measuring: $ROUNDS rounds of (b) (b+) (d), ${DURATION}s each, each round starting one target later"
-LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
-MEASURE_START=$(date +%s)
-for r in $(seq 1 "$ROUNDS"); do
-    # The order rotates (b b+ d, b+ d b, d b b+, ...): no target always
-    # follows the same one.
-    for i in 0 1 2; do
-        measure "${TARGETS[$(((r - 1 + i) % 3))]}" "$r"
-    done
-done
-MEASURED=$(($(date +%s) - MEASURE_START))
-
-median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { print v[(NR + 1) / 2] }'; }
-# column ARRAY TARGET: the median of ARRAY's rounds for TARGET, then every
-# round's in brackets, in order. Each figure is its own median: one row's
-# figures may come from different rounds (user + system need not be CPU).
-column() {
-    local -n a=$1
-    local t=$2 r
-    local -a v=()
-    for r in $(seq 1 "$ROUNDS"); do v+=("${a[$t,$r]}"); done
-    echo "$(median "${v[@]}") (${v[*]})"
-}
-# within ARRAY EXPR: EXPR (awk, over b, s and d: the targets' figures in
-# ARRAY) taken within each round; the median of the rounds', then every
-# round's.
-within() {
-    local -n a=$1
-    local expr=$2 r
-    local -a v=()
-    for r in $(seq 1 "$ROUNDS"); do
-        v+=("$(awk -v b="${a[b,$r]}" -v s="${a[s,$r]}" -v d="${a[d,$r]}" "BEGIN { printf \"%.2f\", $expr }")")
-    done
-    echo "$(median "${v[@]}") (${v[*]})"
-}
+run_rounds
 
 cat <<EOF
 
