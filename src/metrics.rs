@@ -233,14 +233,33 @@ struct WaitState {
 }
 
 impl UpstreamWait {
-    /// One wait begins; it ends when the guard is dropped.
+    /// One wait begins now; it ends when the guard is dropped.
     pub fn start(&self) -> WaitGuard<'_> {
+        self.start_at(std::time::Instant::now())
+    }
+
+    /// One wait begins at `now` (a clock reading the caller already has);
+    /// it ends with [`WaitGuard::end_at`], or when the guard is dropped.
+    pub fn start_at(&self, now: std::time::Instant) -> WaitGuard<'_> {
         let mut state = self.lock();
         if state.in_flight == 0 {
-            state.busy_since = Some(std::time::Instant::now());
+            state.busy_since = Some(now);
         }
         state.in_flight += 1;
-        WaitGuard(self)
+        WaitGuard {
+            wait: self,
+            ended: false,
+        }
+    }
+
+    fn end_at(&self, now: std::time::Instant) {
+        let mut state = self.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0
+            && let Some(since) = state.busy_since.take()
+        {
+            state.total += now.saturating_duration_since(since);
+        }
     }
 
     /// The time waited so far (a busy period still open counted up to now).
@@ -262,16 +281,25 @@ impl UpstreamWait {
 }
 
 /// One wait in progress (see [`UpstreamWait::start`]).
-pub struct WaitGuard<'a>(&'a UpstreamWait);
+pub struct WaitGuard<'a> {
+    wait: &'a UpstreamWait,
+    ended: bool,
+}
+
+impl WaitGuard<'_> {
+    /// The wait ended at `now` (a clock reading the caller already has).
+    pub fn end_at(mut self, now: std::time::Instant) {
+        self.ended = true;
+        self.wait.end_at(now);
+    }
+}
 
 impl Drop for WaitGuard<'_> {
+    /// Not ended by [`WaitGuard::end_at`] (the call was dropped, or
+    /// returned early): it ends now.
     fn drop(&mut self) {
-        let mut state = self.0.lock();
-        state.in_flight = state.in_flight.saturating_sub(1);
-        if state.in_flight == 0
-            && let Some(since) = state.busy_since.take()
-        {
-            state.total += since.elapsed();
+        if !self.ended {
+            self.wait.end_at(std::time::Instant::now());
         }
     }
 }
@@ -741,6 +769,29 @@ mod tests {
             classes,
             ["1xx", "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "5xx"]
         );
+    }
+
+    /// With the caller's clock readings: exactly the union of the
+    /// intervals, whatever the order the waits end in.
+    #[test]
+    fn upstream_waits_at_given_instants_count_their_union() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let wait = UpstreamWait::default();
+        let first = wait.start_at(at(0));
+        let second = wait.start_at(at(10));
+        first.end_at(at(20));
+        second.end_at(at(50));
+        assert_eq!(wait.get(), Duration::from_millis(50));
+        // A separate wait later adds its own length only.
+        wait.start_at(at(100)).end_at(at(107));
+        assert_eq!(wait.get(), Duration::from_millis(57));
+        // One ended by dropping it (a call cancelled) ends at the clock's
+        // now, which is past every instant above.
+        let started = std::time::Instant::now();
+        drop(wait.start_at(started));
+        let dropped = wait.get() - Duration::from_millis(57);
+        assert!(dropped <= started.elapsed(), "{dropped:?}");
     }
 
     #[test]

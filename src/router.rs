@@ -140,6 +140,32 @@ fn classify_v2_path<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, R
     }
 }
 
+/// `s` before and after its first `/`. A loop over bytes: on a path's
+/// few bytes, `str`'s char searcher costs more to set up than to run
+/// (callgrind: about 120 instructions per search, three per request).
+fn split_at_slash(s: &str) -> Option<(&str, &str)> {
+    let i = s.bytes().position(|b| b == b'/')?;
+    Some((&s[..i], &s[i + 1..]))
+}
+
+/// `s.split('/')`, by [`split_at_slash`].
+fn segments(s: &str) -> impl Iterator<Item = &str> {
+    let mut left = Some(s);
+    std::iter::from_fn(move || {
+        let s = left?;
+        match split_at_slash(s) {
+            Some((segment, after)) => {
+                left = Some(after);
+                Some(segment)
+            }
+            None => {
+                left = None;
+                Some(s)
+            }
+        }
+    })
+}
+
 /// [`classify_v2_path`] without the `Allow` list of a 405.
 fn route_v2<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, RouteError> {
     let not_found = || RouteError::NotFound {
@@ -147,7 +173,7 @@ fn route_v2<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, RouteErro
         path: format!("/v2/{path}"),
     };
     let path = path.strip_suffix('/').unwrap_or(path);
-    let (project, rest) = path.split_once('/').unwrap_or((path, ""));
+    let (project, rest) = split_at_slash(path).unwrap_or((path, ""));
     if !is_safe_segment(project) {
         return Err(not_found());
     }
@@ -156,7 +182,7 @@ fn route_v2<'a>(method: &Method, path: &'a str) -> Result<V2Route<'a>, RouteErro
     let mut read = [""; 8];
     let mut count = 0;
     if !rest.is_empty() {
-        for segment in rest.split('/') {
+        for segment in segments(rest) {
             if count == read.len() || !is_safe_segment(segment) {
                 return Err(not_found());
             }
@@ -1309,6 +1335,13 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::test_runner::Config { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// The byte loops split as `str` does, empty segments included.
+        #[test]
+        fn segments_split_as_str_does(s in "[a/é]{0,12}") {
+            proptest::prop_assert_eq!(segments(&s).collect::<Vec<_>>(), s.split('/').collect::<Vec<_>>());
+            proptest::prop_assert_eq!(split_at_slash(&s), s.split_once('/'));
+        }
 
         /// Any method, path and query: classified or refused, never a panic;
         /// what classifies builds a valid upstream URI.

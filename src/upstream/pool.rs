@@ -236,21 +236,29 @@ impl OriginPool {
     /// Sends `req` (an absolute URI of this origin) and
     /// reads the whole answer, the body up to `max_body` bytes. The caller
     /// bounds the time: dropping this future closes the connection.
+    ///
+    /// `started` is the caller's reading of the clock as the call began,
+    /// taken as "now" by the first look for an idle connection; the answer
+    /// comes with the instant its body was read whole (when the connection
+    /// went back to the pool). A clock read costs tens of nanoseconds on a
+    /// virtual machine, and a call would otherwise read it five times.
     pub async fn send_buffered(
         &self,
         req: Request<Body>,
         max_body: usize,
-    ) -> Result<Response<Bytes>, UpstreamError> {
-        let (resp, used) = self.send(req).await?;
+        started: Instant,
+    ) -> Result<(Response<Bytes>, Instant), UpstreamError> {
+        let (resp, used) = self.send(req, started).await?;
         let (parts, body) = resp.into_parts();
         let bytes = read_body(body, max_body).await?;
+        let ended = Instant::now();
         match used {
             // Only now, with the answer read whole, can the connection
             // carry another request.
-            Used::H1(tx) => self.inner.put_back(tx),
-            Used::H2(id) => self.inner.h2_call_ended(id),
+            Used::H1(tx) => self.inner.put_back(tx, ended),
+            Used::H2(id) => self.inner.h2_call_ended(id, ended),
         }
-        Ok(Response::from_parts(parts, bytes))
+        Ok((Response::from_parts(parts, bytes), ended))
     }
 
     /// The answer's head, and the connection it came on. `req` carries no
@@ -258,6 +266,7 @@ impl OriginPool {
     async fn send(
         &self,
         mut req: Request<Body>,
+        started: Instant,
     ) -> Result<(Response<Incoming>, Used), UpstreamError> {
         let absolute = req.uri().clone();
         // Set when a shared HTTP/2 connection handed the request back but
@@ -266,11 +275,14 @@ impl OriginPool {
         let mut only_new = false;
         // Counted in the waits once, however many turns this call takes.
         let mut queued_before = false;
+        // The first turn looks at once; a later one after a wait.
+        let mut first_turn = Some(started);
         loop {
+            let now = first_turn.take().unwrap_or_else(Instant::now);
             let pooled = if only_new {
                 None
             } else {
-                self.inner.checkout()
+                self.inner.checkout(now)
             };
             let turn = match pooled {
                 Some(sender) => Turn::Idle(sender),
@@ -368,7 +380,7 @@ impl Inner {
                 // HTTP/2 one shared) between the look and the wait still
                 // wakes this call.
                 put_back.as_mut().enable();
-                if let Some(sender) = self.checkout() {
+                if let Some(sender) = self.checkout(Instant::now()) {
                     return Ok(Turn::Idle(sender));
                 }
             }
@@ -379,7 +391,7 @@ impl Inner {
                     let permit = permit.map_err(|_| self.busy(waited))?;
                     // A connection that came meanwhile (an HTTP/2 one
                     // another call opened) is better than one more.
-                    if !only_new && let Some(sender) = self.checkout() {
+                    if !only_new && let Some(sender) = self.checkout(Instant::now()) {
                         return Ok(Turn::Idle(sender));
                     }
                     return Ok(Turn::Slot(permit));
@@ -398,9 +410,8 @@ impl Inner {
     }
 
     /// The shared HTTP/2 connection, else the most recently used idle
-    /// HTTP/1.1 connection that is neither closed nor expired.
-    fn checkout(&self) -> Option<Sender> {
-        let now = Instant::now();
+    /// HTTP/1.1 connection that is neither closed nor expired at `now`.
+    fn checkout(&self, now: Instant) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(shared) = &mut idle.h2 {
             if self.usable(shared.tx.is_closed(), shared.last_used, now) {
@@ -418,7 +429,8 @@ impl Inner {
         None
     }
 
-    fn put_back(&self, tx: http1::SendRequest<Body>) {
+    /// An HTTP/1.1 connection whose answer was read whole at `now`.
+    fn put_back(&self, tx: http1::SendRequest<Body>, now: Instant) {
         if tx.is_closed() {
             return;
         }
@@ -428,19 +440,19 @@ impl Inner {
                 // Dropped, closing: its slot goes to a queued call.
                 return;
             }
-            idle.h1.push((tx, Instant::now()));
+            idle.h1.push((tx, now));
         }
         if self.queued.load(Ordering::SeqCst) > 0 {
             self.put_back.notify_one();
         }
     }
 
-    /// A call on HTTP/2 connection `id` ended: its idle time counts from
-    /// now, if it is still the shared one.
-    fn h2_call_ended(&self, id: u64) {
+    /// A call on HTTP/2 connection `id` ended at `now`: its idle time
+    /// counts from then, if it is still the shared one.
+    fn h2_call_ended(&self, id: u64, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(shared) = idle.h2.as_mut().filter(|shared| shared.id == id) {
-            shared.last_used = Instant::now();
+            shared.last_used = now;
         }
     }
 
@@ -760,10 +772,18 @@ mod tests {
             *req.uri_mut() = format!("{origin}v2/t/slow").parse().unwrap();
             req
         };
-        let resp = pool.send_buffered(slow(), 1024).await.unwrap();
+        let resp = pool
+            .send_buffered(slow(), 1024, Instant::now())
+            .await
+            .unwrap()
+            .0;
         assert_eq!(resp.body(), "h2");
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let resp = pool.send_buffered(request(&origin), 1024).await.unwrap();
+        let resp = pool
+            .send_buffered(request(&origin), 1024, Instant::now())
+            .await
+            .unwrap()
+            .0;
         assert_eq!(resp.body(), "h2", "the shared connection, not a new one");
         assert_eq!(answered_on_h2.load(Ordering::SeqCst), 2);
         assert_eq!(answered_by_origin.load(Ordering::SeqCst), 0);
@@ -822,7 +842,11 @@ mod tests {
         let (origin, answered) = origin().await;
         let pool = pool_for(&origin);
         dead_idle_connection(&pool, Duration::from_millis(50)).await;
-        let resp = pool.send_buffered(request(&origin), 1024).await.unwrap();
+        let resp = pool
+            .send_buffered(request(&origin), 1024, Instant::now())
+            .await
+            .unwrap()
+            .0;
         assert_eq!(resp.body(), "ok");
         assert_eq!(answered.load(Ordering::SeqCst), 1);
         // The new connection was put back, the dead one was not.
@@ -843,7 +867,7 @@ mod tests {
         });
         idle(&pool, tx);
         let e = pool
-            .send_buffered(request(&origin), 1024)
+            .send_buffered(request(&origin), 1024, Instant::now())
             .await
             .unwrap_err();
         assert!(matches!(e, UpstreamError::Unreachable(_)), "{e}");

@@ -202,6 +202,13 @@ impl TokenBroker {
             .clone()
     }
 
+    /// `project`'s token if it is valid at `now`, without waiting: the
+    /// request path's usual case, `now` a clock reading it already has.
+    /// Otherwise [`TokenBroker::current_token`] says what to do.
+    pub fn valid_token_at(&self, project: &Project, now: Instant) -> Option<Arc<UpstreamToken>> {
+        self.slot(project).state.borrow().valid_token(now).cloned()
+    }
+
     /// The token to use for `project` now. Waits only when there is no
     /// valid token and nothing is known to be failing (then for the one
     /// identity call in flight); during an identity outage it answers the
