@@ -2,7 +2,8 @@
 //! without hyper's buffers) and served again on the same connection: past
 //! `header_read_timeout`, with pipelined requests, with a request head that
 //! had begun when the connection was parked; a parked connection is closed
-//! after `idle_timeout` (woken by half a head, too) and at shutdown.
+//! after `idle_timeout` (woken by half a head, too) and at shutdown; a head
+//! dribbled right after an answer is cut after `header_read_timeout`.
 
 mod common;
 
@@ -130,6 +131,39 @@ async fn a_woken_connection_that_never_finishes_its_head_is_closed_after_the_idl
     assert!(
         closed_by_server(conn.get_mut(), Duration::from_secs(30)).await,
         "a woken connection with half a head outlived the idle timeout"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_head_dribbled_after_an_answer_is_cut_after_the_header_read_timeout() {
+    // Right after an answer, before the connection can be parked, a head
+    // begins and never ends: one header line every 200 ms keeps bytes
+    // moving. It is cut after `header_read_timeout` (2 s; plus at most a
+    // few park intervals of half a second), long before `idle_timeout`
+    // (60 s) or the 20 s this client would dribble for.
+    let env = gateway("2s", "60s").await;
+    let mut conn = connect(&env).await;
+    let request = flavors_request(&env);
+    served(&mut conn, &request).await;
+    let line = &request[..request.find("\r\n").unwrap() + 2];
+    let conn = conn.get_mut();
+    conn.write_all(line.as_bytes()).await.unwrap();
+    let mut cut = false;
+    for i in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if conn
+            .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "a head dribbled for 20 s after an answer was never cut"
     );
     env.stop().await;
 }

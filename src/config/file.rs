@@ -196,9 +196,11 @@ pub struct ServerFile {
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
     /// A TLS handshake and an HTTP/1.1 request head must complete within
-    /// this, counted from when the gateway starts waiting for them (after
-    /// the previous answer, or from a parked connection's first new byte);
-    /// a connection's first request must start within it.
+    /// this: the handshake and a connection's first request counted from
+    /// the connection (or a parked connection's first new byte), a later
+    /// head from when the gateway's check of the connection (every park
+    /// interval) finds it unfinished: cut at most three park intervals
+    /// late.
     #[schemars(with = "String")]
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,

@@ -11,9 +11,12 @@
 //! - accept errors (EMFILE and the like) back off from 5 ms to 1 s instead of
 //!   spinning;
 //! - a TLS handshake, and an HTTP/1.1 request head, must each complete
-//!   within `server.header_read_timeout`; hyper counts that time from when
-//!   it starts waiting for a request (after an answer, or from a parked
-//!   connection's first byte), so a client dribbling a head is cut;
+//!   within `server.header_read_timeout`, so a client dribbling a head is
+//!   cut: the first head of a connection counted from its start (after the
+//!   TLS handshake) or from a parked connection's first new byte; a later
+//!   one from when the connection's periodic check (every park interval)
+//!   finds it unfinished, so at most three park intervals late (hyper's
+//!   own head timer, armed and dropped for every request, is off);
 //! - a connection (HTTP/2 included) must start its first request within
 //!   `server.header_read_timeout` (after its TLS handshake, on TLS);
 //! - an HTTP/1.1 connection idle between requests is parked one to two
@@ -309,9 +312,16 @@ impl HttpBuilders {
         // with part of an answer unsent (parking relies on hyper's shutdown
         // flushing everything first).
         let mut http1 = http1::Builder::new();
+        // No header-read timeout in hyper: it arms a timer for every
+        // request head and drops it when the head is read (a timer-wheel
+        // insert and removal, an allocation and a clock read per request).
+        // The connection's periodic check cuts a head that does not come
+        // instead (`serve_with_hyper`): the first request's within
+        // `header_read_timeout` of the connection or its wake, a later one
+        // within it of being found unfinished.
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None::<Duration>)
             .max_buf_size(8192);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
@@ -674,6 +684,21 @@ impl<M: MakeService> Connection<M> {
                         // hyper was not idle after all: it finishes what it
                         // is doing and closes (keep-alive is off now).
                         Parking::Busy => true,
+                        // A head found unfinished at the last try to park
+                        // (`park_from` past the requests), with nothing
+                        // started since: cut once it has been unfinished
+                        // that long. hyper's own head timer is off (a timer
+                        // armed and dropped per request); this check and the
+                        // first request's above do its work.
+                        Parking::NotNow
+                            if quiet
+                                && park_from > requests
+                                && quiet_since.elapsed()
+                                    >= self.listener.limits.header_read_timeout =>
+                        {
+                            tracing::debug!(%peer, "request head not completed within header_read_timeout; closed");
+                            return Served::Ended(None);
+                        }
                         Parking::NotNow
                             if quiet
                                 && quiet_since.elapsed() >= self.listener.limits.idle_timeout =>
