@@ -3,7 +3,8 @@
 //! `header_read_timeout`, with pipelined requests, with a request head that
 //! had begun when the connection was parked; a parked connection is closed
 //! after `idle_timeout` (woken by half a head, too) and at shutdown; a head
-//! dribbled right after an answer is cut after `header_read_timeout`.
+//! dribbled right after an answer, and a client that stopped reading its
+//! answers, are cut after `header_read_timeout`.
 
 mod common;
 
@@ -148,6 +149,7 @@ async fn a_request_head_dribbled_after_an_answer_is_cut_after_the_header_read_ti
     served(&mut conn, &request).await;
     let line = &request[..request.find("\r\n").unwrap() + 2];
     let conn = conn.get_mut();
+    let began = std::time::Instant::now();
     conn.write_all(line.as_bytes()).await.unwrap();
     let mut cut = false;
     for i in 0..100 {
@@ -165,6 +167,36 @@ async fn a_request_head_dribbled_after_an_answer_is_cut_after_the_header_read_ti
         cut,
         "a head dribbled for 20 s after an answer was never cut"
     );
+    // Never before its time (however slow the machine, a cut comes later,
+    // not earlier).
+    let after = began.elapsed();
+    assert!(after >= Duration::from_secs(2), "cut after {after:?}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_header_read_timeout() {
+    // Pipelined requests (no token needed: the versions document) into a
+    // 4 KiB receive buffer, none of their answers read: once the socket is
+    // full, hyper holds an answer it cannot send, with nothing in flight
+    // to count as untaken. Cut after `header_read_timeout` (2 s), as
+    // hyper's own head timer did, long before `idle_timeout` (60 s).
+    let env = gateway("2s", "60s").await;
+    let addr: std::net::SocketAddr = env.gw.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let conn = socket.connect(addr).await.unwrap();
+    let (_reader, mut writer) = conn.into_split();
+    let writing = tokio::spawn(async move {
+        let request = b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n".repeat(20_000);
+        let _ = writer.write_all(&request).await;
+        writer
+    });
+    assert!(
+        metrics::gauge_becomes(&env.http, &env.admin, "toastgate_open_connections", 0).await,
+        "a connection whose answers are never read outlived header_read_timeout by far"
+    );
+    writing.abort();
     env.stop().await;
 }
 

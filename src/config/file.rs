@@ -198,9 +198,10 @@ pub struct ServerFile {
     /// A TLS handshake and an HTTP/1.1 request head must complete within
     /// this: the handshake and a connection's first request counted from
     /// the connection (or a parked connection's first new byte), a later
-    /// head from when the gateway's check of the connection (every park
-    /// interval) finds it unfinished: cut at most three park intervals
-    /// late.
+    /// head (or an answer the client does not take) from the later of the
+    /// previous answer and the head's first byte, by the gateway's check
+    /// of the connection every park interval: cut at most three park
+    /// intervals late.
     #[schemars(with = "String")]
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,

@@ -14,9 +14,11 @@
 //!   within `server.header_read_timeout`, so a client dribbling a head is
 //!   cut: the first head of a connection counted from its start (after the
 //!   TLS handshake) or from a parked connection's first new byte; a later
-//!   one from when the connection's periodic check (every park interval)
-//!   finds it unfinished, so at most three park intervals late (hyper's
-//!   own head timer, armed and dropped for every request, is off);
+//!   one, or an HTTP/1.1 answer the client does not take, by the
+//!   connection's periodic check (every park interval), at most three park
+//!   intervals late, counted from the later of the previous answer and the
+//!   head's first byte (hyper's own head timer, armed and dropped for
+//!   every request, is off);
 //! - a connection (HTTP/2 included) must start its first request within
 //!   `server.header_read_timeout` (after its TLS handshake, on TLS);
 //! - an HTTP/1.1 connection idle between requests is parked one to two
@@ -529,9 +531,9 @@ impl<M: MakeService> Connection<M> {
                 filled: 0,
             }
         };
-        // Every park interval from the start: an HTTP/1.1 connection's first
-        // answer starts hyper's header timer for its next request, and it is
-        // to be parked before that runs out.
+        // Every park interval from the start: an idle HTTP/1.1 connection
+        // is parked within two of them, and a head that does not come is
+        // cut by these checks (hyper's own head timer is off).
         let check = tokio::time::sleep(self.listener.limits.park_interval());
         tokio::pin!(check);
         // Draining: an HTTP/2 connection gets its GOAWAY (polled for HTTP/2
@@ -549,7 +551,7 @@ impl<M: MakeService> Connection<M> {
         let mut quiet_since = tokio::time::Instant::now();
         // Parking needs a request answered since the connection started,
         // woke or resumed: bytes that wake a parked connection (or that
-        // hyper gives back when parked mid-head) start hyper's header timer
+        // hyper gives back when parked mid-head) start the head's time
         // anew, and a client dribbling a head must not restart it forever.
         let mut park_from = 1;
         let mut shut_down = false;
@@ -684,19 +686,23 @@ impl<M: MakeService> Connection<M> {
                         // hyper was not idle after all: it finishes what it
                         // is doing and closes (keep-alive is off now).
                         Parking::Busy => true,
-                        // A head found unfinished at the last try to park
-                        // (`park_from` past the requests), with nothing
-                        // started since: cut once it has been unfinished
-                        // that long. hyper's own head timer is off (a timer
-                        // armed and dropped per request); this check and the
-                        // first request's above do its work.
+                        // hyper's own head timer is off (a timer armed and
+                        // dropped per request); this check and the first
+                        // request's above do its work. Quiet that long, an
+                        // HTTP/1.1 connection is cut if it holds a head
+                        // found unfinished at the last try to park
+                        // (`park_from` past the requests), or an answer it
+                        // cannot send (a client that stopped reading: not
+                        // parkable, and nothing in flight to count as
+                        // untaken).
                         Parking::NotNow
                             if quiet
-                                && park_from > requests
+                                && matches!(phase, Phase::Http1(_))
+                                && (park_from > requests || hold.is_write_blocked())
                                 && quiet_since.elapsed()
                                     >= self.listener.limits.header_read_timeout =>
                         {
-                            tracing::debug!(%peer, "request head not completed within header_read_timeout; closed");
+                            tracing::debug!(%peer, "no request head (or an answer not taken) within header_read_timeout; closed");
                             return Served::Ended(None);
                         }
                         Parking::NotNow
@@ -856,9 +862,9 @@ impl ConnLimits {
     /// finished for one interval, checked every interval (so one to two of
     /// them after its answer), is parked. Short, since an idle connection
     /// in hyper's hands holds its buffers (16 KiB); within a quarter of
-    /// `header_read_timeout` (hyper closes a connection whose next request
-    /// head has not come within it) and half of `idle_timeout`; at least
-    /// 10 ms.
+    /// `header_read_timeout` (a head that does not come is cut by these
+    /// checks, at most three intervals late) and half of `idle_timeout`; at
+    /// least 10 ms.
     fn park_interval(&self) -> Duration {
         PARK_AFTER
             .min(self.header_read_timeout / 4)
