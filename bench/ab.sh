@@ -106,12 +106,8 @@ GET servers/detail (7.9 KB, 16 links), closed loop \`wrk -t1 -c$CONNS\`, ${WARMU
 - (A): \`$BIN_A\` ($(sha256sum "$BIN_A" | cut -c1-12))
 - (B): \`$BIN_B\` ($(sha256sum "$BIN_B" | cut -c1-12))
 
-| target | req/s | user CPU/req (us) | system CPU/req (us) | CPU/req (us) | IPIs/req |
-|---|---|---|---|---|---|
 EOF
-for t in "${TARGETS[@]}"; do
-    echo "| ${NAME[$t]%% *} | $(column RPS "$t") | $(column USR "$t") | $(column SYS "$t") | $(column CPU "$t") | $(column IPI "$t") |"
-done
+targets_table short
 cat <<EOF
 
 Taken within each round (the median of the rounds', then every round's):
@@ -127,6 +123,6 @@ Taken within each round (the median of the rounds', then every round's):
 
 Rounds in which (B) had the lower CPU per request: $(for r in $(seq 1 "$ROUNDS"); do awk -v a="${CPU[A,$r]}" -v b="${CPU[B,$r]}" 'BEGIN { if (b < a) print 1 }'; done | wc -l) of $ROUNDS.
 
-Bare proxy: plain release. Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), Linux $(uname -r), $(date -u '+%Y-%m-%d %H:%M UTC');
-load average before measuring: $LOAD; measuring took ${MEASURED}s.
+Bare proxy: plain release.
 EOF
+machine_lines

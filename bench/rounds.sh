@@ -80,3 +80,24 @@ within() {
     done
     echo "$(median "${v[@]}") (${v[*]})"
 }
+
+# targets_table [short]: the table of every target's figures, each cell
+# the median of its rounds, every round's in brackets; `short` names a
+# target by its tag alone ("(b)").
+targets_table() {
+    local t label
+    echo "| target | req/s | user CPU/req (us) | system CPU/req (us) | CPU/req (us) | IPIs/req |"
+    echo "|---|---|---|---|---|---|"
+    for t in "${TARGETS[@]}"; do
+        label=${NAME[$t]}
+        [ "${1:-}" = short ] && label=${label%% *}
+        echo "| $label | $(column RPS "$t") | $(column USR "$t") | $(column SYS "$t") | $(column CPU "$t") | $(column IPI "$t") |"
+    done
+}
+
+# machine_lines: the machine, the time, the load average before measuring
+# and how long measuring took.
+machine_lines() {
+    echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), Linux $(uname -r), $(date -u '+%Y-%m-%d %H:%M UTC');"
+    echo "load average before measuring: $LOAD; measuring took ${MEASURED}s."
+}

@@ -89,12 +89,8 @@ cat <<EOF
 
 GET servers/detail (7.9 KB, 16 links), closed loop \`wrk -t1 -c$CONNS\`, ${WARMUP} s warm-up + ${DURATION} s, $ROUNDS interleaved rounds of (b), (b+), (d); one worker each, the order rotating by round. Each cell is the median of that figure's rounds, every round's in brackets, in order (one row's cells may come from different rounds: user + system need not equal CPU). User and system time are sampled at the kernel's tick (each tick counts whole for the mode it lands in): their sum is steadier than the split.
 
-| target | req/s | user CPU/req (us) | system CPU/req (us) | CPU/req (us) | IPIs/req |
-|---|---|---|---|---|---|
 EOF
-for t in "${TARGETS[@]}"; do
-    echo "| ${NAME[$t]} | $(column RPS "$t") | $(column USR "$t") | $(column SYS "$t") | $(column CPU "$t") | $(column IPI "$t") |"
-done
+targets_table
 cat <<EOF
 
 Taken within each round (the median of the rounds' differences, then every round's):
@@ -113,6 +109,5 @@ Taken within each round (the median of the rounds' differences, then every round
 | IPIs per request (d) - (b), (b+) - (b) | $(within IPI "d - b"); $(within IPI "s - b") |
 
 Builds: toastgate $TOASTGATE_BUILT; bare proxy plain release (the same binary for (b) and (b+)).
-Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), Linux $(uname -r), $(date -u '+%Y-%m-%d %H:%M UTC');
-load average before measuring: $LOAD; measuring took ${MEASURED}s.
 EOF
+machine_lines
