@@ -520,17 +520,7 @@ async fn public(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>)
     let (mut parts, body) = req.into_parts();
     let request_id = new_request_id();
     parts.headers.insert(REQUEST_ID, request_id.clone());
-    for name in [
-        header::AUTHORIZATION,
-        crate::upstream::X_AUTH_TOKEN,
-        header::COOKIE,
-    ] {
-        if let header::Entry::Occupied(mut entry) = parts.headers.entry(name) {
-            for value in entry.iter_mut() {
-                value.set_sensitive(true);
-            }
-        }
-    }
+    mark_credentials_sensitive(&mut parts.headers);
     decode_unreserved_escapes(&mut parts.uri);
     drop_v1_url_prefix(&mut parts.uri);
     let surface = Surface::of_path(parts.uri.path());
@@ -551,6 +541,26 @@ async fn public(gateway: Arc<Gateway>, peer: SocketAddr, req: Request<Incoming>)
     };
     resp.headers_mut().insert(REQUEST_ID, request_id);
     resp
+}
+
+/// Marks the caller's credentials sensitive (every value of
+/// `Authorization`, `X-Auth-Token` and `Cookie`): what is sensitive never
+/// reaches a log or a debug print of the headers. One pass over the few
+/// headers a request has, not a hashed look-up per name (three on every
+/// request, nearly always of names that are absent).
+fn mark_credentials_sensitive(headers: &mut http::HeaderMap) {
+    // A `static`, not a `const`: a `const` array would be built and dropped
+    // on every call (as in `proxy::is_hop_by_hop`).
+    static CREDENTIALS: [header::HeaderName; 3] = [
+        header::AUTHORIZATION,
+        crate::upstream::X_AUTH_TOKEN,
+        header::COOKIE,
+    ];
+    for (name, value) in headers.iter_mut() {
+        if CREDENTIALS.contains(name) {
+            value.set_sensitive(true);
+        }
+    }
 }
 
 /// The v1.0 spec's URLs begin with `/compute`
@@ -753,6 +763,34 @@ mod tests {
         let yaml = serde_json::to_string(&doc).unwrap();
         Config::from_yaml(&yaml, &SecretSource::process_env(), path.parent())
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn every_value_of_a_credential_header_is_marked_sensitive_and_nothing_else() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer one"),
+            ("accept", "application/json"),
+            ("authorization", "Bearer two"),
+            ("x-auth-token", "secret-token"),
+            ("cookie", "session=s"),
+            ("x-openstack-request-id", "req-1"),
+        ] {
+            headers.append(
+                header::HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        mark_credentials_sensitive(&mut headers);
+        for (name, value) in &headers {
+            let credential = matches!(name.as_str(), "authorization" | "x-auth-token" | "cookie");
+            assert_eq!(value.is_sensitive(), credential, "{name}");
+        }
+        let shown = format!("{headers:?}");
+        for secret in ["Bearer one", "Bearer two", "secret-token", "session=s"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert_eq!(headers.len(), 6, "values are marked, none dropped");
     }
 
     #[test]
