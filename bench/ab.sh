@@ -57,18 +57,13 @@ if ! grep -q "127.0.0.1:$P_B" "$TMP/toastgate-b.yaml" || ! grep -q "127.0.0.1:$P
     die "B's config did not get B's ports"
 fi
 
-nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
-PIDS+=($!)
-wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
-TOKIO_WORKER_THREADS=1 "$BARE_PROXY" "127.0.0.1:$P_BARE" "127.0.0.1:$P_UP" 2>"$TMP/bare_proxy.log" &
-PIDS+=($!)
-BARE_PID=$!
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$BIN_A" serve --config "$TMP/toastgate.yaml" 2>"$TMP/toastgate-a.log" &
-PIDS+=($!)
-A_PID=$!
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$BIN_B" serve --config "$TMP/toastgate-b.yaml" 2>"$TMP/toastgate-b.log" &
-PIDS+=($!)
-B_PID=$!
+bench_upstream "$P_UP"
+bench_bare_proxy "$TMP/bare_proxy.log" "$P_BARE" "$P_UP"
+BARE_PID=$STARTED
+bench_toastgate "$BIN_A" "$TMP/toastgate.yaml" "$TMP/toastgate-a.log"
+A_PID=$STARTED
+bench_toastgate "$BIN_B" "$TMP/toastgate-b.yaml" "$TMP/toastgate-b.log"
+B_PID=$STARTED
 wait_ready "http://127.0.0.1:$P_ADMIN_A/readyz" 60
 wait_ready "http://127.0.0.1:$P_ADMIN_B/readyz" 60
 # One token for both: the same secret, issuer and audience.

@@ -45,15 +45,13 @@ bench_scratch toastgate-callgrind
 read -r P_UP P_PROXY P_ADMIN < <(free_ports 3)
 bench_configs "$P_UP" "$P_PROXY" "$P_ADMIN"
 
-nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
-PIDS+=($!)
-wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
+bench_upstream "$P_UP"
 JWT=$(RUST_LOG=error "$TOASTGATE" mint-token --config "$TMP/toastgate.yaml" --team "$TEAM" --ttl 2h)
 URL="http://127.0.0.1:$P_PROXY/v2/bench/servers/detail"
 
 # NAME N: COUNT = the instructions of one whole run of NAME serving N
 # requests, quanta's calibration taken out. (Not a $(...) subshell: the
-# process it starts must stay in this shell's cleanup list.)
+# process it starts must stay in this shell's cleanup list and child.)
 count_run() {
     local name=$1 n=$2 out="$TMP/callgrind-$1-$2.out" pid total calibration
     case $name in
@@ -66,17 +64,18 @@ count_run() {
         toastgate_json_logs) level=info format=json ;;
         toastgate_text_logs) level=info format=text ;;
         esac
-        RUST_LOG=$level TOASTGATE_LOG_FORMAT=$format TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
-            "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/$name-$n.log" &
-        pid=$!
-        PIDS+=("$pid")
+        bench_start "$TMP/$name-$n.log" \
+            env RUST_LOG=$level TOASTGATE_LOG_FORMAT=$format TOKIO_WORKER_THREADS=1 \
+            valgrind --tool=callgrind --callgrind-out-file="$out" \
+            "$TOASTGATE" serve --config "$TMP/toastgate.yaml"
+        pid=$STARTED
         wait_ready "http://127.0.0.1:$P_ADMIN/readyz" 120
         ;;
     bare_proxy)
-        TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
-            "$BARE_PROXY" "127.0.0.1:$P_PROXY" "127.0.0.1:$P_UP" 2>"$TMP/$name-$n.log" &
-        pid=$!
-        PIDS+=("$pid")
+        bench_start "$TMP/$name-$n.log" env TOKIO_WORKER_THREADS=1 \
+            valgrind --tool=callgrind --callgrind-out-file="$out" \
+            "$BARE_PROXY" "127.0.0.1:$P_PROXY" "127.0.0.1:$P_UP"
+        pid=$STARTED
         # One request of its own: the same in both runs, so it cancels out.
         wait_ready "http://127.0.0.1:$P_PROXY/v2/$TENANT/servers/detail" 120
         ;;

@@ -1,9 +1,10 @@
 # shellcheck shell=bash disable=SC2034
 # (SC2034: what this file sets is read by the script that sources it.)
-# bench/common.sh: what bench/run.sh and bench/callgrind.sh share: logging,
-# tools, the release build, a scratch directory cleaned up on exit, the
-# upstream and toastgate configs, and waiting for a server. Sourced (not
-# run) after ROOT, BENCH and START are set, under `set -euo pipefail`.
+# bench/common.sh: what the bench scripts share: logging, tools, the release
+# build, a scratch directory cleaned up on exit, the upstream and toastgate
+# configs, starting the upstream and the proxies, and waiting for a server.
+# Sourced (not run) after ROOT, BENCH and START are set, under
+# `set -euo pipefail`.
 
 PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
@@ -107,6 +108,51 @@ bench_cleanup() {
     else
         rm -rf "$TMP"
     fi
+}
+
+# bench_start LOG COMMAND [ARG...]: COMMAND in the background, its standard
+# error into LOG (`-`: this script's), stopped on exit (added to PIDS);
+# STARTED is its pid.
+# Environment for it goes through env(1), which execs: STARTED is then the
+# command's own pid, the one to sample or signal. Not a $(...) subshell
+# either: the process must stay this shell's child, in its cleanup list.
+bench_start() {
+    local log=$1
+    shift
+    if [ "$log" = - ]; then
+        "$@" &
+    else
+        "$@" 2>"$log" &
+    fi
+    STARTED=$!
+    PIDS+=("$STARTED")
+}
+
+# bench_upstream PORT: the static nginx upstream bench_configs wrote, on
+# PORT, started and answering. Sets UP_PID.
+bench_upstream() {
+    bench_start - nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf"
+    UP_PID=$STARTED
+    wait_ready "http://127.0.0.1:$1/v2/$TENANT/servers/detail"
+}
+
+# bench_bare_proxy LOG PORT UPSTREAM_PORT [SPIN_NS]: the bare proxy on PORT
+# in front of UPSTREAM_PORT, one worker thread (as toastgate runs here),
+# busy-waiting SPIN_NS per request when given. Sets STARTED.
+bench_bare_proxy() {
+    local log=$1
+    shift
+    bench_start "$log" env TOKIO_WORKER_THREADS=1 \
+        "$BARE_PROXY" "127.0.0.1:$1" "127.0.0.1:$2" ${3:+"$3"}
+}
+
+# bench_toastgate BIN CONFIG LOG [NAME=VALUE...]: `BIN serve --config
+# CONFIG`, one worker thread, logging at warn (no line per request) unless a
+# NAME=VALUE says otherwise (the later assignment wins). Sets STARTED.
+bench_toastgate() {
+    local bin=$1 config=$2 log=$3
+    shift 3
+    bench_start "$log" env RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$@" "$bin" serve --config "$config"
 }
 
 # free_ports N: N loopback ports that were free a moment ago, on one line.

@@ -87,32 +87,24 @@ printf '%s\n' 'rate_limit:' '  backend: redis' \
 # --- processes --------------------------------------------------------------
 
 log "starting nginx upstream :$P_UP, bare_proxy :$P_BARE, nginx proxy :$P_NGX, toastgate :$P_TG"
-nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
-PIDS+=($!)
-UP_PID=$!
-wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
-
-TOKIO_WORKER_THREADS=1 "$BARE_PROXY" "127.0.0.1:$P_BARE" "127.0.0.1:$P_UP" 2>"$TMP/bare_proxy.log" &
-PIDS+=($!)
-BARE_PID=$!
-nginx -p "$TMP" -e "$TMP/nginx-proxy.error.log" -c "$TMP/nginx-proxy.conf" &
-PIDS+=($!)
-NGX_PID=$!
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/toastgate.log" &
-PIDS+=($!)
-TG_PID=$!
-redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
-    >"$TMP/redis.log" 2>&1 &
-PIDS+=($!)
+bench_upstream "$P_UP"
+bench_bare_proxy "$TMP/bare_proxy.log" "$P_BARE" "$P_UP"
+BARE_PID=$STARTED
+bench_start - nginx -p "$TMP" -e "$TMP/nginx-proxy.error.log" -c "$TMP/nginx-proxy.conf"
+NGX_PID=$STARTED
+bench_toastgate "$TOASTGATE" "$TMP/toastgate.yaml" "$TMP/toastgate.log"
+TG_PID=$STARTED
+# (redis logs to its standard output unless given a file: this script's
+# standard output is the report.)
+bench_start "$TMP/redis.stderr" redis-server --port "$P_REDIS" --bind 127.0.0.1 \
+    --save "" --appendonly no --daemonize no --logfile "$TMP/redis.log"
 for _ in $(seq 1 100); do redis-cli -p "$P_REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
-TG_BENCH_REDIS_URL="redis://127.0.0.1:$P_REDIS" RUST_LOG=warn TOKIO_WORKER_THREADS=1 \
-    "$TOASTGATE" serve --config "$TMP/toastgate-redis.yaml" 2>"$TMP/toastgate-redis.log" &
-PIDS+=($!)
-TG2_PID=$!
-RUST_LOG=info TOASTGATE_LOG_FORMAT=json TOKIO_WORKER_THREADS=1 \
-    "$TOASTGATE" serve --config "$TMP/toastgate-logs.yaml" 2>"$TMP/toastgate-logs.log" &
-PIDS+=($!)
-TG3_PID=$!
+bench_toastgate "$TOASTGATE" "$TMP/toastgate-redis.yaml" "$TMP/toastgate-redis.log" \
+    TG_BENCH_REDIS_URL="redis://127.0.0.1:$P_REDIS"
+TG2_PID=$STARTED
+bench_toastgate "$TOASTGATE" "$TMP/toastgate-logs.yaml" "$TMP/toastgate-logs.log" \
+    RUST_LOG=info TOASTGATE_LOG_FORMAT=json
+TG3_PID=$STARTED
 
 wait_ready "http://127.0.0.1:$P_BARE/v2/$TENANT/servers/detail"
 wait_ready "http://127.0.0.1:$P_NGX/v2/$TENANT/servers/detail"

@@ -47,18 +47,13 @@ bench_scratch toastgate-spin
 read -r P_UP P_PROXY P_ADMIN P_BARE P_SPIN < <(free_ports 5)
 bench_configs "$P_UP" "$P_PROXY" "$P_ADMIN"
 
-nginx -p "$TMP" -e "$TMP/nginx-upstream.error.log" -c "$TMP/nginx-upstream.conf" &
-PIDS+=($!)
-wait_ready "http://127.0.0.1:$P_UP/v2/$TENANT/servers/detail"
-TOKIO_WORKER_THREADS=1 "$BARE_PROXY" "127.0.0.1:$P_BARE" "127.0.0.1:$P_UP" 2>"$TMP/bare_proxy.log" &
-PIDS+=($!)
-BARE_PID=$!
-TOKIO_WORKER_THREADS=1 "$BARE_PROXY" "127.0.0.1:$P_SPIN" "127.0.0.1:$P_UP" "$SPIN_NS" 2>"$TMP/bare_proxy_spin.log" &
-PIDS+=($!)
-SPIN_PID=$!
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$TOASTGATE" serve --config "$TMP/toastgate.yaml" 2>"$TMP/toastgate.log" &
-PIDS+=($!)
-TG_PID=$!
+bench_upstream "$P_UP"
+bench_bare_proxy "$TMP/bare_proxy.log" "$P_BARE" "$P_UP"
+BARE_PID=$STARTED
+bench_bare_proxy "$TMP/bare_proxy_spin.log" "$P_SPIN" "$P_UP" "$SPIN_NS"
+SPIN_PID=$STARTED
+bench_toastgate "$TOASTGATE" "$TMP/toastgate.yaml" "$TMP/toastgate.log"
+TG_PID=$STARTED
 wait_ready "http://127.0.0.1:$P_ADMIN/readyz" 60
 # A bare_proxy built before SPIN_NS would ignore it, and (b+) would be (b).
 grep -q "spinning $SPIN_NS ns per request" "$TMP/bare_proxy_spin.log" ||
