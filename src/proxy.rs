@@ -295,8 +295,8 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
 
 /// A one-byte search whose CPU-specific variant is chosen once per body,
 /// not on every call: `memchr::memchr` looks it up through a function
-/// pointer each time (~16 instructions), and a body takes two searches per
-/// link. (Measured on the benchmark's body, 16 links, callgrind: 8.8k ->
+/// pointer each time (~16 instructions), and a body takes a search per
+/// slash outside a rewritten link plus one per link. (Measured on the benchmark's body, 16 links, callgrind: 8.8k ->
 /// 8.2k instructions per rewrite.)
 enum ByteSearch {
     #[cfg(target_arch = "x86_64")]
@@ -638,7 +638,16 @@ mod tests {
         /// and alignment.
         #[test]
         fn each_byte_search_finds_what_memchr_finds(
-            haystack in proptest::collection::vec(proptest::sample::select(b"/\"ab".to_vec()), 0..300),
+            // Needles sparse enough that most searches run past the first
+            // 32 bytes, through the aligned and unrolled loops and the tail,
+            // and some find nothing.
+            haystack in proptest::collection::vec(
+                proptest::prop_oneof![
+                    60 => proptest::strategy::Just(b'a'),
+                    1 => proptest::sample::select(b"/\"".to_vec()),
+                ],
+                0..600,
+            ),
             start in 0usize..40,
             needle in proptest::sample::select(b"/\"".to_vec()),
         ) {
