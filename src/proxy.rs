@@ -296,8 +296,9 @@ pub fn rewrite_links(body: &[u8], tenant_id: &str, gateway_project_base: &str) -
 /// A one-byte search whose CPU-specific variant is chosen once per body,
 /// not on every call: `memchr::memchr` looks it up through a function
 /// pointer each time (~16 instructions), and a body takes a search per
-/// slash outside a rewritten link plus one per link. (Measured on the benchmark's body, 16 links, callgrind: 8.8k ->
-/// 8.2k instructions per rewrite.)
+/// slash outside a rewritten link plus one per link. (Measured on the
+/// benchmark's body, 16 links, callgrind: 8.8k -> 8.2k instructions per
+/// rewrite.)
 enum ByteSearch {
     #[cfg(target_arch = "x86_64")]
     Avx2(memchr::arch::x86_64::avx2::memchr::One),
